@@ -1,0 +1,89 @@
+"""Create, check, save and load LoRA adapters without torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from edge_sdk.adapters.lora.config import LoraSpec
+from edge_sdk.errors import PayloadError
+from edge_sdk.manifest import BaseManifest
+
+Tensors = dict[str, np.ndarray]
+
+
+def init_lora(spec: LoraSpec, base: BaseManifest) -> Tensors:
+    """A fresh adapter: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from ``spec.init_seed`` (PEFT's
+    kaiming-uniform bound), B = 0, so the adapted model starts equal to the base. Every device and
+    the server derive the same A from the seed."""
+    rng = np.random.Generator(np.random.PCG64(spec.init_seed))
+    tensors: Tensors = {}
+    for name, shape in spec.layout(base):
+        if name.endswith("lora_A.weight"):
+            bound = 1.0 / np.sqrt(shape[1])
+            tensors[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            tensors[name] = np.zeros(shape, dtype=np.float32)
+    return tensors
+
+
+def check_layout(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> None:
+    """Raise ``PayloadError`` naming the first tensor that is missing, extra, misshapen or not finite."""
+    expected = dict(spec.layout(base))
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise PayloadError(
+            f"adapter does not match the LoRA layout of {base.name}: "
+            f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise PayloadError(f"tensor {name} has shape {tensors[name].shape}, expected {shape}")
+        if not np.all(np.isfinite(tensors[name])):
+            raise PayloadError(f"tensor {name} contains NaN or Inf")
+
+
+def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that PEFT can load."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "target_modules": list(spec.targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": base.hf_dir or base.name,
+        "fleetune": {"base_sha256": base.sha256, "base_name": base.name, **spec.to_dict()},
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+              str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def load_peft(directory: str | Path, base: BaseManifest) -> tuple[Tensors, LoraSpec]:
+    """Load an adapter saved by :func:`save_peft` (or by PEFT with the same layout)."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+    except (OSError, ValueError) as err:
+        raise PayloadError(f"cannot read adapter in {directory}: {err}") from err
+    meta = config.get("fleetune", {})
+    if meta.get("base_sha256", base.sha256) != base.sha256:
+        raise PayloadError(
+            f"adapter in {directory} belongs to base {meta['base_sha256'][:12]}, "
+            f"not {base.name} ({base.short_hash})"
+        )
+    spec = LoraSpec(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                    targets=tuple(config["target_modules"]), init_seed=int(meta.get("init_seed", 0)))
+    tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    check_layout(tensors, spec, base)
+    return tensors, spec

@@ -1,0 +1,40 @@
+"""Inference engines behind one small protocol. Each loads lazily: importing ``edge_sdk`` pulls
+neither torch nor onnxruntime until a backend is asked for."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from edge_sdk.errors import BackendUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from edge_sdk.adapters.lora import LoraSpec
+    from edge_sdk.manifest import BaseManifest
+
+Tensors = dict[str, np.ndarray]
+
+
+class Backend(Protocol):
+    """What a tuner and the client need from an engine."""
+
+    def tokenize(self, text: str) -> list[int]: ...
+    def set_adapter(self, tensors: Tensors) -> None: ...
+    def get_adapter(self) -> Tensors: ...
+    def loss(self, input_ids: np.ndarray) -> float:
+        """Mean next-token cross-entropy of a [batch, seq] window batch under the current adapter."""
+        ...
+    def close(self) -> None: ...
+
+
+def load_backend(name: str, base: BaseManifest, spec: LoraSpec, threads: int = 1) -> Backend:
+    """Instantiate the named engine (``torch`` for now)."""
+    if name == "torch":
+        try:
+            from edge_sdk.backends.torch import TorchBackend
+        except ImportError as err:
+            raise BackendUnavailable("the torch backend needs: pip install 'fleetune[torch]'") \
+                from err
+        return TorchBackend(base, spec, threads=threads)
+    raise ConfigError(f"unknown backend {name!r}; available: torch")

@@ -1,0 +1,67 @@
+"""The reference engine: transformers + PEFT LoRA in float32 on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_sdk.adapters.lora import LoraSpec
+from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.errors import BackendError
+from edge_sdk.manifest import BaseManifest
+
+Tensors = dict[str, np.ndarray]
+
+
+class TorchBackend:
+    """A base model wrapped with a PEFT LoRA adapter whose weights come and go as numpy."""
+
+    def __init__(self, base: BaseManifest, spec: LoraSpec, threads: int = 1) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not base.hf_dir:
+            raise BackendError(f"base {base.name} has no Hugging Face copy; run prepare_base")
+        torch.set_num_threads(threads)
+        self.base, self.spec = base, spec
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(base.hf_dir)
+            model = AutoModelForCausalLM.from_pretrained(base.hf_dir, torch_dtype=torch.float32)
+        except OSError as err:
+            raise BackendError(f"cannot load base {base.name} from {base.hf_dir}: {err}") from err
+        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, config)
+        self.model.eval()
+        self._params = {self._peft_key(n): p for n, p in self.model.named_parameters()
+                        if p.requires_grad}
+
+    @staticmethod
+    def _peft_key(name: str) -> str:
+        return name.replace(".default.weight", ".weight")
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def set_adapter(self, tensors: Tensors) -> None:
+        check_layout(tensors, self.spec, self.base)
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.copy_(torch.from_numpy(np.ascontiguousarray(tensors[name])))
+
+    def get_adapter(self) -> Tensors:
+        return {name: p.detach().numpy().copy() for name, p in self._params.items()}
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self._params.values())
+
+    def loss_tensor(self, input_ids: np.ndarray) -> torch.Tensor:
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        return self.model(input_ids=ids, labels=ids).loss
+
+    @torch.no_grad()
+    def loss(self, input_ids: np.ndarray) -> float:
+        return float(self.loss_tensor(input_ids))
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,247 @@
+"""EdgeClient: load the engine → wait for a round → tune locally → encode → sync → repeat.
+
+A device follows the server's retained round announcements. For each round it loads the global
+adapter the announcement names, scores it on held-out text, tunes it on local text, and uploads the
+delta (compressed) through its on-disk outbox, which survives broker outages and reboots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk import codec
+from edge_sdk.adapters.lora import LoraSpec, init_lora
+from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.config import FleetuneConfig
+from edge_sdk.data import ClientData, ClientText, prepare_client
+from edge_sdk.errors import FleetuneError, PayloadError, TransportError
+from edge_sdk.manifest import BaseManifest
+from edge_sdk.store import DeviceStore
+from edge_sdk.transport.base import Transport
+from edge_sdk.transport.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceReport:
+    """What a device measured over a run; JSON-friendly."""
+
+    device: str
+    client: str
+    ppl_base: float = math.nan
+    ppl_local: float = math.nan  # after local tuning in the last round
+    ppl_final: float = math.nan  # under the final global adapter
+    bytes_up: int = 0
+    bytes_down: int = 0
+    history: list[dict] = field(default_factory=list)  # per round: ppl_global, ppl_local
+
+
+@dataclass
+class _Global:
+    version: int
+    tensors: dict[str, np.ndarray]
+
+
+class EdgeClient:
+    """One device of a fleet. Use as a context manager; see :meth:`run`."""
+
+    def __init__(self, config: FleetuneConfig, base: BaseManifest | None = None,
+                 transport: Transport | None = None) -> None:
+        self.config = config
+        self.device = config.device.id
+        self.topics = Topics(config.sync.fleet)
+        t = config.tuning
+        self.spec = LoraSpec(r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets)
+        self._base = base
+        self._transport = transport
+        self.backend = None
+        self.store: DeviceStore | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @property
+    def base(self) -> BaseManifest:
+        if self._base is None:
+            from models.base import prepare_base
+
+            self._base = prepare_base(self.config.device.base)
+        return self._base
+
+    def open(self) -> EdgeClient:
+        from edge_sdk.backends import load_backend
+
+        state = self.config.device.state_dir
+        if not state:
+            from models.base import cache_dir
+
+            state = str(cache_dir() / "devices" / self.config.sync.fleet / self.device)
+        self.store = DeviceStore(state)
+        self.backend = load_backend(self.config.device.backend, self.base, self.spec,
+                                    threads=self.config.device.threads)
+        return self
+
+    def __enter__(self) -> EdgeClient:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            try:
+                self._transport.publish(self.topics.status(self.device),
+                                        json.dumps({"state": "offline"}).encode(), retain=True,
+                                        timeout=5)
+            except FleetuneError as err:
+                log.warning("%s: could not publish offline status: %s", self.device, err)
+            self._transport.close()
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def connect(self) -> Transport:
+        if self._transport is None:
+            from edge_sdk.transport.mqtt import MqttTransport
+
+            sync = self.config.sync
+            will = (self.topics.status(self.device), json.dumps({"state": "offline"}).encode())
+            self._transport = MqttTransport(sync.host, sync.port, f"{sync.fleet}-{self.device}",
+                                            protocol=sync.protocol, will=will)
+        self._transport.subscribe(self.topics.round)
+        self._transport.subscribe(self.topics.global_adapter)
+        self._transport.connect()
+        self._transport.publish(self.topics.status(self.device),
+                                json.dumps({"state": "online"}).encode(), retain=True)
+        return self._transport
+
+    # -- local work -----------------------------------------------------------------------------
+    def prepare(self, item: ClientText) -> ClientData:
+        t = self.config.tuning
+        return prepare_client(item, self.backend.tokenize, seq_len=t.seq_len,
+                              max_eval_windows=t.max_eval_windows)
+
+    def evaluate(self, windows: np.ndarray) -> float:
+        """Perplexity of the current adapter on ``windows`` (token-weighted mean loss)."""
+        bs = self.config.tuning.batch_size
+        losses = [self.backend.loss(windows[i:i + bs]) * len(windows[i:i + bs])
+                  for i in range(0, len(windows), bs)]
+        return float(math.exp(sum(losses) / len(windows)))
+
+    def tune(self, data: ClientData, round_: int) -> dict:
+        from edge_sdk.tuners.backprop import tune_backprop
+
+        t = self.config.tuning
+        seed = zlib.crc32(f"{t.seed}/{self.device}/{round_}".encode())
+
+        def progress(step: int, loss: float) -> None:
+            if step == t.steps or step % max(1, t.steps // 4) == 0:
+                log.info("%s round %d: step %d/%d loss %.3f", self.device, round_, step,
+                         t.steps, loss)
+
+        return tune_backprop(self.backend, data.train, t.steps, t.lr, t.batch_size, seed, progress)
+
+    # -- the round loop ---------------------------------------------------------------------------
+    def flush_outbox(self) -> int:
+        """Send queued updates; each is removed only after the broker acknowledged it."""
+        sent = 0
+        for path, topic, payload in self.store.pending():
+            self._transport.publish(topic, payload)
+            self.store.done(path)
+            sent += len(payload)
+        return sent
+
+    def _read_global(self, payload: bytes) -> _Global:
+        header, tensors = codec.decode(payload)
+        if header.kind != "adapter":
+            raise PayloadError(f"expected an adapter on {self.topics.global_adapter}, "
+                               f"got kind {header.kind!r}")
+        if header.base_sha256 != self.base.sha256:
+            raise PayloadError(f"global adapter is for base {header.base_sha256[:12]}, this device "
+                               f"runs {self.base.name} ({self.base.short_hash})")
+        if LoraSpec.from_dict(header.adapter) != self.spec:
+            raise PayloadError(f"global adapter spec {header.adapter} differs from this device's "
+                               f"{self.spec.to_dict()}")
+        check_layout(tensors, self.spec, self.base)
+        return _Global(header.version, tensors)
+
+    def run(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
+        """Take part in rounds until the server announces the end; return what was measured."""
+        data = data or self.prepare(item)
+        report = DeviceReport(self.device, item.client)
+        self.backend.set_adapter(init_lora(self.spec, self.base))
+        report.ppl_base = self.evaluate(data.heldout)
+        log.info("%s (%s): base perplexity %.1f on %d held-out windows", self.device, item.client,
+                 report.ppl_base, len(data.heldout))
+        transport = self.connect()
+        report.bytes_up += self.flush_outbox()  # anything left from before a reboot
+        announcement: dict | None = None
+        current: _Global | None = None
+        done_round = 0
+        wait = self.config.sync.round_wait_s
+        while True:
+            msg = transport.recv(timeout=wait)
+            if msg is None:
+                raise TransportError(f"{self.device}: no message from the server for {wait:.0f} s")
+            report.bytes_down += len(msg.payload)
+            try:
+                if msg.topic == self.topics.round:
+                    announcement = json.loads(msg.payload)
+                elif msg.topic == self.topics.global_adapter:
+                    current = self._read_global(msg.payload)
+                    self.store.save_adapter(msg.payload)
+            except (PayloadError, json.JSONDecodeError) as err:
+                log.error("%s: ignoring a bad message on %s: %s", self.device, msg.topic, err)
+                continue
+            if announcement is None or current is None:
+                continue
+            if current.version != announcement.get("adapter_version"):
+                continue  # the adapter named by the announcement has not arrived yet
+            if announcement.get("base_sha256") not in (None, self.base.sha256):
+                log.error("%s: the fleet runs another base model; leaving", self.device)
+                raise PayloadError("round announcement names another base model")
+            round_ = int(announcement["round"])
+            if announcement.get("done"):
+                self.backend.set_adapter(current.tensors)
+                report.ppl_final = self.evaluate(data.heldout)
+                report.history.append({"round": round_, "ppl_global": report.ppl_final})
+                log.info("%s: final global adapter v%d, perplexity %.1f", self.device,
+                         current.version, report.ppl_final)
+                return report
+            if round_ <= done_round:
+                continue
+            report.bytes_up += self._do_round(round_, current, data, report)
+            done_round = round_
+
+    def _do_round(self, round_: int, current: _Global, data: ClientData,
+                  report: DeviceReport) -> int:
+        self.backend.set_adapter(current.tensors)
+        ppl_global = report.ppl_base if current.version == 0 else self.evaluate(data.heldout)
+        metrics = self.tune(data, round_)
+        local = self.backend.get_adapter()
+        report.ppl_local = self.evaluate(data.heldout)
+        report.history.append({"round": round_, "ppl_global": ppl_global,
+                               "ppl_local": report.ppl_local})
+        log.info("%s round %d: perplexity %.1f under global v%d → %.1f after %d local steps",
+                 self.device, round_, ppl_global, current.version, report.ppl_local,
+                 metrics["steps"])
+        delta = {k: local[k] - current.tensors[k] for k in local}
+        header = codec.Header(kind="update", sender=self.device, round=round_,
+                              base_sha256=self.base.sha256, adapter=self.spec.to_dict(),
+                              encoding=self.config.sync.uplink_encoding,
+                              num_examples=int(len(data.train)), version=current.version,
+                              metrics={"ppl_local": report.ppl_local, "ppl_global": ppl_global,
+                                       **metrics})
+        self.store.put(self.topics.update(self.device), codec.encode(header, delta))
+        return self.flush_outbox()
+
+
+def state_dir_for(root: str | Path, device: str) -> str:
+    return str(Path(root) / device)

@@ -1,0 +1,119 @@
+"""Frozen configuration per concern. One TOML file maps 1:1 onto them::
+
+    [device]            [tuning]          [sync]               [server]  (server/config.py)
+    id = "pi-kitchen"   steps = 10        host = "127.0.0.1"   rounds = 3
+    backend = "torch"   lr = 1e-3         fleet = "demo"       quorum = 4
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.codec.compress import ENCODINGS
+from edge_sdk.errors import ConfigError
+from edge_sdk.transport.topics import check_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ("torch",)
+TUNERS = ("backprop",)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str = "device-0"  # unique in the fleet; becomes a topic level
+    base: str = "smollm2-135m"  # named base or a local HF checkpoint directory
+    backend: str = "torch"  # inference engine
+    threads: int = 1  # engine threads; keep 1 per device when simulating several on one CPU
+    state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("device", self.id)
+        except ConfigError as err:
+            raise ConfigError(f"[device] id: {err}") from err
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"[device] backend {self.backend!r} is not one of {BACKENDS}")
+        if not 1 <= self.threads <= 256:
+            raise ConfigError(f"[device] threads must be in 1..256, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    tuner: str = "backprop"  # how the adapter is trained on the device
+    steps: int = 10  # optimizer steps per round
+    lr: float = 1e-3  # learning rate (AdamW for backprop)
+    batch_size: int = 4  # windows per step
+    seq_len: int = 64  # tokens per window
+    max_eval_windows: int = 24  # held-out windows scored for perplexity
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # adapted projections
+    seed: int = 0  # batch sampling seed (mixed with device id and round)
+
+    def __post_init__(self) -> None:
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"[tuning] tuner {self.tuner!r} is not one of {TUNERS}")
+        if self.steps < 0 or self.batch_size < 1 or self.seq_len < 8 or self.max_eval_windows < 1:
+            raise ConfigError("[tuning] steps >= 0, batch_size >= 1, seq_len >= 8 and "
+                              "max_eval_windows >= 1 are required")
+        if not 0.0 < self.lr < 1.0:
+            raise ConfigError(f"[tuning] lr must be in (0, 1), got {self.lr}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    host: str = "127.0.0.1"  # MQTT broker
+    port: int = 1883
+    fleet: str = "default"  # topic namespace: fleetune/<fleet>/...
+    protocol: str = "3.1.1"  # "3.1.1" or "5"
+    uplink_encoding: str = "q8"  # device → server update encoding (f32 | f16 | q8)
+    round_wait_s: float = 600.0  # how long a device waits for the next announcement
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+        if self.protocol not in ("3.1.1", "5"):
+            raise ConfigError(f"[sync] protocol must be '3.1.1' or '5', got {self.protocol!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"[sync] port {self.port} is out of range")
+        if self.uplink_encoding not in ENCODINGS:
+            raise ConfigError(f"[sync] uplink_encoding must be one of {ENCODINGS}")
+
+
+@dataclass(frozen=True)
+class FleetuneConfig:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+
+def section(cls: type, data: dict[str, Any], name: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, refusing unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown keys {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except TypeError as err:
+        raise ConfigError(f"[{name}]: {err}") from err
+
+
+def load_config(path: str | Path) -> FleetuneConfig:
+    """Read the [device], [tuning] and [sync] tables of a TOML file (others are ignored)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    return FleetuneConfig(device=section(DeviceConfig, data.get("device", {}), "device"),
+                          tuning=section(TuningConfig, data.get("tuning", {}), "tuning"),
+                          sync=section(SyncConfig, data.get("sync", {}), "sync"))

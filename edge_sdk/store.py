@@ -1,0 +1,52 @@
+"""What a device keeps on disk: an outbox of updates not yet acknowledged by the broker, and the
+adapter it runs. Writes are atomic (temp file + rename), so a reboot or a broker outage loses
+nothing: pending updates are sent again on the next connection."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class DeviceStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.outbox = self.root / "outbox"
+        self.outbox.mkdir(parents=True, exist_ok=True)
+
+    def put(self, topic: str, payload: bytes) -> Path:
+        """Queue a message; it stays until :meth:`done` is called after the broker's PUBACK."""
+        seq = max((int(p.name.split(".")[0]) for p in self.outbox.glob("*.msg")), default=0) + 1
+        path = self.outbox / f"{seq:08d}.msg"
+        head = json.dumps({"topic": topic}).encode() + b"\n"
+        _atomic_write(path, head + payload)
+        return path
+
+    def pending(self) -> list[tuple[Path, str, bytes]]:
+        """Queued messages, oldest first, as (path, topic, payload)."""
+        out = []
+        for path in sorted(self.outbox.glob("*.msg")):
+            head, _, payload = path.read_bytes().partition(b"\n")
+            out.append((path, json.loads(head)["topic"], payload))
+        return out
+
+    def done(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def save_adapter(self, envelope: bytes) -> None:
+        """Keep the adapter the device runs (an envelope as received from the server)."""
+        _atomic_write(self.root / "adapter.fltn", envelope)
+
+    def load_adapter(self) -> bytes | None:
+        path = self.root / "adapter.fltn"
+        return path.read_bytes() if path.exists() else None

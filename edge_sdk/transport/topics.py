@@ -1,0 +1,70 @@
+"""The MQTT topic scheme. Everything of a fleet lives under ``fleetune/{fleet}/``:
+
+============================  ======  ========  =============================================
+topic                         QoS     retained  payload
+============================  ======  ========  =============================================
+``round``                     1       yes       JSON round announcement (server → devices)
+``adapter/global``            1       yes       envelope, kind "adapter" (server → devices)
+``update/{device}``           1       no        envelope, kind "update" (device → server)
+``status/{device}``           1       yes       JSON ``{"state": "online"|"offline"}``; the
+                                                 "offline" one is the device's last will
+============================  ======  ========  =============================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edge_sdk.errors import ConfigError
+
+ROOT = "fleetune"
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Fleet and device ids become topic levels: no wildcards, separators or spaces."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ConfigError(f"{kind} id {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+
+    @property
+    def prefix(self) -> str:
+        return f"{ROOT}/{self.fleet}"
+
+    @property
+    def round(self) -> str:
+        return f"{self.prefix}/round"
+
+    @property
+    def global_adapter(self) -> str:
+        return f"{self.prefix}/adapter/global"
+
+    def update(self, device: str) -> str:
+        return f"{self.prefix}/update/{check_id('device', device)}"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.prefix}/update/+"
+
+    def status(self, device: str) -> str:
+        return f"{self.prefix}/status/{check_id('device', device)}"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    def device_of(self, topic: str) -> str:
+        """The device id at the end of an ``update/…`` or ``status/…`` topic."""
+        parts = topic.split("/")
+        if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != self.prefix:
+            raise ConfigError(f"topic {topic!r} is not a device topic of fleet {self.fleet!r}")
+        return check_id("device", parts[3])

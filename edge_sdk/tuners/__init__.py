@@ -1,0 +1,1 @@
+"""Tuners change an adapter on local text: backprop (reference), zeroth-order (coming)."""

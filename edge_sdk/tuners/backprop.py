@@ -1,0 +1,37 @@
+"""The reference tuner: AdamW backprop on the LoRA weights (torch backend only)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def tune_backprop(backend, train: np.ndarray, steps: int, lr: float, batch_size: int,
+                  seed: int, progress: Callable[[int, float], None] | None = None) -> dict:
+    """``steps`` AdamW steps on batches drawn from ``train`` windows; returns metrics."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(backend.trainable(), lr=lr, weight_decay=0.0)
+    backend.model.train()
+    losses = []
+    start = time.monotonic()
+    try:
+        for step in range(steps):
+            batch = train[rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
+            loss = backend.loss_tensor(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            if progress is not None:
+                progress(step + 1, losses[-1])
+    finally:
+        backend.model.eval()
+    return {"steps": steps, "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
+            "seconds": time.monotonic() - start}

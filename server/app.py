@@ -1,0 +1,199 @@
+"""The aggregation service: announce a round, collect updates until a quorum or a timeout,
+aggregate, persist, and push the new global adapter (retained) to the fleet.
+
+A bad update is refused with a logged reason (and a row in the registry); the round goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk import codec
+from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
+from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.errors import ConfigError, FleetuneError, PayloadError
+from edge_sdk.manifest import BaseManifest
+from edge_sdk.transport.base import Message, Transport
+from edge_sdk.transport.topics import Topics
+from server.config import ServerConfig
+from server.registry import Registry
+from server.strategy import STRATEGIES, Update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (device, reason)
+    version: int = 0
+    seconds: float = 0.0
+
+
+class FleetServer:
+    def __init__(self, config: ServerConfig, base: BaseManifest,
+                 transport: Transport | None = None) -> None:
+        self.config, self.base = config, base
+        self.topics = Topics(config.fleet)
+        self.spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha,
+                             targets=config.lora_targets)
+        self.strategy = STRATEGIES[config.strategy]()
+        if config.state_dir:
+            self.state_dir = Path(config.state_dir)
+        else:
+            from models.base import cache_dir
+
+            self.state_dir = cache_dir() / "server" / config.fleet
+        self.registry = Registry(self.state_dir / "registry.sqlite")
+        self._transport = transport
+        self.version = 0
+        self.first_round = 1
+        self.current = self._resume()
+        self.bytes_down = 0
+
+    def _resume(self) -> dict[str, np.ndarray]:
+        latest = self.registry.latest_adapter()
+        if latest is None:
+            tensors = init_lora(self.spec, self.base)
+            self._save(tensors, round_=0)
+            return tensors
+        self.version, path = latest
+        tensors, spec = load_peft(path, self.base)
+        if spec != self.spec:
+            raise ConfigError(f"state in {self.state_dir} holds a {spec} adapter, not {self.spec}")
+        rounds = self.registry._exec("SELECT MAX(round) FROM rounds")[0][0]
+        self.first_round = int(rounds or 0) + 1
+        log.info("resuming from adapter v%d at round %d", self.version, self.first_round)
+        return tensors
+
+    def _save(self, tensors: dict[str, np.ndarray], round_: int) -> None:
+        path = save_peft(self.state_dir / "adapters" / f"v{self.version:04d}", tensors, self.spec,
+                         self.base)
+        sha = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+        self.registry.add_adapter(self.version, round_, sha, str(path))
+
+    # -- messaging -------------------------------------------------------------------------------
+    def connect(self) -> Transport:
+        if self._transport is None:
+            from edge_sdk.transport.mqtt import MqttTransport
+
+            c = self.config
+            self._transport = MqttTransport(c.host, c.port, f"{c.fleet}-server", protocol=c.protocol)
+        self._transport.subscribe(self.topics.all_updates)
+        self._transport.subscribe(self.topics.all_status)
+        self._transport.connect()
+        return self._transport
+
+    def publish_global(self, round_: int) -> None:
+        header = codec.Header(kind="adapter", sender="server", round=round_,
+                              base_sha256=self.base.sha256, adapter=self.spec.to_dict(),
+                              encoding=self.config.downlink_encoding, version=self.version)
+        payload = codec.encode(header, self.current)
+        self._transport.publish(self.topics.global_adapter, payload, retain=True)
+        self.bytes_down += len(payload)
+
+    def announce(self, round_: int, done: bool = False) -> None:
+        body = {"round": round_, "adapter_version": self.version, "done": done,
+                "base_sha256": self.base.sha256, "adapter": self.spec.to_dict(),
+                "timeout_s": self.config.round_timeout_s}
+        self._transport.publish(self.topics.round, json.dumps(body).encode(), retain=True)
+
+    # -- updates ---------------------------------------------------------------------------------
+    def check_update(self, msg: Message, round_: int, seen: set[str]) -> Update:
+        """Decode and validate one update; ``PayloadError`` says why it is refused."""
+        device = self.topics.device_of(msg.topic)
+        header, delta = codec.decode(msg.payload)
+        if header.kind != "update":
+            raise PayloadError(f"expected kind 'update', got {header.kind!r}")
+        if header.sender != device:
+            raise PayloadError(f"sender {header.sender!r} does not match topic device {device!r}")
+        if header.base_sha256 != self.base.sha256:
+            raise PayloadError(f"update is for base {header.base_sha256[:12]}, the fleet runs "
+                               f"{self.base.name} ({self.base.short_hash})")
+        if header.round != round_:
+            raise PayloadError(f"update is for round {header.round}, round {round_} is open")
+        if header.version != self.version:
+            raise PayloadError(f"update was computed from adapter v{header.version}, "
+                               f"the round's adapter is v{self.version}")
+        if LoraSpec.from_dict(header.adapter) != self.spec:
+            raise PayloadError(f"adapter spec {header.adapter} is not the fleet's "
+                               f"{self.spec.to_dict()}")
+        if device in seen:
+            raise PayloadError(f"a second update from {device} in round {round_}")
+        check_layout(delta, self.spec, self.base)
+        return Update(device, header.num_examples, delta, header.metrics)
+
+    def run_round(self, round_: int) -> RoundResult:
+        result = RoundResult(round_)
+        start = time.monotonic()
+        self.registry.open_round(round_)
+        self.announce(round_)
+        log.info("round %d open: adapter v%d, waiting for %d updates (timeout %.0f s)", round_,
+                 self.version, self.config.quorum, self.config.round_timeout_s)
+        updates: list[Update] = []
+        deadline = start + self.config.round_timeout_s
+        while len(updates) < self.config.quorum and time.monotonic() < deadline:
+            msg = self._transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            if msg is None:
+                continue
+            try:
+                device = self.topics.device_of(msg.topic)
+            except ConfigError as err:
+                log.warning("ignoring message on %s: %s", msg.topic, err)
+                continue
+            if msg.topic.startswith(f"{self.topics.prefix}/status/"):
+                state = "online" if b"online" in msg.payload else "offline"
+                self.registry.seen(device, state)
+                continue
+            self.registry.seen(device)
+            try:
+                update = self.check_update(msg, round_, {u.device for u in updates})
+            except FleetuneError as err:
+                log.warning("round %d: rejected update from %s: %s", round_, device, err)
+                result.rejected.append((device, str(err)))
+                self.registry.log_update(round_, device, len(msg.payload), 0, False, str(err))
+                continue
+            updates.append(update)
+            result.accepted.append(device)
+            self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
+            log.info("round %d: update %d/%d from %s (%d bytes, %d examples)", round_,
+                     len(updates), self.config.quorum, device, len(msg.payload),
+                     update.num_examples)
+        if updates:
+            self.current = self.strategy.aggregate(self.current, updates)
+            self.version += 1
+            self._save(self.current, round_)
+            self.publish_global(round_)
+        else:
+            log.warning("round %d closed with no usable update; the global adapter stays v%d",
+                        round_, self.version)
+        result.version, result.seconds = self.version, time.monotonic() - start
+        self.registry.close_round(round_, len(result.accepted), len(result.rejected), self.version)
+        log.info("round %d closed in %.0f s: %d accepted, %d rejected → adapter v%d", round_,
+                 result.seconds, len(result.accepted), len(result.rejected), self.version)
+        return result
+
+    def run(self) -> list[RoundResult]:
+        """Run the configured rounds, then announce the end with the final adapter."""
+        self.connect()
+        self.publish_global(self.first_round - 1)
+        results = []
+        last = self.first_round + self.config.rounds - 1
+        for round_ in range(self.first_round, last + 1):
+            results.append(self.run_round(round_))
+        self.announce(last, done=True)
+        log.info("done after round %d: final adapter v%d", last, self.version)
+        return results
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self.registry.close()

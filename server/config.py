@@ -1,0 +1,57 @@
+"""Server configuration: the ``[server]`` table of the fleet's TOML file."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_sdk.codec.compress import ENCODINGS
+from edge_sdk.config import section
+from edge_sdk.errors import ConfigError
+from edge_sdk.transport.topics import check_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STRATEGIES = ("fedavg",)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    fleet: str = "default"  # topic namespace: fleetune/<fleet>/...
+    host: str = "127.0.0.1"  # MQTT broker
+    port: int = 1883
+    protocol: str = "3.1.1"  # "3.1.1" or "5"
+    base: str = "smollm2-135m"  # named base or local HF checkpoint directory
+    rounds: int = 3  # rounds to run, then announce the end
+    quorum: int = 2  # updates that close a round early
+    round_timeout_s: float = 600.0  # a round closes after this even without a quorum
+    strategy: str = "fedavg"  # aggregation algorithm (server/strategy/<name>.py)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    downlink_encoding: str = "f16"  # encoding of the pushed global adapter
+    state_dir: str = ""  # SQLite registry and adapter versions; "" = <cache>/server/<fleet>
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+        if self.rounds < 1 or self.quorum < 1 or self.round_timeout_s <= 0:
+            raise ConfigError("[server] rounds >= 1, quorum >= 1 and round_timeout_s > 0 required")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"[server] strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.downlink_encoding not in ENCODINGS:
+            raise ConfigError(f"[server] downlink_encoding must be one of {ENCODINGS}")
+        if self.protocol not in ("3.1.1", "5"):
+            raise ConfigError(f"[server] protocol must be '3.1.1' or '5', got {self.protocol!r}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    return section(ServerConfig, data.get("server", {}), "server")

