@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from edge_sdk.adapters.lora.config import LoraSpec
@@ -60,30 +61,34 @@ def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: Bas
         "lora_dropout": 0.0,
         "bias": "none",
         "base_model_name_or_path": base.hf_dir or base.name,
-        "fleetune": {"base_sha256": base.sha256, "base_name": base.name, **spec.to_dict()},
     }
+    # fleetune's own facts ride in the safetensors metadata, where PEFT does not look
+    meta = {"fleetune_base_sha256": base.sha256, "fleetune_base_name": base.name,
+            "fleetune_init_seed": str(spec.init_seed), "format": "pt"}
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-              str(directory / "adapter_model.safetensors"))
+              str(directory / "adapter_model.safetensors"), metadata=meta)
     return directory
 
 
 def load_peft(directory: str | Path, base: BaseManifest) -> tuple[Tensors, LoraSpec]:
     """Load an adapter saved by :func:`save_peft` (or by PEFT with the same layout)."""
     directory = Path(directory)
+    weights = directory / "adapter_model.safetensors"
     try:
         config = json.loads((directory / "adapter_config.json").read_text())
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        tensors = load_file(str(weights))
+        with safe_open(str(weights), framework="numpy") as fh:
+            meta = fh.metadata() or {}
     except (OSError, ValueError) as err:
         raise PayloadError(f"cannot read adapter in {directory}: {err}") from err
-    meta = config.get("fleetune", {})
-    if meta.get("base_sha256", base.sha256) != base.sha256:
-        raise PayloadError(
-            f"adapter in {directory} belongs to base {meta['base_sha256'][:12]}, "
-            f"not {base.name} ({base.short_hash})"
-        )
+    owner = meta.get("fleetune_base_sha256", base.sha256)
+    if owner != base.sha256:
+        raise PayloadError(f"adapter in {directory} belongs to base {owner[:12]}, "
+                           f"not {base.name} ({base.short_hash})")
     spec = LoraSpec(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                    targets=tuple(config["target_modules"]), init_seed=int(meta.get("init_seed", 0)))
+                    targets=tuple(config["target_modules"]),
+                    init_seed=int(meta.get("fleetune_init_seed", 0)))
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     check_layout(tensors, spec, base)
     return tensors, spec

@@ -1,0 +1,67 @@
+"""Devices (separate processes, real SmolLM2) and the server run rounds through a broker, and
+each device ends up better on its own held-out text."""
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+from server.demo import run_demo
+from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+
+def test_two_devices_two_rounds_through_mosquitto(mosquitto, smollm2, tmp_path):
+    # Execute
+    doc = run_demo(devices=2, rounds=2, steps=5, broker=(mosquitto.host, mosquitto.port),
+                   json_path=str(tmp_path / "demo.json"))
+    # Assert
+    assert [d["device"] for d in doc["devices"]] == ["device-0", "device-1"]
+    for device in doc["devices"]:
+        assert device["ppl_final"] < device["ppl_base"], device
+        assert device["ppl_local"] < device["ppl_base"], device
+        assert [h["round"] for h in device["history"]] == [1, 2, 2]
+    assert json.loads((tmp_path / "demo.json").read_text())["rounds"] == 2
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def _unseen_corpus(path):
+    """Two clients the model has never been tuned on: the docstrings of two stdlib areas."""
+    import argparse
+    import email.message
+    import json as json_module
+    import logging
+    import unittest
+
+    def docs(*modules):
+        parts = []
+        for module in modules:
+            for _, obj in inspect.getmembers(module):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80 and doc not in parts:
+                    parts.append(doc)
+        return "\n".join(parts)
+
+    return write_jsonl(path, [{"client": "cli-and-logs", "text": docs(argparse, logging)},
+                              {"client": "tests-and-mail",
+                               "text": docs(unittest, email.message, json_module)}])
+
+
+def test_cli_demo_on_a_corpus_it_has_never_seen(smollm2, tmp_path):
+    # Prepare
+    corpus = _unseen_corpus(tmp_path / "corpus.jsonl")
+    # Execute: the real command, with the embedded broker
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "demo", "--devices", "2", "--rounds", "1",
+         "--steps", "4", "--data", str(corpus), "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=900)
+    # Assert
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert {d["client"] for d in doc["devices"]} == {"cli-and-logs", "tests-and-mail"}
+    for device in doc["devices"]:
+        assert device["ppl_final"] < device["ppl_base"], device
+    assert "ppl_base" in result.stdout  # the table
