@@ -6,8 +6,15 @@ Importing this package loads neither torch nor onnxruntime; engines load when a 
 from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig, load_config
 from edge_sdk.errors import FleetuneError
 
-__all__ = ["DeviceConfig", "EdgeClient", "FleetuneConfig", "FleetuneError", "SyncConfig",
-           "TuningConfig", "load_config"]
+__all__ = [
+    "DeviceConfig",
+    "EdgeClient",
+    "FleetuneConfig",
+    "FleetuneError",
+    "SyncConfig",
+    "TuningConfig",
+    "load_config",
+]
 
 
 def __getattr__(name: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +53,12 @@ class _Global:
 class EdgeClient:
     """One device of a fleet. Use as a context manager; see :meth:`run`."""
 
-    def __init__(self, config: FleetuneConfig, base: BaseManifest | None = None,
-                 transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        config: FleetuneConfig,
+        base: BaseManifest | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self.config = config
         self.device = config.device.id
         self.topics = Topics(config.sync.fleet)
@@ -84,8 +87,9 @@ class EdgeClient:
 
             state = str(cache_dir() / "devices" / self.config.sync.fleet / self.device)
         self.store = DeviceStore(state)
-        self.backend = load_backend(self.config.device.backend, self.base, self.spec,
-                                    threads=self.config.device.threads)
+        self.backend = load_backend(
+            self.config.device.backend, self.base, self.spec, threads=self.config.device.threads
+        )
         return self
 
     def __enter__(self) -> EdgeClient:
@@ -97,9 +101,12 @@ class EdgeClient:
     def close(self) -> None:
         if self._transport is not None:
             try:
-                self._transport.publish(self.topics.status(self.device),
-                                        json.dumps({"state": "offline"}).encode(), retain=True,
-                                        timeout=5)
+                self._transport.publish(
+                    self.topics.status(self.device),
+                    json.dumps({"state": "offline"}).encode(),
+                    retain=True,
+                    timeout=5,
+                )
             except FleetuneError as err:
                 log.warning("%s: could not publish offline status: %s", self.device, err)
             self._transport.close()
@@ -113,26 +120,35 @@ class EdgeClient:
 
             sync = self.config.sync
             will = (self.topics.status(self.device), json.dumps({"state": "offline"}).encode())
-            self._transport = MqttTransport(sync.host, sync.port, f"{sync.fleet}-{self.device}",
-                                            protocol=sync.protocol, will=will)
+            self._transport = MqttTransport(
+                sync.host,
+                sync.port,
+                f"{sync.fleet}-{self.device}",
+                protocol=sync.protocol,
+                will=will,
+            )
         self._transport.subscribe(self.topics.round)
         self._transport.subscribe(self.topics.global_adapter)
         self._transport.connect()
-        self._transport.publish(self.topics.status(self.device),
-                                json.dumps({"state": "online"}).encode(), retain=True)
+        self._transport.publish(
+            self.topics.status(self.device), json.dumps({"state": "online"}).encode(), retain=True
+        )
         return self._transport
 
     # -- local work -----------------------------------------------------------------------------
     def prepare(self, item: ClientText) -> ClientData:
         t = self.config.tuning
-        return prepare_client(item, self.backend.tokenize, seq_len=t.seq_len,
-                              max_eval_windows=t.max_eval_windows)
+        return prepare_client(
+            item, self.backend.tokenize, seq_len=t.seq_len, max_eval_windows=t.max_eval_windows
+        )
 
     def evaluate(self, windows: np.ndarray) -> float:
         """Perplexity of the current adapter on ``windows`` (token-weighted mean loss)."""
         bs = self.config.tuning.batch_size
-        losses = [self.backend.loss(windows[i:i + bs]) * len(windows[i:i + bs])
-                  for i in range(0, len(windows), bs)]
+        losses = [
+            self.backend.loss(windows[i : i + bs]) * len(windows[i : i + bs])
+            for i in range(0, len(windows), bs)
+        ]
         return float(math.exp(sum(losses) / len(windows)))
 
     def tune(self, data: ClientData, round_: int) -> dict:
@@ -143,8 +159,9 @@ class EdgeClient:
 
         def progress(step: int, loss: float) -> None:
             if step == t.steps or step % max(1, t.steps // 4) == 0:
-                log.info("%s round %d: step %d/%d loss %.3f", self.device, round_, step,
-                         t.steps, loss)
+                log.info(
+                    "%s round %d: step %d/%d loss %.3f", self.device, round_, step, t.steps, loss
+                )
 
         return tune_backprop(self.backend, data.train, t.steps, t.lr, t.batch_size, seed, progress)
 
@@ -161,14 +178,19 @@ class EdgeClient:
     def _read_global(self, payload: bytes) -> _Global:
         header, tensors = codec.decode(payload)
         if header.kind != "adapter":
-            raise PayloadError(f"expected an adapter on {self.topics.global_adapter}, "
-                               f"got kind {header.kind!r}")
+            raise PayloadError(
+                f"expected an adapter on {self.topics.global_adapter}, got kind {header.kind!r}"
+            )
         if header.base_sha256 != self.base.sha256:
-            raise PayloadError(f"global adapter is for base {header.base_sha256[:12]}, this device "
-                               f"runs {self.base.name} ({self.base.short_hash})")
+            raise PayloadError(
+                f"global adapter is for base {header.base_sha256[:12]}, this device "
+                f"runs {self.base.name} ({self.base.short_hash})"
+            )
         if LoraSpec.from_dict(header.adapter) != self.spec:
-            raise PayloadError(f"global adapter spec {header.adapter} differs from this device's "
-                               f"{self.spec.to_dict()}")
+            raise PayloadError(
+                f"global adapter spec {header.adapter} differs from this device's "
+                f"{self.spec.to_dict()}"
+            )
         check_layout(tensors, self.spec, self.base)
         return _Global(header.version, tensors)
 
@@ -178,8 +200,13 @@ class EdgeClient:
         report = DeviceReport(self.device, item.client)
         self.backend.set_adapter(init_lora(self.spec, self.base))
         report.ppl_base = self.evaluate(data.heldout)
-        log.info("%s (%s): base perplexity %.1f on %d held-out windows", self.device, item.client,
-                 report.ppl_base, len(data.heldout))
+        log.info(
+            "%s (%s): base perplexity %.1f on %d held-out windows",
+            self.device,
+            item.client,
+            report.ppl_base,
+            len(data.heldout),
+        )
         transport = self.connect()
         report.bytes_up += self.flush_outbox()  # anything left from before a reboot
         announcement: dict | None = None
@@ -212,33 +239,50 @@ class EdgeClient:
                 self.backend.set_adapter(current.tensors)
                 report.ppl_final = self.evaluate(data.heldout)
                 report.history.append({"round": round_, "ppl_global": report.ppl_final})
-                log.info("%s: final global adapter v%d, perplexity %.1f", self.device,
-                         current.version, report.ppl_final)
+                log.info(
+                    "%s: final global adapter v%d, perplexity %.1f",
+                    self.device,
+                    current.version,
+                    report.ppl_final,
+                )
                 return report
             if round_ <= done_round:
                 continue
             report.bytes_up += self._do_round(round_, current, data, report)
             done_round = round_
 
-    def _do_round(self, round_: int, current: _Global, data: ClientData,
-                  report: DeviceReport) -> int:
+    def _do_round(
+        self, round_: int, current: _Global, data: ClientData, report: DeviceReport
+    ) -> int:
         self.backend.set_adapter(current.tensors)
         ppl_global = report.ppl_base if current.version == 0 else self.evaluate(data.heldout)
         metrics = self.tune(data, round_)
         local = self.backend.get_adapter()
         report.ppl_local = self.evaluate(data.heldout)
-        report.history.append({"round": round_, "ppl_global": ppl_global,
-                               "ppl_local": report.ppl_local})
-        log.info("%s round %d: perplexity %.1f under global v%d → %.1f after %d local steps",
-                 self.device, round_, ppl_global, current.version, report.ppl_local,
-                 metrics["steps"])
+        report.history.append(
+            {"round": round_, "ppl_global": ppl_global, "ppl_local": report.ppl_local}
+        )
+        log.info(
+            "%s round %d: perplexity %.1f under global v%d → %.1f after %d local steps",
+            self.device,
+            round_,
+            ppl_global,
+            current.version,
+            report.ppl_local,
+            metrics["steps"],
+        )
         delta = {k: local[k] - current.tensors[k] for k in local}
-        header = codec.Header(kind="update", sender=self.device, round=round_,
-                              base_sha256=self.base.sha256, adapter=self.spec.to_dict(),
-                              encoding=self.config.sync.uplink_encoding,
-                              num_examples=int(len(data.train)), version=current.version,
-                              metrics={"ppl_local": report.ppl_local, "ppl_global": ppl_global,
-                                       **metrics})
+        header = codec.Header(
+            kind="update",
+            sender=self.device,
+            round=round_,
+            base_sha256=self.base.sha256,
+            adapter=self.spec.to_dict(),
+            encoding=self.config.sync.uplink_encoding,
+            num_examples=len(data.train),
+            version=current.version,
+            metrics={"ppl_local": report.ppl_local, "ppl_global": ppl_global, **metrics},
+        )
         self.store.put(self.topics.update(self.device), codec.encode(header, delta))
         return self.flush_outbox()
 

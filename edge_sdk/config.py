@@ -1,8 +1,8 @@
 """Frozen configuration per concern. One TOML file maps 1:1 onto them::
 
-    [device]            [tuning]          [sync]               [server]  (server/config.py)
-    id = "pi-kitchen"   steps = 10        host = "127.0.0.1"   rounds = 3
-    backend = "torch"   lr = 1e-3         fleet = "demo"       quorum = 4
+[device]            [tuning]          [sync]               [server]  (server/config.py)
+id = "pi-kitchen"   steps = 10        host = "127.0.0.1"   rounds = 3
+backend = "torch"   lr = 1e-3         fleet = "demo"       quorum = 4
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ class TuningConfig:
         if self.tuner not in TUNERS:
             raise ConfigError(f"[tuning] tuner {self.tuner!r} is not one of {TUNERS}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 8 or self.max_eval_windows < 1:
-            raise ConfigError("[tuning] steps >= 0, batch_size >= 1, seq_len >= 8 and "
-                              "max_eval_windows >= 1 are required")
+            raise ConfigError(
+                "[tuning] steps >= 0, batch_size >= 1, seq_len >= 8 and "
+                "max_eval_windows >= 1 are required"
+            )
         if not 0.0 < self.lr < 1.0:
             raise ConfigError(f"[tuning] lr must be in (0, 1), got {self.lr}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -114,6 +116,8 @@ def load_config(path: str | Path) -> FleetuneConfig:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
-    return FleetuneConfig(device=section(DeviceConfig, data.get("device", {}), "device"),
-                          tuning=section(TuningConfig, data.get("tuning", {}), "tuning"),
-                          sync=section(SyncConfig, data.get("sync", {}), "sync"))
+    return FleetuneConfig(
+        device=section(DeviceConfig, data.get("device", {}), "device"),
+        tuning=section(TuningConfig, data.get("tuning", {}), "tuning"),
+        sync=section(SyncConfig, data.get("sync", {}), "sync"),
+    )

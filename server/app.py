@@ -39,12 +39,12 @@ class RoundResult:
 
 
 class FleetServer:
-    def __init__(self, config: ServerConfig, base: BaseManifest,
-                 transport: Transport | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, base: BaseManifest, transport: Transport | None = None
+    ) -> None:
         self.config, self.base = config, base
         self.topics = Topics(config.fleet)
-        self.spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha,
-                             targets=config.lora_targets)
+        self.spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets)
         self.strategy = STRATEGIES[config.strategy]()
         if config.state_dir:
             self.state_dir = Path(config.state_dir)
@@ -75,8 +75,9 @@ class FleetServer:
         return tensors
 
     def _save(self, tensors: dict[str, np.ndarray], round_: int) -> None:
-        path = save_peft(self.state_dir / "adapters" / f"v{self.version:04d}", tensors, self.spec,
-                         self.base)
+        path = save_peft(
+            self.state_dir / "adapters" / f"v{self.version:04d}", tensors, self.spec, self.base
+        )
         sha = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
         self.registry.add_adapter(self.version, round_, sha, str(path))
 
@@ -86,24 +87,37 @@ class FleetServer:
             from edge_sdk.transport.mqtt import MqttTransport
 
             c = self.config
-            self._transport = MqttTransport(c.host, c.port, f"{c.fleet}-server", protocol=c.protocol)
+            self._transport = MqttTransport(
+                c.host, c.port, f"{c.fleet}-server", protocol=c.protocol
+            )
         self._transport.subscribe(self.topics.all_updates)
         self._transport.subscribe(self.topics.all_status)
         self._transport.connect()
         return self._transport
 
     def publish_global(self, round_: int) -> None:
-        header = codec.Header(kind="adapter", sender="server", round=round_,
-                              base_sha256=self.base.sha256, adapter=self.spec.to_dict(),
-                              encoding=self.config.downlink_encoding, version=self.version)
+        header = codec.Header(
+            kind="adapter",
+            sender="server",
+            round=round_,
+            base_sha256=self.base.sha256,
+            adapter=self.spec.to_dict(),
+            encoding=self.config.downlink_encoding,
+            version=self.version,
+        )
         payload = codec.encode(header, self.current)
         self._transport.publish(self.topics.global_adapter, payload, retain=True)
         self.bytes_down += len(payload)
 
     def announce(self, round_: int, done: bool = False) -> None:
-        body = {"round": round_, "adapter_version": self.version, "done": done,
-                "base_sha256": self.base.sha256, "adapter": self.spec.to_dict(),
-                "timeout_s": self.config.round_timeout_s}
+        body = {
+            "round": round_,
+            "adapter_version": self.version,
+            "done": done,
+            "base_sha256": self.base.sha256,
+            "adapter": self.spec.to_dict(),
+            "timeout_s": self.config.round_timeout_s,
+        }
         self._transport.publish(self.topics.round, json.dumps(body).encode(), retain=True)
 
     # -- updates ---------------------------------------------------------------------------------
@@ -116,16 +130,21 @@ class FleetServer:
         if header.sender != device:
             raise PayloadError(f"sender {header.sender!r} does not match topic device {device!r}")
         if header.base_sha256 != self.base.sha256:
-            raise PayloadError(f"update is for base {header.base_sha256[:12]}, the fleet runs "
-                               f"{self.base.name} ({self.base.short_hash})")
+            raise PayloadError(
+                f"update is for base {header.base_sha256[:12]}, the fleet runs "
+                f"{self.base.name} ({self.base.short_hash})"
+            )
         if header.round != round_:
             raise PayloadError(f"update is for round {header.round}, round {round_} is open")
         if header.version != self.version:
-            raise PayloadError(f"update was computed from adapter v{header.version}, "
-                               f"the round's adapter is v{self.version}")
+            raise PayloadError(
+                f"update was computed from adapter v{header.version}, "
+                f"the round's adapter is v{self.version}"
+            )
         if LoraSpec.from_dict(header.adapter) != self.spec:
-            raise PayloadError(f"adapter spec {header.adapter} is not the fleet's "
-                               f"{self.spec.to_dict()}")
+            raise PayloadError(
+                f"adapter spec {header.adapter} is not the fleet's {self.spec.to_dict()}"
+            )
         if device in seen:
             raise PayloadError(f"a second update from {device} in round {round_}")
         check_layout(delta, self.spec, self.base)
@@ -136,8 +155,13 @@ class FleetServer:
         start = time.monotonic()
         self.registry.open_round(round_)
         self.announce(round_)
-        log.info("round %d open: adapter v%d, waiting for %d updates (timeout %.0f s)", round_,
-                 self.version, self.config.quorum, self.config.round_timeout_s)
+        log.info(
+            "round %d open: adapter v%d, waiting for %d updates (timeout %.0f s)",
+            round_,
+            self.version,
+            self.config.quorum,
+            self.config.round_timeout_s,
+        )
         updates: list[Update] = []
         deadline = start + self.config.round_timeout_s
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
@@ -164,21 +188,36 @@ class FleetServer:
             updates.append(update)
             result.accepted.append(device)
             self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
-            log.info("round %d: update %d/%d from %s (%d bytes, %d examples)", round_,
-                     len(updates), self.config.quorum, device, len(msg.payload),
-                     update.num_examples)
+            log.info(
+                "round %d: update %d/%d from %s (%d bytes, %d examples)",
+                round_,
+                len(updates),
+                self.config.quorum,
+                device,
+                len(msg.payload),
+                update.num_examples,
+            )
         if updates:
             self.current = self.strategy.aggregate(self.current, updates)
             self.version += 1
             self._save(self.current, round_)
             self.publish_global(round_)
         else:
-            log.warning("round %d closed with no usable update; the global adapter stays v%d",
-                        round_, self.version)
+            log.warning(
+                "round %d closed with no usable update; the global adapter stays v%d",
+                round_,
+                self.version,
+            )
         result.version, result.seconds = self.version, time.monotonic() - start
         self.registry.close_round(round_, len(result.accepted), len(result.rejected), self.version)
-        log.info("round %d closed in %.0f s: %d accepted, %d rejected → adapter v%d", round_,
-                 result.seconds, len(result.accepted), len(result.rejected), self.version)
+        log.info(
+            "round %d closed in %.0f s: %d accepted, %d rejected → adapter v%d",
+            round_,
+            result.seconds,
+            len(result.accepted),
+            len(result.rejected),
+            self.version,
+        )
         return result
 
     def run(self) -> list[RoundResult]:

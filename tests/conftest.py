@@ -14,9 +14,19 @@ from edge_sdk.manifest import BaseManifest
 
 
 def tiny_manifest(hf_dir: str = "", layers: int = 2) -> BaseManifest:
-    return BaseManifest(name="tiny", sha256="ab" * 32, architecture="llama", num_layers=layers,
-                        hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                        intermediate_size=64, vocab_size=128, hf_dir=hf_dir)
+    return BaseManifest(
+        name="tiny",
+        sha256="ab" * 32,
+        architecture="llama",
+        num_layers=layers,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=128,
+        hf_dir=hf_dir,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +37,16 @@ def tiny_base(tmp_path_factory) -> BaseManifest:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     return tiny_manifest(str(path))
 

@@ -23,8 +23,9 @@ class Backend(Protocol):
     def set_adapter(self, tensors: Tensors) -> None: ...
     def get_adapter(self) -> Tensors: ...
     def loss(self, input_ids: np.ndarray) -> float:
-        """Mean next-token cross-entropy of a [batch, seq] window batch under the current adapter."""
+        """Mean next-token cross-entropy of [batch, seq] windows under the current adapter."""
         ...
+
     def close(self) -> None: ...
 
 
@@ -34,7 +35,8 @@ def load_backend(name: str, base: BaseManifest, spec: LoraSpec, threads: int = 1
         try:
             from edge_sdk.backends.torch import TorchBackend
         except ImportError as err:
-            raise BackendUnavailable("the torch backend needs: pip install 'fleetune[torch]'") \
-                from err
+            raise BackendUnavailable(
+                "the torch backend needs: pip install 'fleetune[torch]'"
+            ) from err
         return TorchBackend(base, spec, threads=threads)
     raise ConfigError(f"unknown backend {name!r}; available: torch")

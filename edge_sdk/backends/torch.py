@@ -27,15 +27,22 @@ class TorchBackend:
         self._tokenizer_cls = AutoTokenizer
         self._tokenizer = None
         try:
-            model = AutoModelForCausalLM.from_pretrained(base.hf_dir, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(base.hf_dir, dtype=torch.float32)
         except OSError as err:
             raise BackendError(f"cannot load base {base.name} from {base.hf_dir}: {err}") from err
-        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            target_modules=list(spec.targets),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         self.model = get_peft_model(model, config)
         self.model.eval()
-        self._params = {self._peft_key(n): p for n, p in self.model.named_parameters()
-                        if p.requires_grad}
+        self._params = {
+            self._peft_key(n): p for n, p in self.model.named_parameters() if p.requires_grad
+        }
 
     @staticmethod
     def _peft_key(name: str) -> str:
@@ -46,8 +53,9 @@ class TorchBackend:
             try:
                 self._tokenizer = self._tokenizer_cls.from_pretrained(self.base.hf_dir)
             except (OSError, ValueError) as err:
-                raise BackendError(f"no tokenizer for {self.base.name} in {self.base.hf_dir}: "
-                                   f"{err}") from err
+                raise BackendError(
+                    f"no tokenizer for {self.base.name} in {self.base.hf_dir}: {err}"
+                ) from err
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def set_adapter(self, tensors: Tensors) -> None:

@@ -3,5 +3,13 @@
 from edge_sdk.codec.compress import ENCODINGS, decode_tensors, encode_tensors
 from edge_sdk.codec.envelope import MAX_MESSAGE_BYTES, SCHEMA_VERSION, Header, decode, encode
 
-__all__ = ["ENCODINGS", "MAX_MESSAGE_BYTES", "SCHEMA_VERSION", "Header", "decode",
-           "decode_tensors", "encode", "encode_tensors"]
+__all__ = [
+    "ENCODINGS",
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "Header",
+    "decode",
+    "decode_tensors",
+    "encode",
+    "encode_tensors",
+]

@@ -65,8 +65,12 @@ class Header:
 def encode(header: Header, tensors: Tensors, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     """Serialize ``tensors`` (float32 arrays) under ``header``."""
     body = st_save(encode_tensors(tensors, header.encoding))
-    meta = {"schema": SCHEMA_VERSION, **header.__dict__,
-            "payload_sha256": hashlib.sha256(body).hexdigest(), "payload_bytes": len(body)}
+    meta = {
+        "schema": SCHEMA_VERSION,
+        **header.__dict__,
+        "payload_sha256": hashlib.sha256(body).hexdigest(),
+        "payload_bytes": len(body),
+    }
     head = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
     if len(head) > MAX_HEADER_BYTES:
         raise PayloadError(f"header is {len(head)} bytes, over the {MAX_HEADER_BYTES} limit")
@@ -89,17 +93,18 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Header, Ten
     if magic != MAGIC:
         raise PayloadError(f"not a fleetune envelope (magic {magic!r})")
     if schema != SCHEMA_VERSION:
-        raise PayloadError(f"envelope schema {schema} is not supported (this SDK reads "
-                           f"{SCHEMA_VERSION})")
+        raise PayloadError(
+            f"envelope schema {schema} is not supported (this SDK reads {SCHEMA_VERSION})"
+        )
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(data):
         raise PayloadError(f"header length {head_len} is out of bounds")
     try:
-        meta = json.loads(data[_PREFIX.size:_PREFIX.size + head_len])
+        meta = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PayloadError(f"header is not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise PayloadError("header is not a JSON object")
-    body = data[_PREFIX.size + head_len:]
+    body = data[_PREFIX.size + head_len :]
     if meta.get("payload_bytes") != len(body):
         raise PayloadError(f"body is {len(body)} bytes, header says {meta.get('payload_bytes')}")
     if meta.get("payload_sha256") != hashlib.sha256(body).hexdigest():

@@ -45,13 +45,17 @@ class MemoryTransport:
     def subscribe(self, topic_filter: str) -> None:
         self._filters.append(topic_filter)
         with self.broker._lock:
-            retained = [(t, p) for t, p in self.broker._retained.items()
-                        if topic_matches_sub(topic_filter, t)]
+            retained = [
+                (t, p)
+                for t, p in self.broker._retained.items()
+                if topic_matches_sub(topic_filter, t)
+            ]
         for topic, payload in retained:
             self._inbox.put(Message(topic, payload, True))
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False,
-                timeout: float = 30.0) -> None:
+    def publish(
+        self, topic: str, payload: bytes, retain: bool = False, timeout: float = 30.0
+    ) -> None:
         self.broker._route(topic, bytes(payload), retain)
 
     def recv(self, timeout: float | None = None) -> Message | None:

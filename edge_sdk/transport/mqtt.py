@@ -32,10 +32,18 @@ PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
 class MqttTransport:
     """A persistent-session MQTT client with QoS 1 publish and a receive queue."""
 
-    def __init__(self, host: str, port: int, client_id: str, protocol: str = "3.1.1",
-                 keepalive: int = 30, session_expiry_s: int = 3600,
-                 will: tuple[str, bytes] | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        protocol: str = "3.1.1",
+        keepalive: int = 30,
+        session_expiry_s: int = 3600,
+        will: tuple[str, bytes] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         if protocol not in PROTOCOLS:
             raise TransportError(f"MQTT protocol {protocol!r} is not one of {sorted(PROTOCOLS)}")
         self.host, self.port, self.client_id = host, port, client_id
@@ -46,8 +54,9 @@ class MqttTransport:
         self._last_error: str | None = None
         self._closing = False
         kwargs = {"clean_session": False} if protocol == "3.1.1" else {}
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=PROTOCOLS[protocol], **kwargs)
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[protocol], **kwargs
+        )
         self._client.max_queued_messages_set(0)
         if username is not None:
             self._client.username_pw_set(username, password)
@@ -69,8 +78,13 @@ class MqttTransport:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         if reason_code.is_failure and not self._closing:
-            log.warning("%s: disconnected from %s:%s (%s)", self.client_id, self.host, self.port,
-                        reason_code)
+            log.warning(
+                "%s: disconnected from %s:%s (%s)",
+                self.client_id,
+                self.host,
+                self.port,
+                reason_code,
+            )
 
     def _on_message(self, client, userdata, msg) -> None:
         self._inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -86,7 +100,9 @@ class MqttTransport:
         try:
             self._client.connect(self.host, self.port, keepalive=self.keepalive, **kwargs)
         except OSError as err:
-            raise TransportError(f"cannot reach MQTT broker {self.host}:{self.port}: {err}") from err
+            raise TransportError(
+                f"cannot reach MQTT broker {self.host}:{self.port}: {err}"
+            ) from err
         self._client.loop_start()
         if not self._connected.wait(timeout):
             self._client.loop_stop()
@@ -102,8 +118,9 @@ class MqttTransport:
         if result not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise TransportError(f"subscribe to {topic_filter} failed: {paho.error_string(result)}")
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False,
-                timeout: float = 60.0) -> None:
+    def publish(
+        self, topic: str, payload: bytes, retain: bool = False, timeout: float = 60.0
+    ) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK."""
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):

@@ -11,8 +11,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def tune_backprop(backend, train: np.ndarray, steps: int, lr: float, batch_size: int,
-                  seed: int, progress: Callable[[int, float], None] | None = None) -> dict:
+def tune_backprop(
+    backend,
+    train: np.ndarray,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
     """``steps`` AdamW steps on batches drawn from ``train`` windows; returns metrics."""
     import torch
 
@@ -33,5 +40,8 @@ def tune_backprop(backend, train: np.ndarray, steps: int, lr: float, batch_size:
                 progress(step + 1, losses[-1])
     finally:
         backend.model.eval()
-    return {"steps": steps, "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
-            "seconds": time.monotonic() - start}
+    return {
+        "steps": steps,
+        "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
+        "seconds": time.monotonic() - start,
+    }

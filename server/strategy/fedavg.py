@@ -3,8 +3,8 @@ Data", AISTATS 2017. The new global is the current one plus the example-weighted
 
 from __future__ import annotations
 
-from server.strategy.base import Strategy, Tensors, Update
 from edge_sdk.errors import AggregationError
+from server.strategy.base import Strategy, Tensors, Update
 
 
 class FedAvg(Strategy):
@@ -19,6 +19,7 @@ class FedAvg(Strategy):
             weights, total = [1] * len(updates), float(len(updates))
         out = {}
         for name, value in current.items():
-            mean_delta = sum(w * u.delta[name] for w, u in zip(weights, updates)) / total
+            weighted = (w * u.delta[name] for w, u in zip(weights, updates, strict=True))
+            mean_delta = sum(weighted) / total
             out[name] = (value + mean_delta).astype(value.dtype)
         return out

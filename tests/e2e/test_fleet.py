@@ -16,8 +16,13 @@ pytestmark = pytest.mark.e2e
 
 def test_two_devices_two_rounds_through_mosquitto(mosquitto, smollm2, tmp_path):
     # Execute
-    doc = run_demo(devices=2, rounds=2, steps=5, broker=(mosquitto.host, mosquitto.port),
-                   json_path=str(tmp_path / "demo.json"))
+    doc = run_demo(
+        devices=2,
+        rounds=2,
+        steps=5,
+        broker=(mosquitto.host, mosquitto.port),
+        json_path=str(tmp_path / "demo.json"),
+    )
     # Assert
     assert [d["device"] for d in doc["devices"]] == ["device-0", "device-1"]
     for device in doc["devices"]:
@@ -45,9 +50,13 @@ def _unseen_corpus(path):
                     parts.append(doc)
         return "\n".join(parts)
 
-    return write_jsonl(path, [{"client": "cli-and-logs", "text": docs(argparse, logging)},
-                              {"client": "tests-and-mail",
-                               "text": docs(unittest, email.message, json_module)}])
+    return write_jsonl(
+        path,
+        [
+            {"client": "cli-and-logs", "text": docs(argparse, logging)},
+            {"client": "tests-and-mail", "text": docs(unittest, email.message, json_module)},
+        ],
+    )
 
 
 def test_cli_demo_on_a_corpus_it_has_never_seen(smollm2, tmp_path):
@@ -55,9 +64,26 @@ def test_cli_demo_on_a_corpus_it_has_never_seen(smollm2, tmp_path):
     corpus = _unseen_corpus(tmp_path / "corpus.jsonl")
     # Execute: the real command, with the embedded broker
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "demo", "--devices", "2", "--rounds", "1",
-         "--steps", "4", "--data", str(corpus), "--json", str(tmp_path / "out.json")],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "demo",
+            "--devices",
+            "2",
+            "--rounds",
+            "1",
+            "--steps",
+            "4",
+            "--data",
+            str(corpus),
+            "--json",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     # Assert
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads((tmp_path / "out.json").read_text())

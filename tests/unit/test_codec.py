@@ -12,15 +12,24 @@ pytestmark = pytest.mark.unit
 
 
 def _header(**kw):
-    base = dict(kind="update", sender="d1", round=3, base_sha256="ab" * 32,
-                adapter={"kind": "lora", "r": 2}, encoding="f32", num_examples=7)
+    base = dict(
+        kind="update",
+        sender="d1",
+        round=3,
+        base_sha256="ab" * 32,
+        adapter={"kind": "lora", "r": 2},
+        encoding="f32",
+        num_examples=7,
+    )
     return codec.Header(**{**base, **kw})
 
 
 def _tensors():
     rng = np.random.default_rng(0)
-    return {"a": rng.normal(size=(4, 16)).astype(np.float32),
-            "b": rng.normal(size=(16, 4)).astype(np.float32)}
+    return {
+        "a": rng.normal(size=(4, 16)).astype(np.float32),
+        "b": rng.normal(size=(16, 4)).astype(np.float32),
+    }
 
 
 @pytest.mark.parametrize("encoding,tol", [("f32", 0.0), ("f16", 2e-3), ("q8", 0.02)])
@@ -45,8 +54,8 @@ def test_compressed_encodings_are_smaller():
 def _reframe(data: bytes, meta_edit=None, body=None) -> bytes:
     """Rebuild an envelope with an edited header and/or body (keeping the hash right)."""
     magic, schema, head_len = struct.unpack_from(">4sBI", data)
-    meta = json.loads(data[9:9 + head_len])
-    body = data[9 + head_len:] if body is None else body
+    meta = json.loads(data[9 : 9 + head_len])
+    body = data[9 + head_len :] if body is None else body
     meta["payload_sha256"] = hashlib.sha256(body).hexdigest()
     meta["payload_bytes"] = len(body)
     if meta_edit:
@@ -55,20 +64,23 @@ def _reframe(data: bytes, meta_edit=None, body=None) -> bytes:
     return struct.pack(">4sBI", magic, schema, len(head)) + head + body
 
 
-@pytest.mark.parametrize("mangle,message", [
-    (lambda d: d[:5], "too short"),
-    (lambda d: b"XXXX" + d[4:], "not a fleetune envelope"),
-    (lambda d: d[:4] + bytes([9]) + d[5:], "schema 9"),
-    (lambda d: d[:5] + struct.pack(">I", 10**9) + d[9:], "header length"),
-    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "sha256 does not match"),
-    (lambda d: d[:-10], "body is"),
-    (lambda d: _reframe(d, lambda m: m.update(kind="virus")), "kind"),
-    (lambda d: _reframe(d, lambda m: m.update(round=-1)), "round"),
-    (lambda d: _reframe(d, lambda m: m.pop("sender")), "lacks a field"),
-    (lambda d: _reframe(d, lambda m: m.update(encoding="f16")), "header says f16"),
-    (lambda d: _reframe(d, body=b"not safetensors at all"), "not valid safetensors"),
-    (lambda d: d[:9] + b"{" * 5 + d[14:], "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "mangle,message",
+    [
+        (lambda d: d[:5], "too short"),
+        (lambda d: b"XXXX" + d[4:], "not a fleetune envelope"),
+        (lambda d: d[:4] + bytes([9]) + d[5:], "schema 9"),
+        (lambda d: d[:5] + struct.pack(">I", 10**9) + d[9:], "header length"),
+        (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "sha256 does not match"),
+        (lambda d: d[:-10], "body is"),
+        (lambda d: _reframe(d, lambda m: m.update(kind="virus")), "kind"),
+        (lambda d: _reframe(d, lambda m: m.update(round=-1)), "round"),
+        (lambda d: _reframe(d, lambda m: m.pop("sender")), "lacks a field"),
+        (lambda d: _reframe(d, lambda m: m.update(encoding="f16")), "header says f16"),
+        (lambda d: _reframe(d, body=b"not safetensors at all"), "not valid safetensors"),
+        (lambda d: d[:9] + b"{" * 5 + d[14:], "not valid JSON"),
+    ],
+)
 def test_every_rejection_names_the_problem(mangle, message):
     # Prepare
     good = codec.encode(_header(), _tensors())

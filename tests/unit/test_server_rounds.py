@@ -19,16 +19,28 @@ SPEC = LoraSpec(r=2)
 
 
 def _server(tmp_path, broker, **kw):
-    config = ServerConfig(fleet="t", lora_r=2, lora_alpha=16.0, state_dir=str(tmp_path / "srv"),
-                          **{"rounds": 1, "quorum": 2, "round_timeout_s": 10.0, **kw})
+    config = ServerConfig(
+        fleet="t",
+        lora_r=2,
+        lora_alpha=16.0,
+        state_dir=str(tmp_path / "srv"),
+        **{"rounds": 1, "quorum": 2, "round_timeout_s": 10.0, **kw},
+    )
     return FleetServer(config, tiny_manifest(), transport=broker.client("server"))
 
 
 def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
     delta = {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
-    header = codec.Header(kind="update", sender=device, round=round_, base_sha256=base,
-                          adapter=SPEC.to_dict(), encoding="f32", num_examples=examples,
-                          version=version)
+    header = codec.Header(
+        kind="update",
+        sender=device,
+        round=round_,
+        base_sha256=base,
+        adapter=SPEC.to_dict(),
+        encoding="f32",
+        num_examples=examples,
+        version=version,
+    )
     return codec.encode(header, delta)
 
 
@@ -62,8 +74,13 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     (result,) = out["results"]
     assert result.accepted == ["d1", "d2"]
     reasons = " | ".join(why for _, why in result.rejected)
-    for expected in ("too short for an envelope", "is for base cdcdcdcdcdcd", "round 7",
-                     "does not match topic device", "a second update from d1"):
+    for expected in (
+        "too short for an envelope",
+        "is for base cdcdcdcdcdcd",
+        "round 7",
+        "does not match topic device",
+        "a second update from d1",
+    ):
         assert expected in reasons
     assert result.version == 1
     # the pushed global = init + (30*1 + 10*(-1)) / 40 = init + 0.5
@@ -98,8 +115,10 @@ def test_server_resumes_from_its_registry(tmp_path):
     again = _server(tmp_path, broker, quorum=1)
     # Assert
     assert (again.version, again.first_round) == (1, 2)
-    np.testing.assert_allclose(next(iter(again.current.values())),
-                               next(iter(init_lora(SPEC, tiny_manifest()).values())) + 2.0)
+    np.testing.assert_allclose(
+        next(iter(again.current.values())),
+        next(iter(init_lora(SPEC, tiny_manifest()).values())) + 2.0,
+    )
     again.close()
 
 
@@ -111,15 +130,17 @@ def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
 
     # Prepare: a learnable corpus (a repeated token cycle)
     broker = MemoryBroker()
-    config = ServerConfig(fleet="t", lora_r=2, rounds=2, quorum=1, round_timeout_s=60,
-                          state_dir=str(tmp_path / "srv"))
+    config = ServerConfig(
+        fleet="t", lora_r=2, rounds=2, quorum=1, round_timeout_s=60, state_dir=str(tmp_path / "srv")
+    )
     server = FleetServer(config, tiny_base, transport=broker.client("server"))
     cycle = np.tile(np.arange(16), 40)
     data = ClientData("c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16))
     client_cfg = FleetuneConfig(
         device=DeviceConfig(id="d1", state_dir=str(tmp_path / "dev")),
         tuning=TuningConfig(steps=15, lr=5e-2, lora_r=2, batch_size=4),
-        sync=SyncConfig(fleet="t", round_wait_s=60))
+        sync=SyncConfig(fleet="t", round_wait_s=60),
+    )
     thread, out = _run_in_thread(server)
     # Execute
     with EdgeClient(client_cfg, base=tiny_base, transport=broker.client("d1")) as client:

@@ -25,8 +25,10 @@ def test_outbox_survives_a_restart_and_keeps_order(tmp_path):
 
 def test_toml_maps_onto_the_dataclasses(tmp_path):
     path = tmp_path / "fleet.toml"
-    path.write_text('[device]\nid = "pi-7"\n[tuning]\nsteps = 3\nlora_targets = ["q_proj"]\n'
-                    '[sync]\nfleet = "home"\nport = 1884\n[server]\nrounds = 9\n')
+    path.write_text(
+        '[device]\nid = "pi-7"\n[tuning]\nsteps = 3\nlora_targets = ["q_proj"]\n'
+        '[sync]\nfleet = "home"\nport = 1884\n[server]\nrounds = 9\n'
+    )
     config = load_config(path)
     assert config.device.id == "pi-7" and config.tuning.steps == 3
     assert config.tuning.lora_targets == ("q_proj",)
@@ -36,13 +38,16 @@ def test_toml_maps_onto_the_dataclasses(tmp_path):
     assert load_server_config(path).rounds == 9
 
 
-@pytest.mark.parametrize("toml,message", [
-    ("[tuning]\nstep = 3\n", "unknown keys \\['step'\\]"),
-    ("[tuning]\nlr = 5.0\n", "lr must be in"),
-    ('[device]\nid = "a/b"\n', "device id"),
-    ('[sync]\nprotocol = "4"\n', "protocol"),
-    ("[sync\n", "cannot read config"),
-])
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("[tuning]\nstep = 3\n", "unknown keys \\['step'\\]"),
+        ("[tuning]\nlr = 5.0\n", "lr must be in"),
+        ('[device]\nid = "a/b"\n', "device id"),
+        ('[sync]\nprotocol = "4"\n', "protocol"),
+        ("[sync\n", "cannot read config"),
+    ],
+)
 def test_bad_config_names_the_problem(tmp_path, toml, message):
     path = tmp_path / "bad.toml"
     path.write_text(toml)
@@ -55,8 +60,10 @@ def test_defaults_are_valid():
 
 
 def test_importing_the_device_core_pulls_no_engine():
-    code = ("import sys, edge_sdk, edge_sdk.client, edge_sdk.codec, edge_sdk.transport.mqtt; "
-            "bad = [m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, edge_sdk, edge_sdk.client, edge_sdk.codec, edge_sdk.transport.mqtt; "
+        "bad = [m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

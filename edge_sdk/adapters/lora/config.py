@@ -31,17 +31,25 @@ class LoraSpec:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"kind": "lora", "r": self.r, "alpha": self.alpha, "targets": list(self.targets),
-                "init_seed": self.init_seed}
+        return {
+            "kind": "lora",
+            "r": self.r,
+            "alpha": self.alpha,
+            "targets": list(self.targets),
+            "init_seed": self.init_seed,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraSpec:
         if not isinstance(data, dict) or data.get("kind", "lora") != "lora":
             raise PayloadError(f"adapter spec is not a LoRA spec: {data!r}")
         try:
-            return cls(r=int(data["r"]), alpha=float(data["alpha"]),
-                       targets=tuple(str(t) for t in data["targets"]),
-                       init_seed=int(data.get("init_seed", 0)))
+            return cls(
+                r=int(data["r"]),
+                alpha=float(data["alpha"]),
+                targets=tuple(str(t) for t in data["targets"]),
+                init_seed=int(data.get("init_seed", 0)),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise PayloadError(f"bad LoRA spec {data!r}: {err}") from err
 

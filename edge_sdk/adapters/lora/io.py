@@ -32,14 +32,15 @@ def init_lora(spec: LoraSpec, base: BaseManifest) -> Tensors:
 
 
 def check_layout(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> None:
-    """Raise ``PayloadError`` naming the first tensor that is missing, extra, misshapen or not finite."""
+    """Raise ``PayloadError`` naming the first tensor missing, extra, misshapen or not finite."""
     expected = dict(spec.layout(base))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise PayloadError(
             f"adapter does not match the LoRA layout of {base.name}: "
-            f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+            f"{len(missing)} missing (e.g. {missing[:1]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:1]})"
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
@@ -63,11 +64,18 @@ def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: Bas
         "base_model_name_or_path": base.hf_dir or base.name,
     }
     # fleetune's own facts ride in the safetensors metadata, where PEFT does not look
-    meta = {"fleetune_base_sha256": base.sha256, "fleetune_base_name": base.name,
-            "fleetune_init_seed": str(spec.init_seed), "format": "pt"}
+    meta = {
+        "fleetune_base_sha256": base.sha256,
+        "fleetune_base_name": base.name,
+        "fleetune_init_seed": str(spec.init_seed),
+        "format": "pt",
+    }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-              str(directory / "adapter_model.safetensors"), metadata=meta)
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+        str(directory / "adapter_model.safetensors"),
+        metadata=meta,
+    )
     return directory
 
 
@@ -84,11 +92,16 @@ def load_peft(directory: str | Path, base: BaseManifest) -> tuple[Tensors, LoraS
         raise PayloadError(f"cannot read adapter in {directory}: {err}") from err
     owner = meta.get("fleetune_base_sha256", base.sha256)
     if owner != base.sha256:
-        raise PayloadError(f"adapter in {directory} belongs to base {owner[:12]}, "
-                           f"not {base.name} ({base.short_hash})")
-    spec = LoraSpec(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                    targets=tuple(config["target_modules"]),
-                    init_seed=int(meta.get("fleetune_init_seed", 0)))
+        raise PayloadError(
+            f"adapter in {directory} belongs to base {owner[:12]}, "
+            f"not {base.name} ({base.short_hash})"
+        )
+    spec = LoraSpec(
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        targets=tuple(config["target_modules"]),
+        init_seed=int(meta.get("fleetune_init_seed", 0)),
+    )
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     check_layout(tensors, spec, base)
     return tensors, spec

@@ -1,0 +1,117 @@
+"""Forward-only tuning: SPSA / MeZO (Malladi et al., "Fine-Tuning Language Models with Just
+Forward Passes", NeurIPS 2023) with seeds from a finite pool the server announces (FedKSeed: Qin et
+al., "Federated Full-Parameter Tuning of Billion-Sized Language Models with Communication Cost
+under 18 Kilobytes", ICML 2024).
+
+One step, for a seed ``s`` drawn from the pool::
+
+    z = N(0, 1) from PCG64(pool_seed, s), over the tuned entries in the manifest's order
+    g = (L(θ + εz) − L(θ − εz)) / 2ε            # the projected gradient: two forward passes
+    θ ← θ − lr·g·z
+
+The step is fully described by ``(s, −lr·g)``; a run is the list of those pairs, so the device
+uploads a few bytes per step and the server replays the run exactly: ``Δ = Σ c·z(s)``, summing
+coefficients per seed first so its cost does not grow with the number of devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError
+
+log = logging.getLogger(__name__)
+Z_VERSION = 1  # bump if the way z is drawn changes: replay must stay bit-for-bit
+
+
+def perturbation(pool_seed: int, index: int, size: int) -> np.ndarray:
+    """The direction of seed ``index`` of the pool: float32 N(0, 1) of length ``size``."""
+    rng = np.random.Generator(np.random.PCG64([pool_seed, index]))
+    return rng.standard_normal(size, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    lr: float = 1e-2  # B-only LoRA: best of a 1e-3..3e-2 sweep (shared/research)
+    eps: float = 1e-3  # perturbation scale
+    perturbations: int = 1  # directions averaged per step (each costs two forward passes)
+    schedule: str = "constant"  # lr schedule: constant | linear | cosine (decay to 0)
+    pool_seed: int = 0  # the server's pool: seeds are (pool_seed, index), index < pool_size
+    pool_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (0 < self.lr < 1 and 0 < self.eps < 1):
+            raise ConfigError("zo lr and eps must be in (0, 1)")
+        if self.perturbations < 1 or self.pool_size < 1:
+            raise ConfigError("zo perturbations and pool_size must be >= 1")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"zo schedule {self.schedule!r} is not constant|linear|cosine")
+
+    def lr_at(self, step: int, total: int) -> float:
+        frac = step / max(total, 1)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - frac)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.lr
+
+
+def zo_tune(
+    loss: Callable[[np.ndarray], float],
+    theta: np.ndarray,
+    tuned: slice | np.ndarray,
+    steps: int,
+    config: ZOConfig,
+    rng: np.random.Generator,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[list[tuple[int, float]], dict]:
+    """Run ``steps`` SPSA steps on ``theta`` in place (only the ``tuned`` entries move).
+
+    ``loss(theta)`` evaluates a fresh batch chosen by the caller for the current step. Returns the
+    ``(seed index, coefficient)`` pairs that replay the run and a few metrics.
+    """
+    view = theta[tuned]
+    size = view.size
+    pairs: list[tuple[int, float]] = []
+    losses = []
+    start = time.monotonic()
+    for step in range(steps):
+        lr = config.lr_at(step, steps)
+        for _ in range(config.perturbations):
+            index = int(rng.integers(config.pool_size))
+            z = perturbation(config.pool_seed, index, size)
+            theta[tuned] = view + config.eps * z
+            plus = loss(theta)
+            theta[tuned] = view - config.eps * z
+            minus = loss(theta)
+            grad = (plus - minus) / (2.0 * config.eps)
+            coef = -lr * grad / config.perturbations
+            view = view + np.float32(coef) * z
+            theta[tuned] = view
+            pairs.append((index, float(np.float32(coef))))
+            losses.append(0.5 * (plus + minus))
+        if progress is not None:
+            progress(step + 1, losses[-1])
+    return pairs, {
+        "steps": steps,
+        "train_loss": float(np.mean(losses[-10:])) if losses else 0.0,
+        "seconds": time.monotonic() - start,
+        "forward_passes": 2 * len(pairs),
+    }
+
+
+def replay(pairs: list[tuple[int, float]], pool_seed: int, size: int) -> np.ndarray:
+    """The delta that ``(seed index, coefficient)`` pairs stand for; each seed is drawn once."""
+    per_seed: dict[int, float] = {}
+    for index, coef in pairs:
+        per_seed[index] = per_seed.get(index, 0.0) + coef
+    delta = np.zeros(size, dtype=np.float32)
+    for index in sorted(per_seed):
+        delta += np.float32(per_seed[index]) * perturbation(pool_seed, index, size)
+    return delta
