@@ -12,12 +12,12 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora
+from edge_sdk.adapters.lora.flat import FlatLayout
 from edge_sdk.adapters.lora.io import check_layout
 from edge_sdk.config import FleetuneConfig
 from edge_sdk.data import ClientData, ClientText, prepare_client
@@ -26,6 +26,9 @@ from edge_sdk.manifest import BaseManifest
 from edge_sdk.store import DeviceStore
 from edge_sdk.transport.base import Transport
 from edge_sdk.transport.topics import Topics
+from edge_sdk.tuners.zo import replay, zo_tune
+
+Tensors = dict[str, np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class EdgeClient:
         self._transport = transport
         self.backend = None
         self.store: DeviceStore | None = None
+        self._layout: FlatLayout | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
@@ -78,6 +82,13 @@ class EdgeClient:
             self._base = prepare_base(self.config.device.base)
         return self._base
 
+    @property
+    def layout(self) -> FlatLayout:
+        """The adapter as one flat vector (what zeroth-order steps move)."""
+        if self._layout is None:
+            self._layout = FlatLayout(self.spec, self.base)
+        return self._layout
+
     def open(self) -> EdgeClient:
         from edge_sdk.backends import load_backend
 
@@ -87,8 +98,14 @@ class EdgeClient:
 
             state = str(cache_dir() / "devices" / self.config.sync.fleet / self.device)
         self.store = DeviceStore(state)
+        dev = self.config.device
         self.backend = load_backend(
-            self.config.device.backend, self.base, self.spec, threads=self.config.device.threads
+            dev.backend,
+            self.base,
+            self.spec,
+            threads=dev.threads,
+            artifacts=dev.artifacts,
+            precision=dev.precision,
         )
         return self
 
@@ -128,7 +145,6 @@ class EdgeClient:
                 will=will,
             )
         self._transport.subscribe(self.topics.round)
-        self._transport.subscribe(self.topics.global_adapter)
         self._transport.connect()
         self._transport.publish(
             self.topics.status(self.device), json.dumps({"state": "online"}).encode(), retain=True
@@ -151,19 +167,55 @@ class EdgeClient:
         ]
         return float(math.exp(sum(losses) / len(windows)))
 
+    def _progress(self, round_: int):
+        steps = self.config.tuning.steps
+
+        def report(step: int, loss: float) -> None:
+            if step == steps or step % max(1, steps // 4) == 0:
+                log.info(
+                    "%s round %d: step %d/%d loss %.3f", self.device, round_, step, steps, loss
+                )
+
+        return report
+
     def tune(self, data: ClientData, round_: int) -> dict:
+        """Backprop on the current adapter (torch backend)."""
         from edge_sdk.tuners.backprop import tune_backprop
 
         t = self.config.tuning
         seed = zlib.crc32(f"{t.seed}/{self.device}/{round_}".encode())
+        return tune_backprop(
+            self.backend, data.train, t.steps, t.lr, t.batch_size, seed, self._progress(round_)
+        )
 
-        def progress(step: int, loss: float) -> None:
-            if step == t.steps or step % max(1, t.steps // 4) == 0:
-                log.info(
-                    "%s round %d: step %d/%d loss %.3f", self.device, round_, step, t.steps, loss
-                )
+    def tune_zo(
+        self, data: ClientData, round_: int, current: Tensors, pool: dict
+    ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Zeroth-order steps from ``current`` with seeds of the round's pool. Returns the seed
+        indices, their coefficients, and metrics; the backend holds the replayed result."""
+        t = self.config.tuning
+        zo = t.zo(pool_seed=int(pool["pool_seed"]), pool_size=int(pool["pool_size"]))
+        rng = np.random.default_rng(zlib.crc32(f"{t.seed}/{self.device}/{round_}".encode()))
+        batches = [
+            data.train[
+                rng.choice(len(data.train), size=min(t.batch_size, len(data.train)), replace=False)
+            ]
+            for _ in range(t.steps)
+        ]
 
-        return tune_backprop(self.backend, data.train, t.steps, t.lr, t.batch_size, seed, progress)
+        def loss(theta: np.ndarray, step: int) -> float:
+            return self.backend.loss_flat(batches[step], theta)
+
+        theta = self.layout.flatten(current)
+        tuned = self.layout.indices(pool.get("params", t.zo_params))
+        pairs, metrics = zo_tune(loss, theta, tuned, t.steps, zo, rng, self._progress(round_))
+        # the device keeps exactly what the server will rebuild from the seeds
+        theta = self.layout.flatten(current)
+        theta[tuned] += replay(pairs, zo.pool_seed, tuned.size)
+        self.backend.set_adapter(self.layout.unflatten(theta))
+        index = np.array([i for i, _ in pairs], dtype=np.int32)
+        coef = np.array([c for _, c in pairs], dtype=np.float32)
+        return index, coef, {**metrics, "pool_seed": zo.pool_seed, "params": t.zo_params}
 
     # -- the round loop ---------------------------------------------------------------------------
     def flush_outbox(self) -> int:
@@ -175,30 +227,39 @@ class EdgeClient:
             sent += len(payload)
         return sent
 
-    def _read_global(self, payload: bytes) -> _Global:
+    def _read_adapter(self, payload: bytes, current: _Global | None) -> _Global | None:
+        """A pushed adapter: dense (``adapter/global``) or the seeds of one zeroth-order round
+        (``adapter/global/seeds``), which apply only on top of the version they start from."""
         header, tensors = codec.decode(payload)
         if header.kind != "adapter":
-            raise PayloadError(
-                f"expected an adapter on {self.topics.global_adapter}, got kind {header.kind!r}"
-            )
+            raise PayloadError(f"expected kind 'adapter', got {header.kind!r}")
         if header.base_sha256 != self.base.sha256:
             raise PayloadError(
-                f"global adapter is for base {header.base_sha256[:12]}, this device "
+                f"adapter is for base {header.base_sha256[:12]}, this device "
                 f"runs {self.base.name} ({self.base.short_hash})"
             )
         if LoraSpec.from_dict(header.adapter) != self.spec:
             raise PayloadError(
-                f"global adapter spec {header.adapter} differs from this device's "
-                f"{self.spec.to_dict()}"
+                f"adapter spec {header.adapter} differs from this device's {self.spec.to_dict()}"
             )
-        check_layout(tensors, self.spec, self.base)
-        return _Global(header.version, tensors)
+        if header.encoding != "seeds":
+            check_layout(tensors, self.spec, self.base)
+            return _Global(header.version, tensors)
+        start = header.metrics.get("from_version")
+        if current is None or current.version != start or header.version != start + 1:
+            return None  # not on top of what this device holds: it needs the dense adapter
+        tuned = self.layout.indices(header.metrics.get("params", "lora_b"))
+        pairs = list(zip(tensors["seed_index"].tolist(), tensors["coef"].tolist(), strict=True))
+        theta = self.layout.flatten(current.tensors)
+        theta[tuned] += replay(pairs, int(header.metrics["pool_seed"]), tuned.size)
+        return _Global(header.version, self.layout.unflatten(theta))
 
     def run(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
         """Take part in rounds until the server announces the end; return what was measured."""
         data = data or self.prepare(item)
         report = DeviceReport(self.device, item.client)
-        self.backend.set_adapter(init_lora(self.spec, self.base))
+        init = init_lora(self.spec, self.base)
+        self.backend.set_adapter(init)
         report.ppl_base = self.evaluate(data.heldout)
         log.info(
             "%s (%s): base perplexity %.1f on %d held-out windows",
@@ -209,8 +270,16 @@ class EdgeClient:
         )
         transport = self.connect()
         report.bytes_up += self.flush_outbox()  # anything left from before a reboot
+        zo = self.config.tuning.tuner == "zo"
+        # a zeroth-order device starts from v0, which it derives from the seed, and follows the
+        # rounds through their seeds; it fetches a dense adapter only when it falls behind
+        current: _Global | None = _Global(0, init) if zo else None
+        dense = not zo
+        if zo:
+            transport.subscribe(self.topics.global_seeds)
+        else:
+            transport.subscribe(self.topics.global_adapter)
         announcement: dict | None = None
-        current: _Global | None = None
         done_round = 0
         wait = self.config.sync.round_wait_s
         while True:
@@ -221,19 +290,31 @@ class EdgeClient:
             try:
                 if msg.topic == self.topics.round:
                     announcement = json.loads(msg.payload)
-                elif msg.topic == self.topics.global_adapter:
-                    current = self._read_global(msg.payload)
-                    self.store.save_adapter(msg.payload)
+                elif msg.topic in (self.topics.global_adapter, self.topics.global_seeds):
+                    pushed = self._read_adapter(msg.payload, current)
+                    if pushed is not None and (
+                        current is None or pushed.version >= current.version
+                    ):
+                        current = pushed
+                        self.store.save_adapter(msg.payload)
             except (PayloadError, json.JSONDecodeError) as err:
                 log.error("%s: ignoring a bad message on %s: %s", self.device, msg.topic, err)
                 continue
-            if announcement is None or current is None:
+            if announcement is None:
                 continue
-            if current.version != announcement.get("adapter_version"):
-                continue  # the adapter named by the announcement has not arrived yet
+            wanted = announcement.get("adapter_version")
+            if current is None or current.version != wanted:
+                if current is not None and current.version > wanted:
+                    continue  # an old announcement; the new one is on its way
+                if not dense:  # behind: take the retained dense adapter once
+                    transport.subscribe(self.topics.global_adapter)
+                    dense = True
+                continue
+            if dense and zo:
+                transport.unsubscribe(self.topics.global_adapter)
+                dense = False
             if announcement.get("base_sha256") not in (None, self.base.sha256):
-                log.error("%s: the fleet runs another base model; leaving", self.device)
-                raise PayloadError("round announcement names another base model")
+                raise PayloadError("the round announcement names another base model")
             round_ = int(announcement["round"])
             if announcement.get("done"):
                 self.backend.set_adapter(current.tensors)
@@ -248,44 +329,54 @@ class EdgeClient:
                 return report
             if round_ <= done_round:
                 continue
-            report.bytes_up += self._do_round(round_, current, data, report)
+            report.bytes_up += self._do_round(round_, current, data, report, announcement)
             done_round = round_
 
     def _do_round(
-        self, round_: int, current: _Global, data: ClientData, report: DeviceReport
+        self,
+        round_: int,
+        current: _Global,
+        data: ClientData,
+        report: DeviceReport,
+        announcement: dict,
     ) -> int:
         self.backend.set_adapter(current.tensors)
         ppl_global = report.ppl_base if current.version == 0 else self.evaluate(data.heldout)
-        metrics = self.tune(data, round_)
-        local = self.backend.get_adapter()
+        t = self.config.tuning
+        if t.tuner == "zo":
+            if "zo" not in announcement:
+                raise PayloadError("the server announced no seed pool for zeroth-order tuning")
+            index, coef, metrics = self.tune_zo(data, round_, current.tensors, announcement["zo"])
+            encoding, body = "seeds", {"seed_index": index, "coef": coef}
+        else:
+            metrics = self.tune(data, round_)
+            local = self.backend.get_adapter()
+            encoding = self.config.sync.uplink_encoding
+            body = {k: local[k] - current.tensors[k] for k in local}
         report.ppl_local = self.evaluate(data.heldout)
         report.history.append(
             {"round": round_, "ppl_global": ppl_global, "ppl_local": report.ppl_local}
         )
         log.info(
-            "%s round %d: perplexity %.1f under global v%d → %.1f after %d local steps",
+            "%s round %d: perplexity %.1f under global v%d → %.1f after %d %s steps",
             self.device,
             round_,
             ppl_global,
             current.version,
             report.ppl_local,
             metrics["steps"],
+            t.tuner,
         )
-        delta = {k: local[k] - current.tensors[k] for k in local}
         header = codec.Header(
             kind="update",
             sender=self.device,
             round=round_,
             base_sha256=self.base.sha256,
             adapter=self.spec.to_dict(),
-            encoding=self.config.sync.uplink_encoding,
+            encoding=encoding,
             num_examples=len(data.train),
             version=current.version,
             metrics={"ppl_local": report.ppl_local, "ppl_global": ppl_global, **metrics},
         )
-        self.store.put(self.topics.update(self.device), codec.encode(header, delta))
+        self.store.put(self.topics.update(self.device), codec.encode(header, body))
         return self.flush_outbox()
-
-
-def state_dir_for(root: str | Path, device: str) -> str:
-    return str(Path(root) / device)

@@ -21,8 +21,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("torch",)
-TUNERS = ("backprop",)
+BACKENDS = ("torch", "onnx")
+TUNERS = ("backprop", "zo")
+ZO_PARAMS = ("lora_b", "all")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class DeviceConfig:
     base: str = "smollm2-135m"  # named base or a local HF checkpoint directory
     backend: str = "torch"  # inference engine
     threads: int = 1  # engine threads; keep 1 per device when simulating several on one CPU
+    artifacts: str = ""  # exported engine files (onnx); "" = the default cache location
+    precision: str = "int8"  # onnx graph: "int8" (base weights int8) or "fp32"
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
 
     def __post_init__(self) -> None:
@@ -40,6 +43,8 @@ class DeviceConfig:
             raise ConfigError(f"[device] id: {err}") from err
         if self.backend not in BACKENDS:
             raise ConfigError(f"[device] backend {self.backend!r} is not one of {BACKENDS}")
+        if self.precision not in ("int8", "fp32"):
+            raise ConfigError(f"[device] precision must be int8 or fp32, got {self.precision!r}")
         if not 1 <= self.threads <= 256:
             raise ConfigError(f"[device] threads must be in 1..256, got {self.threads}")
 
@@ -56,6 +61,11 @@ class TuningConfig:
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # adapted projections
     seed: int = 0  # batch sampling seed (mixed with device id and round)
+    zo_lr: float = 1e-2  # zeroth-order step size (B-only LoRA: best of a sweep, shared/research)
+    zo_eps: float = 1e-3  # zeroth-order perturbation scale
+    zo_perturbations: int = 1  # directions averaged per zeroth-order step
+    zo_schedule: str = "constant"  # zeroth-order lr schedule: constant | linear | cosine
+    zo_params: str = "lora_b"  # what zeroth-order moves: lora_b (A frozen from the seed) | all
 
     def __post_init__(self) -> None:
         if self.tuner not in TUNERS:
@@ -67,7 +77,22 @@ class TuningConfig:
             )
         if not 0.0 < self.lr < 1.0:
             raise ConfigError(f"[tuning] lr must be in (0, 1), got {self.lr}")
+        if self.zo_params not in ZO_PARAMS:
+            raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        self.zo()  # validates the zeroth-order fields
+
+    def zo(self, pool_seed: int = 0, pool_size: int = 4096):
+        from edge_sdk.tuners.zo import ZOConfig
+
+        return ZOConfig(
+            lr=self.zo_lr,
+            eps=self.zo_eps,
+            perturbations=self.zo_perturbations,
+            schedule=self.zo_schedule,
+            pool_seed=pool_seed,
+            pool_size=pool_size,
+        )
 
 
 @dataclass(frozen=True)

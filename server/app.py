@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import numpy as np
 
 from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
+from edge_sdk.adapters.lora.flat import FlatLayout
 from edge_sdk.adapters.lora.io import check_layout
 from edge_sdk.errors import ConfigError, FleetuneError, PayloadError
 from edge_sdk.manifest import BaseManifest
 from edge_sdk.transport.base import Message, Transport
 from edge_sdk.transport.topics import Topics
+from edge_sdk.tuners.zo import replay
 from server.config import ServerConfig
 from server.registry import Registry
 from server.strategy import STRATEGIES, Update
@@ -46,6 +49,8 @@ class FleetServer:
         self.topics = Topics(config.fleet)
         self.spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets)
         self.strategy = STRATEGIES[config.strategy]()
+        self.layout = FlatLayout(self.spec, base)
+        self.tuned = self.layout.indices(config.zo_params)
         if config.state_dir:
             self.state_dir = Path(config.state_dir)
         else:
@@ -109,6 +114,47 @@ class FleetServer:
         self._transport.publish(self.topics.global_adapter, payload, retain=True)
         self.bytes_down += len(payload)
 
+    def publish_seeds(self, round_: int, seeds: dict[int, float]) -> None:
+        """A zeroth-order round's result as its merged seeds, on top of the previous version:
+        devices that followed the rounds rebuild the adapter from a few bytes per seed."""
+        order = sorted(seeds)
+        header = codec.Header(
+            kind="adapter",
+            sender="server",
+            round=round_,
+            base_sha256=self.base.sha256,
+            adapter=self.spec.to_dict(),
+            encoding="seeds",
+            version=self.version,
+            metrics={
+                "from_version": self.version - 1,
+                "pool_seed": self.pool(round_)["pool_seed"],
+                "params": self.config.zo_params,
+            },
+        )
+        body = {
+            "seed_index": np.array(order, dtype=np.int32),
+            "coef": np.array([seeds[i] for i in order], dtype=np.float32),
+        }
+        self._transport.publish(self.topics.global_seeds, codec.encode(header, body), retain=True)
+
+    def pool(self, round_: int) -> dict:
+        """The round's seed pool (FedKSeed): devices draw their perturbations from it."""
+        seed = zlib.crc32(f"{self.config.fleet}/{self.base.sha256}/{round_}".encode())
+        return {
+            "pool_seed": seed,
+            "pool_size": self.config.zo_pool_size,
+            "params": self.config.zo_params,
+        }
+
+    def replay(self, seeds: dict[int, float], round_: int) -> dict[str, np.ndarray]:
+        """The dense delta of merged seeds; each seed's direction is drawn once."""
+        delta = np.zeros(self.layout.size, dtype=np.float32)
+        delta[self.tuned] = replay(
+            list(seeds.items()), self.pool(round_)["pool_seed"], self.tuned.size
+        )
+        return self.layout.unflatten(delta)
+
     def announce(self, round_: int, done: bool = False) -> None:
         body = {
             "round": round_,
@@ -117,6 +163,7 @@ class FleetServer:
             "base_sha256": self.base.sha256,
             "adapter": self.spec.to_dict(),
             "timeout_s": self.config.round_timeout_s,
+            "zo": self.pool(round_),
         }
         self._transport.publish(self.topics.round, json.dumps(body).encode(), retain=True)
 
@@ -124,7 +171,7 @@ class FleetServer:
     def check_update(self, msg: Message, round_: int, seen: set[str]) -> Update:
         """Decode and validate one update; ``PayloadError`` says why it is refused."""
         device = self.topics.device_of(msg.topic)
-        header, delta = codec.decode(msg.payload)
+        header, body = codec.decode(msg.payload)
         if header.kind != "update":
             raise PayloadError(f"expected kind 'update', got {header.kind!r}")
         if header.sender != device:
@@ -147,8 +194,25 @@ class FleetServer:
             )
         if device in seen:
             raise PayloadError(f"a second update from {device} in round {round_}")
-        check_layout(delta, self.spec, self.base)
-        return Update(device, header.num_examples, delta, header.metrics)
+        if header.encoding != "seeds":
+            check_layout(body, self.spec, self.base)
+            return Update(device, header.num_examples, delta=body, metrics=header.metrics)
+        pool = self.pool(round_)
+        if header.metrics.get("pool_seed") != pool["pool_seed"]:
+            raise PayloadError(
+                f"seeds were drawn from pool {header.metrics.get('pool_seed')}, "
+                f"round {round_} announced pool {pool['pool_seed']}"
+            )
+        if header.metrics.get("params") != pool["params"]:
+            raise PayloadError(
+                f"seeds move {header.metrics.get('params')!r}, the fleet tunes {pool['params']!r}"
+            )
+        if body["seed_index"].size and int(body["seed_index"].max()) >= pool["pool_size"]:
+            raise PayloadError(f"a seed index is outside the pool of {pool['pool_size']}")
+        seeds: dict[int, float] = {}
+        for index, coef in zip(body["seed_index"].tolist(), body["coef"].tolist(), strict=True):
+            seeds[index] = seeds.get(index, 0.0) + coef
+        return Update(device, header.num_examples, seeds=seeds, metrics=header.metrics)
 
     def run_round(self, round_: int) -> RoundResult:
         result = RoundResult(round_)
@@ -198,9 +262,14 @@ class FleetServer:
                 update.num_examples,
             )
         if updates:
-            self.current = self.strategy.aggregate(self.current, updates)
+            merged = self.strategy.aggregate(
+                self.current, updates, lambda seeds: self.replay(seeds, round_)
+            )
+            self.current = merged.tensors
             self.version += 1
             self._save(self.current, round_)
+            if merged.seeds is not None:
+                self.publish_seeds(round_, merged.seeds)
             self.publish_global(round_)
         else:
             log.warning(

@@ -34,6 +34,8 @@ class ServerConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     downlink_encoding: str = "f16"  # encoding of the pushed global adapter
+    zo_pool_size: int = 4096  # seeds per round that zeroth-order devices draw from (FedKSeed)
+    zo_params: str = "lora_b"  # what zeroth-order devices move: lora_b | all
     state_dir: str = ""  # SQLite registry and adapter versions; "" = <cache>/server/<fleet>
 
     def __post_init__(self) -> None:
@@ -42,7 +44,9 @@ class ServerConfig:
             raise ConfigError("[server] rounds >= 1, quorum >= 1 and round_timeout_s > 0 required")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"[server] strategy {self.strategy!r} is not one of {STRATEGIES}")
-        if self.downlink_encoding not in ENCODINGS:
+        if self.zo_pool_size < 1 or self.zo_params not in ("lora_b", "all"):
+            raise ConfigError("[server] zo_pool_size >= 1 and zo_params in (lora_b, all) required")
+        if self.downlink_encoding not in ENCODINGS or self.downlink_encoding == "seeds":
             raise ConfigError(f"[server] downlink_encoding must be one of {ENCODINGS}")
         if self.protocol not in ("3.1.1", "5"):
             raise ConfigError(f"[server] protocol must be '3.1.1' or '5', got {self.protocol!r}")

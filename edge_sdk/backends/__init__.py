@@ -22,6 +22,10 @@ class Backend(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
     def set_adapter(self, tensors: Tensors) -> None: ...
     def get_adapter(self) -> Tensors: ...
+    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        """The same with the adapter given as a flat vector (what zeroth-order tuning moves)."""
+        ...
+
     def loss(self, input_ids: np.ndarray) -> float:
         """Mean next-token cross-entropy of [batch, seq] windows under the current adapter."""
         ...
@@ -29,8 +33,28 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def load_backend(name: str, base: BaseManifest, spec: LoraSpec, threads: int = 1) -> Backend:
-    """Instantiate the named engine (``torch`` for now)."""
+def load_backend(
+    name: str,
+    base: BaseManifest,
+    spec: LoraSpec,
+    threads: int = 1,
+    artifacts: str = "",
+    precision: str = "int8",
+) -> Backend:
+    """Instantiate the named engine: ``torch`` (reference) or ``onnx`` (``artifacts`` is the
+    directory ``fleetune export onnx`` wrote; empty means its default cache location)."""
+    if name == "onnx":
+        try:
+            from edge_sdk.backends.onnx import OnnxBackend
+        except ImportError as err:
+            raise BackendUnavailable(
+                "the onnx backend needs: pip install 'fleetune[onnx]'"
+            ) from err
+        if not artifacts:
+            from models.onnx_paths import default_dir
+
+            artifacts = str(default_dir(base, spec))
+        return OnnxBackend(artifacts, base=base, spec=spec, precision=precision, threads=threads)
     if name == "torch":
         try:
             from edge_sdk.backends.torch import TorchBackend
@@ -39,4 +63,4 @@ def load_backend(name: str, base: BaseManifest, spec: LoraSpec, threads: int = 1
                 "the torch backend needs: pip install 'fleetune[torch]'"
             ) from err
         return TorchBackend(base, spec, threads=threads)
-    raise ConfigError(f"unknown backend {name!r}; available: torch")
+    raise ConfigError(f"unknown backend {name!r}; available: torch, onnx")

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from edge_sdk.adapters.lora import LoraSpec
+from edge_sdk.adapters.lora.flat import FlatLayout
 from edge_sdk.adapters.lora.io import check_layout
 from edge_sdk.errors import BackendError
 from edge_sdk.manifest import BaseManifest
@@ -40,6 +41,7 @@ class TorchBackend:
         )
         self.model = get_peft_model(model, config)
         self.model.eval()
+        self.layout = FlatLayout(spec, base)
         self._params = {
             self._peft_key(n): p for n, p in self.model.named_parameters() if p.requires_grad
         }
@@ -77,6 +79,13 @@ class TorchBackend:
     @torch.no_grad()
     def loss(self, input_ids: np.ndarray) -> float:
         return float(self.loss_tensor(input_ids))
+
+    @torch.no_grad()
+    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        """Loss with the adapter vector ``flat`` (copied into the LoRA weights first)."""
+        for name, value in self.layout.unflatten(flat).items():
+            self._params[name].copy_(torch.from_numpy(value))
+        return self.loss(input_ids)
 
     def close(self) -> None:
         self.model = None

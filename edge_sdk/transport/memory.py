@@ -53,6 +53,10 @@ class MemoryTransport:
         for topic, payload in retained:
             self._inbox.put(Message(topic, payload, True))
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        if topic_filter in self._filters:
+            self._filters.remove(topic_filter)
+
     def publish(
         self, topic: str, payload: bytes, retain: bool = False, timeout: float = 30.0
     ) -> None:

@@ -118,6 +118,15 @@ class MqttTransport:
         if result not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise TransportError(f"subscribe to {topic_filter} failed: {paho.error_string(result)}")
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        if topic_filter in self._filters:
+            self._filters.remove(topic_filter)
+        result, _ = self._client.unsubscribe(topic_filter)
+        if result not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise TransportError(
+                f"unsubscribe from {topic_filter} failed: {paho.error_string(result)}"
+            )
+
     def publish(
         self, topic: str, payload: bytes, retain: bool = False, timeout: float = 60.0
     ) -> None:

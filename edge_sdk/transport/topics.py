@@ -5,6 +5,7 @@ topic                         QoS     retained  payload
 ============================  ======  ========  =============================================
 ``round``                     1       yes       JSON round announcement (server → devices)
 ``adapter/global``            1       yes       envelope, kind "adapter" (server → devices)
+``adapter/global/seeds``      1       yes       the same round as seeds (zeroth-order rounds)
 ``update/{device}``           1       no        envelope, kind "update" (device → server)
 ``status/{device}``           1       yes       JSON ``{"state": "online"|"offline"}``; the
                                                  "offline" one is the device's last will
@@ -47,6 +48,10 @@ class Topics:
     @property
     def global_adapter(self) -> str:
         return f"{self.prefix}/adapter/global"
+
+    @property
+    def global_seeds(self) -> str:
+        return f"{self.prefix}/adapter/global/seeds"
 
     def update(self, device: str) -> str:
         return f"{self.prefix}/update/{check_id('device', device)}"

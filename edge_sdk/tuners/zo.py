@@ -73,7 +73,7 @@ def zo_tune(
 ) -> tuple[list[tuple[int, float]], dict]:
     """Run ``steps`` SPSA steps on ``theta`` in place (only the ``tuned`` entries move).
 
-    ``loss(theta)`` evaluates a fresh batch chosen by the caller for the current step. Returns the
+    ``loss(theta, step)`` evaluates the caller's batch for ``step``. Returns the
     ``(seed index, coefficient)`` pairs that replay the run and a few metrics.
     """
     view = theta[tuned]
@@ -87,9 +87,9 @@ def zo_tune(
             index = int(rng.integers(config.pool_size))
             z = perturbation(config.pool_seed, index, size)
             theta[tuned] = view + config.eps * z
-            plus = loss(theta)
+            plus = loss(theta, step)
             theta[tuned] = view - config.eps * z
-            minus = loss(theta)
+            minus = loss(theta, step)
             grad = (plus - minus) / (2.0 * config.eps)
             coef = -lr * grad / config.perturbations
             view = view + np.float32(coef) * z

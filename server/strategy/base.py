@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 Tensors = dict[str, np.ndarray]
+Seeds = dict[int, float]  # seed index -> summed coefficient (a zeroth-order run)
+Replay = Callable[[Seeds], Tensors]  # seeds -> the dense delta they stand for
 
 
 @dataclass(frozen=True)
 class Update:
-    """One accepted device update: a delta against the round's global adapter."""
+    """One accepted device update against the round's global adapter: a dense ``delta``, or
+    the ``seeds`` of a zeroth-order run (each seed index with its summed coefficient)."""
 
     device: str
     num_examples: int
-    delta: Tensors
+    delta: Tensors | None = None
+    seeds: Seeds | None = None
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    tensors: Tensors  # the next global adapter
+    seeds: Seeds | None = None  # when every update was seeds: the merged seeds (tiny downlink)
 
 
 class Strategy(ABC):
@@ -26,5 +37,6 @@ class Strategy(ABC):
     name: str = "base"
 
     @abstractmethod
-    def aggregate(self, current: Tensors, updates: list[Update]) -> Tensors:
-        """Return the next global adapter. ``updates`` is non-empty and validated."""
+    def aggregate(self, current: Tensors, updates: list[Update], replay: Replay) -> Aggregate:
+        """Return the next global adapter. ``updates`` is non-empty and validated; ``replay``
+        turns merged seeds into a dense delta (each seed drawn once, whatever the fleet size)."""

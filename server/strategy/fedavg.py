@@ -1,25 +1,37 @@
 """FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
-Data", AISTATS 2017. The new global is the current one plus the example-weighted mean delta."""
+Data", AISTATS 2017. The new global is the current one plus the example-weighted mean delta.
+
+Zeroth-order updates arrive as seeds (FedKSeed, Qin et al., ICML 2024): their weighted mean is a
+weighted sum of coefficients per seed, replayed once, so the cost does not grow with the fleet.
+"""
 
 from __future__ import annotations
 
 from edge_sdk.errors import AggregationError
-from server.strategy.base import Strategy, Tensors, Update
+from server.strategy.base import Aggregate, Replay, Seeds, Strategy, Tensors, Update
 
 
 class FedAvg(Strategy):
     name = "fedavg"
 
-    def aggregate(self, current: Tensors, updates: list[Update]) -> Tensors:
+    def aggregate(self, current: Tensors, updates: list[Update], replay: Replay) -> Aggregate:
         if not updates:
             raise AggregationError("FedAvg needs at least one update")
-        weights = [max(u.num_examples, 0) for u in updates]
-        total = float(sum(weights))
+        weights = [float(max(u.num_examples, 0)) for u in updates]
+        total = sum(weights)
         if total <= 0:
-            weights, total = [1] * len(updates), float(len(updates))
-        out = {}
-        for name, value in current.items():
-            weighted = (w * u.delta[name] for w, u in zip(weights, updates, strict=True))
-            mean_delta = sum(weighted) / total
-            out[name] = (value + mean_delta).astype(value.dtype)
-        return out
+            weights, total = [1.0] * len(updates), float(len(updates))
+        out = {name: value.copy() for name, value in current.items()}
+        seeds: Seeds = {}
+        for weight, update in zip(weights, updates, strict=True):
+            share = weight / total
+            if update.delta is not None:
+                for name in out:
+                    out[name] += (share * update.delta[name]).astype(out[name].dtype)
+            for index, coef in (update.seeds or {}).items():
+                seeds[index] = seeds.get(index, 0.0) + share * coef
+        if seeds:
+            for name, value in replay(seeds).items():
+                out[name] += value
+        only_seeds = all(u.delta is None for u in updates)
+        return Aggregate(out, seeds if only_seeds else None)

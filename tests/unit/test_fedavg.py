@@ -7,15 +7,19 @@ from server.strategy import FedAvg, Update
 pytestmark = pytest.mark.unit
 
 
+def _no_seeds(seeds):
+    raise AssertionError("no seeds expected")
+
+
 def test_fedavg_matches_hand_computation():
     # Prepare: global 1.0; deltas +3 (30 examples) and -1 (10 examples)
     current = {"w": np.ones((2, 2), dtype=np.float32)}
     updates = [
-        Update("a", 30, {"w": np.full((2, 2), 3.0, dtype=np.float32)}),
-        Update("b", 10, {"w": np.full((2, 2), -1.0, dtype=np.float32)}),
+        Update("a", 30, delta={"w": np.full((2, 2), 3.0, dtype=np.float32)}),
+        Update("b", 10, delta={"w": np.full((2, 2), -1.0, dtype=np.float32)}),
     ]
     # Execute
-    out = FedAvg().aggregate(current, updates)
+    out = FedAvg().aggregate(current, updates, replay=_no_seeds).tensors
     # Assert: 1 + (30*3 + 10*(-1)) / 40 = 3.0
     np.testing.assert_allclose(out["w"], 3.0)
     assert out["w"].dtype == np.float32
@@ -25,12 +29,39 @@ def test_fedavg_matches_hand_computation():
 def test_fedavg_without_example_counts_is_a_plain_mean():
     current = {"w": np.zeros(3, dtype=np.float32)}
     updates = [
-        Update("a", 0, {"w": np.array([1, 2, 3], np.float32)}),
-        Update("b", 0, {"w": np.array([3, 2, 1], np.float32)}),
+        Update("a", 0, delta={"w": np.array([1, 2, 3], np.float32)}),
+        Update("b", 0, delta={"w": np.array([3, 2, 1], np.float32)}),
     ]
-    np.testing.assert_allclose(FedAvg().aggregate(current, updates)["w"], [2, 2, 2])
+    np.testing.assert_allclose(
+        FedAvg().aggregate(current, updates, _no_seeds).tensors["w"], [2, 2, 2]
+    )
 
 
 def test_fedavg_refuses_an_empty_round():
     with pytest.raises(AggregationError):
-        FedAvg().aggregate({"w": np.zeros(1)}, [])
+        FedAvg().aggregate({"w": np.zeros(1)}, [], _no_seeds)
+
+
+def test_fedavg_merges_seeds_per_index_and_replays_once():
+    # Prepare: two zeroth-order devices sharing seed 7
+    calls = []
+
+    def replay(seeds):
+        calls.append(dict(seeds))
+        return {"w": np.full(2, sum(seeds.values()), dtype=np.float32)}
+
+    updates = [Update("a", 30, seeds={7: 1.0, 3: 2.0}), Update("b", 10, seeds={7: -1.0})]
+    # Execute
+    out = FedAvg().aggregate({"w": np.zeros(2, np.float32)}, updates, replay)
+    # Assert: 7 → (30*1 + 10*(-1))/40 = 0.5, 3 → 30*2/40 = 1.5, replayed in one call
+    assert calls == [{7: 0.5, 3: 1.5}]
+    assert out.seeds == {7: 0.5, 3: 1.5}
+    np.testing.assert_allclose(out.tensors["w"], [2.0, 2.0])
+
+
+def test_mixed_dense_and_seed_updates_have_no_seed_downlink():
+    updates = [Update("a", 1, seeds={1: 1.0}), Update("b", 1, delta={"w": np.ones(2, np.float32)})]
+    replay = lambda seeds: {"w": np.full(2, seeds[1], dtype=np.float32)}  # noqa: E731
+    out = FedAvg().aggregate({"w": np.zeros(2, np.float32)}, updates, replay)
+    assert out.seeds is None
+    np.testing.assert_allclose(out.tensors["w"], [1.0, 1.0])  # 0.5 * 1 (seed) + 0.5 * 1 (dense)

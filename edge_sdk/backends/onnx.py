@@ -1,0 +1,154 @@
+"""ONNX Runtime engine: the base (int8 weights) with the LoRA adapter as one flat fp32 graph
+input, the loss computed inside the graph. Imports neither torch nor transformers: tokenization
+uses ``tokenizers``. The artifacts come from ``fleetune export onnx`` (``models/onnx_export.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.adapters.lora import LoraSpec
+from edge_sdk.adapters.lora.flat import FlatLayout
+from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
+from edge_sdk.manifest import BaseManifest
+
+try:
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+except ImportError as err:  # pragma: no cover - depends on the extra
+    raise BackendUnavailable("the onnx backend needs: pip install 'fleetune[onnx]'") from err
+
+Tensors = dict[str, np.ndarray]
+ONNX_MANIFEST = "onnx-manifest.json"
+
+
+@dataclass(frozen=True)
+class OnnxArtifacts:
+    """What ``fleetune export onnx`` wrote: graphs, tokenizer, and the adapter's flat layout."""
+
+    root: Path
+    base: BaseManifest
+    spec: LoraSpec
+    layout: list[tuple[str, tuple[int, ...], int]]  # (name, shape, offset) in the flat input
+    size: int
+    graphs: dict[str, str]  # precision -> file name
+    tokenizer: str
+
+    @classmethod
+    def load(cls, root: str | Path) -> OnnxArtifacts:
+        root = Path(root)
+        try:
+            data = json.loads((root / ONNX_MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(
+                f"no readable {ONNX_MANIFEST} in {root}: run `fleetune export onnx`"
+            ) from err
+        layout = [(e["name"], tuple(e["shape"]), int(e["offset"])) for e in data["layout"]]
+        return cls(
+            root,
+            BaseManifest.from_dict(data["base"]),
+            LoraSpec.from_dict(data["adapter"]),
+            layout,
+            int(data["size"]),
+            dict(data["graphs"]),
+            data["tokenizer"],
+        )
+
+    def check(self) -> FlatLayout:
+        """The layout the device derives must be the one the graph was exported with."""
+        flat = FlatLayout(self.spec, self.base)
+        if flat.entries != self.layout or flat.size != self.size:
+            raise ConfigError(
+                f"{self.root}: the exported adapter layout differs from "
+                f"{self.spec} on {self.base.name}; re-run `fleetune export onnx`"
+            )
+        return flat
+
+
+class OnnxBackend:
+    """Loss (and later generation) on onnxruntime with an adapter vector as a graph input."""
+
+    def __init__(
+        self,
+        artifacts: str | Path | OnnxArtifacts,
+        base: BaseManifest | None = None,
+        spec: LoraSpec | None = None,
+        precision: str = "int8",
+        threads: int = 1,
+    ) -> None:
+        self.art = (
+            artifacts if isinstance(artifacts, OnnxArtifacts) else OnnxArtifacts.load(artifacts)
+        )
+        if base is not None and base.sha256 != self.art.base.sha256:
+            raise ConfigError(
+                f"ONNX artifacts in {self.art.root} were exported from base "
+                f"{self.art.base.short_hash}, the device runs {base.name} "
+                f"({base.short_hash})"
+            )
+        if spec is not None and spec != self.art.spec:
+            raise ConfigError(
+                f"ONNX artifacts hold a {self.art.spec} adapter input, the device tunes {spec}"
+            )
+        if precision not in self.art.graphs:
+            raise ConfigError(
+                f"no {precision} graph in {self.art.root}; have {sorted(self.art.graphs)}"
+            )
+        self.base, self.spec = self.art.base, self.art.spec
+        self.layout = self.art.check()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = ort.InferenceSession(
+                str(self.art.root / self.art.graphs[precision]),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            self._tokenizer = Tokenizer.from_file(str(self.art.root / self.art.tokenizer))
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"cannot load ONNX artifacts from {self.art.root}: {err}") from err
+        self.flat = np.zeros(self.layout.size, dtype=np.float32)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def set_adapter(self, tensors: Tensors) -> None:
+        check_layout(tensors, self.spec, self.base)
+        self.flat = self.layout.flatten(tensors)
+
+    def get_adapter(self) -> Tensors:
+        return self.layout.unflatten(self.flat)
+
+    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        """Mean next-token loss of ``input_ids`` [batch, seq] with the adapter vector ``flat``."""
+        if flat.shape != (self.art.size,) or flat.dtype != np.float32:
+            raise PayloadError(
+                f"adapter vector must be float32 of length {self.art.size}, got "
+                f"{flat.dtype} {flat.shape}"
+            )
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        try:
+            (loss,) = self.session.run(
+                ["loss"],
+                {
+                    "input_ids": ids,
+                    "attention_mask": np.ones_like(ids),
+                    "labels": ids,
+                    "adapter": flat,
+                },
+            )
+        except Exception as err:
+            raise BackendError(f"onnxruntime failed on a {ids.shape} batch: {err}") from err
+        return float(loss)
+
+    def loss(self, input_ids: np.ndarray) -> float:
+        return self.loss_flat(input_ids, self.flat)
+
+    def close(self) -> None:
+        self.session = None
