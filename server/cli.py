@@ -27,6 +27,8 @@ def _demo(args: argparse.Namespace) -> int:
         base=args.base,
         protocol=args.protocol,
         json_path=args.json,
+        backend=args.backend,
+        tuner=args.tuner,
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
@@ -82,6 +84,17 @@ def _device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from edge_sdk.adapters.lora import LoraSpec
+    from models.base import prepare_base
+    from models.onnx_export import export_onnx
+
+    spec = LoraSpec(r=args.r, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    root = export_onnx(prepare_base(args.base), spec, out_dir=args.out, force=args.force)
+    print(root)
+    return 0
+
+
 def _base(args: argparse.Namespace) -> int:
     from models.base import prepare_base
 
@@ -106,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
     demo.add_argument("--broker", help="HOST:PORT of an existing broker (default: embedded)")
     demo.add_argument("--protocol", default="3.1.1", choices=("3.1.1", "5"))
+    demo.add_argument("--backend", default="torch", choices=("torch", "onnx"))
+    demo.add_argument(
+        "--tuner",
+        default="backprop",
+        choices=("backprop", "zo"),
+        help="zo: forward-only steps, seed-only uploads",
+    )
     demo.add_argument("--json", help="write results here, and a plot next to it (.png)")
     demo.set_defaults(func=_demo)
 
@@ -124,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data", help="corpus (default: Shakespeare)")
     dev.add_argument("--client", help="client of the corpus (default: the largest)")
     dev.set_defaults(func=_device)
+
+    export = sub.add_parser("export", help="export device artifacts for an engine")
+    export.add_argument("format", choices=("onnx",))
+    export.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
+    export.add_argument("--r", type=int, default=8, help="LoRA rank of the adapter input")
+    export.add_argument("--alpha", type=float, default=16.0)
+    export.add_argument("--targets", default="q_proj,v_proj")
+    export.add_argument("--out", help="output directory (default: the cache)")
+    export.add_argument("--force", action="store_true", help="export again even if present")
+    export.set_defaults(func=_export)
 
     base = sub.add_parser("base", help="prepare a base model and print its manifest")
     base.add_argument("name", nargs="?", default="smollm2-135m")

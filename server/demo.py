@@ -39,21 +39,31 @@ def _device_main(config: FleetuneConfig, item: ClientText, base, results: mp.Que
         results.put(("error", f"{config.device.id}: {type(err).__name__}: {err}"))
 
 
-def _prepare_base_main(base: str, results: mp.Queue) -> None:
+def _prepare_main(base: str, backend: str, tuning: TuningConfig, results: mp.Queue) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from models.base import prepare_base
 
     try:
-        results.put(("ok", prepare_base(base)))
+        manifest = prepare_base(base)
+        if backend == "onnx":
+            from edge_sdk.adapters.lora import LoraSpec
+            from models.onnx_export import export_onnx
+
+            spec = LoraSpec(r=tuning.lora_r, alpha=tuning.lora_alpha, targets=tuning.lora_targets)
+            export_onnx(manifest, spec)
+        results.put(("ok", manifest))
     except BaseException as err:
         results.put(("error", f"{type(err).__name__}: {err}"))
 
 
-def prepare_base_isolated(base: str):
-    """Resolve (and on first use dequantize) the base in a child, keeping torch out of here."""
+def prepare_isolated(base: str, backend: str = "torch", tuning: TuningConfig | None = None):
+    """Resolve (on first use: dequantize, export) the base in a child, keeping torch out of
+    this process."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=_prepare_base_main, args=(base, results))
+    proc = ctx.Process(
+        target=_prepare_main, args=(base, backend, tuning or TuningConfig(), results)
+    )
     proc.start()
     status, value = results.get()
     proc.join()
@@ -76,13 +86,15 @@ def run_demo(
     state_dir: str | None = None,
     round_timeout_s: float = 900.0,
     json_path: str | None = None,
+    backend: str = "torch",
+    tuner: str = "backprop",
 ) -> dict:
     """Run the fleet and return the result document (also written to ``json_path``)."""
-    tuning = replace(tuning or TuningConfig(), steps=steps)
+    tuning = replace(tuning or TuningConfig(), steps=steps, tuner=tuner)
     corpus = load_corpus(data)
     chosen = pick_clients(corpus, devices, names=clients)
     log.info("clients: %s", ", ".join(c.client for c in chosen))
-    manifest = prepare_base_isolated(base)
+    manifest = prepare_isolated(base, backend, tuning)
     log.info("base %s (%s), %d layers", manifest.name, manifest.short_hash, manifest.num_layers)
     tmp = tempfile.TemporaryDirectory(prefix="fleetune-demo-")
     root = Path(state_dir or tmp.name)
@@ -99,6 +111,7 @@ def run_demo(
             chosen,
             rounds,
             tuning,
+            backend,
             host,
             port,
             protocol,
@@ -119,6 +132,7 @@ def _run(
     chosen,
     rounds,
     tuning,
+    backend,
     host,
     port,
     protocol,
@@ -162,7 +176,11 @@ def _run(
     for i, item in enumerate(chosen):
         cfg = FleetuneConfig(
             device=DeviceConfig(
-                id=f"device-{i}", base=manifest.name, threads=1, state_dir=str(root / f"device-{i}")
+                id=f"device-{i}",
+                base=manifest.name,
+                backend=backend,
+                threads=1,
+                state_dir=str(root / f"device-{i}"),
             ),
             tuning=tuning,
             sync=SyncConfig(
@@ -192,7 +210,7 @@ def _run(
         raise FleetuneError("demo failed: " + "; ".join(str(e) for e in errors))
     reports.sort(key=lambda r: r["device"])
     doc = {
-        "backend": "torch",
+        "backend": backend,
         "tuner": tuning.tuner,
         "rounds": rounds,
         "steps_per_round": tuning.steps,
