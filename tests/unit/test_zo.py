@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.tuners.zo import ZOConfig, perturbation, replay, zo_tune
+
+pytestmark = pytest.mark.unit
+
+
+def test_perturbations_are_reproducible_and_distinct():
+    a = perturbation(5, 3, 1000)
+    assert a.dtype == np.float32 and np.array_equal(a, perturbation(5, 3, 1000))
+    assert not np.array_equal(a, perturbation(5, 4, 1000))
+    assert not np.array_equal(a, perturbation(6, 3, 1000))
+    assert abs(float(a.std()) - 1.0) < 0.1
+
+
+def test_zo_lowers_a_quadratic_and_replay_rebuilds_the_run():
+    # Prepare: loss = |theta[tuned] - target|^2, only half of theta is tuned
+    rng = np.random.default_rng(0)
+    theta = np.zeros(64, dtype=np.float32)
+    tuned = np.arange(0, 64, 2)
+    target = rng.normal(size=tuned.size).astype(np.float32)
+
+    def loss(th, step):
+        return float(((th[tuned] - target) ** 2).sum())
+
+    start = loss(theta, 0)
+    # Execute
+    pairs, metrics = zo_tune(
+        loss, theta, tuned, 300, ZOConfig(lr=5e-3, eps=1e-3, pool_size=64), np.random.default_rng(1)
+    )
+    # Assert
+    assert loss(theta, 0) < 0.2 * start
+    assert np.all(theta[1::2] == 0)  # untouched entries stay put
+    assert metrics["forward_passes"] == 600
+    np.testing.assert_allclose(replay(pairs, 0, tuned.size), theta[tuned], atol=1e-5)
+
+
+def test_several_perturbations_and_schedules():
+    cfg = ZOConfig(perturbations=3, schedule="cosine", lr=0.1)
+    assert cfg.lr_at(0, 10) == pytest.approx(0.1) and cfg.lr_at(10, 10) == pytest.approx(0.0)
+    pairs, _ = zo_tune(
+        lambda th, s: float((th**2).sum()),
+        np.ones(4, np.float32),
+        np.arange(4),
+        5,
+        cfg,
+        np.random.default_rng(0),
+    )
+    assert len(pairs) == 15
+
+
+@pytest.mark.parametrize("kw", [{"lr": 0}, {"eps": 2}, {"perturbations": 0}, {"schedule": "x"}])
+def test_bad_zo_config_is_refused(kw):
+    with pytest.raises(ConfigError):
+        ZOConfig(**kw)
