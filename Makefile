@@ -28,6 +28,7 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python benchmarks/roundtrip.py --json results/bench_roundtrip.json
+	$(BIN)/python benchmarks/zo_onnx.py --json results/bench_zo_onnx.json
 
 lint: setup
 	$(BIN)/ruff check edge_sdk server models tests benchmarks examples
