@@ -19,6 +19,7 @@ from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora
 from edge_sdk.adapters.lora.flat import FlatLayout
 from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.backends import Backend
 from edge_sdk.config import FleetuneConfig
 from edge_sdk.data import ClientData, ClientText, prepare_client
 from edge_sdk.errors import FleetuneError, PayloadError, TransportError
@@ -69,8 +70,8 @@ class EdgeClient:
         self.spec = LoraSpec(r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets)
         self._base = base
         self._transport = transport
-        self.backend = None
-        self.store: DeviceStore | None = None
+        self._backend: Backend | None = None
+        self._store: DeviceStore | None = None
         self._layout: FlatLayout | None = None
         self.tuned_adapter: Tensors | None = None  # the last zeroth-order round's result
 
@@ -82,6 +83,24 @@ class EdgeClient:
 
             self._base = prepare_base(self.config.device.base)
         return self._base
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise FleetuneError("the EdgeClient is not open: use `with EdgeClient(...)` or open()")
+        return self._backend
+
+    @property
+    def store(self) -> DeviceStore:
+        if self._store is None:
+            raise FleetuneError("the EdgeClient is not open: use `with EdgeClient(...)` or open()")
+        return self._store
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            raise TransportError("the EdgeClient is not connected")
+        return self._transport
 
     @property
     def layout(self) -> FlatLayout:
@@ -98,9 +117,9 @@ class EdgeClient:
             from models.base import cache_dir
 
             state = str(cache_dir() / "devices" / self.config.sync.fleet / self.device)
-        self.store = DeviceStore(state)
+        self._store = DeviceStore(state)
         dev = self.config.device
-        self.backend = load_backend(
+        self._backend = load_backend(
             dev.backend,
             self.base,
             self.spec,
@@ -128,9 +147,9 @@ class EdgeClient:
             except FleetuneError as err:
                 log.warning("%s: could not publish offline status: %s", self.device, err)
             self._transport.close()
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
     def connect(self) -> Transport:
         if self._transport is None:
@@ -145,12 +164,13 @@ class EdgeClient:
                 protocol=sync.protocol,
                 will=will,
             )
-        self._transport.subscribe(self.topics.round)
-        self._transport.connect()
-        self._transport.publish(
+        transport = self._transport
+        transport.subscribe(self.topics.round)
+        transport.connect()
+        transport.publish(
             self.topics.status(self.device), json.dumps({"state": "online"}).encode(), retain=True
         )
-        return self._transport
+        return transport
 
     # -- local work -----------------------------------------------------------------------------
     def prepare(self, item: ClientText) -> ClientData:
@@ -224,7 +244,7 @@ class EdgeClient:
         """Send queued updates; each is removed only after the broker acknowledged it."""
         sent = 0
         for path, topic, payload in self.store.pending():
-            self._transport.publish(topic, payload)
+            self.transport.publish(topic, payload)
             self.store.done(path)
             sent += len(payload)
         return sent
@@ -304,7 +324,7 @@ class EdgeClient:
                 continue
             if announcement is None:
                 continue
-            wanted = announcement.get("adapter_version")
+            wanted = int(announcement.get("adapter_version", -1))
             if current is None or current.version != wanted:
                 if current is not None and current.version > wanted:
                     continue  # an old announcement; the new one is on its way

@@ -33,7 +33,7 @@ class DeviceConfig:
     backend: str = "torch"  # inference engine
     threads: int = 1  # engine threads; keep 1 per device when simulating several on one CPU
     artifacts: str = ""  # exported engine files (onnx); "" = the default cache location
-    precision: str = "int8"  # onnx graph: "int8" (base weights int8) or "fp32"
+    precision: str = "fp32"  # onnx graph: "fp32", or "int8" (weight-only: less memory, slower)
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
 
     def __post_init__(self) -> None:

@@ -1,8 +1,8 @@
 """Embed a fleetune device in an app: personalize on the owner's text, follow the fleet's rounds.
 
-    fleetune export onnx                              # once, on a machine with the torch extra
-    fleetune server --config examples/fleet.toml --embedded-broker &
-    python examples/embed_device.py my_notes.txt
+fleetune export onnx                              # once, on a machine with the torch extra
+fleetune server --config examples/fleet.toml --embedded-broker &
+python examples/embed_device.py my_notes.txt
 """
 
 import logging
@@ -19,5 +19,7 @@ text = Path(sys.argv[1]).read_text(encoding="utf-8")
 with EdgeClient(config) as client:
     report = client.run(ClientText(config.device.id, text))
 
-print(f"held-out perplexity {report.ppl_base:.1f} → {report.ppl_final:.1f}, "
-      f"{report.bytes_up} bytes up, {report.bytes_down} bytes down")
+print(
+    f"held-out perplexity {report.ppl_base:.1f} → {report.ppl_final:.1f}, "
+    f"{report.bytes_up} bytes up, {report.bytes_down} bytes down"
+)

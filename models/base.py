@@ -95,7 +95,7 @@ def _dequantize(gguf: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are plain fp32 now; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)

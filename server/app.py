@@ -20,7 +20,7 @@ from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
 from edge_sdk.adapters.lora.flat import FlatLayout
 from edge_sdk.adapters.lora.io import check_layout
-from edge_sdk.errors import ConfigError, FleetuneError, PayloadError
+from edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
 from edge_sdk.manifest import BaseManifest
 from edge_sdk.transport.base import Message, Transport
 from edge_sdk.transport.topics import Topics
@@ -87,6 +87,12 @@ class FleetServer:
         self.registry.add_adapter(self.version, round_, sha, str(path))
 
     # -- messaging -------------------------------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            raise TransportError("the server is not connected: call run() or connect()")
+        return self._transport
+
     def connect(self) -> Transport:
         if self._transport is None:
             from edge_sdk.transport.mqtt import MqttTransport
@@ -111,7 +117,7 @@ class FleetServer:
             version=self.version,
         )
         payload = codec.encode(header, self.current)
-        self._transport.publish(self.topics.global_adapter, payload, retain=True)
+        self.transport.publish(self.topics.global_adapter, payload, retain=True)
         self.bytes_down += len(payload)
 
     def publish_seeds(self, round_: int, seeds: dict[int, float]) -> None:
@@ -136,7 +142,7 @@ class FleetServer:
             "seed_index": np.array(order, dtype=np.int32),
             "coef": np.array([seeds[i] for i in order], dtype=np.float32),
         }
-        self._transport.publish(self.topics.global_seeds, codec.encode(header, body), retain=True)
+        self.transport.publish(self.topics.global_seeds, codec.encode(header, body), retain=True)
 
     def pool(self, round_: int) -> dict:
         """The round's seed pool (FedKSeed): devices draw their perturbations from it."""
@@ -165,7 +171,7 @@ class FleetServer:
             "timeout_s": self.config.round_timeout_s,
             "zo": self.pool(round_),
         }
-        self._transport.publish(self.topics.round, json.dumps(body).encode(), retain=True)
+        self.transport.publish(self.topics.round, json.dumps(body).encode(), retain=True)
 
     # -- updates ---------------------------------------------------------------------------------
     def check_update(self, msg: Message, round_: int, seen: set[str]) -> Update:
@@ -229,7 +235,7 @@ class FleetServer:
         updates: list[Update] = []
         deadline = start + self.config.round_timeout_s
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
-            msg = self._transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             if msg is None:
                 continue
             try:

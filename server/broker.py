@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from edge_sdk.errors import BackendUnavailable, TransportError
 
@@ -46,7 +47,7 @@ class EmbeddedBroker:
         self.host, self.port = host, port or free_port(host)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._broker = None
+        self._broker: Any = None  # amqtt's Broker, once started
 
     def __enter__(self) -> EmbeddedBroker:
         try:
@@ -67,20 +68,23 @@ class EmbeddedBroker:
         started = threading.Event()
         failure: list[BaseException] = []
 
+        loop = self._loop
+
         async def start() -> None:
-            self._broker = Broker(config, loop=self._loop)
-            await self._broker.start()
+            broker = Broker(config, loop=loop)
+            self._broker = broker
+            await broker.start()
 
         def run() -> None:
-            asyncio.set_event_loop(self._loop)
+            asyncio.set_event_loop(loop)
             try:
-                self._loop.run_until_complete(start())
+                loop.run_until_complete(start())
             except BaseException as err:  # reported to the owner below
                 failure.append(err)
                 started.set()
                 return
             started.set()
-            self._loop.run_forever()
+            loop.run_forever()
 
         self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
         self._thread.start()

@@ -196,7 +196,8 @@ def _run(
         )
         proc.start()
         procs.append(proc)
-    reports, errors = [], []
+    reports: list[dict] = []
+    errors: list[str] = []
     for _ in procs:
         status, value = results.get()
         (reports if status == "ok" else errors).append(value)
@@ -256,6 +257,7 @@ def plot(doc: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, d in enumerate(doc["devices"]):
@@ -275,7 +277,7 @@ def plot(doc: dict, path: Path) -> None:
         f"{doc['steps_per_round']} steps per round\n"
         "solid: global adapter after the round · dotted: after local tuning"
     )
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

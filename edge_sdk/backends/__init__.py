@@ -39,7 +39,7 @@ def load_backend(
     spec: LoraSpec,
     threads: int = 1,
     artifacts: str = "",
-    precision: str = "int8",
+    precision: str = "fp32",
 ) -> Backend:
     """Instantiate the named engine: ``torch`` (reference) or ``onnx`` (``artifacts`` is the
     directory ``fleetune export onnx`` wrote; empty means its default cache location)."""

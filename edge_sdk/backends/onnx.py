@@ -78,7 +78,7 @@ class OnnxBackend:
         artifacts: str | Path | OnnxArtifacts,
         base: BaseManifest | None = None,
         spec: LoraSpec | None = None,
-        precision: str = "int8",
+        precision: str = "fp32",
         threads: int = 1,
     ) -> None:
         self.art = (

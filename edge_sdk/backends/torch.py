@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -26,14 +28,14 @@ class TorchBackend:
         torch.set_num_threads(threads)
         self.base, self.spec = base, spec
         self._tokenizer_cls = AutoTokenizer
-        self._tokenizer = None
+        self._tokenizer: Any = None  # loaded on first use
         try:
             model = AutoModelForCausalLM.from_pretrained(base.hf_dir, dtype=torch.float32)
         except OSError as err:
             raise BackendError(f"cannot load base {base.name} from {base.hf_dir}: {err}") from err
         config = LoraConfig(
             r=spec.r,
-            lora_alpha=spec.alpha,
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r
             target_modules=list(spec.targets),
             lora_dropout=0.0,
             bias="none",
@@ -88,4 +90,4 @@ class TorchBackend:
         return self.loss(input_ids)
 
     def close(self) -> None:
-        self.model = None
+        del self.model, self._params

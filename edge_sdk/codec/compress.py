@@ -25,7 +25,7 @@ def encode_tensors(tensors: Tensors, encoding: str) -> Tensors:
     if encoding == "f32":
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
     if encoding == "f16":
-        out = {}
+        out: Tensors = {}
         for k, v in tensors.items():
             if np.abs(v).max(initial=0.0) > 65504.0:
                 raise PayloadError(f"tensor {k} exceeds the f16 range; use f32")

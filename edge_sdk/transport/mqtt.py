@@ -53,9 +53,11 @@ class MqttTransport:
         self._connected = threading.Event()
         self._last_error: str | None = None
         self._closing = False
-        kwargs = {"clean_session": False} if protocol == "3.1.1" else {}
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[protocol], **kwargs
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=PROTOCOLS[protocol],
+            clean_session=False if protocol == "3.1.1" else None,  # MQTT 5: clean_start below
         )
         self._client.max_queued_messages_set(0)
         if username is not None:
@@ -92,13 +94,17 @@ class MqttTransport:
     # -- owner API ----------------------------------------------------------------------------
     def connect(self, timeout: float = 30.0) -> None:
         props = None
-        kwargs = {}
         if self.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s
-            kwargs = {"clean_start": False, "properties": props}
         try:
-            self._client.connect(self.host, self.port, keepalive=self.keepalive, **kwargs)
+            self._client.connect(
+                self.host,
+                self.port,
+                keepalive=self.keepalive,
+                clean_start=False if props is not None else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
         except OSError as err:
             raise TransportError(
                 f"cannot reach MQTT broker {self.host}:{self.port}: {err}"

@@ -63,7 +63,7 @@ class ZOConfig:
 
 
 def zo_tune(
-    loss: Callable[[np.ndarray], float],
+    loss: Callable[[np.ndarray, int], float],
     theta: np.ndarray,
     tuned: slice | np.ndarray,
     steps: int,

@@ -23,7 +23,7 @@ def test_device_keeps_its_outbox_when_the_broker_is_down(tmp_path):
     # Prepare
     config = FleetuneConfig(device=DeviceConfig(id="d1", state_dir=str(tmp_path)))
     client = EdgeClient(config, base=tiny_manifest(), transport=FlakyTransport(fail=True))
-    client.store = DeviceStore(tmp_path)
+    client._store = DeviceStore(tmp_path)
     client.store.put("fleetune/default/update/d1", b"update-1")
     # Execute / Assert: the failed send leaves the update queued
     with pytest.raises(TransportError, match="down"):

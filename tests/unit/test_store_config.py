@@ -67,3 +67,13 @@ def test_importing_the_device_core_pulls_no_engine():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_example_fleet_file_loads():
+    from pathlib import Path
+
+    from server.config import load_server_config
+
+    path = Path(__file__).parents[2] / "examples" / "fleet.toml"
+    assert load_config(path).tuning.tuner == "zo"
+    assert load_server_config(path).quorum == 2
