@@ -65,6 +65,7 @@ class TuningConfig:
     zo_eps: float = 1e-3  # zeroth-order perturbation scale
     zo_perturbations: int = 1  # directions averaged per zeroth-order step
     zo_schedule: str = "constant"  # zeroth-order lr schedule: constant | linear | cosine
+    zo_eps_schedule: str = "constant"  # zeroth-order eps schedule: constant | linear | cosine
     zo_params: str = "lora_b"  # what zeroth-order moves: lora_b (A frozen from the seed) | all
 
     def __post_init__(self) -> None:
@@ -90,6 +91,7 @@ class TuningConfig:
             eps=self.zo_eps,
             perturbations=self.zo_perturbations,
             schedule=self.zo_schedule,
+            eps_schedule=self.zo_eps_schedule,
             pool_seed=pool_seed,
             pool_size=pool_size,
         )

@@ -27,7 +27,12 @@ import numpy as np
 from edge_sdk.errors import ConfigError
 
 log = logging.getLogger(__name__)
-Z_VERSION = 1  # bump if the way z is drawn changes: replay must stay bit-for-bit
+Z_VERSION = 1
+SCHEDULES = (
+    "constant",
+    "linear",
+    "cosine",
+)  # bump if the way z is drawn changes: replay must stay bit-for-bit
 
 
 def perturbation(pool_seed: int, index: int, size: int) -> np.ndarray:
@@ -42,6 +47,7 @@ class ZOConfig:
     eps: float = 1e-3  # perturbation scale
     perturbations: int = 1  # directions averaged per step (each costs two forward passes)
     schedule: str = "constant"  # lr schedule: constant | linear | cosine (decay to 0)
+    eps_schedule: str = "constant"  # eps schedule, same choices (decays to eps / 10)
     pool_seed: int = 0  # the server's pool: seeds are (pool_seed, index), index < pool_size
     pool_size: int = 4096
 
@@ -50,16 +56,25 @@ class ZOConfig:
             raise ConfigError("zo lr and eps must be in (0, 1)")
         if self.perturbations < 1 or self.pool_size < 1:
             raise ConfigError("zo perturbations and pool_size must be >= 1")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"zo schedule {self.schedule!r} is not constant|linear|cosine")
+        for name in (self.schedule, self.eps_schedule):
+            if name not in SCHEDULES:
+                raise ConfigError(f"zo schedule {name!r} is not one of {SCHEDULES}")
 
     def lr_at(self, step: int, total: int) -> float:
-        frac = step / max(total, 1)
-        if self.schedule == "linear":
-            return self.lr * (1.0 - frac)
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return self.lr
+        return self.lr * _decay(self.schedule, step, total, floor=0.0)
+
+    def eps_at(self, step: int, total: int) -> float:
+        return self.eps * _decay(self.eps_schedule, step, total, floor=0.1)
+
+
+def _decay(schedule: str, step: int, total: int, floor: float) -> float:
+    """Multiplier at ``step`` of ``total``: 1 throughout, or decaying from 1 to ``floor``."""
+    frac = step / max(total, 1)
+    if schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - frac)
+    if schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
 
 
 def zo_tune(
@@ -82,15 +97,15 @@ def zo_tune(
     losses = []
     start = time.monotonic()
     for step in range(steps):
-        lr = config.lr_at(step, steps)
+        lr, eps = config.lr_at(step, steps), config.eps_at(step, steps)
         for _ in range(config.perturbations):
             index = int(rng.integers(config.pool_size))
             z = perturbation(config.pool_seed, index, size)
-            theta[tuned] = view + config.eps * z
+            theta[tuned] = view + eps * z
             plus = loss(theta, step)
-            theta[tuned] = view - config.eps * z
+            theta[tuned] = view - eps * z
             minus = loss(theta, step)
-            grad = (plus - minus) / (2.0 * config.eps)
+            grad = (plus - minus) / (2.0 * eps)
             coef = -lr * grad / config.perturbations
             view = view + np.float32(coef) * z
             theta[tuned] = view

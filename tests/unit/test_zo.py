@@ -38,8 +38,9 @@ def test_zo_lowers_a_quadratic_and_replay_rebuilds_the_run():
 
 
 def test_several_perturbations_and_schedules():
-    cfg = ZOConfig(perturbations=3, schedule="cosine", lr=0.1)
+    cfg = ZOConfig(perturbations=3, schedule="cosine", lr=0.1, eps_schedule="linear", eps=1e-2)
     assert cfg.lr_at(0, 10) == pytest.approx(0.1) and cfg.lr_at(10, 10) == pytest.approx(0.0)
+    assert cfg.eps_at(0, 10) == pytest.approx(1e-2) and cfg.eps_at(10, 10) == pytest.approx(1e-3)
     pairs, _ = zo_tune(
         lambda th, s: float((th**2).sum()),
         np.ones(4, np.float32),
@@ -51,7 +52,9 @@ def test_several_perturbations_and_schedules():
     assert len(pairs) == 15
 
 
-@pytest.mark.parametrize("kw", [{"lr": 0}, {"eps": 2}, {"perturbations": 0}, {"schedule": "x"}])
+@pytest.mark.parametrize(
+    "kw", [{"lr": 0}, {"eps": 2}, {"perturbations": 0}, {"schedule": "x"}, {"eps_schedule": "y"}]
+)
 def test_bad_zo_config_is_refused(kw):
     with pytest.raises(ConfigError):
         ZOConfig(**kw)
