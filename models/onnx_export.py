@@ -377,11 +377,13 @@ def export_onnx(
     base: BaseManifest,
     spec: LoraSpec,
     out_dir: str | os.PathLike[str] | None = None,
-    precisions: Sequence[str] = ("fp32", "int8"),
+    graphs: Sequence[str] = ("fp32", "int8", "generate"),
     force: bool = False,
 ) -> Path:
-    """Write the loss graphs, the tokenizer and ``onnx-manifest.json`` (the adapter's flat layout:
-    names, shapes, offsets) for ``base`` + ``spec``; reuse them when already there."""
+    """Write the graphs a device needs, the tokenizer and ``onnx-manifest.json`` (the adapter's
+    flat layout: names, shapes, offsets) for ``base`` + ``spec``. Graphs: ``fp32`` and ``int8``
+    (weight-only) loss graphs, ``generate`` (logits for generation). Only missing ones are built.
+    """
     import json
     import logging
     import shutil
@@ -390,26 +392,35 @@ def export_onnx(
     log = logging.getLogger(__name__)
     root = Path(out_dir) if out_dir else default_dir(base, spec)
     manifest_path = root / "onnx-manifest.json"
+    done: dict[str, str] = {}
     if manifest_path.exists() and not force:
-        done = json.loads(manifest_path.read_text())
-        if set(precisions) <= set(done["graphs"]) and done["base"]["sha256"] == base.sha256:
-            return root
+        previous = json.loads(manifest_path.read_text())
+        if previous["base"]["sha256"] == base.sha256 and previous["adapter"] == spec.to_dict():
+            done = dict(previous["graphs"])
+    missing = [g for g in graphs if g not in done]
+    if not missing:
+        return root
     if not base.hf_dir:
         raise ValueError(f"base {base.name} has no Hugging Face copy to export from")
     root.mkdir(parents=True, exist_ok=True)
     layout = spec.layout(base)
     start = time.monotonic()
-    log.info(
-        "exporting %s with a %d-value adapter input to ONNX (about 2-3 minutes)",
-        base.name,
-        adapter_size(layout),
-    )
-    export_loss_graph(base.hf_dir, root / "loss_fp32.onnx", layout, scale=spec.scale)
-    graphs = {"fp32": "loss_fp32.onnx"}
-    if "int8" in precisions:
-        log.info("quantizing the base weights to int8 (the adapter path stays fp32)")
+    if "fp32" in missing or ("int8" in missing and "fp32" not in done):
+        log.info(
+            "exporting the %s loss graph with a %d-value adapter input (about 2 minutes)",
+            base.name,
+            adapter_size(layout),
+        )
+        export_loss_graph(base.hf_dir, root / "loss_fp32.onnx", layout, scale=spec.scale)
+        done["fp32"] = "loss_fp32.onnx"
+    if "int8" in missing:
+        log.info("quantizing the base weights to int8 (weight-only; the adapter path stays fp32)")
         quantize_int8(root / "loss_fp32.onnx", root / "loss_int8.onnx")
-        graphs["int8"] = "loss_int8.onnx"
+        done["int8"] = "loss_int8.onnx"
+    if "generate" in missing:
+        log.info("exporting the logits graph for generation (about 2 minutes)")
+        export_logits_graph(base.hf_dir, root / "logits_fp32.onnx", layout, scale=spec.scale)
+        done["generate"] = "logits_fp32.onnx"
     shutil.copy(Path(base.hf_dir) / "tokenizer.json", root / "tokenizer.json")
     entries, offset = [], 0
     for name, shape in layout:
@@ -421,11 +432,18 @@ def export_onnx(
         "adapter": spec.to_dict(),
         "size": offset,
         "layout": entries,
-        "graphs": graphs,
+        "graphs": done,
         "tokenizer": "tokenizer.json",
-        "inputs": ["input_ids", "attention_mask", "labels", "adapter"],
-        "outputs": ["loss"],
+        "eos_token_id": _eos_id(base.hf_dir),
     }
     manifest_path.write_text(json.dumps(manifest, indent=1))
     log.info("ONNX artifacts in %s (%.0f s)", root, time.monotonic() - start)
     return root
+
+
+def _eos_id(hf_dir: str) -> int | None:
+    import json
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    eos = config.get("eos_token_id")
+    return int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None

@@ -36,8 +36,9 @@ class OnnxArtifacts:
     spec: LoraSpec
     layout: list[tuple[str, tuple[int, ...], int]]  # (name, shape, offset) in the flat input
     size: int
-    graphs: dict[str, str]  # precision -> file name
+    graphs: dict[str, str]  # "fp32" | "int8" (loss graphs), "generate" (logits) -> file name
     tokenizer: str
+    eos_token_id: int | None = None
 
     @classmethod
     def load(cls, root: str | Path) -> OnnxArtifacts:
@@ -57,6 +58,7 @@ class OnnxArtifacts:
             int(data["size"]),
             dict(data["graphs"]),
             data["tokenizer"],
+            data.get("eos_token_id"),
         )
 
     def check(self) -> FlatLayout:
@@ -94,7 +96,7 @@ class OnnxBackend:
             raise ConfigError(
                 f"ONNX artifacts hold a {self.art.spec} adapter input, the device tunes {spec}"
             )
-        if precision not in self.art.graphs:
+        if precision not in ("fp32", "int8") or precision not in self.art.graphs:
             raise ConfigError(
                 f"no {precision} graph in {self.art.root}; have {sorted(self.art.graphs)}"
             )
@@ -114,6 +116,8 @@ class OnnxBackend:
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise BackendError(f"cannot load ONNX artifacts from {self.art.root}: {err}") from err
         self.flat = np.zeros(self.layout.size, dtype=np.float32)
+        self._options = options
+        self._generator: ort.InferenceSession | None = None  # logits graph, on first generate()
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
@@ -150,5 +154,34 @@ class OnnxBackend:
     def loss(self, input_ids: np.ndarray) -> float:
         return self.loss_flat(input_ids, self.flat)
 
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy continuation of ``prompt`` under the current adapter (the logits graph is
+        re-run over the whole sequence per token: fine for short replies; no KV cache yet)."""
+        if "generate" not in self.art.graphs:
+            raise ConfigError(f"no generation graph in {self.art.root}: run `fleetune export onnx`")
+        if self._generator is None:
+            path = str(self.art.root / self.art.graphs["generate"])
+            try:
+                self._generator = ort.InferenceSession(
+                    path, self._options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as err:
+                raise BackendError(f"cannot load the generation graph {path}: {err}") from err
+        generator = self._generator
+        ids = self.tokenize(prompt)
+        start = len(ids)
+        for _ in range(max_new_tokens):
+            batch = np.asarray([ids], dtype=np.int64)
+            (logits,) = generator.run(
+                ["logits"],
+                {"input_ids": batch, "attention_mask": np.ones_like(batch), "adapter": self.flat},
+            )
+            token = int(np.argmax(logits[0, -1]))
+            ids.append(token)
+            if token == self.art.eos_token_id:
+                break
+        return self._tokenizer.decode(ids[start:], skip_special_tokens=True)
+
     def close(self) -> None:
         self.session = None
+        self._generator = None

@@ -91,3 +91,22 @@ def test_cli_demo_on_a_corpus_it_has_never_seen(smollm2, tmp_path):
     for device in doc["devices"]:
         assert device["ppl_final"] < device["ppl_base"], device
     assert "ppl_base" in result.stdout  # the table
+
+
+def test_zo_fleet_on_onnxruntime_uploads_only_seeds(smollm2, onnx_artifacts, mosquitto, tmp_path):
+    # Execute
+    doc = run_demo(
+        devices=2,
+        rounds=2,
+        steps=8,
+        backend="onnx",
+        tuner="zo",
+        broker=(mosquitto.host, mosquitto.port),
+        json_path=str(tmp_path / "zo.json"),
+    )
+    # Assert: forward-only tuning helped, and the wire carried seeds, not adapters
+    assert (doc["backend"], doc["tuner"]) == ("onnx", "zo")
+    for device in doc["devices"]:
+        assert device["ppl_final"] < device["ppl_base"], device
+        assert device["bytes_up"] < 2 * 2048  # two rounds of seed lists
+        assert device["bytes_down"] < 16 * 1024  # announcements + seed lists, no dense adapter

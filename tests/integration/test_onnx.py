@@ -142,3 +142,27 @@ def test_a_zo_round_runs_with_torch_unimportable(onnx_artifacts, tmp_path):
     doc = json.loads(result.stdout.strip().splitlines()[-1])
     assert doc == {"accepted": ["pi"], "bytes_up": doc["bytes_up"], "torch_loaded": False}
     assert 0 < doc["bytes_up"] < 2048
+
+
+def test_generation_follows_the_adapter_like_torch(smollm2, onnx_artifacts, adapter):
+    import torch
+
+    from edge_sdk.backends.onnx import OnnxBackend
+    from edge_sdk.backends.torch import TorchBackend
+
+    # Prepare
+    prompt = "To be, or not to be, that is"
+    backend = OnnxBackend(onnx_artifacts, base=smollm2)
+    backend.set_adapter(adapter)
+    reference = TorchBackend(smollm2, LoraSpec())
+    reference.set_adapter(adapter)
+    ids = torch.tensor([reference.tokenize(prompt)])
+    # Execute
+    ours = backend.generate(prompt, max_new_tokens=8)
+    with torch.no_grad():
+        out = reference.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+        )
+    theirs = reference._tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    # Assert
+    assert ours == theirs and ours.strip()
