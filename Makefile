@@ -4,9 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fleetune-installed
 
-.PHONY: setup demo test test-unit bench lint clean
+LLAMA_STAMP := $(VENV)/.fleetune-llamacpp
+
+.PHONY: setup setup-llamacpp demo test test-unit bench lint clean
 
 setup: $(STAMP)
+
+# llama-cpp-python has no wheel here: pip builds it from source once (10-20 min on 2 cores) and
+# reuses its wheel cache afterwards. Raspberry Pi / Jetson flags: see README.
+setup-llamacpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[llamacpp]'
+	touch $@
 
 # torch==2.13.0 goes in first: it is a local CPU wheel; any other torch spec pulls a CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -20,15 +30,16 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/fleetune demo --devices 4 --rounds 3 --steps 10 --json results/demo.json
 
-test: setup
+test: setup setup-llamacpp
 	$(BIN)/python -m pytest -q -ra
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m unit
 
-bench: setup
+bench: setup setup-llamacpp
 	$(BIN)/python benchmarks/roundtrip.py --json results/bench_roundtrip.json
 	$(BIN)/python benchmarks/zo_onnx.py --json results/bench_zo_onnx.json
+	$(BIN)/python benchmarks/zo_llamacpp.py --json results/bench_zo_llamacpp.json
 
 lint: setup
 	$(BIN)/ruff check edge_sdk server models tests benchmarks examples

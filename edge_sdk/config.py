@@ -21,7 +21,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "llamacpp")
+PRECISIONS = {
+    "torch": ("", "fp32"),
+    "onnx": ("", "fp32", "int8"),
+    "llamacpp": ("", "q8_0", "q4_0", "q4_1", "f16"),
+}
 TUNERS = ("backprop", "zo")
 ZO_PARAMS = ("lora_b", "all")
 
@@ -32,8 +37,9 @@ class DeviceConfig:
     base: str = "smollm2-135m"  # named base or a local HF checkpoint directory
     backend: str = "torch"  # inference engine
     threads: int = 1  # engine threads; keep 1 per device when simulating several on one CPU
-    artifacts: str = ""  # exported engine files (onnx); "" = the default cache location
-    precision: str = "fp32"  # onnx graph: "fp32", or "int8" (weight-only: less memory, slower)
+    artifacts: str = ""  # engine files: onnx export dir or llamacpp GGUF; "" = the default cache
+    precision: str = ""  # onnx: fp32 | int8 (weight-only); llamacpp: q8_0 | q4_0 | q4_1 | f16
+    # ("" = the engine's default: onnx fp32, llamacpp q8_0)
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
 
     def __post_init__(self) -> None:
@@ -43,8 +49,11 @@ class DeviceConfig:
             raise ConfigError(f"[device] id: {err}") from err
         if self.backend not in BACKENDS:
             raise ConfigError(f"[device] backend {self.backend!r} is not one of {BACKENDS}")
-        if self.precision not in ("int8", "fp32"):
-            raise ConfigError(f"[device] precision must be int8 or fp32, got {self.precision!r}")
+        if self.backend in PRECISIONS and self.precision not in PRECISIONS[self.backend]:
+            raise ConfigError(
+                f"[device] precision {self.precision!r} is not one of "
+                f"{PRECISIONS[self.backend]} for the {self.backend} backend"
+            )
         if not 1 <= self.threads <= 256:
             raise ConfigError(f"[device] threads must be in 1..256, got {self.threads}")
 

@@ -89,6 +89,11 @@ def _export(args: argparse.Namespace) -> int:
     from models.base import prepare_base
     from models.onnx_export import export_onnx
 
+    if args.format == "gguf":
+        from models.gguf_export import export_base_gguf
+
+        print(export_base_gguf(prepare_base(args.base), args.quant, args.out))
+        return 0
     spec = LoraSpec(r=args.r, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     root = export_onnx(prepare_base(args.base), spec, out_dir=args.out, force=args.force)
     print(root)
@@ -119,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
     demo.add_argument("--broker", help="HOST:PORT of an existing broker (default: embedded)")
     demo.add_argument("--protocol", default="3.1.1", choices=("3.1.1", "5"))
-    demo.add_argument("--backend", default="torch", choices=("torch", "onnx"))
+    demo.add_argument(
+        "--backend",
+        default="torch",
+        help="torch | onnx | llamacpp, or a comma list given to devices in turn "
+        "(e.g. onnx,llamacpp: one fleet, two engines)",
+    )
     demo.add_argument(
         "--tuner",
         default="backprop",
@@ -146,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=_device)
 
     export = sub.add_parser("export", help="export device artifacts for an engine")
-    export.add_argument("format", choices=("onnx",))
+    export.add_argument("format", choices=("onnx", "gguf"))
+    export.add_argument(
+        "--quant",
+        default="q8_0",
+        choices=("q8_0", "q4_0", "q4_1", "f16"),
+        help="gguf: base weight type",
+    )
     export.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
     export.add_argument("--r", type=int, default=8, help="LoRA rank of the adapter input")
     export.add_argument("--alpha", type=float, default=16.0)

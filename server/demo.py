@@ -45,7 +45,11 @@ def _prepare_main(base: str, backend: str, tuning: TuningConfig, results: mp.Que
 
     try:
         manifest = prepare_base(base)
-        if backend == "onnx":
+        if "llamacpp" in backend.split(","):
+            from models.gguf_export import export_base_gguf
+
+            export_base_gguf(manifest, "q8_0")
+        if "onnx" in backend.split(","):
             from edge_sdk.adapters.lora import LoraSpec
             from models.onnx_export import export_onnx
 
@@ -173,16 +177,20 @@ def _run(
     start = time.monotonic()
     thread = threading.Thread(target=serve, name="fleetune-server", daemon=True)
     thread.start()
+    engines = backend.split(",")
     for i, item in enumerate(chosen):
+        engine = engines[i % len(engines)]
+        # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
+        device_tuning = replace(tuning, zo_eps=1e-2) if engine == "llamacpp" else tuning
         cfg = FleetuneConfig(
             device=DeviceConfig(
                 id=f"device-{i}",
                 base=manifest.name,
-                backend=backend,
+                backend=engine,
                 threads=1,
                 state_dir=str(root / f"device-{i}"),
             ),
-            tuning=tuning,
+            tuning=device_tuning,
             sync=SyncConfig(
                 host=host,
                 port=port,

@@ -39,7 +39,7 @@ def load_backend(
     spec: LoraSpec,
     threads: int = 1,
     artifacts: str = "",
-    precision: str = "fp32",
+    precision: str = "",
 ) -> Backend:
     """Instantiate the named engine: ``torch`` (reference) or ``onnx`` (``artifacts`` is the
     directory ``fleetune export onnx`` wrote; empty means its default cache location)."""
@@ -54,7 +54,17 @@ def load_backend(
             from models.onnx_paths import default_dir
 
             artifacts = str(default_dir(base, spec))
-        return OnnxBackend(artifacts, base=base, spec=spec, precision=precision, threads=threads)
+        return OnnxBackend(
+            artifacts, base=base, spec=spec, precision=precision or "fp32", threads=threads
+        )
+    if name == "llamacpp":
+        from edge_sdk.backends.llamacpp import LlamaCppBackend
+
+        if not artifacts:
+            from models.gguf_export import export_base_gguf
+
+            artifacts = str(export_base_gguf(base, precision or "q8_0"))
+        return LlamaCppBackend(artifacts, base, spec, threads=threads)
     if name == "torch":
         try:
             from edge_sdk.backends.torch import TorchBackend
@@ -63,4 +73,4 @@ def load_backend(
                 "the torch backend needs: pip install 'fleetune[torch]'"
             ) from err
         return TorchBackend(base, spec, threads=threads)
-    raise ConfigError(f"unknown backend {name!r}; available: torch, onnx")
+    raise ConfigError(f"unknown backend {name!r}; available: torch, onnx, llamacpp")

@@ -105,7 +105,7 @@ def test_zo_fleet_on_onnxruntime_uploads_only_seeds(smollm2, onnx_artifacts, mos
         json_path=str(tmp_path / "zo.json"),
     )
     # Assert: forward-only tuning helped, and the wire carried seeds, not adapters
-    assert (doc["backend"], doc["tuner"]) == ("onnx", "zo")
+    assert (doc["backend"], doc["tuner"]) == ("onnx,llamacpp", "zo")
     for device in doc["devices"]:
         assert device["ppl_final"] < device["ppl_base"], device
         assert device["bytes_up"] < 2 * 2048  # two rounds of seed lists

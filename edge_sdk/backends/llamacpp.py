@@ -1,0 +1,329 @@
+"""llama.cpp engine through llama-cpp-python's low-level bindings: a (quantized) GGUF base, the
+LoRA adapter hot-swapped as a GGUF adapter file, and a control vector as a second, cheaper way to
+steer. Imports neither torch nor transformers; tokenization uses the GGUF's own vocabulary.
+
+The base comes from ``models.gguf_export.export_base_gguf``; an adapter is written with
+``edge_sdk.adapters.lora.gguf.write_lora_gguf`` to a file in RAM, loaded with
+``llama_adapter_lora_init`` and swapped in without reloading the model (~7 ms for the default
+adapter).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.adapters.lora import LoraSpec
+from edge_sdk.adapters.lora.flat import FlatLayout
+from edge_sdk.adapters.lora.gguf import write_lora_gguf
+from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
+from edge_sdk.manifest import BaseManifest
+
+Tensors = dict[str, np.ndarray]
+_INIT: dict[str, object] = {}
+
+
+def init_llama() -> ModuleType:
+    """Import llama_cpp once, silence llama.cpp's own logging and initialise its backend."""
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise BackendUnavailable(
+            "the llamacpp backend needs: pip install 'fleetune[llamacpp]'"
+        ) from err
+    if "log" not in _INIT:
+        # the callback must outlive every native call: keep it in a module-level dict
+        _INIT["log"] = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_INIT["log"], ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def _ram_dir() -> str:
+    """Where adapter files go: /dev/shm where it exists (never touches flash), else tmp."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class LlamaCppBackend:
+    """Loss, generation and adapter hot-swap on one llama.cpp model and context."""
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        base: BaseManifest,
+        spec: LoraSpec,
+        threads: int = 1,
+        n_ctx: int = 512,
+    ) -> None:
+        self.lib: Any = init_llama()
+        self.base, self.spec = base, spec
+        self.layout = FlatLayout(spec, base)
+        self.path = Path(gguf_path)
+        # native handles (ctypes pointers and a llama_batch struct), freed by close()
+        self.model: Any = None
+        self.ctx: Any = None
+        self.batch: Any = None
+        self._adapter: Any = None
+        self._memory: Any = None
+        self.n_ctx = self.n_layer = self.n_embd = self.n_vocab = 0
+        self._scale = 1.0
+        self._tensors: Tensors | None = None
+        self._check_file(self.path)
+        lib = self.lib
+        params = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise BackendError(
+                f"llama_model_load_from_file could not load {self.path}: corrupt, truncated or "
+                "not a model GGUF"
+            )
+        try:
+            self._open_context(threads, n_ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _check_file(path: Path) -> None:
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as err:
+            raise BackendError(f"cannot read GGUF {path}: {err}") from err
+        if magic != b"GGUF":
+            raise BackendError(f"{path} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
+
+    def _open_context(self, threads: int, n_ctx: int) -> None:
+        lib = self.lib
+        n_layer = lib.llama_model_n_layer(self.model)
+        self.n_embd = lib.llama_model_n_embd(self.model)
+        if (n_layer, self.n_embd) != (self.base.num_layers, self.base.hidden_size):
+            raise ConfigError(
+                f"{self.path.name} has {n_layer} layers x {self.n_embd}, base {self.base.name} "
+                f"has {self.base.num_layers} x {self.base.hidden_size}"
+            )
+        self.n_layer = n_layer
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_ctx
+        params.n_ubatch = n_ctx
+        params.n_seq_max = 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise BackendError(f"llama_init_from_model failed for {self.path.name} (n_ctx={n_ctx})")
+        self.n_ctx = n_ctx
+        self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+        self._memory = lib.llama_get_memory(self.ctx)
+
+    # tokens and text
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 16
+        for _ in range(2):
+            buf = (self.lib.llama_token * size)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, size, False, False)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+        raise BackendError(f"llama_tokenize failed on {len(data)} bytes of text")
+
+    def detokenize(self, ids: list[int]) -> str:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for token in ids:
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                raise BackendError(f"llama_token_to_piece failed on token {token}")
+            out += buf.raw[:n]
+        return out.decode("utf-8", errors="replace")
+
+    # adapters
+
+    def set_adapter(self, tensors: Tensors) -> None:
+        """Write ``tensors`` as a GGUF adapter in RAM, load it, activate it, free the old one."""
+
+        check_layout(tensors, self.spec, self.base)
+        fd, name = tempfile.mkstemp(prefix="fleetune-lora-", suffix=".gguf", dir=_ram_dir())
+        os.close(fd)
+        try:
+            write_lora_gguf(tensors, self.spec, self.base, name, check=False)
+            adapter = self.lib.llama_adapter_lora_init(self.model, name.encode())
+        finally:
+            os.unlink(name)  # llama.cpp copied the weights into its own buffers
+        if not adapter:
+            raise BackendError(
+                f"llama_adapter_lora_init refused the adapter written for {self.base.name}"
+            )
+        try:
+            self._activate(adapter, self._scale)
+        except BackendError:
+            self.lib.llama_adapter_lora_free(adapter)
+            raise
+        old, self._adapter = self._adapter, adapter
+        if old:
+            self.lib.llama_adapter_lora_free(old)
+        self._tensors = {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}
+
+    def _activate(self, adapter: Any, scale: float) -> None:
+        adapters = (self.lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        rc = self.lib.llama_set_adapters_lora(self.ctx, adapters, 1, scales)
+        if rc != 0:
+            raise BackendError(f"llama_set_adapters_lora returned {rc}")
+
+    def get_adapter(self) -> Tensors:
+        if self._tensors is None:
+            from edge_sdk.adapters.lora import init_lora
+
+            return init_lora(self.spec, self.base)
+        return {k: v.copy() for k, v in self._tensors.items()}
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply the active adapter's effect by ``scale`` (1.0: as tuned; 0.0: the base)."""
+        if not np.isfinite(scale):
+            raise ConfigError(f"adapter scale must be finite, got {scale}")
+        self._scale = float(scale)
+        if self._adapter:
+            self._activate(self._adapter, self._scale)
+
+    def set_cvec(self, vec: np.ndarray | None) -> None:
+        """Add ``vec[i]`` to the residual stream after decoder layer ``i`` (``None`` clears it).
+
+        llama.cpp never steers layer 0, so ``vec[0]`` must be zero."""
+        lib = self.lib
+        if vec is None:
+            rc = lib.llama_set_adapter_cvec(self.ctx, None, 0, self.n_embd, -1, -1)
+        else:
+            vec = np.ascontiguousarray(vec, dtype=np.float32)
+            if vec.shape != (self.n_layer, self.n_embd):
+                raise PayloadError(
+                    f"control vector must be [{self.n_layer}, {self.n_embd}], got {vec.shape}"
+                )
+            if np.any(vec[0]) or not np.all(np.isfinite(vec)):
+                raise PayloadError("control vector row 0 must be zero and every entry finite")
+            data = vec[1:]
+            rc = lib.llama_set_adapter_cvec(
+                self.ctx,
+                data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                data.size,
+                self.n_embd,
+                1,
+                self.n_layer - 1,
+            )
+        if rc != 0:
+            raise BackendError(f"llama_set_adapter_cvec returned {rc}")
+
+    # evaluation
+
+    def _decode(self, ids: np.ndarray, all_logits: bool, start: int = 0) -> None:
+        """Decode ``ids`` at positions ``start..``; logits for every token or only the last."""
+        n = len(ids)
+        if start + n > self.n_ctx:
+            raise ConfigError(f"{start + n} tokens exceed the context of {self.n_ctx}")
+        if start == 0:
+            self.lib.llama_memory_clear(self._memory, True)
+        batch = self.batch
+        batch.n_tokens = n
+        for i, token in enumerate(ids.tolist()):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if all_logits or i == n - 1 else 0
+        rc = self.lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode returned {rc} on {n} tokens")
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """[seq, vocab] logits of one sequence (a copy)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self._decode(ids, all_logits=True)
+        ptr = self.lib.llama_get_logits(self.ctx)
+        if not ptr:
+            raise BackendError("llama_get_logits returned NULL")
+        return np.ctypeslib.as_array(ptr, shape=(len(ids), self.n_vocab)).copy()
+
+    def loss(self, input_ids: np.ndarray) -> float:
+        """Mean next-token cross-entropy of [batch, seq] windows under the current adapter."""
+        ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
+        if ids.shape[1] < 2:
+            raise ConfigError(f"loss needs windows of at least 2 tokens, got {ids.shape}")
+        total, count = 0.0, 0
+        for row in ids:
+            logits = self.logits(row)[:-1]
+            peak = logits.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
+            picked = logits[np.arange(len(row) - 1), row[1:]]
+            total += float(np.sum(lse - picked))
+            count += len(row) - 1
+        return total / count
+
+    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        """Loss with the adapter vector ``flat`` (``FlatLayout`` order), swapped in first."""
+        if flat.shape != (self.layout.size,):
+            raise PayloadError(
+                f"adapter vector must have length {self.layout.size}, got {flat.shape}"
+            )
+        self.set_adapter(self.layout.unflatten(flat))
+        return self.loss(input_ids)
+
+    def generate(self, prompt: str, max_tokens: int = 32) -> str:
+        """Greedy continuation of ``prompt`` (stops at an end-of-generation token)."""
+        ids = np.asarray(self.tokenize(prompt), dtype=np.int64)
+        if len(ids) == 0:
+            raise ConfigError("generate needs a non-empty prompt")
+        out: list[int] = []
+        pos = 0
+        for _ in range(max_tokens):
+            self._decode(ids, all_logits=False, start=pos)
+            pos += len(ids)
+            last = np.ctypeslib.as_array(
+                self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)
+            )
+            token = int(np.argmax(last))
+            if self.lib.llama_vocab_is_eog(self.vocab, token) or pos >= self.n_ctx:
+                break
+            out.append(token)
+            ids = np.asarray([token], dtype=np.int64)
+        return self.detokenize(out)
+
+    # lifetime
+
+    def close(self) -> None:
+        """Free the adapter, batch, context and model (safe to call twice)."""
+        lib = self.lib
+        if self._adapter:
+            lib.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
+        if self.batch is not None:
+            lib.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> LlamaCppBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "lib", None) is not None:
+            self.close()

