@@ -93,13 +93,15 @@ def test_cli_demo_on_a_corpus_it_has_never_seen(smollm2, tmp_path):
     assert "ppl_base" in result.stdout  # the table
 
 
-def test_zo_fleet_on_onnxruntime_uploads_only_seeds(smollm2, onnx_artifacts, mosquitto, tmp_path):
-    # Execute
+def test_zo_fleet_merges_onnx_and_llamacpp_devices_from_seeds(
+    smollm2, onnx_artifacts, mosquitto, tmp_path
+):
+    # Execute: device-0 tunes in onnxruntime, device-1 in llama.cpp (q8_0); one round merges both
     doc = run_demo(
         devices=2,
         rounds=2,
         steps=8,
-        backend="onnx",
+        backend="onnx,llamacpp",
         tuner="zo",
         broker=(mosquitto.host, mosquitto.port),
         json_path=str(tmp_path / "zo.json"),
