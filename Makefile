@@ -37,9 +37,9 @@ test-unit: setup
 	$(BIN)/python -m pytest -q -m unit
 
 bench: setup setup-llamacpp
-	$(BIN)/python benchmarks/roundtrip.py --json results/bench_roundtrip.json
-	$(BIN)/python benchmarks/zo_onnx.py --json results/bench_zo_onnx.json
-	$(BIN)/python benchmarks/zo_llamacpp.py --json results/bench_zo_llamacpp.json
+	$(BIN)/python -m benchmarks.roundtrip --json results/bench_roundtrip.json
+	$(BIN)/python -m benchmarks.zo_onnx --json results/bench_zo_onnx.json
+	$(BIN)/python -m benchmarks.zo_llamacpp --json results/bench_zo_llamacpp.json
 
 lint: setup
 	$(BIN)/ruff check edge_sdk server models tests benchmarks examples

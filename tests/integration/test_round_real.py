@@ -72,7 +72,7 @@ def test_unreachable_broker_is_a_transport_error_naming_it():
         MqttTransport("127.0.0.1", port, "x").connect(timeout=3)
 
 
-def test_peft_loads_a_fleetune_adapter_with_the_same_loss(smollm2, tmp_path):
+def test_peft_loads_a_fleetune_adapter_with_the_same_loss(smollm2, adapter, tmp_path):
     """Adapters are PEFT files: desktop tools get the same model as the device."""
     import torch
     from peft import PeftModel
@@ -82,12 +82,7 @@ def test_peft_loads_a_fleetune_adapter_with_the_same_loss(smollm2, tmp_path):
     from edge_sdk.backends.torch import TorchBackend
 
     # Prepare: a non-trivial adapter
-    spec = LoraSpec()
-    rng = np.random.default_rng(0)
-    tensors = {
-        k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
-        for k, v in init_lora(spec, smollm2).items()
-    }
+    spec, tensors = LoraSpec(), adapter
     save_peft(tmp_path / "adapter", tensors, spec, smollm2)
     backend = TorchBackend(smollm2, spec)
     backend.set_adapter(tensors)

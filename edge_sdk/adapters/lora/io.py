@@ -49,6 +49,18 @@ def check_layout(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> None:
             raise PayloadError(f"tensor {name} contains NaN or Inf")
 
 
+def check_envelope(header, kind: str, spec: LoraSpec, base: BaseManifest) -> None:
+    """An envelope header (``codec.Header``) must be of ``kind`` and for this base and spec."""
+    if header.kind != kind:
+        raise PayloadError(f"expected kind {kind!r}, got {header.kind!r}")
+    if header.base_sha256 != base.sha256:
+        raise PayloadError(
+            f"{kind} is for base {header.base_sha256[:12]}, not {base.name} ({base.short_hash})"
+        )
+    if LoraSpec.from_dict(header.adapter) != spec:
+        raise PayloadError(f"{kind} adapter spec {header.adapter} is not {spec.to_dict()}")
+
+
 def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that PEFT can load."""
     directory = Path(directory)

@@ -1,0 +1,34 @@
+"""Helpers shared by the benchmarks: held-out perplexity and a fresh process's peak RSS."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+# appended to a child's code: its peak resident set size, in KiB (VmHWM survives nothing of the
+# parent, unlike ru_maxrss after fork + exec)
+PRINT_PEAK_RSS = (
+    '\nprint([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])\n'
+)
+
+
+def peak_rss_mb(child_code: str, *args: str) -> float:
+    """Run ``child_code`` in a fresh interpreter and return its peak RSS in MB."""
+    out = subprocess.run(
+        [sys.executable, "-c", child_code + PRINT_PEAK_RSS, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def perplexity(loss, windows: np.ndarray, theta: np.ndarray, batch: int = 4) -> float:
+    """exp(mean token loss) of ``loss(window_batch, theta)`` over ``windows``."""
+    losses = [
+        loss(windows[i : i + batch], theta) * len(windows[i : i + batch])
+        for i in range(0, len(windows), batch)
+    ]
+    return float(np.exp(sum(losses) / len(windows)))
