@@ -22,7 +22,7 @@ from edge_sdk.adapters.lora.io import check_envelope, check_layout
 from edge_sdk.backends import Backend
 from edge_sdk.config import FleetuneConfig
 from edge_sdk.data import ClientData, ClientText, prepare_client
-from edge_sdk.errors import FleetuneError, PayloadError, TransportError
+from edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
 from edge_sdk.manifest import BaseManifest
 from edge_sdk.store import DeviceStore
 from edge_sdk.transport.base import Transport
@@ -249,6 +249,25 @@ class EdgeClient:
             sent += len(payload)
         return sent
 
+    def _read_announcement(self, payload: bytes) -> dict:
+        """A round announcement; one for another base model or adapter ends the run."""
+        try:
+            body = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PayloadError(f"round announcement is not JSON: {err}") from err
+        if not isinstance(body, dict) or not all(
+            isinstance(body.get(k), int) for k in ("round", "adapter_version")
+        ):
+            raise PayloadError("round announcement lacks integer round / adapter_version")
+        if body.get("base_sha256", self.base.sha256) != self.base.sha256:
+            raise ConfigError(
+                f"the fleet runs base {str(body['base_sha256'])[:12]}, this device "
+                f"{self.base.name} ({self.base.short_hash})"
+            )
+        if "adapter" in body and LoraSpec.from_dict(body["adapter"]) != self.spec:
+            raise ConfigError(f"the fleet tunes {body['adapter']}, this device {self.spec}")
+        return body
+
     def _read_adapter(self, payload: bytes, current: _Global | None) -> _Global | None:
         """A pushed adapter: dense (``adapter/global``) or the seeds of one zeroth-order round
         (``adapter/global/seeds``), which apply only on top of the version they start from."""
@@ -301,7 +320,7 @@ class EdgeClient:
             report.bytes_down += len(msg.payload)
             try:
                 if msg.topic == self.topics.round:
-                    announcement = json.loads(msg.payload)
+                    announcement = self._read_announcement(msg.payload)
                 elif msg.topic in (self.topics.global_adapter, self.topics.global_seeds):
                     pushed = self._read_adapter(msg.payload, current)
                     if pushed is not None and (
@@ -314,7 +333,7 @@ class EdgeClient:
                 continue
             if announcement is None:
                 continue
-            wanted = int(announcement.get("adapter_version", -1))
+            wanted = announcement["adapter_version"]
             if current is None or current.version != wanted:
                 if current is not None and current.version > wanted:
                     continue  # an old announcement; the new one is on its way
@@ -325,9 +344,7 @@ class EdgeClient:
             if dense and zo:
                 transport.unsubscribe(self.topics.global_adapter)
                 dense = False
-            if announcement.get("base_sha256") not in (None, self.base.sha256):
-                raise PayloadError("the round announcement names another base model")
-            round_ = int(announcement["round"])
+            round_ = announcement["round"]
             if announcement.get("done"):
                 self.backend.set_adapter(current.tensors)
                 report.ppl_final = self.evaluate(data.heldout)

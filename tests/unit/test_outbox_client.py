@@ -2,7 +2,7 @@ import pytest
 
 from edge_sdk.client import EdgeClient
 from edge_sdk.config import DeviceConfig, FleetuneConfig
-from edge_sdk.errors import TransportError
+from edge_sdk.errors import ConfigError, PayloadError, TransportError
 from edge_sdk.store import DeviceStore
 from tests.conftest import tiny_manifest
 
@@ -35,3 +35,30 @@ def test_device_keeps_its_outbox_when_the_broker_is_down(tmp_path):
     # Assert
     assert sent == len(b"update-1") and client.store.pending() == []
     assert client._transport.sent == [("fleetune/default/update/d1", b"update-1")]
+
+
+@pytest.mark.parametrize(
+    "payload,error,message",
+    [
+        (b"{not json", PayloadError, "not JSON"),
+        (b"[1, 2]", PayloadError, "lacks integer round"),
+        (b'{"round": "1", "adapter_version": 0}', PayloadError, "lacks integer round"),
+        (
+            b'{"round": 1, "adapter_version": 0, "base_sha256": "' + b"cd" * 32 + b'"}',
+            ConfigError,
+            "the fleet runs base cdcdcdcdcdcd",
+        ),
+        (
+            b'{"round": 1, "adapter_version": 0, "adapter": {"kind": "lora", "r": 4, "alpha": 16,'
+            b' "targets": ["q_proj"]}}',
+            ConfigError,
+            "the fleet tunes",
+        ),
+    ],
+)
+def test_bad_round_announcements_are_named(payload, error, message):
+    client = EdgeClient(FleetuneConfig(), base=tiny_manifest())
+    with pytest.raises(error, match=message):
+        client._read_announcement(payload)
+    good = client._read_announcement(b'{"round": 2, "adapter_version": 1}')
+    assert good["round"] == 2
