@@ -146,19 +146,6 @@ class LossGraph(nn.Module):
         return causal_lm_loss(self.inner.logits(input_ids, attention_mask, adapter), labels)
 
 
-class LogitsGraph(nn.Module):
-    """``(input_ids, attention_mask, adapter) -> logits [B, T, V]``."""
-
-    def __init__(self, inner: _LoRAFunctionalLM) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: torch.Tensor
-    ) -> torch.Tensor:
-        return self.inner.logits(input_ids, attention_mask, adapter)
-
-
 # --------------------------------------------------------------------------- #
 # Export
 # --------------------------------------------------------------------------- #
@@ -246,25 +233,123 @@ def export_loss_graph(
     )
 
 
-def export_logits_graph(
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """``(input_names, output_names)`` of the decoder graph, in graph order."""
+    past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *past, "adapter"]
+    return inputs, ["logits", *present]
+
+
+class DecoderGraph(nn.Module):
+    """``(input_ids, attention_mask, position_ids, past, adapter) -> (logits, *present)``.
+
+    ``past`` is the tuple ``(key_0, value_0, key_1, value_1, ...)`` (flattened to the graph
+    inputs ``past.{i}.key`` / ``past.{i}.value``); it fills a ``DynamicCache`` that the
+    model extends by the ``T`` new positions, returned flattened in the same order.
+    """
+
+    def __init__(self, inner: _LoRAFunctionalLM, num_layers: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+        adapter: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        from transformers.cache_utils import DynamicCache
+
+        if len(past) != 2 * self.num_layers:
+            raise ValueError(f"expected {2 * self.num_layers} past tensors, got {len(past)}")
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        inner = self.inner
+        inner._current = unflatten_adapter(adapter, inner.layout)
+        try:
+            out = inner.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            inner._current = {}
+        present: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def export_decoder_graph(
     hf_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     layout: AdapterLayout,
     scale: float = 2.0,
     opset: int = 18,
 ) -> Path:
-    """Export ``logits [B, T, V] = model_with_lora(input_ids, attention_mask)``."""
+    """Export the KV-cache decoder step (see the module docstring for the graph I/O).
+
+    One graph serves both prefill (``P = 0``: empty ``past.*`` tensors) and decoding
+    (``T = 1``). ``logits`` holds the last position only (``[B, 1, V]``).
+    Base weights go to ``<out_path>.data`` (external data).
+    """
     model = _load_base(hf_dir)
-    graph = LogitsGraph(_LoRAFunctionalLM(model, layout, scale)).eval()
-    ids, mask, _, adapter = _example_inputs(adapter_size(layout), model.config.vocab_size)
-    return _export(
-        graph,
-        (ids, mask, adapter),
-        ["input_ids", "attention_mask", "adapter"],
-        ["logits"],
-        out_path,
-        opset,
+    cfg = model.config
+    n_layers = int(cfg.num_hidden_layers)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    graph = DecoderGraph(_LoRAFunctionalLM(model, layout, scale), n_layers).eval()
+
+    g = torch.Generator().manual_seed(0)
+    batch_size, new_len, past_len = 2, 3, 5  # > 1 so that no dim is specialized
+    ids = torch.randint(0, int(cfg.vocab_size), (batch_size, new_len), generator=g)
+    mask = torch.ones(batch_size, past_len + new_len, dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + new_len).expand(batch_size, -1).contiguous()
+    past = [
+        torch.randn(batch_size, kv_heads, past_len, head_dim, generator=g)
+        for _ in range(2 * n_layers)
+    ]
+    adapter = torch.randn(adapter_size(layout), generator=g) * 0.02
+
+    input_names, output_names = decoder_io_names(n_layers)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq")
+    past_seq = torch.export.Dim("past", min=0)
+    total = torch.export.Dim("total")  # P + T; torch.export only derives dims from one Dim
+    kv_spec = {0: batch, 2: past_seq}
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        tuple([kv_spec] * (2 * n_layers)),
+        None,
     )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph,
+            (ids, mask, pos, tuple(past), adapter),
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            optimize=True,
+            external_data=True,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no ONNXProgram")
+    program.save(str(out_path), external_data=True)
+    return out_path
 
 
 # --------------------------------------------------------------------------- #
@@ -377,12 +462,12 @@ def export_onnx(
     base: BaseManifest,
     spec: LoraSpec,
     out_dir: str | os.PathLike[str] | None = None,
-    graphs: Sequence[str] = ("fp32", "int8", "generate"),
+    graphs: Sequence[str] = ("fp32", "int8", "decoder"),
     force: bool = False,
 ) -> Path:
     """Write the graphs a device needs, the tokenizer and ``onnx-manifest.json`` (the adapter's
     flat layout: names, shapes, offsets) for ``base`` + ``spec``. Graphs: ``fp32`` and ``int8``
-    (weight-only) loss graphs, ``generate`` (logits for generation). Only missing ones are built.
+    (weight-only) loss graphs, ``decoder`` (KV-cache generation step). Only missing ones are built.
     """
     import json
     import logging
@@ -417,10 +502,10 @@ def export_onnx(
         log.info("quantizing the base weights to int8 (weight-only; the adapter path stays fp32)")
         quantize_int8(root / "loss_fp32.onnx", root / "loss_int8.onnx")
         done["int8"] = "loss_int8.onnx"
-    if "generate" in missing:
-        log.info("exporting the logits graph for generation (about 2 minutes)")
-        export_logits_graph(base.hf_dir, root / "logits_fp32.onnx", layout, scale=spec.scale)
-        done["generate"] = "logits_fp32.onnx"
+    if "decoder" in missing:
+        log.info("exporting the KV-cache decoder graph for generation (about 2 minutes)")
+        export_decoder_graph(base.hf_dir, root / "decoder_fp32.onnx", layout, scale=spec.scale)
+        done["decoder"] = "decoder_fp32.onnx"
     shutil.copy(Path(base.hf_dir) / "tokenizer.json", root / "tokenizer.json")
     entries, offset = [], 0
     for name, shape in layout:

@@ -6,6 +6,7 @@ uses ``tokenizers``. The artifacts come from ``fleetune export onnx`` (``models/
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class OnnxArtifacts:
     spec: LoraSpec
     layout: list[tuple[str, tuple[int, ...], int]]  # (name, shape, offset) in the flat input
     size: int
-    graphs: dict[str, str]  # "fp32" | "int8" (loss graphs), "generate" (logits) -> file name
+    graphs: dict[str, str]  # "fp32" | "int8" (loss graphs), "decoder" (KV cache) -> file name
     tokenizer: str
     eos_token_id: int | None = None
 
@@ -155,33 +156,71 @@ class OnnxBackend:
         return self.loss_flat(input_ids, self.flat)
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy continuation of ``prompt`` under the current adapter (the logits graph is
-        re-run over the whole sequence per token: fine for short replies; no KV cache yet)."""
-        if "generate" not in self.art.graphs:
-            raise ConfigError(f"no generation graph in {self.art.root}: run `fleetune export onnx`")
+        """Greedy continuation of ``prompt`` under the current adapter, on the KV-cache decoder
+        graph: one prefill call over the prompt, then one call per new token."""
+        if "decoder" not in self.art.graphs:
+            raise ConfigError(f"no decoder graph in {self.art.root}: run `fleetune export onnx`")
         if self._generator is None:
-            path = str(self.art.root / self.art.graphs["generate"])
+            path = str(self.art.root / self.art.graphs["decoder"])
             try:
                 self._generator = ort.InferenceSession(
                     path, self._options, providers=["CPUExecutionProvider"]
                 )
             except Exception as err:
-                raise BackendError(f"cannot load the generation graph {path}: {err}") from err
-        generator = self._generator
-        ids = self.tokenize(prompt)
-        start = len(ids)
-        for _ in range(max_new_tokens):
-            batch = np.asarray([ids], dtype=np.int64)
-            (logits,) = generator.run(
-                ["logits"],
-                {"input_ids": batch, "attention_mask": np.ones_like(batch), "adapter": self.flat},
-            )
-            token = int(np.argmax(logits[0, -1]))
-            ids.append(token)
-            if token == self.art.eos_token_id:
-                break
-        return self._tokenizer.decode(ids[start:], skip_special_tokens=True)
+                raise BackendError(f"cannot load the decoder graph {path}: {err}") from err
+        new = greedy(
+            self._generator, self.tokenize(prompt), self.flat, max_new_tokens, self.art.eos_token_id
+        )
+        return self._tokenizer.decode(new, skip_special_tokens=True)
 
     def close(self) -> None:
         self.session = None
         self._generator = None
+
+
+def empty_past(session: ort.InferenceSession, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero-length ``past.*`` inputs (``P = 0``) for the first (prefill) call."""
+    past: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past."):
+            _, kv_heads, _, head_dim = inp.shape  # [batch, kv_heads, past, head_dim]
+            past[inp.name] = np.zeros((batch, int(kv_heads), 0, int(head_dim)), dtype=np.float32)
+    return past
+
+
+def greedy(
+    session: ort.InferenceSession,
+    tokenizer_ids: Sequence[int],
+    adapter: np.ndarray,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy continuation of the prompt ``tokenizer_ids`` (batch 1); returns the new ids only.
+
+    The first call feeds the whole prompt with an empty cache; each later call feeds one
+    token and the ``present.*`` outputs of the previous call as ``past.*``.
+    """
+    past = empty_past(session)
+    present_names = [name.replace("past.", "present.", 1) for name in past]
+    output_names = ["logits", *present_names]
+    ids = np.asarray([list(tokenizer_ids)], dtype=np.int64)
+    seen = 0  # tokens already in the cache
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        total = seen + ids.shape[1]
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            "position_ids": np.arange(seen, total, dtype=np.int64)[None, :],
+            "adapter": adapter,
+            **past,
+        }
+        logits, *presents = session.run(output_names, feeds)
+        token = int(np.argmax(logits[0, -1]))
+        new.append(token)
+        if token == eos_token_id:
+            break
+        past = dict(zip(past, presents, strict=True))
+        seen = total
+        ids = np.asarray([[token]], dtype=np.int64)
+    return new

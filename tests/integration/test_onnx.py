@@ -141,12 +141,15 @@ def test_generation_follows_the_adapter_like_torch(smollm2, onnx_artifacts, adap
     from edge_sdk.backends.onnx import OnnxBackend
     from edge_sdk.backends.torch import TorchBackend
 
-    # Prepare
+    # Prepare: an adapter strong enough to change what the model says
     prompt = "To be, or not to be, that is"
+    strong = {k: v * (10.0 if "lora_B" in k else 1.0) for k, v in adapter.items()}
     backend = OnnxBackend(onnx_artifacts, base=smollm2)
-    backend.set_adapter(adapter)
+    backend.set_adapter(init_lora(LoraSpec(), smollm2))
+    plain = backend.generate(prompt, max_new_tokens=8)
+    backend.set_adapter(strong)
     reference = TorchBackend(smollm2, LoraSpec())
-    reference.set_adapter(adapter)
+    reference.set_adapter(strong)
     ids = torch.tensor([reference.tokenize(prompt)])
     # Execute
     ours = backend.generate(prompt, max_new_tokens=8)
@@ -157,3 +160,4 @@ def test_generation_follows_the_adapter_like_torch(smollm2, onnx_artifacts, adap
     theirs = reference._tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     # Assert
     assert ours == theirs and ours.strip()
+    assert ours != plain  # the KV-cache decoder really takes the adapter input
