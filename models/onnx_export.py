@@ -10,8 +10,7 @@ target module ``m`` (in ``targets`` order) the tensors
 ``...layers.{i}.self_attn.{m}.lora_A.weight`` ``(r, in_features)`` followed by
 ``...lora_B.weight`` ``(out_features, r)``, each flattened row-major. Names are
 PEFT's keys as stored in ``adapter_model.safetensors``, so a flat vector can be
-converted to/from a PEFT checkpoint with :func:`unflatten_adapter` /
-:func:`flatten_adapter`.
+converted to a PEFT checkpoint with :func:`unflatten_adapter`.
 
 LoRA forward: ``y = W x + scale * B (A x)`` with ``scale = alpha / r``.
 """
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -59,11 +58,6 @@ def unflatten_adapter(flat: torch.Tensor, layout: AdapterLayout) -> dict[str, to
     if off != flat.shape[0]:
         raise ValueError(f"adapter has {flat.shape[0]} values, layout needs {off}")
     return out
-
-
-def flatten_adapter(tensors: Mapping[str, torch.Tensor], layout: AdapterLayout) -> torch.Tensor:
-    """Concatenate PEFT-keyed tensors into the flat ``[N]`` float32 vector."""
-    return torch.cat([tensors[name].reshape(-1).float() for name, _ in layout])
 
 
 # --------------------------------------------------------------------------- #
