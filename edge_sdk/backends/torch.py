@@ -71,8 +71,14 @@ class TorchBackend:
     def get_adapter(self) -> Tensors:
         return {name: p.detach().numpy().copy() for name, p in self._params.items()}
 
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return list(self._params.values())
+    def trainable(self, part: str = "all") -> list[torch.nn.Parameter]:
+        """The LoRA weights an optimizer moves: ``all`` or ``lora_b`` (A stays where it is)."""
+        keep = {"all": ".lora_", "lora_b": ".lora_B."}
+        if part not in keep:
+            raise BackendError(f"trainable part {part!r} is not one of {sorted(keep)}")
+        for name, param in self._params.items():
+            param.requires_grad_(keep[part] in name)
+        return [p for n, p in self._params.items() if keep[part] in n]
 
     def loss_tensor(self, input_ids: np.ndarray) -> torch.Tensor:
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))

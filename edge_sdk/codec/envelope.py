@@ -27,7 +27,7 @@ MAGIC = b"FLTN"
 SCHEMA_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-KINDS = ("update", "adapter")
+KINDS = ("update", "adapter", "basis", "mixture")
 _PREFIX = struct.Struct(">4sBI")
 
 
@@ -35,7 +35,8 @@ _PREFIX = struct.Struct(">4sBI")
 class Header:
     """What an envelope carries besides its tensors."""
 
-    kind: str  # "update" (a device's delta) or "adapter" (full weights from the server)
+    kind: str  # "update" (a device's delta), "adapter" (full weights from the server),
+    # "basis" (K adapters to mix, from the server), "mixture" (a device's coefficients)
     sender: str  # device id, or "server"
     round: int  # the round this belongs to
     base_sha256: str  # the base model it is for

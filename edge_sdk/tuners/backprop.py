@@ -19,17 +19,23 @@ def tune_backprop(
     batch_size: int,
     seed: int,
     progress: Callable[[int, float], None] | None = None,
+    params: str = "all",
+    seconds: float | None = None,
 ) -> dict:
-    """``steps`` AdamW steps on batches drawn from ``train`` windows; returns metrics."""
+    """``steps`` AdamW steps on batches drawn from ``train`` windows (fewer if ``seconds`` of
+    wall-clock run out first); returns metrics. ``params="lora_b"`` keeps A at the fleet's
+    shared init, so the adapters of such devices mix exactly (``edge_sdk.tuners.mix``)."""
     import torch
 
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(backend.trainable(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(backend.trainable(params), lr=lr, weight_decay=0.0)
     backend.model.train()
-    losses = []
+    losses: list[float] = []
     start = time.monotonic()
     try:
         for step in range(steps):
+            if seconds is not None and time.monotonic() - start >= seconds:
+                break
             batch = train[rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
             loss = backend.loss_tensor(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -41,7 +47,7 @@ def tune_backprop(
     finally:
         backend.model.eval()
     return {
-        "steps": steps,
+        "steps": len(losses),
         "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
         "seconds": time.monotonic() - start,
     }

@@ -52,8 +52,8 @@ class ZOConfig:
     pool_size: int = 4096
 
     def __post_init__(self) -> None:
-        if not (0 < self.lr < 1 and 0 < self.eps < 1):
-            raise ConfigError("zo lr and eps must be in (0, 1)")
+        if not (0 < self.lr <= 100 and 0 < self.eps < 1):
+            raise ConfigError("zo lr must be in (0, 100] and eps in (0, 1)")
         if self.perturbations < 1 or self.pool_size < 1:
             raise ConfigError("zo perturbations and pool_size must be >= 1")
         for name in (self.schedule, self.eps_schedule):
@@ -91,7 +91,7 @@ def zo_tune(
     ``loss(theta, step)`` evaluates the caller's batch for ``step``. Returns the
     ``(seed index, coefficient)`` pairs that replay the run and a few metrics.
     """
-    view = theta[tuned]
+    view = theta[tuned].copy()  # a slice would alias theta
     size = view.size
     pairs: list[tuple[int, float]] = []
     losses = []

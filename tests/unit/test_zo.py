@@ -58,3 +58,19 @@ def test_several_perturbations_and_schedules():
 def test_bad_zo_config_is_refused(kw):
     with pytest.raises(ConfigError):
         ZOConfig(**kw)
+
+
+def test_a_slice_of_theta_is_perturbed_both_ways():
+    # a slice is a view of theta: the minus point must still be theta - eps*z
+    seen = []
+    theta = np.zeros(3, np.float32)
+    zo_tune(
+        lambda th, s: seen.append(th.copy()) or 0.0,
+        theta,
+        slice(None),
+        1,
+        ZOConfig(eps=0.1),
+        np.random.default_rng(0),
+    )
+    np.testing.assert_allclose(seen[0], -seen[1], atol=1e-7)
+    assert np.abs(seen[0]).max() > 0

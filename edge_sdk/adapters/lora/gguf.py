@@ -29,8 +29,11 @@ GGUF_MODULES = {
 }
 
 
-def lora_gguf_tensors(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> Tensors:
-    """PEFT-named LoRA tensors → llama.cpp names (``blk.{i}.attn_q.weight.lora_a``), float32.
+def lora_gguf_tensors(
+    tensors: Tensors, spec: LoraSpec, base: BaseManifest, layers: range | None = None
+) -> Tensors:
+    """PEFT-named LoRA tensors → llama.cpp names (``blk.{i}.attn_q.weight.lora_a``), float32,
+    for all layers or only ``layers`` (llama.cpp leaves the others unadapted).
 
     Shapes stay as PEFT's (numpy order is GGUF's reversed: lora_a [r, in] is ne = {in, r}). The
     rows of q/k's B are permuted the way ``convert_hf_to_gguf.py`` permutes q/k weights for RoPE.
@@ -38,7 +41,7 @@ def lora_gguf_tensors(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> T
     if base.architecture != "llama":
         raise ConfigError(f"GGUF LoRA export supports llama bases, not {base.architecture!r}")
     out: Tensors = {}
-    for layer in range(base.num_layers):
+    for layer in range(base.num_layers) if layers is None else layers:
         for module in spec.targets:
             gguf_name, heads_field = GGUF_MODULES[module]
             group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
@@ -56,9 +59,15 @@ def lora_gguf_tensors(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> T
 
 
 def write_lora_gguf(
-    tensors: Tensors, spec: LoraSpec, base: BaseManifest, path: str | Path, check: bool = True
+    tensors: Tensors,
+    spec: LoraSpec,
+    base: BaseManifest,
+    path: str | Path,
+    check: bool = True,
+    layers: range | None = None,
 ) -> Path:
-    """Write a LoRA adapter as a GGUF file stock llama.cpp loads (``--lora``, ``lora_path``).
+    """Write a LoRA adapter (all layers, or only ``layers``) as a GGUF file stock llama.cpp
+    loads (``--lora``, ``lora_path``).
 
     ~5 ms for the default 460,800-parameter adapter on /dev/shm."""
     try:
@@ -76,7 +85,7 @@ def write_lora_gguf(
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(spec.alpha))
         writer.add_string("fleetune.base_sha256", base.sha256)
-        for name, value in lora_gguf_tensors(tensors, spec, base).items():
+        for name, value in lora_gguf_tensors(tensors, spec, base, layers).items():
             writer.add_tensor(name, value)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
