@@ -27,6 +27,14 @@ from edge_sdk.manifest import BaseManifest
 from edge_sdk.store import DeviceStore
 from edge_sdk.transport.base import Transport
 from edge_sdk.transport.topics import Topics
+from edge_sdk.tuners.mix import (
+    Basis,
+    Mixer,
+    engine_loss,
+    mixture_envelope,
+    split_validation,
+    tune_mix,
+)
 from edge_sdk.tuners.zo import replay, zo_tune
 
 Tensors = dict[str, np.ndarray]
@@ -206,7 +214,14 @@ class EdgeClient:
         t = self.config.tuning
         seed = zlib.crc32(f"{t.seed}/{self.device}/{round_}".encode())
         return tune_backprop(
-            self.backend, data.train, t.steps, t.lr, t.batch_size, seed, self._progress(round_)
+            self.backend,
+            data.train,
+            t.steps,
+            t.lr,
+            t.batch_size,
+            seed,
+            self._progress(round_),
+            params=t.backprop_params,
         )
 
     def tune_zo(
@@ -238,6 +253,113 @@ class EdgeClient:
         index = np.array([i for i, _ in pairs], dtype=np.int32)
         coef = np.array([c for _, c in pairs], dtype=np.float32)
         return index, coef, {**metrics, "pool_seed": zo.pool_seed, "params": t.zo_params}
+
+    def personalize(self, data: ClientData, basis: Basis) -> tuple[np.ndarray, Tensors, dict]:
+        """Search mixing coefficients over the fleet's ``basis`` inside the engine, stopping early
+        on validation windows kept out of training; the backend ends up running the best mix.
+        Returns the coefficients [K, G], the mixed adapter and metrics."""
+        t = self.config.tuning
+        basis.check(self.spec, self.base)
+        mixer = Mixer(basis, self.base, groups=t.mix_groups)
+        train, val = split_validation(data.train)
+        loss = engine_loss(self.backend, mixer)
+        rng = np.random.default_rng(zlib.crc32(f"{t.seed}/{self.device}/mix".encode()))
+        size = min(t.batch_size, len(train))
+        batches = [train[rng.choice(len(train), size=size, replace=False)] for _ in range(t.steps)]
+        bs = t.batch_size
+
+        def validate(coef: np.ndarray) -> float:
+            parts = [
+                (loss(val[i : i + bs], coef), len(val[i : i + bs])) for i in range(0, len(val), bs)
+            ]
+            return sum(v * n for v, n in parts) / len(val)
+
+        def progress(step: int, value: float) -> None:
+            log.info(
+                "%s mixture: step %d/%d validation loss %.3f", self.device, step, t.steps, value
+            )
+
+        coef, metrics = tune_mix(
+            lambda c, step: loss(batches[step], c),
+            validate,
+            basis.start(t.mix_groups),
+            t.mix(),
+            rng,
+            progress,
+        )
+        adapter = mixer.adapter(coef)
+        self.backend.set_adapter(adapter)
+        return coef, adapter, metrics
+
+    def run_mix(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
+        """Personalize from the fleet's basis: take the retained basis, search coefficients,
+        upload them (K x G floats), and run the personalized adapter the server pushes back."""
+        data = data or self.prepare(item)
+        report = DeviceReport(self.device, item.client)
+        self.backend.set_adapter(init_lora(self.spec, self.base))
+        report.ppl_base = self.evaluate(data.heldout)
+        transport = self.connect()
+        report.bytes_up += self.flush_outbox()
+        transport.subscribe(self.topics.basis)
+        transport.subscribe(self.topics.personal(self.device))
+        basis: Basis | None = None
+        coef: np.ndarray | None = None
+        wait = self.config.sync.round_wait_s
+        while True:
+            msg = transport.recv(timeout=wait)
+            if msg is None:
+                state = "a basis" if basis is None else "its personalized adapter"
+                raise TransportError(f"{self.device}: no {state} from the server for {wait:.0f} s")
+            report.bytes_down += len(msg.payload)
+            try:
+                if msg.topic == self.topics.basis and basis is None:
+                    basis = Basis.decode(msg.payload)
+                    basis.check(self.spec, self.base)
+                    coef = self._mix_and_upload(data, basis, report)
+                elif msg.topic == self.topics.personal(self.device) and basis is not None:
+                    header, tensors = codec.decode(msg.payload)
+                    check_envelope(header, "adapter", self.spec, self.base)
+                    if header.metrics.get("basis_version") != basis.version:
+                        continue  # from an earlier personalization
+                    check_layout(tensors, self.spec, self.base)
+                    self.backend.set_adapter(tensors)
+                    self.store.save_adapter(msg.payload)
+                    report.ppl_final = self.evaluate(data.heldout)
+                    report.history.append({"round": 1, "ppl_global": report.ppl_final})
+                    log.info(
+                        "%s: personalized adapter from basis v%d (coefficients %s): perplexity "
+                        "%.1f → %.1f",
+                        self.device,
+                        basis.version,
+                        np.round(np.asarray(coef).reshape(-1), 2).tolist(),
+                        report.ppl_base,
+                        report.ppl_final,
+                    )
+                    return report
+            except PayloadError as err:
+                log.error("%s: ignoring a bad message on %s: %s", self.device, msg.topic, err)
+
+    def _mix_and_upload(self, data: ClientData, basis: Basis, report: DeviceReport) -> np.ndarray:
+        coef, _, metrics = self.personalize(data, basis)
+        report.ppl_local = self.evaluate(data.heldout)
+        log.info(
+            "%s: mixture of %d adapters after %d steps: perplexity %.1f → %.1f",
+            self.device,
+            basis.k,
+            metrics["steps"],
+            report.ppl_base,
+            report.ppl_local,
+        )
+        summary = {
+            "heldout_loss": math.log(report.ppl_local),
+            "val_loss": metrics["val_loss"],
+            "val_loss_start": metrics["val_loss_start"],
+            "steps": metrics["steps"],
+        }
+        payload = mixture_envelope(self.device, basis, coef, len(data.train), summary)
+        self.store.put(self.topics.mixture(self.device), payload)
+        report.bytes_up += self.flush_outbox()
+        return coef
 
     # -- the round loop ---------------------------------------------------------------------------
     def flush_outbox(self) -> int:
@@ -286,7 +408,10 @@ class EdgeClient:
         return _Global(header.version, self.layout.unflatten(theta))
 
     def run(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
-        """Take part in rounds until the server announces the end; return what was measured."""
+        """Take part in rounds until the server announces the end; return what was measured.
+        A ``mix`` device instead personalizes once from the fleet's basis (:meth:`run_mix`)."""
+        if self.config.tuning.tuner == "mix":
+            return self.run_mix(item, data)
         data = data or self.prepare(item)
         report = DeviceReport(self.device, item.client)
         init = init_lora(self.spec, self.base)

@@ -27,7 +27,8 @@ PRECISIONS = {
     "onnx": ("", "fp32", "int8"),
     "llamacpp": ("", "q8_0", "q4_0", "q4_1", "f16"),
 }
-TUNERS = ("backprop", "zo")
+TUNERS = ("backprop", "zo", "mix")
+BACKPROP_PARAMS = ("all", "lora_b")
 ZO_PARAMS = ("lora_b", "all")
 
 
@@ -76,6 +77,12 @@ class TuningConfig:
     zo_schedule: str = "constant"  # zeroth-order lr schedule: constant | linear | cosine
     zo_eps_schedule: str = "constant"  # zeroth-order eps schedule: constant | linear | cosine
     zo_params: str = "lora_b"  # what zeroth-order moves: lora_b (A frozen from the seed) | all
+    backprop_params: str = "all"  # what backprop moves: all | lora_b (its adapters can be mixed)
+    mix_lr: float = 1.0  # mixture search: coefficient step size
+    mix_eps: float = 0.05  # mixture search: coefficient perturbation
+    mix_groups: int = 1  # coefficients per basis adapter (layer groups)
+    mix_eval_every: int = 10  # mixture search: validation every this many steps
+    mix_patience: int = 3  # mixture search: stop after this many evaluations without progress
 
     def __post_init__(self) -> None:
         if self.tuner not in TUNERS:
@@ -89,8 +96,14 @@ class TuningConfig:
             raise ConfigError(f"[tuning] lr must be in (0, 1), got {self.lr}")
         if self.zo_params not in ZO_PARAMS:
             raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")
+        if self.backprop_params not in BACKPROP_PARAMS:
+            raise ConfigError(f"[tuning] backprop_params must be one of {BACKPROP_PARAMS}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.zo()  # validates the zeroth-order fields
+        try:
+            self.mix()
+        except ConfigError as err:
+            raise ConfigError(f"[tuning] {err}") from err
 
     def zo(self, pool_seed: int = 0, pool_size: int = 4096):
         from edge_sdk.tuners.zo import ZOConfig
@@ -103,6 +116,18 @@ class TuningConfig:
             eps_schedule=self.zo_eps_schedule,
             pool_seed=pool_seed,
             pool_size=pool_size,
+        )
+
+    def mix(self):
+        from edge_sdk.tuners.mix import MixConfig
+
+        return MixConfig(
+            steps=self.steps,
+            lr=self.mix_lr,
+            eps=self.mix_eps,
+            groups=self.mix_groups,
+            eval_every=self.mix_eval_every,
+            patience=self.mix_patience,
         )
 
 

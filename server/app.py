@@ -24,7 +24,9 @@ from edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportE
 from edge_sdk.manifest import BaseManifest
 from edge_sdk.transport.base import Message, Transport
 from edge_sdk.transport.topics import Topics
+from edge_sdk.tuners.mix import BASIS_PART, Basis, Mixer
 from edge_sdk.tuners.zo import replay
+from server.basis import kmeans
 from server.config import ServerConfig
 from server.registry import Registry
 from server.strategy import STRATEGIES, Update
@@ -63,6 +65,13 @@ class FleetServer:
         self.first_round = 1
         self.current = self._resume()
         self.bytes_down = 0
+        # mixture personalization: each device's latest adapter (its B part), the bases offered
+        # and the coefficients devices reported for each
+        self.members: dict[str, np.ndarray] = {}
+        self.bases: dict[int, Basis] = {}
+        self.usage: dict[int, list[np.ndarray]] = {}
+        self.mixtures_served = 0
+        self._resume_mixtures()
 
     def _resume(self) -> dict[str, np.ndarray]:
         latest = self.registry.latest_adapter()
@@ -78,6 +87,18 @@ class FleetServer:
         self.first_round = int(rounds or 0) + 1
         log.info("resuming from adapter v%d at round %d", self.version, self.first_round)
         return tensors
+
+    def _resume_mixtures(self) -> None:
+        """Reload the members and the latest basis a previous run of this fleet left behind."""
+        members = self.state_dir / "members.npz"
+        if members.exists():
+            with np.load(members) as data:
+                self.members = {name: data[name] for name in data.files}
+        latest = self.registry.latest_basis()
+        if latest is not None:
+            version, path = latest
+            vectors = np.load(path)
+            self.bases[version] = Basis(version, vectors, self.spec, self.base.sha256)
 
     def _save(self, tensors: dict[str, np.ndarray], round_: int) -> None:
         path = save_peft(
@@ -103,6 +124,7 @@ class FleetServer:
             )
         self._transport.subscribe(self.topics.all_updates)
         self._transport.subscribe(self.topics.all_status)
+        self._transport.subscribe(self.topics.all_mixtures)
         self._transport.connect()
         return self._transport
 
@@ -238,6 +260,9 @@ class FleetServer:
                 self.registry.seen(device, state)
                 continue
             self.registry.seen(device)
+            if msg.topic == self.topics.mixture(device):
+                self.handle_mixture(msg)
+                continue
             try:
                 update = self.check_update(msg, round_, {u.device for u in updates})
             except FleetuneError as err:
@@ -258,6 +283,7 @@ class FleetServer:
                 update.num_examples,
             )
         if updates:
+            before = self.current
             merged = self.strategy.aggregate(
                 self.current, updates, lambda seeds: self.replay(seeds, round_)
             )
@@ -267,6 +293,9 @@ class FleetServer:
             if merged.seeds is not None:
                 self.publish_seeds(round_, merged.seeds)
             self.publish_global(round_)
+            if self.config.basis_k:
+                self.remember(updates, before, round_)
+                self.refresh_basis(round_)
         else:
             log.warning(
                 "round %d closed with no usable update; the global adapter stays v%d",
@@ -295,7 +324,150 @@ class FleetServer:
             results.append(self.run_round(round_))
         self.announce(last, done=True)
         log.info("done after round %d: final adapter v%d", last, self.version)
+        if self.config.mix_quorum:
+            self.serve_mixtures(self.config.mix_quorum, self.config.round_timeout_s)
         return results
+
+    # -- mixture personalization -------------------------------------------------------------------
+    def remember(self, updates: list[Update], before: dict[str, np.ndarray], round_: int) -> None:
+        """Keep each device's adapter after this round (the round's global plus its update) if
+        it kept A at the shared init: only those mix exactly with the others."""
+        index = self.layout.indices(BASIS_PART)
+        shared_a = self.layout.indices("lora_a")
+        start = self.layout.flatten(before)
+        init_a = self.layout.flatten(init_lora(self.spec, self.base))[shared_a]
+        for update in updates:
+            delta = update.delta or self.replay(update.seeds or {}, round_)
+            theta = start + self.layout.flatten(delta)
+            if not np.array_equal(theta[shared_a], init_a):
+                log.info(
+                    "round %d: %s moved LoRA A, so its adapter does not enter the basis "
+                    "(tune with backprop_params = lora_b or zeroth-order lora_b)",
+                    round_,
+                    update.device,
+                )
+                continue
+            self.members[update.device] = theta[index]
+        np.savez(self.state_dir / "members.npz", **self.members)
+
+    def refresh_basis(self, round_: int) -> Basis | None:
+        """Cluster the devices' adapters into ``basis_k`` centroids and push them (retained).
+        The server keeps the basis exactly as devices decode it."""
+        if not self.members:
+            return None
+        names = sorted(self.members)
+        centroids, labels = kmeans(
+            np.stack([self.members[n] for n in names]), self.config.basis_k, seed=round_
+        )
+        version = max(self.bases, default=0) + 1
+        basis = Basis(version, centroids, self.spec, self.base.sha256)
+        payload = basis.encode(round_, self.config.basis_encoding)
+        basis = Basis.decode(payload)
+        self.bases = {v: b for v, b in self.bases.items() if v > version - 4}  # the last few
+        self.bases[version] = basis
+        path = self.state_dir / "bases" / f"v{version:04d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, basis.vectors)
+        clusters = {n: int(c) for n, c in zip(names, labels, strict=True)}
+        self.registry.add_basis(version, round_, basis.k, json.dumps(clusters), str(path))
+        self.transport.publish(self.topics.basis, payload, retain=True)
+        self.bytes_down += len(payload)
+        log.info(
+            "basis v%d: %d adapters from %d devices (%d bytes)",
+            version,
+            basis.k,
+            len(names),
+            len(payload),
+        )
+        return basis
+
+    def handle_mixture(self, msg: Message) -> bool:
+        """A device's coefficients: record them, push the personalized adapter back (retained
+        on the device's own topic) and fold them into the prior new devices start from."""
+        device = self.topics.device_of(msg.topic)
+        try:
+            header, body = codec.decode(msg.payload)
+            check_envelope(header, "mixture", self.spec, self.base)
+            if header.sender != device:
+                raise PayloadError(
+                    f"sender {header.sender!r} does not match topic device {device!r}"
+                )
+            basis = self.bases.get(header.version)
+            if basis is None:
+                raise PayloadError(
+                    f"mixture is over basis v{header.version}; "
+                    f"this server holds {sorted(self.bases)}"
+                )
+            coef = body.get("coef")
+            if coef is None or coef.ndim != 2 or coef.shape[0] != basis.k:
+                raise PayloadError(f"mixture coef must be [{basis.k}, groups]")
+            mixer = Mixer(basis, self.base, groups=coef.shape[1])
+            adapter = mixer.adapter(mixer.check_coef(coef))
+        except FleetuneError as err:
+            log.warning("rejected mixture from %s: %s", device, err)
+            self.registry.log_mixture(device, -1, reason=str(err))
+            return False
+        cluster = int(np.argmax(coef.sum(axis=1)))
+        loss = header.metrics.get("heldout_loss")
+        self.registry.log_mixture(
+            device,
+            basis.version,
+            json.dumps(coef.tolist()),
+            float(loss) if isinstance(loss, (int, float)) else None,
+            cluster,
+        )
+        out = codec.Header(
+            kind="adapter",
+            sender="server",
+            round=header.round,
+            base_sha256=self.base.sha256,
+            adapter=self.spec.to_dict(),
+            encoding=self.config.downlink_encoding,
+            version=self.version,
+            metrics={"basis_version": basis.version, "cluster": cluster},
+        )
+        payload = codec.encode(out, adapter)
+        self.transport.publish(self.topics.personal(device), payload, retain=True)
+        self.bytes_down += len(payload)
+        self.mixtures_served += 1
+        # the prior: the mean coefficients devices chose for this basis (one per adapter)
+        usage = self.usage.setdefault(basis.version, [])
+        usage.append(coef.mean(axis=1))
+        if basis.version == max(self.bases):
+            prior = np.mean(usage, axis=0).astype(np.float32)
+            self.bases[basis.version] = Basis(
+                basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
+            )
+            self.transport.publish(
+                self.topics.basis,
+                self.bases[basis.version].encode(header.round, self.config.basis_encoding),
+                retain=True,
+            )
+        log.info(
+            "mixture from %s over basis v%d: coefficients %s, leans on adapter %d",
+            device,
+            basis.version,
+            np.round(coef.reshape(-1), 2).tolist(),
+            cluster,
+        )
+        return True
+
+    def serve_mixtures(self, count: int, timeout_s: float) -> int:
+        """Answer mixture uploads until ``count`` were served or ``timeout_s`` passed."""
+        deadline = time.monotonic() + timeout_s
+        log.info("serving mixtures: waiting for %d devices (timeout %.0f s)", count, timeout_s)
+        while self.mixtures_served < count and time.monotonic() < deadline:
+            msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            if msg is None:
+                continue
+            try:
+                device = self.topics.device_of(msg.topic)
+            except ConfigError:
+                continue
+            if msg.topic == self.topics.mixture(device):
+                self.registry.seen(device)
+                self.handle_mixture(msg)
+        return self.mixtures_served
 
     def close(self) -> None:
         if self._transport is not None:

@@ -29,6 +29,9 @@ def _demo(args: argparse.Namespace) -> int:
         json_path=args.json,
         backend=args.backend,
         tuner=args.tuner,
+        mix_devices=args.mix_devices,
+        mix_steps=args.mix_steps,
+        basis_k=args.basis_k,
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
@@ -133,9 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--tuner",
         default="backprop",
-        choices=("backprop", "zo"),
-        help="zo: forward-only steps, seed-only uploads",
+        choices=("backprop", "zo", "mix"),
+        help="zo: forward-only steps, seed-only uploads; mix: --devices clients build a basis "
+        "of adapters, --mix-devices unseen clients personalize from it on --backend",
     )
+    demo.add_argument("--mix-devices", type=int, default=2, help="mix: unseen clients")
+    demo.add_argument("--mix-steps", type=int, default=50, help="mix: search steps at most")
+    demo.add_argument("--basis-k", type=int, default=8, help="mix: adapters in the basis")
     demo.add_argument("--json", help="write results here, and a plot next to it (.png)")
     demo.set_defaults(func=_demo)
 

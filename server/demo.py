@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
@@ -93,13 +93,22 @@ def run_demo(
     json_path: str | None = None,
     backend: str = "torch",
     tuner: str = "backprop",
+    mix_devices: int = 2,
+    mix_steps: int = 50,
+    basis_k: int = 8,
 ) -> dict:
-    """Run the fleet and return the result document (also written to ``json_path``)."""
+    """Run the fleet and return the result document (also written to ``json_path``).
+
+    With ``tuner="mix"`` the ``devices`` clients tune B-only LoRA by backprop (torch) for
+    ``rounds`` rounds and their adapters form the server's basis; then ``mix_devices`` further,
+    unseen clients personalize from it with ``mix_steps`` steps on ``backend``."""
     tuning = replace(tuning or TuningConfig(), steps=steps, tuner=tuner)
     corpus = load_corpus(data)
-    chosen = pick_clients(corpus, devices, names=clients)
+    mix = MixPlan(mix_devices, mix_steps, basis_k) if tuner == "mix" else None
+    total = devices + (mix.devices if mix else 0)
+    chosen = pick_clients(corpus, total, names=clients)
     log.info("clients: %s", ", ".join(c.client for c in chosen))
-    manifest = prepare_isolated(base, backend, tuning)
+    manifest = prepare_isolated(base, f"torch,{backend}" if mix else backend, tuning)
     log.info("base %s (%s), %d layers", manifest.name, manifest.short_hash, manifest.num_layers)
     with contextlib.ExitStack() as stack:
         root = Path(state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-")))
@@ -121,7 +130,37 @@ def run_demo(
             round_timeout_s,
             json_path,
             data,
+            mix,
         )
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """The second phase of a ``--tuner mix`` demo: unseen devices personalizing from the basis."""
+
+    devices: int = 2
+    steps: int = 50
+    basis_k: int = 8
+
+
+def _device_config(i, manifest, engine, tuning, broker, protocol, fleet, root, timeout):
+    host, port = broker
+    # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
+    if engine == "llamacpp":
+        tuning = replace(tuning, zo_eps=1e-2)
+    return FleetuneConfig(
+        device=DeviceConfig(
+            id=f"device-{i}",
+            base=manifest.name,
+            backend=engine,
+            threads=1,
+            state_dir=str(root / f"device-{i}"),
+        ),
+        tuning=tuning,
+        sync=SyncConfig(
+            host=host, port=port, fleet=fleet, protocol=protocol, round_wait_s=timeout + 60
+        ),
+    )
 
 
 def _run(
@@ -137,8 +176,10 @@ def _run(
     round_timeout_s,
     json_path,
     data,
+    mix=None,
 ) -> dict:
     host, port = broker
+    sources = chosen[: len(chosen) - (mix.devices if mix else 0)]
     from server.app import FleetServer
 
     server_cfg = ServerConfig(
@@ -148,12 +189,14 @@ def _run(
         protocol=protocol,
         base=manifest.name,
         rounds=rounds,
-        quorum=len(chosen),
+        quorum=len(sources),
         round_timeout_s=round_timeout_s,
         lora_r=tuning.lora_r,
         lora_alpha=tuning.lora_alpha,
         lora_targets=tuning.lora_targets,
         state_dir=str(root / "server"),
+        basis_k=mix.basis_k if mix else 0,
+        mix_quorum=mix.devices if mix else 0,
     )
     server = FleetServer(server_cfg, manifest)
     server_error: list[BaseException] = []
@@ -171,37 +214,40 @@ def _run(
     thread = threading.Thread(target=serve, name="fleetune-server", daemon=True)
     thread.start()
     engines = backend.split(",")
-    for i, item in enumerate(chosen):
-        engine = engines[i % len(engines)]
-        # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
-        device_tuning = replace(tuning, zo_eps=1e-2) if engine == "llamacpp" else tuning
-        cfg = FleetuneConfig(
-            device=DeviceConfig(
-                id=f"device-{i}",
-                base=manifest.name,
-                backend=engine,
-                threads=1,
-                state_dir=str(root / f"device-{i}"),
-            ),
-            tuning=device_tuning,
-            sync=SyncConfig(
-                host=host,
-                port=port,
-                fleet=fleet,
-                protocol=protocol,
-                round_wait_s=round_timeout_s + 60,
-            ),
+
+    def start_device(i: int, engine: str, device_tuning: TuningConfig, item: ClientText) -> None:
+        cfg = _device_config(
+            i, manifest, engine, device_tuning, broker, protocol, fleet, root, round_timeout_s
         )
         proc = ctx.Process(
             target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id
         )
         proc.start()
         procs.append(proc)
+
     reports: list[dict] = []
     errors: list[str] = []
-    for _ in procs:
-        status, value = results.get()
-        (reports if status == "ok" else errors).append(value)
+
+    def collect(n: int) -> None:
+        for _ in range(n):
+            status, value = results.get()
+            (reports if status == "ok" else errors).append(value)
+
+    if mix is None:
+        for i, item in enumerate(chosen):
+            start_device(i, engines[i % len(engines)], tuning, item)
+        collect(len(chosen))
+    else:
+        # phase 1: basis devices tune B only (their adapters mix exactly), in torch
+        basis_tuning = replace(tuning, tuner="backprop", backprop_params="lora_b")
+        for i, item in enumerate(sources):
+            start_device(i, "torch", basis_tuning, item)
+        collect(len(sources))
+        # phase 2: unseen clients personalize from the basis the rounds left behind
+        mix_tuning = replace(tuning, tuner="mix", steps=mix.steps)
+        for j, item in enumerate(chosen[len(sources) :]):
+            start_device(len(sources) + j, engines[j % len(engines)], mix_tuning, item)
+        collect(len(chosen) - len(sources))
     for proc in procs:
         proc.join(30)
     thread.join(60)
@@ -210,7 +256,9 @@ def _run(
         errors.append(f"server: {server_error[0]}")
     if errors:
         raise FleetuneError("demo failed: " + "; ".join(str(e) for e in errors))
-    reports.sort(key=lambda r: r["device"])
+    reports.sort(key=lambda r: int(r["device"].split("-")[-1]))
+    for r in reports:
+        r["role"] = "unseen" if mix and int(r["device"].split("-")[-1]) >= len(sources) else "fleet"
     doc = {
         "backend": backend,
         "tuner": tuning.tuner,
@@ -222,6 +270,8 @@ def _run(
         "base": {"name": manifest.name, "sha256": manifest.sha256},
         "devices": reports,
     }
+    if mix:
+        doc["mix"] = {"devices": mix.devices, "steps": mix.steps, "basis_k": mix.basis_k}
     print(format_table(doc))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -234,13 +284,14 @@ def _run(
 
 def format_table(doc: dict) -> str:
     rows = [
-        f"{'device':<10} {'client':<34} {'ppl_base':>9} {'ppl_local':>9} {'ppl_final':>9} "
-        f"{'KB up':>8} {'KB down':>8}"
+        f"{'device':<10} {'role':<7} {'client':<26} {'ppl_base':>9} {'ppl_local':>9} "
+        f"{'ppl_final':>9} {'KB up':>8} {'KB down':>8}"
     ]
     for d in doc["devices"]:
         rows.append(
-            f"{d['device']:<10} {d['client'][:34]:<34} {d['ppl_base']:>9.1f} "
-            f"{d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} {d['bytes_up'] / 1e3:>8.0f} "
+            f"{d['device']:<10} {d.get('role', 'fleet'):<7} {d['client'][:26]:<26} "
+            f"{d['ppl_base']:>9.1f} {d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} "
+            f"{d['bytes_up'] / 1e3:>8.1f} "
             f"{d['bytes_down'] / 1e3:>8.0f}"
         )
     rows.append(
@@ -267,7 +318,14 @@ def plot(doc: dict, path: Path) -> None:
         points = [(0, d["ppl_base"])]
         points += [(h["round"] - ("ppl_local" in h), h["ppl_global"]) for h in d["history"]]
         gx, gy = zip(*sorted(set(points)), strict=False)
-        ax.plot(gx, gy, "-o", color=f"C{i}", label=f"{d['device']} {d['client']}")
+        unseen = " (unseen: mixture)" if d.get("role") == "unseen" else ""
+        ax.plot(
+            gx,
+            gy,
+            "--o" if unseen else "-o",
+            color=f"C{i}",
+            label=f"{d['device']} {d['client']}{unseen}",
+        )
         local = [(h["round"], h["ppl_local"]) for h in d["history"] if "ppl_local" in h]
         if local:
             ax.plot(*zip(*local, strict=False), ":x", color=f"C{i}")

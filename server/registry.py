@@ -15,6 +15,10 @@ CREATE TABLE IF NOT EXISTS updates (round INTEGER, device TEXT, received REAL, b
     num_examples INTEGER, accepted INTEGER, reason TEXT);
 CREATE TABLE IF NOT EXISTS adapters (version INTEGER PRIMARY KEY, round INTEGER, created REAL,
     sha256 TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS bases (version INTEGER PRIMARY KEY, round INTEGER, created REAL,
+    k INTEGER, members TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS mixtures (device TEXT, basis_version INTEGER, received REAL,
+    coef TEXT, heldout_loss REAL, cluster INTEGER, accepted INTEGER, reason TEXT);
 """
 
 
@@ -67,6 +71,48 @@ class Registry:
         self._exec(
             "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
             (version, round_, time.time(), sha256, path),
+        )
+
+    def add_basis(self, version: int, round_: int, k: int, members: str, path: str) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO bases VALUES (?, ?, ?, ?, ?, ?)",
+            (version, round_, time.time(), k, members, path),
+        )
+
+    def latest_basis(self) -> tuple[int, str] | None:
+        rows = self._exec("SELECT version, path FROM bases ORDER BY version DESC LIMIT 1")
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def log_mixture(
+        self,
+        device: str,
+        basis_version: int,
+        coef: str = "",
+        heldout_loss: float | None = None,
+        cluster: int | None = None,
+        reason: str = "",
+    ) -> None:
+        """A device's coefficients (JSON) over a basis, and the basis adapter it leans on most;
+        or, with ``reason``, why its upload was refused."""
+        self._exec(
+            "INSERT INTO mixtures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                device,
+                basis_version,
+                time.time(),
+                coef,
+                heldout_loss,
+                cluster,
+                int(not reason),
+                reason,
+            ),
+        )
+
+    def mixtures(self) -> list[tuple[str, int, str, float | None, int | None]]:
+        """Accepted mixtures: (device, basis version, coefficients JSON, held-out loss, cluster)."""
+        return self._exec(
+            "SELECT device, basis_version, coef, heldout_loss, cluster FROM mixtures "
+            "WHERE accepted = 1"
         )
 
     def latest_adapter(self) -> tuple[int, str] | None:

@@ -6,7 +6,10 @@ topic                         QoS     retained  payload
 ``round``                     1       yes       JSON round announcement (server → devices)
 ``adapter/global``            1       yes       envelope, kind "adapter" (server → devices)
 ``adapter/global/seeds``      1       yes       the same round as seeds (zeroth-order rounds)
+``adapter/basis``             1       yes       envelope, kind "basis": K adapters to mix
+``adapter/device/{device}``   1       yes       envelope, kind "adapter": one device's mixture
 ``update/{device}``           1       no        envelope, kind "update" (device → server)
+``mixture/{device}``          1       no        envelope, kind "mixture": K x G coefficients
 ``status/{device}``           1       yes       JSON ``{"state": "online"|"offline"}``; the
                                                  "offline" one is the device's last will
 ============================  ======  ========  =============================================
@@ -53,6 +56,20 @@ class Topics:
     def global_seeds(self) -> str:
         return f"{self.prefix}/adapter/global/seeds"
 
+    @property
+    def basis(self) -> str:
+        return f"{self.prefix}/adapter/basis"
+
+    def personal(self, device: str) -> str:
+        return f"{self.prefix}/adapter/device/{check_id('device', device)}"
+
+    def mixture(self, device: str) -> str:
+        return f"{self.prefix}/mixture/{check_id('device', device)}"
+
+    @property
+    def all_mixtures(self) -> str:
+        return f"{self.prefix}/mixture/+"
+
     def update(self, device: str) -> str:
         return f"{self.prefix}/update/{check_id('device', device)}"
 
@@ -68,7 +85,7 @@ class Topics:
         return f"{self.prefix}/status/+"
 
     def device_of(self, topic: str) -> str:
-        """The device id at the end of an ``update/…`` or ``status/…`` topic."""
+        """The device id at the end of an ``update/…``, ``mixture/…`` or ``status/…`` topic."""
         parts = topic.split("/")
         if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != self.prefix:
             raise ConfigError(f"topic {topic!r} is not a device topic of fleet {self.fleet!r}")

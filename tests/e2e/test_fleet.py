@@ -112,3 +112,33 @@ def test_zo_fleet_merges_onnx_and_llamacpp_devices_from_seeds(
         assert device["ppl_final"] < device["ppl_base"], device
         assert device["bytes_up"] < 2 * 2048  # two rounds of seed lists
         assert device["bytes_down"] < 16 * 1024  # announcements + seed lists, no dense adapter
+
+
+def test_unseen_devices_personalize_from_the_fleet_basis(smollm2, onnx_artifacts, tmp_path):
+    # Execute: two clients build the basis in one round; two unseen clients mix it, one in
+    # onnxruntime and one in llama.cpp, through the embedded broker (the demo's default)
+    doc = run_demo(
+        devices=2,
+        rounds=1,
+        steps=10,
+        tuner="mix",
+        backend="onnx,llamacpp",
+        mix_devices=2,
+        mix_steps=20,
+        basis_k=2,
+        json_path=str(tmp_path / "mix.json"),
+    )
+    # Assert
+    roles = [(d["device"], d["role"]) for d in doc["devices"]]
+    assert roles == [
+        ("device-0", "fleet"),
+        ("device-1", "fleet"),
+        ("device-2", "unseen"),
+        ("device-3", "unseen"),
+    ]
+    for device in doc["devices"]:
+        assert device["ppl_final"] < device["ppl_base"], device
+    for device in doc["devices"][2:]:
+        assert device["bytes_up"] < 1024  # K coefficients and a few numbers
+        assert device["ppl_final"] == pytest.approx(device["ppl_local"], rel=0.01)
+    assert doc["mix"] == {"devices": 2, "steps": 20, "basis_k": 2}

@@ -204,3 +204,91 @@ def test_server_rebuilds_a_zeroth_order_device_from_its_seeds(tmp_path, tiny_bas
     header, body = codec.decode(seeds_msg.payload)
     assert header.encoding == "seeds" and body["seed_index"].max() < 8
     assert len(seeds_msg.payload) < 2048
+
+
+def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
+    """Two B-only devices build the basis (an A+B device is left out of it); an unseen device
+    mixes it, uploads its coefficients and runs the adapter the server pushes back."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from edge_sdk.data import ClientData, ClientText
+    from edge_sdk.tuners.mix import Basis, mixture_envelope
+
+    # Prepare: clients whose text cycles through different token ranges
+    def data(lo):
+        cycle = np.tile(np.arange(lo, lo + 16), 40)
+        return ClientData(
+            "c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16)
+        )
+
+    broker = MemoryBroker()
+    config = ServerConfig(
+        fleet="t",
+        lora_r=2,
+        rounds=1,
+        quorum=3,
+        round_timeout_s=60,
+        basis_k=2,
+        basis_encoding="f32",
+        mix_quorum=1,
+        state_dir=str(tmp_path / "srv"),
+    )
+    server = FleetServer(config, tiny_base, transport=broker.client("server"))
+
+    def device(name, **tuning):
+        cfg = FleetuneConfig(
+            device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
+            tuning=TuningConfig(lora_r=2, batch_size=4, **tuning),
+            sync=SyncConfig(fleet="t", round_wait_s=60),
+        )
+        return EdgeClient(cfg, base=tiny_base, transport=broker.client(name))
+
+    sources = [
+        (device("s1", steps=20, lr=5e-2, backprop_params="lora_b"), data(0)),
+        (device("s2", steps=20, lr=5e-2, backprop_params="lora_b"), data(40)),
+        (device("s3", steps=5, lr=5e-2), data(80)),  # moves A: not in the basis
+    ]
+    thread, _ = _run_in_thread(server)
+    runners = []
+    for client, d in sources:
+        client.open()
+        runners.append(threading.Thread(target=client.run, args=(ClientText("c", ""), d)))
+        runners[-1].start()
+    for runner in runners:
+        runner.join(60)
+    for client, _ in sources:
+        client.close()
+    # Execute: junk coefficients first (refused, the server goes on), then a real device
+    junk = broker.client("junk")
+    junk.connect()
+    basis = Basis.decode(broker._retained[Topics("t").basis])
+    junk.publish(
+        Topics("t").mixture("junk"),
+        mixture_envelope("junk", basis, np.full((3, 1), 0.5), 1, {}),
+    )
+    with device("u1", tuner="mix", steps=30, mix_lr=0.3, mix_patience=5) as client:
+        report = client.run(ClientText("c", ""), data=data(0))
+        stored = client.store.load_adapter()
+    thread.join(30)
+    # Assert
+    assert sorted(server.members) == ["s1", "s2"] and basis.k == 2
+    assert report.ppl_local < report.ppl_base and report.ppl_final == pytest.approx(
+        report.ppl_local, rel=1e-3
+    )  # f16 downlink
+    assert 0 < report.bytes_up < 1024
+    header, _ = codec.decode(stored)
+    assert header.metrics["basis_version"] == basis.version
+    ((device_id, version, coef, loss, cluster),) = server.registry.mixtures()
+    assert (device_id, version) == ("u1", basis.version) and loss == pytest.approx(
+        np.log(report.ppl_local)
+    )
+    assert len(json.loads(coef)) == 2 and cluster in (0, 1)
+    rejected = server.registry._exec("SELECT device, reason FROM mixtures WHERE accepted = 0")
+    assert rejected == [("junk", "mixture coef must be [2, groups]")]
+    assert Basis.decode(broker._retained[Topics("t").basis]).prior is not None  # usage learned
+    server.close()
+    # a restarted server still knows the members and accepts mixtures over its last basis
+    again = FleetServer(config, tiny_base, transport=broker.client("again"))
+    assert sorted(again.members) == ["s1", "s2"]
+    np.testing.assert_array_equal(again.bases[basis.version].vectors, basis.vectors)
+    again.close()
