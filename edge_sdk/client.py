@@ -287,9 +287,59 @@ class EdgeClient:
             rng,
             progress,
         )
-        adapter = mixer.adapter(coef)
+        theta = mixer.flat(coef)
+        if t.mix_zo_steps:
+            theta = self._warm_zo(theta, train, val, basis, metrics, rng)
+        adapter = self.layout.unflatten(theta)
         self.backend.set_adapter(adapter)
         return coef, adapter, metrics
+
+    def _warm_zo(
+        self,
+        start: np.ndarray,
+        train: np.ndarray,
+        val: np.ndarray,
+        basis: Basis,
+        metrics: dict,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """Plain B-only ZO from the mixed adapter. Kept only if validation improves; its seeds
+        go into ``metrics["zo"]`` so the server rebuilds the same adapter."""
+        t = self.config.tuning
+        zo = t.zo(pool_seed=zlib.crc32(f"{self.device}/mix/{basis.version}".encode()))
+        tuned = self.layout.indices("lora_b")
+        bs = min(t.batch_size, len(train))
+        batches = [
+            train[rng.choice(len(train), size=bs, replace=False)] for _ in range(t.mix_zo_steps)
+        ]
+        theta = start.copy()
+        pairs, _ = zo_tune(
+            lambda th, step: self.backend.loss_flat(batches[step], th),
+            theta,
+            tuned,
+            t.mix_zo_steps,
+            zo,
+            rng,
+        )
+        theta = start.copy()
+        theta[tuned] += replay(pairs, zo.pool_seed, tuned.size)
+        after = self.backend.loss_flat(val, theta)
+        log.info(
+            "%s: %d ZO steps after the mixture: validation loss %.3f → %.3f",
+            self.device,
+            t.mix_zo_steps,
+            metrics["val_loss"],
+            after,
+        )
+        if after >= metrics["val_loss"]:
+            return start
+        metrics["val_loss"] = after
+        metrics["zo"] = {
+            "pool_seed": zo.pool_seed,
+            "pool_size": zo.pool_size,
+            "pairs": [[i, c] for i, c in pairs],
+        }
+        return theta
 
     def run_mix(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
         """Personalize from the fleet's basis: take the retained basis, search coefficients,
@@ -355,6 +405,7 @@ class EdgeClient:
             "val_loss": metrics["val_loss"],
             "val_loss_start": metrics["val_loss_start"],
             "steps": metrics["steps"],
+            **({"zo": metrics["zo"]} if "zo" in metrics else {}),
         }
         payload = mixture_envelope(self.device, basis, coef, len(data.train), summary)
         self.store.put(self.topics.mixture(self.device), payload)

@@ -83,6 +83,7 @@ class TuningConfig:
     mix_groups: int = 1  # coefficients per basis adapter (layer groups)
     mix_eval_every: int = 10  # mixture search: validation every this many steps
     mix_patience: int = 3  # mixture search: stop after this many evaluations without progress
+    mix_zo_steps: int = 0  # then plain B-only ZO steps from the mix (kept if validation improves)
 
     def __post_init__(self) -> None:
         if self.tuner not in TUNERS:
@@ -96,6 +97,8 @@ class TuningConfig:
             raise ConfigError(f"[tuning] lr must be in (0, 1), got {self.lr}")
         if self.zo_params not in ZO_PARAMS:
             raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")
+        if self.mix_zo_steps < 0:
+            raise ConfigError("[tuning] mix_zo_steps must be >= 0")
         if self.backprop_params not in BACKPROP_PARAMS:
             raise ConfigError(f"[tuning] backprop_params must be one of {BACKPROP_PARAMS}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from edge_sdk import codec
 from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
@@ -32,6 +33,7 @@ from server.registry import Registry
 from server.strategy import STRATEGIES, Update
 
 log = logging.getLogger(__name__)
+MEMBERS = "members.safetensors"  # each device's latest adapter (B part): what the basis clusters
 
 
 @dataclass
@@ -90,15 +92,17 @@ class FleetServer:
 
     def _resume_mixtures(self) -> None:
         """Reload the members and the latest basis a previous run of this fleet left behind."""
-        members = self.state_dir / "members.npz"
+        members = self.state_dir / MEMBERS
         if members.exists():
-            with np.load(members) as data:
-                self.members = {name: data[name] for name in data.files}
+            self.members = load_file(str(members))
         latest = self.registry.latest_basis()
         if latest is not None:
             version, path = latest
             vectors = np.load(path)
             self.bases[version] = Basis(version, vectors, self.spec, self.base.sha256)
+
+    def _save_members(self) -> None:
+        save_file(self.members, str(self.state_dir / MEMBERS))
 
     def _save(self, tensors: dict[str, np.ndarray], round_: int) -> None:
         path = save_peft(
@@ -348,7 +352,7 @@ class FleetServer:
                 )
                 continue
             self.members[update.device] = theta[index]
-        np.savez(self.state_dir / "members.npz", **self.members)
+        self._save_members()
 
     def refresh_basis(self, round_: int) -> Basis | None:
         """Cluster the devices' adapters into ``basis_k`` centroids and push them (retained).
@@ -402,11 +406,17 @@ class FleetServer:
             if coef is None or coef.ndim != 2 or coef.shape[0] != basis.k:
                 raise PayloadError(f"mixture coef must be [{basis.k}, groups]")
             mixer = Mixer(basis, self.base, groups=coef.shape[1])
-            adapter = mixer.adapter(mixer.check_coef(coef))
+            theta = mixer.flat(mixer.check_coef(coef))
+            if "zo" in header.metrics:
+                theta[mixer.index] += self._warm_zo_delta(header.metrics["zo"], mixer.index.size)
         except FleetuneError as err:
             log.warning("rejected mixture from %s: %s", device, err)
             self.registry.log_mixture(device, -1, reason=str(err))
             return False
+        adapter = self.layout.unflatten(theta)
+        # the device's adapter joins the members: the next basis clusters what devices use
+        self.members[device] = theta[mixer.index]
+        self._save_members()
         cluster = int(np.argmax(coef.sum(axis=1)))
         loss = header.metrics.get("heldout_loss")
         self.registry.log_mixture(
@@ -451,6 +461,22 @@ class FleetServer:
             cluster,
         )
         return True
+
+    @staticmethod
+    def _warm_zo_delta(zo: object, size: int) -> np.ndarray:
+        """The delta of the ZO steps a device ran after its mixture (seeds in its metrics)."""
+        if not isinstance(zo, dict):
+            raise PayloadError("mixture zo must be an object")
+        try:
+            pool_seed, pool_size = int(zo["pool_seed"]), int(zo["pool_size"])
+            pairs = [(int(i), float(c)) for i, c in zo["pairs"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise PayloadError(f"mixture zo must hold pool_seed, pool_size, pairs: {err}") from err
+        if len(pairs) > 10_000 or any(not 0 <= i < pool_size for i, _ in pairs):
+            raise PayloadError(f"mixture zo holds over 10,000 pairs or indices outside {pool_size}")
+        if not all(np.isfinite(c) and abs(c) < 1.0 for _, c in pairs):
+            raise PayloadError("mixture zo coefficients must be finite and below 1 in size")
+        return replay(pairs, pool_seed, size)
 
     def serve_mixtures(self, count: int, timeout_s: float) -> int:
         """Answer mixture uploads until ``count`` were served or ``timeout_s`` passed."""
