@@ -40,6 +40,7 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.roundtrip --json results/bench_roundtrip.json
 	$(BIN)/python -m benchmarks.zo_onnx --json results/bench_zo_onnx.json
 	$(BIN)/python -m benchmarks.zo_llamacpp --json results/bench_zo_llamacpp.json
+	$(BIN)/python -m benchmarks.personalize_mix --json results/bench_personalize_mix.json
 
 lint: setup
 	$(BIN)/ruff check edge_sdk server models tests benchmarks examples

@@ -83,7 +83,7 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     row: dict = {"client": item.client, "train_windows": len(train)}
     row["ppl_base"] = perplexity(engine.loss_flat, data.heldout, theta0)
     rng = np.random.default_rng(0)
-    batches = [train[rng.choice(len(train), 4, replace=False)] for _ in range(max(CHECKPOINTS))]
+    fixed = train[rng.choice(len(train), 4, replace=False)]  # the objective, as on a device
 
     def validate(coef: np.ndarray) -> float:
         return float(np.mean([mix_loss(val[i : i + 4], coef) for i in range(0, len(val), 4)]))
@@ -98,14 +98,15 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     for stop in CHECKPOINTS:
         config = MixConfig(**{**config.__dict__, "steps": stop - done})
         coef, metrics = tune_mix(
-            lambda c, s, d=done: mix_loss(batches[d + s], c), validate, coef, config, search_rng
+            lambda c, s: mix_loss(fixed, c), validate, coef, config, search_rng
         )
         spent += metrics["seconds"]
         done = stop
         row[f"ppl_mix_{stop}"] = perplexity(mix_loss, data.heldout, coef)
         row[f"seconds_mix_{stop}"] = spent
         curve.append((spent, row[f"ppl_mix_{stop}"]))
-        log(f"  {item.client}: mixture {stop} steps, {spent:.0f} s, ppl {row[f'ppl_mix_{stop}']:.1f}")
+        ppl = row[f"ppl_mix_{stop}"]
+        log(f"  {item.client}: mixture {stop} steps, {spent:.0f} s, ppl {ppl:.1f}")
     row["coef"] = coef.tolist()
     row["seconds_per_step"] = row["seconds_mix_100"] / 100
     row["mix_curve"] = curve
@@ -120,7 +121,7 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     zo, steps, began = ZOConfig(pool_seed=3), 0, time.monotonic()
     while time.monotonic() - began < budget:
         batch = train[rng.choice(len(train), 4, replace=False)]
-        zo_tune(lambda th, s: engine.loss_flat(batch, th), theta, tuned, 1, zo, rng)
+        zo_tune(lambda th, s, b=batch: engine.loss_flat(b, th), theta, tuned, 1, zo, rng)
         steps += 1
     row["zo_steps_same_time"] = steps
     row["ppl_zo_same_time"] = perplexity(engine.loss_flat, data.heldout, theta)
@@ -175,7 +176,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", default="results/bench_personalize_mix.json")
-    parser.add_argument("--sources", type=int, default=8, help="clients whose adapters form the basis")
+    parser.add_argument(
+        "--sources", type=int, default=8, help="clients whose adapters form the basis"
+    )
     parser.add_argument("--source-steps", type=int, default=40)
     parser.add_argument("--source-lr", type=float, default=2e-3)
     parser.add_argument("--unseen", type=int, default=2, help="clients that personalize")
@@ -218,7 +221,9 @@ def main() -> None:
         "clusters": labels.tolist(),
         "clients": [personalize(args, base, spec, basis, engine, tb, item) for item in unseen],
     }
-    keys = [k for k in doc["clients"][0] if k.startswith(("ppl_", "seconds_", "uplink", "mix_share"))]
+    keys = [
+        k for k in doc["clients"][0] if k.startswith(("ppl_", "seconds_", "uplink", "mix_share"))
+    ]
     doc["mean"] = {k: float(np.mean([r[k] for r in doc["clients"]])) for k in keys}
     doc["seconds_total"] = time.monotonic() - began
     doc["targets"] = {

@@ -264,9 +264,9 @@ class EdgeClient:
         train, val = split_validation(data.train)
         loss = engine_loss(self.backend, mixer)
         rng = np.random.default_rng(zlib.crc32(f"{t.seed}/{self.device}/mix".encode()))
-        size = min(t.batch_size, len(train))
-        batches = [train[rng.choice(len(train), size=size, replace=False)] for _ in range(t.steps)]
         bs = t.batch_size
+        # the objective: one fixed batch of training windows (see edge_sdk.tuners.mix)
+        fixed = train[rng.choice(len(train), size=min(bs, len(train)), replace=False)]
 
         def validate(coef: np.ndarray) -> float:
             parts = [
@@ -280,7 +280,7 @@ class EdgeClient:
             )
 
         coef, metrics = tune_mix(
-            lambda c, step: loss(batches[step], c),
+            lambda c, step: loss(fixed, c),
             validate,
             basis.start(t.mix_groups),
             t.mix(),

@@ -78,8 +78,8 @@ class TuningConfig:
     zo_eps_schedule: str = "constant"  # zeroth-order eps schedule: constant | linear | cosine
     zo_params: str = "lora_b"  # what zeroth-order moves: lora_b (A frozen from the seed) | all
     backprop_params: str = "all"  # what backprop moves: all | lora_b (its adapters can be mixed)
-    mix_lr: float = 1.0  # mixture search: coefficient step size
-    mix_eps: float = 0.05  # mixture search: coefficient perturbation
+    mix_lr: float = 0.3  # mixture search: coefficient step size
+    mix_eps: float = 0.1  # mixture search: coefficient perturbation
     mix_groups: int = 1  # coefficients per basis adapter (layer groups)
     mix_eval_every: int = 10  # mixture search: validation every this many steps
     mix_patience: int = 3  # mixture search: stop after this many evaluations without progress

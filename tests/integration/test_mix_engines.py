@@ -51,14 +51,19 @@ def test_onnx_mixed_vector_matches_torch_and_a_basis_of_one_is_exact(
     from edge_sdk.backends.onnx import OnnxBackend
     from edge_sdk.tuners.mix import engine_loss
 
+    # Prepare
     engine = OnnxBackend(onnx_artifacts, base=smollm2, precision="fp32")
     mixer = Mixer(basis, smollm2, groups=2)
-    assert abs(engine_loss(engine, mixer)(batch, COEF) - torch_reference) < FP32_TOL
     one = Basis(1, basis.vectors[1:2], basis.spec, basis.base_sha256)
-    single = Mixer(one, smollm2).flat(np.ones(1))
-    assert engine_loss(engine, Mixer(one, smollm2))(batch, np.ones(1)) == engine.loss_flat(
-        batch, single
-    )
+    adapter = Mixer(one, smollm2).adapter(np.ones(1))  # basis adapter 1 itself
+    # Execute
+    mixed = engine_loss(engine, mixer)(batch, COEF)
+    by_one = engine_loss(engine, Mixer(one, smollm2))(batch, np.ones(1))
+    engine.set_adapter(adapter)
+    direct = engine.loss(batch)
+    # Assert
+    assert abs(mixed - torch_reference) < FP32_TOL
+    assert by_one == direct
 
 
 def test_llamacpp_scales_match_the_summed_adapter_and_torch(smollm2, basis, batch, torch_reference):
@@ -66,16 +71,19 @@ def test_llamacpp_scales_match_the_summed_adapter_and_torch(smollm2, basis, batc
     from edge_sdk.tuners.mix import engine_loss
     from models.gguf_export import export_base_gguf
 
+    # Prepare
     mixer = Mixer(basis, smollm2, groups=2)
+    one = Basis(1, basis.vectors[1:2], basis.spec, basis.base_sha256)
+    # Execute
     with LlamaCppBackend(export_base_gguf(smollm2, "f16"), smollm2, LoraSpec()) as engine:
         engine.set_adapter(mixer.adapter(COEF))
         summed = engine.loss(batch)
         by_scales = engine_loss(engine, mixer)(batch, COEF)  # 6 pieces loaded once
         other = engine_loss(engine, mixer)(batch, COEF * 0.5)  # new scales, no reload
-        one = Basis(1, basis.vectors[1:2], basis.spec, basis.base_sha256)
         engine.set_adapter(Mixer(one, smollm2).adapter(np.ones(1)))
         single = engine.loss(batch)
         one_piece = engine_loss(engine, Mixer(one, smollm2))(batch, np.ones(1))
+    # Assert
     assert abs(by_scales - summed) < SCALES_TOL
     assert abs(by_scales - torch_reference) < F16_LOSS_TOL
     assert abs(other - by_scales) > 1e-3  # the scales are live
