@@ -9,6 +9,7 @@ LoRA backprop (A and B, AdamW 1e-3) in torch. 1 thread, batch 4 x 64 tokens. Wri
   ppl_base, ppl_mix_0 (the prior: the basis average), ppl_mix_20/50/100 (after that many steps)
   ppl_zo_same_time, ppl_backprop_same_time (given the wall-clock of the 50-step mixture search)
   seconds_per_step, uplink_bytes (the mixture envelope), mix_share_of_backprop_gain_50
+  llamacpp_q8_0: load_basis_s, set_scales_ms, step_s (the same step with the basis as scales)
 """
 
 from __future__ import annotations
@@ -144,6 +145,31 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     return row
 
 
+def llamacpp_step(base, spec, basis: Basis, batch: np.ndarray) -> dict:
+    """The same search step in llama.cpp (q8_0): the K adapters loaded once, the coefficients
+    set as their scales (no reload)."""
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from models.gguf_export import export_base_gguf
+
+    mixer = Mixer(basis, base)
+    coef = basis.start(1)
+    with LlamaCppBackend(export_base_gguf(base, "q8_0"), base, spec) as engine:
+        began = time.perf_counter()
+        loss = engine_loss(engine, mixer)
+        load_s = time.perf_counter() - began
+        began = time.perf_counter()
+        for _ in range(100):
+            engine.set_mix(coef.reshape(-1))
+        set_ms = 10 * (time.perf_counter() - began)
+        steps = []
+        for _ in range(3):
+            began = time.perf_counter()
+            loss(batch, coef + 0.1)
+            loss(batch, coef - 0.1)
+            steps.append(time.perf_counter() - began)
+    return {"load_basis_s": load_s, "set_scales_ms": set_ms, "step_s": float(np.median(steps))}
+
+
 def plot(doc: dict, path: Path) -> None:
     import matplotlib
 
@@ -221,6 +247,9 @@ def main() -> None:
         "clusters": labels.tolist(),
         "clients": [personalize(args, base, spec, basis, engine, tb, item) for item in unseen],
     }
+    log("llama.cpp q8_0: one search step")
+    batch = prepare_client(unseen[0], engine.tokenize, max_eval_windows=24).train[:4]
+    doc["llamacpp_q8_0"] = llamacpp_step(base, spec, basis, batch)
     keys = [
         k for k in doc["clients"][0] if k.startswith(("ppl_", "seconds_", "uplink", "mix_share"))
     ]
@@ -233,7 +262,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2))
     plot(doc, Path(args.json).with_suffix(".png"))
-    print(json.dumps({k: doc[k] for k in ("k", "mean", "targets", "seconds_total")}, indent=2))
+    summary = ("k", "mean", "llamacpp_q8_0", "targets", "seconds_total")
+    print(json.dumps({k: doc[k] for k in summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ delta (compressed) through its on-disk outbox, which survives broker outages and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -354,6 +355,7 @@ class EdgeClient:
         transport.subscribe(self.topics.personal(self.device))
         basis: Basis | None = None
         coef: np.ndarray | None = None
+        upload = ""  # sha256 of this device's mixture upload: the server's answer names it
         wait = self.config.sync.round_wait_s
         while True:
             msg = transport.recv(timeout=wait)
@@ -365,12 +367,12 @@ class EdgeClient:
                 if msg.topic == self.topics.basis and basis is None:
                     basis = Basis.decode(msg.payload)
                     basis.check(self.spec, self.base)
-                    coef = self._mix_and_upload(data, basis, report)
+                    coef, upload = self._mix_and_upload(data, basis, report)
                 elif msg.topic == self.topics.personal(self.device) and basis is not None:
                     header, tensors = codec.decode(msg.payload)
                     check_envelope(header, "adapter", self.spec, self.base)
-                    if header.metrics.get("basis_version") != basis.version:
-                        continue  # from an earlier personalization
+                    if header.metrics.get("mixture_sha256") != upload:
+                        continue  # the answer to an earlier upload (retained)
                     check_layout(tensors, self.spec, self.base)
                     self.backend.set_adapter(tensors)
                     self.store.save_adapter(msg.payload)
@@ -389,7 +391,9 @@ class EdgeClient:
             except PayloadError as err:
                 log.error("%s: ignoring a bad message on %s: %s", self.device, msg.topic, err)
 
-    def _mix_and_upload(self, data: ClientData, basis: Basis, report: DeviceReport) -> np.ndarray:
+    def _mix_and_upload(
+        self, data: ClientData, basis: Basis, report: DeviceReport
+    ) -> tuple[np.ndarray, str]:
         coef, _, metrics = self.personalize(data, basis)
         report.ppl_local = self.evaluate(data.heldout)
         log.info(
@@ -410,7 +414,7 @@ class EdgeClient:
         payload = mixture_envelope(self.device, basis, coef, len(data.train), summary)
         self.store.put(self.topics.mixture(self.device), payload)
         report.bytes_up += self.flush_outbox()
-        return coef
+        return coef, hashlib.sha256(payload).hexdigest()
 
     # -- the round loop ---------------------------------------------------------------------------
     def flush_outbox(self) -> int:

@@ -364,26 +364,23 @@ class FleetServer:
             np.stack([self.members[n] for n in names]), self.config.basis_k, seed=round_
         )
         version = max(self.bases, default=0) + 1
-        basis = Basis(version, centroids, self.spec, self.base.sha256)
-        payload = basis.encode(round_, self.config.basis_encoding)
-        basis = Basis.decode(payload)
         self.bases = {v: b for v, b in self.bases.items() if v > version - 4}  # the last few
-        self.bases[version] = basis
+        basis = self._publish_basis(Basis(version, centroids, self.spec, self.base.sha256), round_)
         path = self.state_dir / "bases" / f"v{version:04d}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, basis.vectors)
         clusters = {n: int(c) for n, c in zip(names, labels, strict=True)}
         self.registry.add_basis(version, round_, basis.k, json.dumps(clusters), str(path))
+        log.info("basis v%d: %d adapters from %d devices", version, basis.k, len(names))
+        return basis
+
+    def _publish_basis(self, basis: Basis, round_: int) -> Basis:
+        """Push ``basis`` (retained) and keep it exactly as devices decode it."""
+        payload = basis.encode(round_, self.config.basis_encoding)
+        self.bases[basis.version] = Basis.decode(payload)
         self.transport.publish(self.topics.basis, payload, retain=True)
         self.bytes_down += len(payload)
-        log.info(
-            "basis v%d: %d adapters from %d devices (%d bytes)",
-            version,
-            basis.k,
-            len(names),
-            len(payload),
-        )
-        return basis
+        return self.bases[basis.version]
 
     def handle_mixture(self, msg: Message) -> bool:
         """A device's coefficients: record them, push the personalized adapter back (retained
@@ -434,7 +431,11 @@ class FleetServer:
             adapter=self.spec.to_dict(),
             encoding=self.config.downlink_encoding,
             version=self.version,
-            metrics={"basis_version": basis.version, "cluster": cluster},
+            metrics={
+                "basis_version": basis.version,
+                "cluster": cluster,
+                "mixture_sha256": hashlib.sha256(msg.payload).hexdigest(),
+            },
         )
         payload = codec.encode(out, adapter)
         self.transport.publish(self.topics.personal(device), payload, retain=True)
@@ -445,13 +446,9 @@ class FleetServer:
         usage.append(coef.mean(axis=1))
         if basis.version == max(self.bases):
             prior = np.mean(usage, axis=0).astype(np.float32)
-            self.bases[basis.version] = Basis(
-                basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
-            )
-            self.transport.publish(
-                self.topics.basis,
-                self.bases[basis.version].encode(header.round, self.config.basis_encoding),
-                retain=True,
+            self._publish_basis(
+                Basis(basis.version, basis.vectors, basis.spec, basis.base_sha256, prior),
+                header.round,
             )
         log.info(
             "mixture from %s over basis v%d: coefficients %s, leans on adapter %d",
