@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from edge_sdk.adapters.lora import LoraSpec, init_lora
 from edge_sdk.adapters.lora.flat import FlatLayout
 from edge_sdk.adapters.lora.io import check_envelope, check_layout
 from edge_sdk.backends import Backend
-from edge_sdk.config import FleetuneConfig
+from edge_sdk.config import ZO_PARAMS, FleetuneConfig
 from edge_sdk.data import ClientData, ClientText, prepare_client
 from edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
 from edge_sdk.manifest import BaseManifest
@@ -33,10 +33,11 @@ from edge_sdk.tuners.mix import (
     Mixer,
     engine_loss,
     mixture_envelope,
+    read_prior,
     split_validation,
     tune_mix,
 )
-from edge_sdk.tuners.zo import replay, zo_tune
+from edge_sdk.tuners.zo import Z_VERSION, replay, zo_tune
 
 Tensors = dict[str, np.ndarray]
 
@@ -231,6 +232,12 @@ class EdgeClient:
         """Zeroth-order steps from ``current`` with seeds of the round's pool. Returns the seed
         indices, their coefficients, and metrics; the backend holds the replayed result."""
         t = self.config.tuning
+        if pool.get("z_version", Z_VERSION) != Z_VERSION:
+            raise ConfigError(
+                f"the server draws perturbations by z version {pool['z_version']}, this device "
+                f"by {Z_VERSION}: update fleetune on one side"
+            )
+        params = pool.get("params", t.zo_params)
         zo = t.zo(pool_seed=int(pool["pool_seed"]), pool_size=int(pool["pool_size"]))
         rng = np.random.default_rng(zlib.crc32(f"{t.seed}/{self.device}/{round_}".encode()))
         batches = [
@@ -244,7 +251,7 @@ class EdgeClient:
             return self.backend.loss_flat(batches[step], theta)
 
         theta = self.layout.flatten(current)
-        tuned = self.layout.indices(pool.get("params", t.zo_params))
+        tuned = self.layout.indices(params)
         pairs, metrics = zo_tune(loss, theta, tuned, t.steps, zo, rng, self._progress(round_))
         # the device keeps exactly what the server will rebuild from the seeds
         theta = self.layout.flatten(current)
@@ -253,7 +260,16 @@ class EdgeClient:
         self.backend.set_adapter(self.tuned_adapter)
         index = np.array([i for i, _ in pairs], dtype=np.int32)
         coef = np.array([c for _, c in pairs], dtype=np.float32)
-        return index, coef, {**metrics, "pool_seed": zo.pool_seed, "params": t.zo_params}
+        return (
+            index,
+            coef,
+            {
+                **metrics,
+                "pool_seed": zo.pool_seed,
+                "params": params,
+                "z_version": Z_VERSION,
+            },
+        )
 
     def personalize(self, data: ClientData, basis: Basis) -> tuple[np.ndarray, Tensors, dict]:
         """Search mixing coefficients over the fleet's ``basis`` inside the engine, stopping early
@@ -344,30 +360,47 @@ class EdgeClient:
 
     def run_mix(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
         """Personalize from the fleet's basis: take the retained basis, search coefficients,
-        upload them (K x G floats), and run the personalized adapter the server pushes back."""
+        upload them (K x G floats), and run the personalized adapter the server pushes back.
+        Without an answer the device keeps running its own mix (saved before the upload)."""
         data = data or self.prepare(item)
         report = DeviceReport(self.device, item.client)
         self.backend.set_adapter(init_lora(self.spec, self.base))
         report.ppl_base = self.evaluate(data.heldout)
         transport = self.connect()
         report.bytes_up += self.flush_outbox()
+        transport.subscribe(self.topics.basis_prior)  # first: its retained copy comes first
         transport.subscribe(self.topics.basis)
         transport.subscribe(self.topics.personal(self.device))
+        priors: dict[int, np.ndarray] = {}  # basis version -> the coefficients to start from
         basis: Basis | None = None
         coef: np.ndarray | None = None
         upload = ""  # sha256 of this device's mixture upload: the server's answer names it
         wait = self.config.sync.round_wait_s
         while True:
             msg = transport.recv(timeout=wait)
+            if msg is None and basis is None:
+                raise TransportError(f"{self.device}: no basis from the server for {wait:.0f} s")
             if msg is None:
-                state = "a basis" if basis is None else "its personalized adapter"
-                raise TransportError(f"{self.device}: no {state} from the server for {wait:.0f} s")
+                log.warning(
+                    "%s: no answer from the server for %.0f s: keeping the local mix "
+                    "(perplexity %.1f)",
+                    self.device,
+                    wait,
+                    report.ppl_local,
+                )
+                report.ppl_final = report.ppl_local
+                return report
             report.bytes_down += len(msg.payload)
             try:
-                if msg.topic == self.topics.basis and basis is None:
-                    basis = Basis.decode(msg.payload)
-                    basis.check(self.spec, self.base)
-                    coef, upload = self._mix_and_upload(data, basis, report)
+                if msg.topic == self.topics.basis_prior:
+                    version, prior = read_prior(msg.payload)
+                    priors[version] = prior
+                elif msg.topic == self.topics.basis and basis is None:
+                    offered = Basis.decode(msg.payload)
+                    if offered.version in priors:
+                        offered = replace(offered, prior=priors[offered.version])
+                    offered.check(self.spec, self.base)
+                    basis = offered
                 elif msg.topic == self.topics.personal(self.device) and basis is not None:
                     header, tensors = codec.decode(msg.payload)
                     check_envelope(header, "adapter", self.spec, self.base)
@@ -388,13 +421,20 @@ class EdgeClient:
                         report.ppl_final,
                     )
                     return report
+                else:
+                    continue
             except PayloadError as err:
                 log.error("%s: ignoring a bad message on %s: %s", self.device, msg.topic, err)
+                continue
+            if basis is not None and coef is None:  # search, outside the message checks
+                coef, upload = self._mix_and_upload(data, basis, report)
 
     def _mix_and_upload(
         self, data: ClientData, basis: Basis, report: DeviceReport
     ) -> tuple[np.ndarray, str]:
-        coef, _, metrics = self.personalize(data, basis)
+        """Search, keep the mix on disk, queue the coefficients; returns them and the upload's
+        sha256."""
+        coef, adapter, metrics = self.personalize(data, basis)
         report.ppl_local = self.evaluate(data.heldout)
         log.info(
             "%s: mixture of %d adapters after %d steps: perplexity %.1f → %.1f",
@@ -404,6 +444,16 @@ class EdgeClient:
             report.ppl_base,
             report.ppl_local,
         )
+        local = codec.Header(
+            kind="adapter",
+            sender=self.device,
+            round=0,
+            base_sha256=self.base.sha256,
+            adapter=self.spec.to_dict(),
+            encoding="f32",
+            metrics={"basis_version": basis.version, "local_mix": True},
+        )
+        self.store.save_adapter(codec.encode(local, adapter))
         summary = {
             "heldout_loss": math.log(report.ppl_local),
             "val_loss": metrics["val_loss"],
@@ -436,6 +486,9 @@ class EdgeClient:
             isinstance(body.get(k), int) for k in ("round", "adapter_version")
         ):
             raise PayloadError("round announcement lacks integer round / adapter_version")
+        timeout = body.setdefault("timeout_s", 0.0)
+        if not isinstance(timeout, (int, float)) or not 0 <= timeout < 1e7:
+            raise PayloadError(f"round announcement timeout_s {timeout!r} is not a duration")
         if body.get("base_sha256", self.base.sha256) != self.base.sha256:
             raise ConfigError(
                 f"the fleet runs base {str(body['base_sha256'])[:12]}, this device "
@@ -453,13 +506,21 @@ class EdgeClient:
         if header.encoding != "seeds":
             check_layout(tensors, self.spec, self.base)
             return _Global(header.version, tensors)
-        start = header.metrics.get("from_version")
+        start, pool_seed = header.metrics.get("from_version"), header.metrics.get("pool_seed")
+        params = header.metrics.get("params", "lora_b")
+        if not (isinstance(start, int) and isinstance(pool_seed, int) and 0 <= pool_seed < 2**63):
+            raise PayloadError("a seeds adapter needs integer from_version and pool_seed >= 0")
+        if params not in ZO_PARAMS or set(tensors) != {"seed_index", "coef"}:
+            raise PayloadError(f"a seeds adapter moves {params!r} with tensors {sorted(tensors)}")
+        index = tensors["seed_index"]
+        if index.shape != tensors["coef"].shape or (index.size and int(index.min()) < 0):
+            raise PayloadError("a seeds adapter needs one coefficient per seed index >= 0")
         if current is None or current.version != start or header.version != start + 1:
             return None  # not on top of what this device holds: it needs the dense adapter
-        tuned = self.layout.indices(header.metrics.get("params", "lora_b"))
+        tuned = self.layout.indices(params)
         pairs = list(zip(tensors["seed_index"].tolist(), tensors["coef"].tolist(), strict=True))
         theta = self.layout.flatten(current.tensors)
-        theta[tuned] += replay(pairs, int(header.metrics["pool_seed"]), tuned.size)
+        theta[tuned] += replay(pairs, pool_seed, tuned.size)
         return _Global(header.version, self.layout.unflatten(theta))
 
     def run(self, item: ClientText, data: ClientData | None = None) -> DeviceReport:
@@ -501,6 +562,8 @@ class EdgeClient:
             try:
                 if msg.topic == self.topics.round:
                     announcement = self._read_announcement(msg.payload)
+                    # a round may stay open for the server's timeout: wait at least that long
+                    wait = max(self.config.sync.round_wait_s, announcement["timeout_s"] + 60)
                 elif msg.topic in (self.topics.global_adapter, self.topics.global_seeds):
                     pushed = self._read_adapter(msg.payload, current)
                     if pushed is not None and (

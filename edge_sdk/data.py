@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
 _DIRECTION = re.compile(r"^_.*_\s*$")
+_SPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,14 @@ def load_corpus(path: str | Path | None = None) -> list[ClientText]:
 
 
 def split_text(text: str, holdout: float = 0.2) -> tuple[str, str]:
-    """First ``1 - holdout`` of the lines (by characters) for training, the rest held out.
-    Deterministic and tokenizer-independent, so every engine sees the same split."""
+    """First ``1 - holdout`` of the lines (by characters) for training, the rest held out; a
+    single line is cut at the whitespace nearest that point instead. Deterministic and
+    tokenizer-independent, so every engine sees the same split."""
     if not 0.0 < holdout < 1.0:
         raise DataError(f"holdout must be in (0, 1), got {holdout}")
     lines = text.splitlines() or [text]
+    if len(lines) == 1:
+        return _split_line(lines[0], holdout)
     total = sum(len(line) + 1 for line in lines)
     cut, seen = len(lines), 0
     for i, line in enumerate(lines):
@@ -116,8 +120,19 @@ def split_text(text: str, holdout: float = 0.2) -> tuple[str, str]:
         if seen >= (1.0 - holdout) * total:
             cut = i + 1
             break
-    cut = min(cut, len(lines) - 1) if len(lines) > 1 else cut
+    cut = min(cut, len(lines) - 1)
     return "\n".join(lines[:cut]), "\n".join(lines[cut:])
+
+
+def _split_line(line: str, holdout: float) -> tuple[str, str]:
+    """Cut one line at the whitespace nearest ``1 - holdout`` of its characters (the earlier
+    one on a tie); a line without whitespace is all training text."""
+    target = (1.0 - holdout) * len(line)
+    spaces = [m.start() for m in _SPACE.finditer(line)]
+    if not spaces:
+        return line, ""
+    cut = min(spaces, key=lambda i: (abs(i - target), i))
+    return line[:cut], line[cut + 1 :]
 
 
 def windows(token_ids: Sequence[int], seq_len: int) -> np.ndarray:
@@ -166,13 +181,17 @@ def pick_clients(
             raise DataError(f"unknown clients {unknown}; e.g. {sorted(by_name)[:3]}")
         return [by_name[name] for name in names]
     usable = [c for c in clients if len(c.text) >= min_chars]
-    skipped = len(clients) - len(usable)
+    skipped = [c for c in clients if len(c.text) < min_chars]
     if skipped:
+        named = ", ".join(f"{c.client} ({len(c.text)})" for c in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         log.info(
-            "skipping %d of %d clients with under %d characters of text",
-            skipped,
+            "skipping %d of %d clients with under %d characters of text: %s%s",
+            len(skipped),
             len(clients),
             min_chars,
+            named,
+            more,
         )
     if len(usable) < n:
         raise DataError(f"only {len(usable)} clients have {min_chars}+ characters; asked for {n}")

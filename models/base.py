@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,13 +119,9 @@ def prepare_base(name_or_dir: str) -> BaseManifest:
     manifest_file = root / MANIFEST
     stat = gguf.stat()
     stamp = f"{stat.st_size}:{int(stat.st_mtime)}"
-    if manifest_file.exists():
-        data = json.loads(manifest_file.read_text())
-        if (
-            data.get("stamp") == stamp
-            and (Path(data["manifest"]["hf_dir"]) / "config.json").exists()
-        ):
-            return BaseManifest.from_dict(data["manifest"])
+    cached = read_cached_manifest(manifest_file, stamp)
+    if cached is not None:
+        return cached
     sha = sha256_files([gguf])
     hf_dir = root / f"hf-{sha[:12]}"
     root.mkdir(parents=True, exist_ok=True)
@@ -133,8 +130,38 @@ def prepare_base(name_or_dir: str) -> BaseManifest:
         if not (hf_dir / "config.json").exists():
             shutil.rmtree(hf_dir.with_name(hf_dir.name + ".tmp"), ignore_errors=True)
             _dequantize(gguf, hf_dir)
-    manifest = _manifest_from_config(name_or_dir, sha, hf_dir, gguf)
-    manifest_file.write_text(
-        json.dumps({"stamp": stamp, "manifest": json.loads(manifest.to_json())}, indent=2)
-    )
+        manifest = _manifest_from_config(name_or_dir, sha, hf_dir, gguf)
+        write_cached_manifest(manifest_file, stamp, manifest)
     return manifest
+
+
+def read_cached_manifest(path: Path, stamp: str) -> BaseManifest | None:
+    """The cached manifest if it is readable, was made from the source with ``stamp`` and its
+    weights are still there; ``None`` (rebuild it) otherwise, a corrupt file included."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("stamp") != stamp:
+            return None
+        manifest = BaseManifest.from_dict(data["manifest"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:
+        log.warning("cached manifest %s is unreadable (%s); rebuilding it", path, err)
+        return None
+    if not (Path(manifest.hf_dir) / "config.json").exists():
+        return None
+    return manifest
+
+
+def write_cached_manifest(path: Path, stamp: str, manifest: BaseManifest) -> None:
+    """Write atomically (a temp file in the same folder, then ``os.replace``): a reader sees the
+    old manifest or the new one, never half of one."""
+    text = json.dumps({"stamp": stamp, "manifest": json.loads(manifest.to_json())}, indent=2)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

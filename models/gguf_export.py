@@ -15,6 +15,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -199,6 +200,26 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 1) -> Path:
     return dst
 
 
+def source_gguf(base: BaseManifest, quant: str) -> Path | None:
+    """The base's own source GGUF (``base.source``, e.g. the packaged SmolLM2 Q4_1 file) when its
+    ``general.file_type`` already is ``quant``, else ``None``.
+
+    Such a file is the base itself, tokenizer included: re-quantizing its dequantized copy could
+    only lose precision."""
+    path = Path(base.source)
+    if quant not in QUANTS or path.suffix != ".gguf" or not path.is_file():
+        return None
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(path).fields.get(gguf.Keys.General.FILE_TYPE)
+        file_type = int(field.contents()) if field is not None else None
+    except (ImportError, OSError, ValueError) as err:
+        log.warning("cannot read the file type of %s (%s): converting instead", path, err)
+        return None
+    return path if file_type == QUANTS[quant] else None
+
+
 def export_base_gguf(
     base: BaseManifest,
     quant: str = "q8_0",
@@ -211,17 +232,31 @@ def export_base_gguf(
 
     From SmolLM2-135M's fp32 copy (one core): f16 in 15-20 s, then q8_0 in ~1.5 s, q4_0 in
     ~0.8 s. Held-out perplexity on hamlet/HAMLET: torch fp32 126.6, f16 126.6, q8_0 126.5,
-    q4_1 127.0 (but no fast x86 kernel: 2x slower than q4_0), q4_0 155.8."""
+    q4_1 127.0 (but no fast x86 kernel: 2x slower than q4_0), q4_0 155.8.
+
+    When the base came from a GGUF of ``quant`` already (``q4_1`` for the packaged SmolLM2), that
+    file is returned as is, or copied into ``out_dir`` if one is given (:func:`source_gguf`)."""
     if quant not in QUANTS:
         raise ConfigError(f"GGUF quantization {quant!r} is not one of {sorted(QUANTS)}")
-    if not base.hf_dir:
-        raise ConfigError(f"base {base.name} has no Hugging Face copy; run prepare_base")
+    packaged = source_gguf(base, quant)
+    if packaged is not None and out_dir is None:
+        return packaged
     out = Path(out_dir) if out_dir else gguf_cache()
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{base.name}-{base.short_hash}"
     target = out / f"{stem}-{quant}.gguf"
     if target.exists():
         return target
+    if packaged is not None:
+        part = target.with_name(target.name + ".part")
+        try:
+            shutil.copyfile(packaged, part)
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
+        return target
+    if not base.hf_dir:
+        raise ConfigError(f"base {base.name} has no Hugging Face copy; run prepare_base")
     f16 = out / f"{stem}-f16.gguf"
     with open(out / f".{stem}.lock", "w") as lock:  # one process converts; the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -238,6 +273,7 @@ def export_base_gguf(
                 "--outfile",
                 str(tmp),
             ]
+            tmp.unlink(missing_ok=True)  # a killed run's leftover must not pass for output
             done = subprocess.run(cmd, capture_output=True, text=True, env=_converter_env())
             if done.returncode != 0 or not tmp.exists():
                 tmp.unlink(missing_ok=True)
@@ -245,17 +281,27 @@ def export_base_gguf(
                     f"convert_hf_to_gguf.py failed on {base.hf_dir} (exit {done.returncode}): "
                     f"{done.stderr.strip()[-800:]}"
                 )
-            if base.source.endswith(".gguf") and Path(base.source).is_file():
-                adopt_tokenizer(tmp, Path(base.source), f16)
-                tmp.unlink()
-            else:
-                tmp.rename(f16)
+            # f16 only ever appears complete: a killed export leaves a .tmp/.part, never a
+            # truncated f16 that the next run would take for a finished one
+            part = f16.with_name(f16.name + ".part")
+            try:
+                if base.source.endswith(".gguf") and Path(base.source).is_file():
+                    adopt_tokenizer(tmp, Path(base.source), part)
+                    os.replace(part, f16)
+                else:
+                    os.replace(tmp, f16)
+            finally:
+                tmp.unlink(missing_ok=True)
+                part.unlink(missing_ok=True)
             log.info("converted %s to f16 GGUF in %.0f s", base.name, time.monotonic() - start)
         if not target.exists():
             start = time.monotonic()
             tmp = target.with_suffix(".tmp")
-            quantize_gguf(f16, tmp, quant, threads)
-            tmp.rename(target)
+            try:
+                quantize_gguf(f16, tmp, quant, threads)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
             log.info("quantized %s to %s in %.0f s", base.name, quant, time.monotonic() - start)
     return target
 

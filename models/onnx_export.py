@@ -473,9 +473,17 @@ def export_onnx(
     manifest_path = root / "onnx-manifest.json"
     done: dict[str, str] = {}
     if manifest_path.exists() and not force:
-        previous = json.loads(manifest_path.read_text())
-        if previous["base"]["sha256"] == base.sha256 and previous["adapter"] == spec.to_dict():
-            done = dict(previous["graphs"])
+        try:
+            previous = json.loads(manifest_path.read_text())
+            if previous["base"]["sha256"] == base.sha256 and previous["adapter"] == spec.to_dict():
+                done = dict(previous["graphs"])
+        except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError: ValueError
+            # a malformed manifest is treated as stale: every graph is exported again and the
+            # manifest is rewritten below
+            log.warning(
+                "ignoring malformed %s (%r): exporting every graph again", manifest_path, err
+            )
+            done = {}
     missing = [g for g in graphs if g not in done]
     if not missing:
         return root

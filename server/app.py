@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from edge_sdk.manifest import BaseManifest
 from edge_sdk.transport.base import Message, Transport
 from edge_sdk.transport.topics import Topics
 from edge_sdk.tuners.mix import BASIS_PART, Basis, Mixer
-from edge_sdk.tuners.zo import replay
+from edge_sdk.tuners.zo import Z_VERSION, replay
 from server.basis import kmeans
 from server.config import ServerConfig
 from server.registry import Registry
@@ -34,6 +35,8 @@ from server.strategy import STRATEGIES, Update
 
 log = logging.getLogger(__name__)
 MEMBERS = "members.safetensors"  # each device's latest adapter (B part): what the basis clusters
+MAX_SEED_COEF = 1.0  # |lr * projected gradient| above this moves a 184k-entry z by norm > 400
+MAX_WARM_PAIRS = 2_000  # ZO pairs a mixture may carry (replaying them blocks the server loop)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class FleetServer:
         self.members: dict[str, np.ndarray] = {}
         self.bases: dict[int, Basis] = {}
         self.usage: dict[int, list[np.ndarray]] = {}
+        self.served: set[tuple[str, str]] = set()  # (device, upload sha256): answered once
         self.mixtures_served = 0
         self._resume_mixtures()
 
@@ -91,15 +95,34 @@ class FleetServer:
         return tensors
 
     def _resume_mixtures(self) -> None:
-        """Reload the members and the latest basis a previous run of this fleet left behind."""
+        """Reload the members, the latest basis and its devices' coefficients (the prior) a
+        previous run of this fleet left behind."""
         members = self.state_dir / MEMBERS
         if members.exists():
             self.members = load_file(str(members))
         latest = self.registry.latest_basis()
-        if latest is not None:
-            version, path = latest
-            vectors = np.load(path)
-            self.bases[version] = Basis(version, vectors, self.spec, self.base.sha256)
+        if latest is None:
+            return
+        basis = self._load_basis(latest[0])
+        for _, version, coef, _, _ in self.registry.mixtures():
+            if version == basis.version and coef:
+                self.usage.setdefault(version, []).append(np.asarray(json.loads(coef)).mean(1))
+        if basis.version in self.usage:
+            prior = np.mean(self.usage[basis.version], axis=0).astype(np.float32)
+            self.bases[basis.version] = Basis(
+                basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
+            )
+
+    def _load_basis(self, version: int) -> Basis:
+        """A basis this fleet offered before, from its saved vectors; ``PayloadError`` if none."""
+        if version not in self.bases:
+            path = self.registry.basis_path(version)
+            if path is None or not Path(path).exists():
+                raise PayloadError(
+                    f"mixture is over basis v{version}, which this server never offered"
+                )
+            self.bases[version] = Basis(version, np.load(path), self.spec, self.base.sha256)
+        return self.bases[version]
 
     def _save_members(self) -> None:
         save_file(self.members, str(self.state_dir / MEMBERS))
@@ -132,7 +155,7 @@ class FleetServer:
         self._transport.connect()
         return self._transport
 
-    def publish_global(self, round_: int) -> None:
+    def publish_global(self, round_: int) -> int:
         header = codec.Header(
             kind="adapter",
             sender="server",
@@ -145,10 +168,12 @@ class FleetServer:
         payload = codec.encode(header, self.current)
         self.transport.publish(self.topics.global_adapter, payload, retain=True)
         self.bytes_down += len(payload)
+        return len(payload)
 
-    def publish_seeds(self, round_: int, seeds: dict[int, float]) -> None:
+    def publish_seeds(self, round_: int, seeds: dict[int, float], dense_bytes: int) -> bool:
         """A zeroth-order round's result as its merged seeds, on top of the previous version:
-        devices that followed the rounds rebuild the adapter from a few bytes per seed."""
+        devices that followed the rounds rebuild the adapter from a few bytes per seed. Sent
+        only when smaller than the dense adapter; a device without it fetches the dense one."""
         order = sorted(seeds)
         header = codec.Header(
             kind="adapter",
@@ -168,7 +193,13 @@ class FleetServer:
             "seed_index": np.array(order, dtype=np.int32),
             "coef": np.array([seeds[i] for i in order], dtype=np.float32),
         }
-        self.transport.publish(self.topics.global_seeds, codec.encode(header, body), retain=True)
+        payload = codec.encode(header, body)
+        if len(payload) >= dense_bytes:
+            log.info("round %d: %d seeds outweigh the dense adapter", round_, len(order))
+            return False
+        self.transport.publish(self.topics.global_seeds, payload, retain=True)
+        self.bytes_down += len(payload)
+        return True
 
     def pool(self, round_: int) -> dict:
         """The round's seed pool (FedKSeed): devices draw their perturbations from it."""
@@ -177,6 +208,7 @@ class FleetServer:
             "pool_seed": seed,
             "pool_size": self.config.zo_pool_size,
             "params": self.config.zo_params,
+            "z_version": Z_VERSION,
         }
 
     def replay(self, seeds: dict[int, float], round_: int) -> dict[str, np.ndarray]:
@@ -218,7 +250,17 @@ class FleetServer:
             raise PayloadError(f"a second update from {device} in round {round_}")
         if header.encoding != "seeds":
             check_layout(body, self.spec, self.base)
+            if self.config.basis_k and any(np.any(v) for n, v in body.items() if ".lora_A." in n):
+                raise PayloadError(
+                    "update moves LoRA A, but this fleet keeps a mixture basis (basis_k > 0) "
+                    'whose adapters share A: tune lora_b (backprop_params = "lora_b")'
+                )
             return Update(device, header.num_examples, delta=body, metrics=header.metrics)
+        if header.metrics.get("z_version", Z_VERSION) != Z_VERSION:
+            raise PayloadError(
+                f"seeds were drawn by z version {header.metrics.get('z_version')!r}, "
+                f"this server replays version {Z_VERSION}"
+            )
         pool = self.pool(round_)
         if header.metrics.get("pool_seed") != pool["pool_seed"]:
             raise PayloadError(
@@ -229,8 +271,13 @@ class FleetServer:
             raise PayloadError(
                 f"seeds move {header.metrics.get('params')!r}, the fleet tunes {pool['params']!r}"
             )
-        if body["seed_index"].size and int(body["seed_index"].max()) >= pool["pool_size"]:
+        if set(body) != {"seed_index", "coef"} or body["seed_index"].shape != body["coef"].shape:
+            raise PayloadError("a seeds update holds seed_index and coef, one coef per index")
+        index = body["seed_index"]
+        if index.size and not 0 <= int(index.min()) <= int(index.max()) < pool["pool_size"]:
             raise PayloadError(f"a seed index is outside the pool of {pool['pool_size']}")
+        if body["coef"].size and float(np.abs(body["coef"]).max()) > MAX_SEED_COEF:
+            raise PayloadError(f"a seed coefficient exceeds {MAX_SEED_COEF} in size")
         seeds: dict[int, float] = {}
         for index, coef in zip(body["seed_index"].tolist(), body["coef"].tolist(), strict=True):
             seeds[index] = seeds.get(index, 0.0) + coef
@@ -294,9 +341,9 @@ class FleetServer:
             self.current = merged.tensors
             self.version += 1
             self._save(self.current, round_)
+            dense_bytes = self.publish_global(round_)
             if merged.seeds is not None:
-                self.publish_seeds(round_, merged.seeds)
-            self.publish_global(round_)
+                self.publish_seeds(round_, merged.seeds, dense_bytes)
             if self.config.basis_k:
                 self.remember(updates, before, round_)
                 self.refresh_basis(round_)
@@ -386,6 +433,10 @@ class FleetServer:
         """A device's coefficients: record them, push the personalized adapter back (retained
         on the device's own topic) and fold them into the prior new devices start from."""
         device = self.topics.device_of(msg.topic)
+        sha = hashlib.sha256(msg.payload).hexdigest()
+        if (device, sha) in self.served:
+            log.info("mixture from %s: a redelivery of one already answered", device)
+            return False
         try:
             header, body = codec.decode(msg.payload)
             check_envelope(header, "mixture", self.spec, self.base)
@@ -393,12 +444,7 @@ class FleetServer:
                 raise PayloadError(
                     f"sender {header.sender!r} does not match topic device {device!r}"
                 )
-            basis = self.bases.get(header.version)
-            if basis is None:
-                raise PayloadError(
-                    f"mixture is over basis v{header.version}; "
-                    f"this server holds {sorted(self.bases)}"
-                )
+            basis = self._load_basis(header.version)
             coef = body.get("coef")
             if coef is None or coef.ndim != 2 or coef.shape[0] != basis.k:
                 raise PayloadError(f"mixture coef must be [{basis.k}, groups]")
@@ -406,6 +452,9 @@ class FleetServer:
             theta = mixer.flat(mixer.check_coef(coef))
             if "zo" in header.metrics:
                 theta[mixer.index] += self._warm_zo_delta(header.metrics["zo"], mixer.index.size)
+            loss = header.metrics.get("heldout_loss")
+            if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+                raise PayloadError(f"mixture heldout_loss {loss!r} is not a finite number")
         except FleetuneError as err:
             log.warning("rejected mixture from %s: %s", device, err)
             self.registry.log_mixture(device, -1, reason=str(err))
@@ -415,14 +464,7 @@ class FleetServer:
         self.members[device] = theta[mixer.index]
         self._save_members()
         cluster = int(np.argmax(coef.sum(axis=1)))
-        loss = header.metrics.get("heldout_loss")
-        self.registry.log_mixture(
-            device,
-            basis.version,
-            json.dumps(coef.tolist()),
-            float(loss) if isinstance(loss, (int, float)) else None,
-            cluster,
-        )
+        self.registry.log_mixture(device, basis.version, json.dumps(coef.tolist()), loss, cluster)
         out = codec.Header(
             kind="adapter",
             sender="server",
@@ -431,25 +473,22 @@ class FleetServer:
             adapter=self.spec.to_dict(),
             encoding=self.config.downlink_encoding,
             version=self.version,
-            metrics={
-                "basis_version": basis.version,
-                "cluster": cluster,
-                "mixture_sha256": hashlib.sha256(msg.payload).hexdigest(),
-            },
+            metrics={"basis_version": basis.version, "cluster": cluster, "mixture_sha256": sha},
         )
         payload = codec.encode(out, adapter)
         self.transport.publish(self.topics.personal(device), payload, retain=True)
         self.bytes_down += len(payload)
+        self.served.add((device, sha))
         self.mixtures_served += 1
         # the prior: the mean coefficients devices chose for this basis (one per adapter)
         usage = self.usage.setdefault(basis.version, [])
         usage.append(coef.mean(axis=1))
+        prior = np.mean(usage, axis=0).astype(np.float32)
+        self.bases[basis.version] = Basis(
+            basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
+        )
         if basis.version == max(self.bases):
-            prior = np.mean(usage, axis=0).astype(np.float32)
-            self._publish_basis(
-                Basis(basis.version, basis.vectors, basis.spec, basis.base_sha256, prior),
-                header.round,
-            )
+            self._publish_prior(self.bases[basis.version], len(usage))
         log.info(
             "mixture from %s over basis v%d: coefficients %s, leans on adapter %d",
             device,
@@ -459,6 +498,15 @@ class FleetServer:
         )
         return True
 
+    def _publish_prior(self, basis: Basis, devices: int) -> None:
+        """The coefficients new devices start from: a few bytes on their own retained topic,
+        so the basis itself is not pushed again after every mixture."""
+        prior = [] if basis.prior is None else [float(p) for p in basis.prior]
+        body = {"version": basis.version, "prior": prior, "devices": devices}
+        payload = json.dumps(body).encode()
+        self.transport.publish(self.topics.basis_prior, payload, retain=True)
+        self.bytes_down += len(payload)
+
     @staticmethod
     def _warm_zo_delta(zo: object, size: int) -> np.ndarray:
         """The delta of the ZO steps a device ran after its mixture (seeds in its metrics)."""
@@ -467,12 +515,16 @@ class FleetServer:
         try:
             pool_seed, pool_size = int(zo["pool_seed"]), int(zo["pool_size"])
             pairs = [(int(i), float(c)) for i, c in zo["pairs"]]
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise PayloadError(f"mixture zo must hold pool_seed, pool_size, pairs: {err}") from err
-        if len(pairs) > 10_000 or any(not 0 <= i < pool_size for i, _ in pairs):
-            raise PayloadError(f"mixture zo holds over 10,000 pairs or indices outside {pool_size}")
-        if not all(np.isfinite(c) and abs(c) < 1.0 for _, c in pairs):
-            raise PayloadError("mixture zo coefficients must be finite and below 1 in size")
+        if not 0 <= pool_seed < 2**63:
+            raise PayloadError(f"mixture zo pool_seed {pool_seed} is outside 0..2**63")
+        if len(pairs) > MAX_WARM_PAIRS or any(not 0 <= i < pool_size for i, _ in pairs):
+            raise PayloadError(
+                f"mixture zo holds over {MAX_WARM_PAIRS} pairs or indices outside {pool_size}"
+            )
+        if not all(math.isfinite(c) and abs(c) <= MAX_SEED_COEF for _, c in pairs):
+            raise PayloadError(f"mixture zo coefficients must be finite, at most {MAX_SEED_COEF}")
         return replay(pairs, pool_seed, size)
 
     def serve_mixtures(self, count: int, timeout_s: float) -> int:

@@ -29,9 +29,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float) -> None:
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``host:port`` accepts connections; give up early if ``proc`` (a broker) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TransportError(
+                f"broker exited with code {proc.returncode} before listening on {host}:{port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -112,6 +117,11 @@ class EmbeddedBroker:
         self._broker = None
 
 
+def _tail(path: Path, lines: int = 10) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace").strip() if path.exists() else ""
+    return " | ".join(text.splitlines()[-lines:]) or "(empty)"
+
+
 class MosquittoBroker:
     """A real mosquitto on a loopback port with its own config file and data dir."""
 
@@ -145,14 +155,17 @@ class MosquittoBroker:
         if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto unless told otherwise
             lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
-        self._proc = subprocess.Popen(
-            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        log_file = root / "mosquitto.log"
+        with open(log_file, "wb") as stderr:  # the child keeps its own copy of the descriptor
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr
+            )
         try:
-            wait_port(self.host, self.port, 10)
-        except TransportError:
+            wait_port(self.host, self.port, 10, self._proc)
+        except TransportError as err:
+            tail = _tail(log_file)
             self.close()
-            raise
+            raise TransportError(f"mosquitto failed to start: {err}; its log: {tail}") from err
         return self
 
     def __exit__(self, *exc: object) -> None:

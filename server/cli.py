@@ -13,17 +13,13 @@ from edge_sdk.errors import FleetuneError
 def _demo(args: argparse.Namespace) -> int:
     from server.demo import is_improved, run_demo
 
-    broker = None
-    if args.broker:
-        host, _, port = args.broker.rpartition(":")
-        broker = (host or "127.0.0.1", int(port))
     doc = run_demo(
         devices=args.devices,
         rounds=args.rounds,
         steps=args.steps,
         data=args.data,
         clients=tuple(args.client or ()),
-        broker=broker,
+        broker=args.broker,
         base=args.base,
         protocol=args.protocol,
         json_path=args.json,
@@ -89,17 +85,47 @@ def _device(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from edge_sdk.adapters.lora import LoraSpec
+    from edge_sdk.errors import ConfigError
     from models.base import prepare_base
-    from models.onnx_export import export_onnx
 
+    if args.adapter and args.format != "gguf":
+        raise ConfigError("--adapter converts a LoRA adapter for llama.cpp: use `export gguf`")
+    if args.format == "gguf" and args.adapter:
+        return _export_lora_gguf(args)
     if args.format == "gguf":
         from models.gguf_export import export_base_gguf
 
         print(export_base_gguf(prepare_base(args.base), args.quant, args.out))
         return 0
+    from models.onnx_export import export_onnx
+
     spec = LoraSpec(r=args.r, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     root = export_onnx(prepare_base(args.base), spec, out_dir=args.out, force=args.force)
     print(root)
+    return 0
+
+
+def _export_lora_gguf(args: argparse.Namespace) -> int:
+    """``export gguf --adapter DIR``: a fleetune (PEFT-format) adapter directory -> a GGUF LoRA
+    that stock llama.cpp loads with ``--lora``."""
+    from pathlib import Path
+
+    from edge_sdk.adapters.lora import load_peft
+    from edge_sdk.adapters.lora.gguf import write_lora_gguf
+    from edge_sdk.errors import ConfigError
+    from models.base import prepare_base
+
+    base = prepare_base(args.base)
+    try:
+        tensors, spec = load_peft(args.adapter, base)  # refuses an adapter of another base
+    except KeyError as err:  # load_peft reads adapter_config.json's keys unchecked
+        raise ConfigError(f"{args.adapter}/adapter_config.json lacks {err}") from err
+    path = Path(args.out) if args.out else Path(args.adapter) / "adapter_model.gguf"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(write_lora_gguf(tensors, spec, base, path))
+    except OSError as err:
+        raise ConfigError(f"cannot write the GGUF adapter {path}: {err}") from err
     return 0
 
 
@@ -108,6 +134,21 @@ def _base(args: argparse.Namespace) -> int:
 
     print(prepare_base(args.name).to_json())
     return 0
+
+
+def broker_address(value: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` → ``(host, port)``; the port defaults to MQTT's 1883, the host to
+    127.0.0.1."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, ""
+    if not port:
+        return host or "127.0.0.1", 1883
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"broker port {port!r} in {value!r} is not a number from 1 to 65535"
+        )
+    return host or "127.0.0.1", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--client", action="append", help="client to use (repeatable)")
     demo.add_argument("--base", default="smollm2-135m", help="named base or HF checkpoint dir")
-    demo.add_argument("--broker", help="HOST:PORT of an existing broker (default: embedded)")
+    demo.add_argument(
+        "--broker",
+        type=broker_address,
+        help="HOST[:PORT] of an existing broker, port 1883 by default (default: embedded amqtt, "
+        "MQTT 3.1.1 only)",
+    )
     demo.add_argument("--protocol", default="3.1.1", choices=("3.1.1", "5"))
     demo.add_argument(
         "--backend",
@@ -174,7 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--r", type=int, default=8, help="LoRA rank of the adapter input")
     export.add_argument("--alpha", type=float, default=16.0)
     export.add_argument("--targets", default="q_proj,v_proj")
-    export.add_argument("--out", help="output directory (default: the cache)")
+    export.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="gguf: convert this LoRA adapter (adapter_config.json + adapter_model.safetensors, "
+        "tuned on --base) to a GGUF LoRA for llama.cpp --lora, instead of exporting the base",
+    )
+    export.add_argument(
+        "--out",
+        help="output directory (default: the cache); with --adapter, the GGUF file "
+        "(default: DIR/adapter_model.gguf)",
+    )
     export.add_argument("--force", action="store_true", help="export again even if present")
     export.set_defaults(func=_export)
 

@@ -53,6 +53,11 @@ class ServerConfig:
             raise ConfigError(f"[server] downlink_encoding must be one of {ENCODINGS}")
         if not 0 <= self.basis_k <= 64 or self.mix_quorum < 0:
             raise ConfigError("[server] basis_k must be in 0..64 and mix_quorum >= 0")
+        if self.basis_k and self.zo_params != "lora_b":
+            raise ConfigError(
+                "[server] a mixture basis (basis_k > 0) needs adapters that share LoRA A: "
+                'zo_params must be "lora_b"'
+            )
         if self.basis_encoding not in ("f32", "f16", "q8"):
             raise ConfigError("[server] basis_encoding must be one of f32, f16, q8")
         if self.protocol not in ("3.1.1", "5"):

@@ -9,15 +9,19 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import queue
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
 from edge_sdk.data import ClientText, load_corpus, pick_clients
-from edge_sdk.errors import FleetuneError
+from edge_sdk.errors import ConfigError, FleetuneError
 from server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -35,9 +39,9 @@ def _device_main(config: FleetuneConfig, item: ClientText, base, results: mp.Que
 
     try:
         with EdgeClient(config, base=base) as client:
-            results.put(("ok", asdict(client.run(item))))
+            results.put((config.device.id, "ok", asdict(client.run(item))))
     except BaseException as err:  # reported to the parent, which names the device
-        results.put(("error", f"{config.device.id}: {type(err).__name__}: {err}"))
+        results.put((config.device.id, "error", f"{type(err).__name__}: {err}"))
 
 
 def _prepare_main(base: str, backend: str, tuning: TuningConfig, results: mp.Queue) -> None:
@@ -56,9 +60,48 @@ def _prepare_main(base: str, backend: str, tuning: TuningConfig, results: mp.Que
 
             spec = LoraSpec(r=tuning.lora_r, alpha=tuning.lora_alpha, targets=tuning.lora_targets)
             export_onnx(manifest, spec)
-        results.put(("ok", manifest))
+        results.put(("prepare", "ok", manifest))
     except BaseException as err:
-        results.put(("error", f"{type(err).__name__}: {err}"))
+        results.put(("prepare", "error", f"{type(err).__name__}: {err}"))
+
+
+def wait_for_results(
+    results: mp.Queue, procs: Mapping[str, BaseProcess], poll_s: float = 1.0
+) -> list[Any]:
+    """The ``ok`` values of the child processes ``procs`` (by name), each of which puts one
+    ``(name, status, value)`` on ``results``. On the first ``error``, or a child that exits without
+    reporting (killed, out of memory), the other children are terminated and a ``FleetuneError``
+    names the child."""
+    pending = dict(procs)
+    values: list[Any] = []
+    while pending:
+        # a child that had exited before this read has flushed its report into the queue already
+        exited = [name for name, proc in pending.items() if proc.exitcode is not None]
+        try:
+            name, status, value = results.get(timeout=poll_s)
+        except queue.Empty:
+            if not exited:
+                continue
+            name = exited[0]
+            problem = f"{name}: exited with code {pending[name].exitcode} without a result"
+        else:
+            pending.pop(name, None)
+            if status == "ok":
+                values.append(value)
+                continue
+            problem = f"{name}: {value}"
+        _terminate(procs.values())
+        raise FleetuneError(problem)
+    return values
+
+
+def _terminate(procs: Iterable[BaseProcess]) -> None:
+    procs = list(procs)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(10)
 
 
 def prepare_isolated(base: str, backend: str = "torch", tuning: TuningConfig | None = None):
@@ -70,11 +113,12 @@ def prepare_isolated(base: str, backend: str = "torch", tuning: TuningConfig | N
         target=_prepare_main, args=(base, backend, tuning or TuningConfig(), results)
     )
     proc.start()
-    status, value = results.get()
+    try:
+        (manifest,) = wait_for_results(results, {"prepare": proc})
+    except FleetuneError as err:
+        raise FleetuneError(f"cannot prepare base {base}: {err}") from err
     proc.join()
-    if status != "ok":
-        raise FleetuneError(f"cannot prepare base {base}: {value}")
-    return value
+    return manifest
 
 
 def run_demo(
@@ -102,6 +146,11 @@ def run_demo(
     With ``tuner="mix"`` the ``devices`` clients tune B-only LoRA by backprop (torch) for
     ``rounds`` rounds and their adapters form the server's basis; then ``mix_devices`` further,
     unseen clients personalize from it with ``mix_steps`` steps on ``backend``."""
+    if protocol != "3.1.1" and broker is None:
+        raise ConfigError(
+            f"MQTT {protocol} needs a broker that speaks it (e.g. mosquitto, --broker HOST:PORT); "
+            "the embedded amqtt broker speaks MQTT 3.1.1 only"
+        )
     tuning = replace(tuning or TuningConfig(), steps=steps, tuner=tuner)
     corpus = load_corpus(data)
     mix = MixPlan(mix_devices, mix_steps, basis_k) if tuner == "mix" else None
@@ -209,7 +258,7 @@ def _run(
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = []
+    procs: dict[str, BaseProcess] = {}
     start = time.monotonic()
     thread = threading.Thread(target=serve, name="fleetune-server", daemon=True)
     thread.start()
@@ -223,39 +272,39 @@ def _run(
             target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id
         )
         proc.start()
-        procs.append(proc)
+        procs[cfg.device.id] = proc
 
     reports: list[dict] = []
-    errors: list[str] = []
 
-    def collect(n: int) -> None:
-        for _ in range(n):
-            status, value = results.get()
-            (reports if status == "ok" else errors).append(value)
+    def collect(names) -> None:
+        try:
+            reports.extend(wait_for_results(results, {name: procs[name] for name in names}))
+        except FleetuneError as err:  # a device failed: stop the fleet now, not at the timeout
+            _terminate(procs.values())
+            server.close()
+            raise FleetuneError(f"demo failed: {err}") from err
 
     if mix is None:
         for i, item in enumerate(chosen):
             start_device(i, engines[i % len(engines)], tuning, item)
-        collect(len(chosen))
+        collect(list(procs))
     else:
         # phase 1: basis devices tune B only (their adapters mix exactly), in torch
         basis_tuning = replace(tuning, tuner="backprop", backprop_params="lora_b")
         for i, item in enumerate(sources):
             start_device(i, "torch", basis_tuning, item)
-        collect(len(sources))
+        collect(list(procs))
         # phase 2: unseen clients personalize from the basis the rounds left behind
         mix_tuning = replace(tuning, tuner="mix", steps=mix.steps)
         for j, item in enumerate(chosen[len(sources) :]):
             start_device(len(sources) + j, engines[j % len(engines)], mix_tuning, item)
-        collect(len(chosen) - len(sources))
-    for proc in procs:
+        collect(list(procs)[len(sources) :])
+    for proc in procs.values():
         proc.join(30)
     thread.join(60)
     server.close()
     if server_error:
-        errors.append(f"server: {server_error[0]}")
-    if errors:
-        raise FleetuneError("demo failed: " + "; ".join(str(e) for e in errors))
+        raise FleetuneError(f"demo failed: server: {server_error[0]}") from server_error[0]
     reports.sort(key=lambda r: int(r["device"].split("-")[-1]))
     for r in reports:
         r["role"] = "unseen" if mix and int(r["device"].split("-")[-1]) >= len(sources) else "fleet"

@@ -83,6 +83,10 @@ class Registry:
         rows = self._exec("SELECT version, path FROM bases ORDER BY version DESC LIMIT 1")
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
 
+    def basis_path(self, version: int) -> str | None:
+        rows = self._exec("SELECT path FROM bases WHERE version = ?", (version,))
+        return str(rows[0][0]) if rows else None
+
     def log_mixture(
         self,
         device: str,

@@ -10,6 +10,7 @@ adapter).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import tempfile
@@ -70,6 +71,7 @@ class LlamaCppBackend:
         self.model: Any = None
         self.ctx: Any = None
         self.batch: Any = None
+        self.vocab: Any = None  # owned by the model
         self._adapter: Any = None
         self._pieces: list[Any] = []  # adapters of a mixture, loaded once (load_pieces)
         self._memory: Any = None
@@ -112,6 +114,8 @@ class LlamaCppBackend:
             )
         self.n_layer = n_layer
         self.vocab = lib.llama_model_get_vocab(self.model)
+        if not self.vocab:
+            raise BackendError(f"llama_model_get_vocab returned NULL for {self.path.name}")
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -125,12 +129,22 @@ class LlamaCppBackend:
         if not self.ctx:
             raise BackendError(f"llama_init_from_model failed for {self.path.name} (n_ctx={n_ctx})")
         self.n_ctx = n_ctx
-        self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+        self.batch = lib.llama_batch_init(n_ctx, 0, 1)  # a struct of malloc'd arrays
+        if not (self.batch.token and self.batch.pos and self.batch.seq_id and self.batch.logits):
+            raise BackendError(f"llama_batch_init could not allocate a batch of {n_ctx} tokens")
         self._memory = lib.llama_get_memory(self.ctx)
+        if not self._memory:
+            raise BackendError(f"llama_get_memory returned NULL for {self.path.name}")
+
+    def _check_open(self) -> None:
+        """Native calls on freed handles crash the process: refuse them after :meth:`close`."""
+        if not (self.ctx and self.model and self.vocab):
+            raise BackendError(f"the llama.cpp backend on {self.path.name} is closed")
 
     # tokens and text
 
     def tokenize(self, text: str) -> list[int]:
+        self._check_open()
         data = text.encode("utf-8")
         size = len(data) + 16
         for _ in range(2):
@@ -142,12 +156,18 @@ class LlamaCppBackend:
         raise BackendError(f"llama_tokenize failed on {len(data)} bytes of text")
 
     def detokenize(self, ids: list[int]) -> str:
+        self._check_open()
         out = bytearray()
         buf = ctypes.create_string_buffer(256)
         for token in ids:
             n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:  # the piece needs -n bytes: grow the buffer once and ask again
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
-                raise BackendError(f"llama_token_to_piece failed on token {token}")
+                raise BackendError(
+                    f"llama_token_to_piece failed on token {token} ({-n} bytes needed)"
+                )
             out += buf.raw[:n]
         return out.decode("utf-8", errors="replace")
 
@@ -155,13 +175,21 @@ class LlamaCppBackend:
 
     def _load_lora(self, tensors: Tensors, layers: range | None = None) -> Any:
         """Write ``tensors`` (only ``layers``, if given) as a GGUF adapter in RAM and load it."""
-        fd, name = tempfile.mkstemp(prefix="fleetune-lora-", suffix=".gguf", dir=_ram_dir())
-        os.close(fd)
+        self._check_open()
+        directory = _ram_dir()
+        try:
+            fd, name = tempfile.mkstemp(prefix="fleetune-lora-", suffix=".gguf", dir=directory)
+            os.close(fd)
+        except OSError as err:
+            raise BackendError(f"cannot create an adapter file in {directory}: {err}") from err
         try:
             write_lora_gguf(tensors, self.spec, self.base, name, check=False, layers=layers)
             adapter = self.lib.llama_adapter_lora_init(self.model, name.encode())
+        except OSError as err:  # e.g. /dev/shm is full
+            raise BackendError(f"cannot write the GGUF adapter {name}: {err}") from err
         finally:
-            os.unlink(name)  # llama.cpp copied the weights into its own buffers
+            with contextlib.suppress(OSError):
+                os.unlink(name)  # llama.cpp copied the weights into its own buffers
         if not adapter:
             raise BackendError(
                 f"llama_adapter_lora_init refused the adapter written for {self.base.name}"
@@ -188,6 +216,7 @@ class LlamaCppBackend:
 
     def _set_loras(self, adapters: list[Any], scales: list[float]) -> None:
         """Make exactly ``adapters`` active, each with its scale (one native call)."""
+        self._check_open()
         n = len(adapters)
         arr = (self.lib.llama_adapter_lora_p_ctypes * n)(*adapters)
         values = (ctypes.c_float * n)(*scales)
@@ -242,6 +271,7 @@ class LlamaCppBackend:
         """Add ``vec[i]`` to the residual stream after decoder layer ``i`` (``None`` clears it).
 
         llama.cpp never steers layer 0, so ``vec[0]`` must be zero."""
+        self._check_open()
         lib = self.lib
         if vec is None:
             rc = lib.llama_set_adapter_cvec(self.ctx, None, 0, self.n_embd, -1, -1)
@@ -269,6 +299,7 @@ class LlamaCppBackend:
 
     def _decode(self, ids: np.ndarray, all_logits: bool, start: int = 0) -> None:
         """Decode ``ids`` at positions ``start..``; logits for every token or only the last."""
+        self._check_open()
         n = len(ids)
         if start + n > self.n_ctx:
             raise ConfigError(f"{start + n} tokens exceed the context of {self.n_ctx}")
@@ -320,7 +351,8 @@ class LlamaCppBackend:
         return self.loss(input_ids)
 
     def generate(self, prompt: str, max_tokens: int = 32) -> str:
-        """Greedy continuation of ``prompt`` (stops at an end-of-generation token)."""
+        """Greedy continuation of ``prompt``: at most ``max_tokens`` tokens, fewer at an
+        end-of-generation token or when the context (``n_ctx``) is full."""
         ids = np.asarray(self.tokenize(prompt), dtype=np.int64)
         if len(ids) == 0:
             raise ConfigError("generate needs a non-empty prompt")
@@ -329,13 +361,17 @@ class LlamaCppBackend:
         for _ in range(max_tokens):
             self._decode(ids, all_logits=False, start=pos)
             pos += len(ids)
-            last = np.ctypeslib.as_array(
-                self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)
-            )
-            token = int(np.argmax(last))
-            if self.lib.llama_vocab_is_eog(self.vocab, token) or pos >= self.n_ctx:
+            ptr = self.lib.llama_get_logits_ith(self.ctx, -1)
+            if not ptr:
+                raise BackendError(f"llama_get_logits_ith returned NULL after {pos} tokens")
+            token = int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
+            if self.lib.llama_vocab_is_eog(self.vocab, token):
                 break
+            # the token was predicted at position pos - 1, so it is kept even when the context
+            # is now full; only decoding it (to predict one more) would not fit
             out.append(token)
+            if pos >= self.n_ctx:
+                break
             ids = np.asarray([token], dtype=np.int64)
         return self.detokenize(out)
 
@@ -356,6 +392,7 @@ class LlamaCppBackend:
         if self.ctx:
             lib.llama_free(self.ctx)
             self.ctx = None
+        self.vocab = None
         if self.model:
             lib.llama_model_free(self.model)
             self.model = None

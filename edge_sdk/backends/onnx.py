@@ -26,6 +26,7 @@ except ImportError as err:  # pragma: no cover - depends on the extra
 
 Tensors = dict[str, np.ndarray]
 ONNX_MANIFEST = "onnx-manifest.json"
+ONNX_MANIFEST_SCHEMA = 1  # the "schema" that models/onnx_export.py writes
 
 
 @dataclass(frozen=True)
@@ -44,23 +45,40 @@ class OnnxArtifacts:
     @classmethod
     def load(cls, root: str | Path) -> OnnxArtifacts:
         root = Path(root)
+        path = root / ONNX_MANIFEST
         try:
-            data = json.loads((root / ONNX_MANIFEST).read_text())
+            data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(
                 f"no readable {ONNX_MANIFEST} in {root}: run `fleetune export onnx`"
             ) from err
-        layout = [(e["name"], tuple(e["shape"]), int(e["offset"])) for e in data["layout"]]
-        return cls(
-            root,
-            BaseManifest.from_dict(data["base"]),
-            LoraSpec.from_dict(data["adapter"]),
-            layout,
-            int(data["size"]),
-            dict(data["graphs"]),
-            data["tokenizer"],
-            data.get("eos_token_id"),
-        )
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object")
+        schema = data.get("schema", ONNX_MANIFEST_SCHEMA)
+        if schema != ONNX_MANIFEST_SCHEMA:
+            raise ConfigError(
+                f"{path} has schema {schema!r}, this fleetune reads {ONNX_MANIFEST_SCHEMA}: "
+                "re-run `fleetune export onnx --force`"
+            )
+        try:
+            layout = [(e["name"], tuple(e["shape"]), int(e["offset"])) for e in data["layout"]]
+            return cls(
+                root,
+                BaseManifest.from_dict(data["base"]),
+                LoraSpec.from_dict(data["adapter"]),
+                layout,
+                int(data["size"]),
+                dict(data["graphs"]),
+                str(data["tokenizer"]),
+                data.get("eos_token_id"),
+            )
+        except KeyError as err:
+            raise ConfigError(
+                f"malformed {path}: missing key {err.args[0]!r}; re-run `fleetune export onnx "
+                "--force`"
+            ) from err
+        except (TypeError, ValueError) as err:  # ConfigError from the base or spec is a ValueError
+            raise ConfigError(f"malformed {path}: {err}") from err
 
     def check(self) -> FlatLayout:
         """The layout the device derives must be the one the graph was exported with."""
@@ -74,7 +92,9 @@ class OnnxArtifacts:
 
 
 class OnnxBackend:
-    """Loss (and later generation) on onnxruntime with an adapter vector as a graph input."""
+    """Loss and generation on onnxruntime with an adapter vector as a graph input.
+
+    Use it as a context manager (or call :meth:`close`) to release the ORT sessions."""
 
     def __init__(
         self,
@@ -107,6 +127,7 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session: ort.InferenceSession | None = None
         try:
             self.session = ort.InferenceSession(
                 str(self.art.root / self.art.graphs[precision]),
@@ -130,16 +151,27 @@ class OnnxBackend:
     def get_adapter(self) -> Tensors:
         return self.layout.unflatten(self.flat)
 
+    def _check_flat(self, flat: np.ndarray) -> None:
+        """An adapter vector must be float32 in the manifest's flat layout."""
+        ok = isinstance(flat, np.ndarray) and flat.shape == (self.art.size,)
+        if not ok or flat.dtype != np.float32:
+            got = f"{flat.dtype} {flat.shape}" if isinstance(flat, np.ndarray) else type(flat)
+            raise PayloadError(
+                f"adapter vector must be float32 of length {self.art.size}, got {got}"
+            )
+
+    def _live_session(self) -> ort.InferenceSession:
+        if self.session is None:
+            raise BackendError(f"the ONNX backend on {self.art.root} is closed")
+        return self.session
+
     def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
         """Mean next-token loss of ``input_ids`` [batch, seq] with the adapter vector ``flat``."""
-        if flat.shape != (self.art.size,) or flat.dtype != np.float32:
-            raise PayloadError(
-                f"adapter vector must be float32 of length {self.art.size}, got "
-                f"{flat.dtype} {flat.shape}"
-            )
+        self._check_flat(flat)
+        session = self._live_session()
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         try:
-            (loss,) = self.session.run(
+            (loss,) = session.run(
                 ["loss"],
                 {
                     "input_ids": ids,
@@ -155,9 +187,17 @@ class OnnxBackend:
     def loss(self, input_ids: np.ndarray) -> float:
         return self.loss_flat(input_ids, self.flat)
 
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy continuation of ``prompt`` under the current adapter, on the KV-cache decoder
-        graph: one prefill call over the prompt, then one call per new token."""
+    def generate(
+        self, prompt: str, max_new_tokens: int = 32, adapter: np.ndarray | None = None
+    ) -> str:
+        """Greedy continuation of ``prompt`` on the KV-cache decoder graph: one prefill call over
+        the prompt, then one call per new token.
+
+        ``adapter`` is a flat float32 vector in the manifest's layout (as for :meth:`loss_flat`);
+        without it the current adapter (:meth:`set_adapter`) is used."""
+        flat = self.flat if adapter is None else adapter
+        self._check_flat(flat)
+        self._live_session()
         if "decoder" not in self.art.graphs:
             raise ConfigError(f"no decoder graph in {self.art.root}: run `fleetune export onnx`")
         if self._generator is None:
@@ -169,13 +209,20 @@ class OnnxBackend:
             except Exception as err:
                 raise BackendError(f"cannot load the decoder graph {path}: {err}") from err
         new = greedy(
-            self._generator, self.tokenize(prompt), self.flat, max_new_tokens, self.art.eos_token_id
+            self._generator, self.tokenize(prompt), flat, max_new_tokens, self.art.eos_token_id
         )
         return self._tokenizer.decode(new, skip_special_tokens=True)
 
     def close(self) -> None:
+        """Release the ORT sessions (safe to call twice); later calls raise ``BackendError``."""
         self.session = None
         self._generator = None
+
+    def __enter__(self) -> OnnxBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def empty_past(session: ort.InferenceSession, batch: int = 1) -> dict[str, np.ndarray]:
@@ -215,7 +262,10 @@ def greedy(
             "adapter": adapter,
             **past,
         }
-        logits, *presents = session.run(output_names, feeds)
+        try:
+            logits, *presents = session.run(output_names, feeds)
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"onnxruntime failed generating after {seen} tokens: {err}") from err
         token = int(np.argmax(logits[0, -1]))
         new.append(token)
         if token == eos_token_id:

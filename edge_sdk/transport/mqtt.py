@@ -1,7 +1,8 @@
 """MQTT over paho-mqtt 2.x, for devices and the server alike.
 
 paho runs callbacks on its network thread; they never raise: messages go to a queue that the
-owner drains with :meth:`MqttTransport.recv`, and connection problems are recorded for it.
+owner drains with :meth:`MqttTransport.recv`, and connection problems are recorded for it (a refused
+CONNACK also wakes :meth:`MqttTransport.connect`, which raises it).
 Sessions are persistent (MQTT 3.1.1 ``clean_session=False``; MQTT 5 ``clean_start=False`` with a
 session expiry), so QoS 1 messages sent while a device is away wait for it at the broker.
 """
@@ -51,7 +52,8 @@ class MqttTransport:
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._filters: list[str] = []
         self._connected = threading.Event()
-        self._last_error: str | None = None
+        self._connack = threading.Event()  # the broker answered the CONNECT, yes or no
+        self._refusal: str | None = None
         self._closing = False
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -71,11 +73,15 @@ class MqttTransport:
     # -- paho callbacks (network thread: record, never raise) --------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self._last_error = f"broker refused the connection: {reason_code}"
+            self._refusal = (
+                f"broker refused the connection: {reason_code} (reason code {reason_code.value})"
+            )
+            self._connack.set()
             return
         for topic_filter in self._filters:
             client.subscribe(topic_filter, qos=1)
         self._connected.set()
+        self._connack.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
@@ -97,6 +103,8 @@ class MqttTransport:
         if self.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s
+        self._connack.clear()
+        self._refusal = None
         try:
             self._client.connect(
                 self.host,
@@ -110,9 +118,11 @@ class MqttTransport:
                 f"cannot reach MQTT broker {self.host}:{self.port}: {err}"
             ) from err
         self._client.loop_start()
-        if not self._connected.wait(timeout):
+        answered = self._connack.wait(timeout)
+        refusal = self._refusal
+        if refusal is not None or not answered:
             self._client.loop_stop()
-            reason = self._last_error or f"no CONNACK within {timeout:.0f} s"
+            reason = refusal or f"no CONNACK within {timeout:.0f} s"
             raise TransportError(f"MQTT connect to {self.host}:{self.port} failed: {reason}")
 
     def subscribe(self, topic_filter: str) -> None:

@@ -7,6 +7,9 @@ topic                         QoS     retained  payload
 ``adapter/global``            1       yes       envelope, kind "adapter" (server → devices)
 ``adapter/global/seeds``      1       yes       the same round as seeds (zeroth-order rounds)
 ``adapter/basis``             1       yes       envelope, kind "basis": K adapters to mix
+``adapter/basis/prior``       1       yes       JSON ``{"version", "prior", "devices"}``: the
+                                                 coefficients devices start from (a few bytes,
+                                                 updated after each mixture)
 ``adapter/device/{device}``   1       yes       envelope, kind "adapter": one device's mixture
 ``update/{device}``           1       no        envelope, kind "update" (device → server)
 ``mixture/{device}``          1       no        envelope, kind "mixture": K x G coefficients
@@ -59,6 +62,10 @@ class Topics:
     @property
     def basis(self) -> str:
         return f"{self.prefix}/adapter/basis"
+
+    @property
+    def basis_prior(self) -> str:
+        return f"{self.prefix}/adapter/basis/prior"
 
     def personal(self, device: str) -> str:
         return f"{self.prefix}/adapter/device/{check_id('device', device)}"

@@ -18,11 +18,12 @@ The search is SPSA from :mod:`edge_sdk.tuners.zo` on the coefficient vector, in 
 evaluation on validation windows after each, keeping the best coefficients (early stopping). Its
 objective is the loss on one fixed batch of training windows, as LoraHub optimizes a fixed
 few-shot loss: in 8 dimensions a deterministic objective lets SPSA converge in tens of steps,
-where fresh batches every step left it wandering (measured: README).
+where fresh batches every step left it wandering (measured: README, "Mixture personalization").
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -140,10 +141,9 @@ class Mixer:
             layer_of[offset : offset + math.prod(shape)] = int(_LAYER.search(name).group(1))  # type: ignore[union-attr]
         group_of = layer_of[self.index] * groups // base.num_layers
         self.bounds = np.searchsorted(group_of, np.arange(groups + 1))
-        self.layers = [
-            range(g * base.num_layers // groups, (g + 1) * base.num_layers // groups)
-            for g in range(groups)
-        ]
+        # layer l is in group l * G // L (as above), so group g starts at ceil(g * L / G)
+        first = [-(-g * base.num_layers // groups) for g in range(groups + 1)]
+        self.layers = [range(first[g], first[g + 1]) for g in range(groups)]
 
     def check_coef(self, coef: np.ndarray) -> np.ndarray:
         coef = np.asarray(coef, dtype=np.float32)
@@ -189,7 +189,7 @@ class Mixer:
 @dataclass(frozen=True)
 class MixConfig:
     steps: int = 50  # SPSA steps at most (each: two forward passes)
-    lr: float = 0.3  # coefficient step size (0.1 too slow, 0.5 unstable: benchmarks/README)
+    lr: float = 0.3  # coefficient step size (0.1 too slow, 0.5 unstable: README)
     eps: float = 0.1  # coefficient perturbation
     groups: int = 1  # coefficients per basis adapter (layer groups)
     eval_every: int = 10  # validation after this many steps
@@ -291,3 +291,16 @@ def mixture_envelope(
         metrics=metrics,
     )
     return codec.encode(header, {"coef": np.asarray(coef, dtype=np.float32)})
+
+
+def read_prior(payload: bytes) -> tuple[int, np.ndarray]:
+    """The server's prior for a basis (``adapter/basis/prior``): its version and the K
+    coefficients devices start from. Anything malformed is a ``PayloadError``."""
+    try:
+        body = json.loads(payload)
+        version, prior = int(body["version"]), np.asarray(body["prior"], dtype=np.float32)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise PayloadError(f"basis prior is not {{version, prior}} JSON: {err}") from err
+    if prior.ndim != 1 or not np.all(np.isfinite(prior)) or np.abs(prior).max(initial=0) > MAX_COEF:
+        raise PayloadError(f"basis prior must be K finite coefficients within ±{MAX_COEF}")
+    return version, prior

@@ -12,6 +12,18 @@ One step, for a seed ``s`` drawn from the pool::
 The step is fully described by ``(s, −lr·g)``; a run is the list of those pairs, so the device
 uploads a few bytes per step and the server replays the run exactly: ``Δ = Σ c·z(s)``, summing
 coefficients per seed first so its cost does not grow with the number of devices.
+
+With ``perturbations = k > 1`` a step is NOT MeZO's n-SPSA average (all k directions evaluated at
+the same θ, then one update with the mean of the k estimates). It is k sequential sub-steps on the
+same batch: direction ``z_i`` is evaluated at θ_i, which already includes the sub-steps
+``j < i`` of this step, and applied at once with coefficient ``c_i = −(lr/k)·g_i(θ_i)``
+(rounded to float32)::
+
+    θ_0 = θ;  θ_{i+1} = θ_i + c_i·z_i  (i = 0..k−1);  θ ← θ_k
+
+For small ``lr`` the two agree to first order, but they are different algorithms. Replay only sums
+the uploaded ``(s_i, c_i)`` pairs, so it is exact either way; the rule is kept as is so that runs
+(and their recorded coefficients) stay reproducible.
 """
 
 from __future__ import annotations
@@ -27,12 +39,11 @@ import numpy as np
 from edge_sdk.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# Bump Z_VERSION if the way z is drawn changes (PCG64([pool_seed, index]), float32
+# standard_normal, the tuned entries' order): the server's replay must stay bit-for-bit. Devices
+# report it with their ZO metrics and refuse a pool that names another ``z_version``.
 Z_VERSION = 1
-SCHEDULES = (
-    "constant",
-    "linear",
-    "cosine",
-)  # bump if the way z is drawn changes: replay must stay bit-for-bit
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def perturbation(pool_seed: int, index: int, size: int) -> np.ndarray:
@@ -45,7 +56,7 @@ def perturbation(pool_seed: int, index: int, size: int) -> np.ndarray:
 class ZOConfig:
     lr: float = 1e-2  # B-only LoRA: best of a 1e-3..3e-2 sweep (shared/research)
     eps: float = 1e-3  # perturbation scale
-    perturbations: int = 1  # directions averaged per step (each costs two forward passes)
+    perturbations: int = 1  # directions per step, applied in turn with lr / k (see module doc)
     schedule: str = "constant"  # lr schedule: constant | linear | cosine (decay to 0)
     eps_schedule: str = "constant"  # eps schedule, same choices (decays to eps / 10)
     pool_seed: int = 0  # the server's pool: seeds are (pool_seed, index), index < pool_size
@@ -89,7 +100,9 @@ def zo_tune(
     """Run ``steps`` SPSA steps on ``theta`` in place (only the ``tuned`` entries move).
 
     ``loss(theta, step)`` evaluates the caller's batch for ``step``. Returns the
-    ``(seed index, coefficient)`` pairs that replay the run and a few metrics.
+    ``(seed index, coefficient)`` pairs that replay the run and a few metrics. With
+    ``config.perturbations = k`` each step is k sequential sub-steps of ``lr / k`` (each direction
+    evaluated at the already-updated θ, see the module doc), one pair per sub-step.
     """
     view = theta[tuned].copy()  # a slice would alias theta
     size = view.size

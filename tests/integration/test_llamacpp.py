@@ -193,3 +193,36 @@ def test_zo_lowers_a_fixed_batch_loss_through_gguf_adapters(smollm2, ggufs, batc
     # Assert
     assert after < before - 0.01
     assert len(pairs) == 20
+
+
+def test_generate_fills_the_context_to_its_last_token(smollm2, ggufs):
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+
+    prompt = "one two three four five six seven eight nine ten"
+    with (
+        LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec(), n_ctx=16) as small,
+        LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec(), n_ctx=64) as big,
+    ):
+        # Prepare: a prompt that leaves room to decode a few tokens only
+        room = small.n_ctx - len(small.tokenize(prompt))
+        assert 0 < room < 8
+        # Execute
+        full = small.generate(prompt, max_tokens=32)
+        # Assert: the tokens decoded into the context, plus the one predicted at its last position
+        assert full == big.generate(prompt, max_tokens=room + 1)
+
+
+def test_packaged_q4_1_base_is_used_as_is_and_runs(smollm2, ggufs, batch):
+    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from models.gguf_export import export_base_gguf
+
+    # Execute
+    path = export_base_gguf(smollm2, "q4_1")
+    with (
+        LlamaCppBackend(path, smollm2, LoraSpec()) as q4,
+        LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec()) as q8,
+    ):
+        q4_loss, q8_loss = q4.loss(batch[:1]), q8.loss(batch[:1])
+    # Assert: the packaged file itself, as good as q8_0 (held-out ppl 127.0 vs 126.5)
+    assert str(path) == smollm2.source
+    assert abs(q4_loss - q8_loss) < Q8_LOSS_TOL

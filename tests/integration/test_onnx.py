@@ -161,3 +161,27 @@ def test_generation_follows_the_adapter_like_torch(smollm2, onnx_artifacts, adap
     # Assert
     assert ours == theirs and ours.strip()
     assert ours != plain  # the KV-cache decoder really takes the adapter input
+
+
+def test_generate_with_an_explicit_adapter_equals_setting_it_first(
+    smollm2, onnx_artifacts, adapter
+):
+    from edge_sdk.backends.onnx import OnnxBackend
+
+    # Prepare: a strong adapter, given as a flat vector while the backend holds the init
+    prompt = "To be, or not to be, that is"
+    strong = {k: v * (10.0 if "lora_B" in k else 1.0) for k, v in adapter.items()}
+    with OnnxBackend(onnx_artifacts, base=smollm2) as backend:
+        flat = backend.layout.flatten(strong)
+        backend.set_adapter(init_lora(LoraSpec(), smollm2))
+        plain = backend.generate(prompt, max_new_tokens=8)
+        # Execute
+        given = backend.generate(prompt, max_new_tokens=8, adapter=flat)
+        still_plain = backend.generate(prompt, max_new_tokens=8)
+        backend.set_adapter(strong)
+        held = backend.generate(prompt, max_new_tokens=8)
+        # Assert
+        assert given == held != plain
+        assert still_plain == plain  # the explicit adapter does not replace the current one
+        with pytest.raises(PayloadError):
+            backend.generate(prompt, adapter=flat[:-1])

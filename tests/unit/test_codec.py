@@ -4,8 +4,10 @@ import struct
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as st_save
 
 from edge_sdk import codec
+from edge_sdk.codec.compress import encode_tensors
 from edge_sdk.errors import PayloadError
 
 pytestmark = pytest.mark.unit
@@ -64,6 +66,19 @@ def _reframe(data: bytes, meta_edit=None, body=None) -> bytes:
     return struct.pack(">4sBI", magic, schema, len(head)) + head + body
 
 
+def _q8_body(scale_of_a=None) -> bytes:
+    """A q8 body whose tensor ``a`` has no scale (``None``) or the given one."""
+    body = encode_tensors(_tensors(), "q8")
+    del body["a.q8scale"]
+    if scale_of_a is not None:
+        body["a.q8scale"] = scale_of_a
+    return st_save(body)
+
+
+def _as_q8(meta):
+    meta.update(encoding="q8")
+
+
 @pytest.mark.parametrize(
     "mangle,message",
     [
@@ -79,6 +94,17 @@ def _reframe(data: bytes, meta_edit=None, body=None) -> bytes:
         (lambda d: _reframe(d, lambda m: m.update(encoding="f16")), "header says f16"),
         (lambda d: _reframe(d, body=b"not safetensors at all"), "not valid safetensors"),
         (lambda d: d[:9] + b"{" * 5 + d[14:], "not valid JSON"),
+        (lambda d: d[:5] + struct.pack(">I", 2) + b"[]", "header is not a JSON object"),
+        (lambda d: _reframe(d, _as_q8, body=_q8_body()), "tensor a lacks a valid q8 scale"),
+        (
+            lambda d: _reframe(d, _as_q8, body=_q8_body(np.ones(3, np.float32))),
+            "tensor a lacks a valid q8 scale",
+        ),
+        (lambda d: _reframe(d, lambda m: m.update(base_sha256="ab")), "64-character hex digest"),
+        (lambda d: _reframe(d, lambda m: m.update(sender="")), "sender must be a non-empty"),
+        (lambda d: _reframe(d, lambda m: m.update(adapter=[8])), "adapter and metrics must be"),
+        (lambda d: _reframe(d, lambda m: m.update(metrics="x")), "adapter and metrics must be"),
+        (lambda d: d.decode("latin-1"), "expected bytes, got str"),
     ],
 )
 def test_every_rejection_names_the_problem(mangle, message):

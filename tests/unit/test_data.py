@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,31 @@ def test_pick_clients_prefers_the_most_text_and_knows_names():
         pick_clients(clients, 1, names=["zzz"])
     with pytest.raises(DataError, match="only 1 clients"):
         pick_clients(clients, 2, min_chars=25)
+
+
+def test_single_line_client_is_cut_at_a_space_into_train_and_heldout():
+    # Prepare: one JSONL row is one line of text
+    text = " ".join(f"w{i}" for i in range(1000))
+
+    def words(s: str) -> list[int]:  # one token per word
+        return list(range(len(s.split())))
+
+    # Execute
+    train, heldout = split_text(text)
+    data = prepare_client(ClientText("one-line", text), words, seq_len=8)
+    # Assert
+    assert (train, heldout) == split_text(text)
+    assert train + " " + heldout == text
+    assert 0.75 < len(train) / len(text) < 0.85
+    assert len(data.train) >= 8 and len(data.heldout) >= 2
+
+
+def test_pick_clients_names_the_skipped_clients(caplog):
+    # Prepare
+    clients = [ClientText("big", "x" * 30), ClientText("tiny", "x" * 3)]
+    caplog.set_level(logging.INFO, logger="edge_sdk.data")
+    # Execute
+    chosen = pick_clients(clients, 1, min_chars=10)
+    # Assert
+    assert [c.client for c in chosen] == ["big"]
+    assert "tiny (3)" in caplog.text

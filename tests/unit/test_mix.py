@@ -48,6 +48,27 @@ def test_the_mix_is_the_weighted_sum_of_the_basis_per_layer_group():
         np.testing.assert_allclose(value, expect, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(("layers", "groups"), [(5, 3), (30, 4), (7, 7)])
+def test_llamacpp_pieces_cover_the_same_layers_as_the_mixed_vector(layers, groups):
+    # Prepare: group sizes that do not divide the layer count (30 layers in 4 groups: SmolLM2)
+    base = tiny_manifest(layers=layers)
+    basis = random_basis(base, 2)
+    mixer = Mixer(basis, base, groups=groups)
+    coef = np.arange(1, 2 * groups + 1, dtype=np.float32).reshape(2, groups)
+    # Execute: what llama.cpp computes, piece k restricted to its layers, scaled by c[k, g]
+    summed: dict[str, np.ndarray] = {}
+    for i, (piece, piece_layers) in enumerate(mixer.pieces()):
+        for name, value in piece.items():
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            if ".lora_B." in name and layer in piece_layers:
+                summed[name] = summed.get(name, 0) + coef.reshape(-1)[i] * value
+    # Assert: every layer is in exactly one group, and it is the group the flat vector uses
+    mixed = mixer.adapter(coef)
+    assert sorted(layer for group in mixer.layers for layer in group) == list(range(layers))
+    for name, value in summed.items():
+        np.testing.assert_allclose(value, mixed[name], rtol=1e-6, atol=1e-7)
+
+
 def test_a_basis_of_one_with_coefficient_one_is_that_adapter_exactly():
     base = tiny_manifest()
     layout = FlatLayout(SPEC, base)
@@ -161,3 +182,61 @@ def test_search_finds_the_basis_adapter_that_fits(tiny_base):
     assert metrics["val_loss"] < metrics["val_loss_start"] - 0.1
     assert int(np.argmax(coef[:, 0])) == 1
     assert validate(coef) == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+
+def test_a_mix_device_skips_a_bad_basis_and_keeps_its_own_mix_without_an_answer(
+    tmp_path, tiny_base
+):
+    """No server answers: the device still runs (and has saved) its own mix; a misshapen basis
+    before the good one is named and skipped, not kept."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from edge_sdk.data import ClientData, ClientText
+    from edge_sdk.transport.base import Message
+    from edge_sdk.transport.memory import MemoryBroker
+    from edge_sdk.transport.topics import Topics
+
+    # Prepare: a retained prior and a basis whose first adapter fits the text
+    pattern = np.tile(np.arange(5, 21), 64)
+    windows = np.stack([np.roll(pattern, s)[:16] for s in range(60)])
+    data = ClientData("c", train=windows[:48], heldout=windows[48:])
+    layout = FlatLayout(SPEC, tiny_base)
+    size = layout.indices(BASIS_PART).size
+    vectors = np.random.default_rng(0).normal(0, 0.5, (2, size)).astype(np.float32)
+    broker, topics = MemoryBroker(), Topics("t")
+    server = broker.client("server")
+    server.connect()
+    server.subscribe(topics.mixture("u1"))
+    prior = b'{"version": 2, "prior": [0.25, 0.0], "devices": 1}'
+    server.publish(topics.basis_prior, prior, retain=True)
+    server.publish(topics.basis, Basis(2, vectors, SPEC, tiny_base.sha256).encode(), retain=True)
+    config = FleetuneConfig(
+        device=DeviceConfig(id="u1", state_dir=str(tmp_path / "u1")),
+        tuning=TuningConfig(tuner="mix", lora_r=2, steps=20, batch_size=4),
+        sync=SyncConfig(fleet="t", round_wait_s=2),
+    )
+    device = broker.client("u1")
+    wrong = Basis(1, vectors[:, :5], SPEC, tiny_base.sha256).encode()  # a misshapen basis
+    device._inbox.put(Message(topics.basis, wrong, True))  # arrives before the good basis
+    # Execute
+    with EdgeClient(config, base=tiny_base, transport=device) as client:
+        report = client.run(ClientText("c", ""), data=data)
+        header, saved = codec.decode(client.store.load_adapter())
+    # Assert: the device mixed basis v2, and runs the mix it saved
+    head, body = codec.decode(server.recv(timeout=1).payload)
+    assert head.version == 2 and body["coef"].shape == (2, 1)
+    assert header.metrics == {"basis_version": 2, "local_mix": True}
+    assert report.ppl_final == report.ppl_local
+    pushed = Basis.decode(broker._retained[topics.basis])  # q8, as the device decoded it
+    mixed = Mixer(pushed, tiny_base).adapter(body["coef"])
+    assert all(np.array_equal(saved[k], mixed[k]) for k in mixed)
+
+
+def test_a_prior_is_read_or_refused_by_name():
+    from edge_sdk.tuners.mix import read_prior
+
+    version, prior = read_prior(b'{"version": 3, "prior": [0.5, 0.25], "devices": 2}')
+    assert version == 3 and prior.tolist() == [0.5, 0.25]
+    for junk in (b"nope", b'{"prior": [1]}', b'{"version": 1, "prior": [1e9]}', b"[1, 2]"):
+        with pytest.raises(PayloadError, match="basis prior"):
+            read_prior(junk)

@@ -1,5 +1,8 @@
+import numpy as np
 import pytest
 
+from edge_sdk import codec
+from edge_sdk.adapters.lora import init_lora
 from edge_sdk.client import EdgeClient
 from edge_sdk.config import DeviceConfig, FleetuneConfig
 from edge_sdk.errors import ConfigError, PayloadError, TransportError
@@ -62,3 +65,38 @@ def test_bad_round_announcements_are_named(payload, error, message):
         client._read_announcement(payload)
     good = client._read_announcement(b'{"round": 2, "adapter_version": 1}')
     assert good["round"] == 2
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({"from_version": 0}, "integer from_version and pool_seed"),
+        ({"from_version": 0, "pool_seed": -4}, "pool_seed >= 0"),
+        ({"from_version": 0, "pool_seed": 4, "params": "everything"}, "moves 'everything'"),
+    ],
+)
+def test_a_junk_seeds_adapter_is_a_payload_error(tmp_path, metrics, reason):
+    from edge_sdk.client import _Global
+    from edge_sdk.config import TuningConfig
+
+    # Prepare
+    base = tiny_manifest()
+    config = FleetuneConfig(
+        device=DeviceConfig(id="d", state_dir=str(tmp_path)), tuning=TuningConfig(lora_r=2)
+    )
+    client = EdgeClient(config, base=base)
+    header = codec.Header(
+        kind="adapter",
+        sender="server",
+        round=1,
+        base_sha256=base.sha256,
+        adapter=client.spec.to_dict(),
+        encoding="seeds",
+        version=1,
+        metrics=metrics,
+    )
+    body = {"seed_index": np.array([1], np.int32), "coef": np.array([0.1], np.float32)}
+    current = _Global(0, init_lora(client.spec, base))
+    # Execute / Assert
+    with pytest.raises(PayloadError, match=reason):
+        client._read_adapter(codec.encode(header, body), current)

@@ -207,12 +207,14 @@ def test_server_rebuilds_a_zeroth_order_device_from_its_seeds(tmp_path, tiny_bas
 
 
 def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
-    """Two B-only devices build the basis (an A+B device is left out of it); an unseen device
-    mixes it, uploads its coefficients and runs the adapter the server pushes back."""
+    """Two B-only devices build the basis (an A+B update is refused: it would move the shared
+    A); an unseen device mixes it, uploads its coefficients and runs the adapter the server
+    pushes back; a redelivered upload is answered once."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
     from edge_sdk.data import ClientData, ClientText
-    from edge_sdk.tuners.mix import Basis, mixture_envelope
+    from edge_sdk.transport.base import Message
+    from edge_sdk.tuners.mix import Basis, mixture_envelope, read_prior
 
     # Prepare: clients whose text cycles through different token ranges
     def data(lo):
@@ -226,7 +228,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
         fleet="t",
         lora_r=2,
         rounds=1,
-        quorum=3,
+        quorum=2,
         round_timeout_s=60,
         basis_k=2,
         basis_encoding="f32",
@@ -246,7 +248,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     sources = [
         (device("s1", steps=20, lr=5e-2, backprop_params="lora_b"), data(0)),
         (device("s2", steps=20, lr=5e-2, backprop_params="lora_b"), data(40)),
-        (device("s3", steps=5, lr=5e-2), data(80)),  # moves A: not in the basis
+        (device("s3", steps=5, lr=5e-2), data(80)),  # moves A: refused
     ]
     thread, _ = _run_in_thread(server)
     runners = []
@@ -272,6 +274,8 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
         report = client.run(ClientText("c", ""), data=data(0))
         stored = client.store.load_adapter()
     thread.join(30)
+    again_coef = np.asarray(json.loads(server.registry.mixtures()[0][2]), np.float32)
+    served = server.mixtures_served
     # Assert
     assert basis.k == 2
     assert sorted(server.members) == ["s1", "s2", "u1"]  # the mixture joins the next clustering
@@ -288,10 +292,95 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     assert len(json.loads(coef)) == 2 and cluster in (0, 1)
     rejected = server.registry._exec("SELECT device, reason FROM mixtures WHERE accepted = 0")
     assert rejected == [("junk", "mixture coef must be [2, groups]")]
-    assert Basis.decode(broker._retained[Topics("t").basis]).prior is not None  # usage learned
+    updates = server.registry._exec("SELECT device, reason FROM updates WHERE accepted = 0")
+    assert [d for d, _ in updates] == ["s3"] and "moves LoRA A" in updates[0][1]
+    version, prior = read_prior(broker._retained[Topics("t").basis_prior])  # usage learned
+    assert version == basis.version
+    np.testing.assert_allclose(prior, again_coef.mean(axis=1), rtol=1e-6)
+    # a redelivered mixture (QoS 1) is answered once
+    payload = mixture_envelope("u2", basis, again_coef, 8, {})
+    first = server.handle_mixture(Message(Topics("t").mixture("u2"), payload))
+    second = server.handle_mixture(Message(Topics("t").mixture("u2"), payload))
+    assert (first, second, server.mixtures_served) == (True, False, served + 1)
     server.close()
-    # a restarted server still knows the members and accepts mixtures over its last basis
+    # a restarted server still knows the members, the basis and the prior devices start from
     again = FleetServer(config, tiny_base, transport=broker.client("again"))
-    assert sorted(again.members) == ["s1", "s2", "u1"]
+    assert sorted(again.members) == ["s1", "s2", "u1", "u2"]
     np.testing.assert_array_equal(again.bases[basis.version].vectors, basis.vectors)
+    np.testing.assert_allclose(again.bases[basis.version].prior, again_coef.mean(axis=1))
     again.close()
+
+
+def _seeds_update(device, index, coef, metrics):
+    header = codec.Header(
+        kind="update",
+        sender=device,
+        round=1,
+        base_sha256="ab" * 32,
+        adapter=SPEC.to_dict(),
+        encoding="seeds",
+        num_examples=4,
+        metrics=metrics,
+    )
+    body = {"seed_index": np.array(index, np.int32), "coef": np.array(coef, np.float32)}
+    return codec.encode(header, body)
+
+
+def test_seed_updates_out_of_bounds_or_from_another_z_version_are_refused(tmp_path):
+    from edge_sdk.errors import PayloadError
+    from edge_sdk.transport.base import Message
+
+    # Prepare
+    server = _server(tmp_path, MemoryBroker(), zo_pool_size=8)
+    pool = server.pool(1)
+    ok = {"pool_seed": pool["pool_seed"], "params": "lora_b", "z_version": 1}
+    cases = {
+        "a seed coefficient exceeds": ([1, 2], [0.01, 5.0], ok),
+        "outside the pool of 8": ([8], [0.01], ok),
+        "z version 2": ([1], [0.01], {**ok, "z_version": 2}),
+        "seeds move 'all'": ([1], [0.01], {**ok, "params": "all"}),
+    }
+    topic = Topics("t").update("d1")
+    # Execute / Assert
+    good = server.check_update(
+        Message(topic, _seeds_update("d1", [1, 1], [0.01, 0.02], ok)), 1, set()
+    )
+    assert good.seeds == {1: pytest.approx(0.03)}
+    for reason, (index, coef, metrics) in cases.items():
+        with pytest.raises(PayloadError, match=reason):
+            server.check_update(Message(topic, _seeds_update("d1", index, coef, metrics)), 1, set())
+    server.close()
+
+
+def test_seeds_go_down_only_when_smaller_than_the_dense_adapter(tmp_path):
+    # Prepare
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, zo_pool_size=4096)
+    watcher = broker.client("w")
+    watcher.connect()
+    watcher.subscribe(Topics("t").global_seeds)
+    # Execute: a few seeds, then more seeds than the tiny dense adapter is worth
+    few = server.publish_seeds(1, {1: 0.1, 2: 0.2}, dense_bytes=10_000)
+    many = server.publish_seeds(1, {i: 0.1 for i in range(2000)}, dense_bytes=10_000)
+    # Assert
+    assert (few, many) == (True, False)
+    assert watcher.recv(timeout=0.5) is not None and watcher.recv(timeout=0.2) is None
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("zo", "reason"),
+    [
+        ({"pool_seed": -1, "pool_size": 8, "pairs": [[1, 0.1]]}, "outside 0..2"),
+        ({"pool_seed": float("inf"), "pool_size": 8, "pairs": []}, "must hold pool_seed"),
+        ({"pool_seed": 3, "pool_size": 8, "pairs": [[9, 0.1]]}, "indices outside 8"),
+        ({"pool_seed": 3, "pool_size": 8, "pairs": [[1, 2.0]]}, "at most 1.0"),
+        ({"pool_seed": 3, "pool_size": 8, "pairs": [[1, 0.1]] * 2001}, "over 2000 pairs"),
+        ("seeds", "must be an object"),
+    ],
+)
+def test_junk_warm_start_seeds_are_a_payload_error(zo, reason):
+    from edge_sdk.errors import PayloadError
+
+    with pytest.raises(PayloadError, match=reason):
+        FleetServer._warm_zo_delta(zo, 16)
