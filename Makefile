@@ -5,16 +5,29 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fleetune-installed
 
 LLAMA_STAMP := $(VENV)/.fleetune-llamacpp
+LLAMA_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/fleetune/wheels
+# x86-64: a portable AVX2 build. A native build also compiles llama.cpp's AMX kernels, which
+# crash (SIGSEGV in the first decode) on CPUs that advertise AMX inside VMs that do not enable it.
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+  -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON) -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
 .PHONY: setup setup-llamacpp demo test test-unit bench lint clean
 
 setup: $(STAMP)
 
-# llama-cpp-python has no wheel here: pip builds it from source once (10-20 min on 2 cores) and
-# reuses its wheel cache afterwards. Raspberry Pi / Jetson flags: see README.
+# llama-cpp-python has no wheel here: it is built from source once (6-20 min on 2 cores) into
+# $(WHEELS) and installed from there afterwards. Raspberry Pi / Jetson flags: see README.
 setup-llamacpp: $(LLAMA_STAMP)
 
 $(LLAMA_STAMP): $(STAMP)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	  $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) \
+	  llama-cpp-python==$(LLAMA_VERSION)
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall \
+	  $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(BIN)/python -m pip install -q -e '.[llamacpp]'
 	touch $@
 

@@ -73,7 +73,7 @@ class TuningConfig:
     seed: int = 0  # batch sampling seed (mixed with device id and round)
     zo_lr: float = 1e-2  # zeroth-order step size (B-only LoRA: best of a sweep, shared/research)
     zo_eps: float = 1e-3  # zeroth-order perturbation scale
-    zo_perturbations: int = 1  # directions averaged per zeroth-order step
+    zo_perturbations: int = 1  # directions per zeroth-order step (sub-steps of lr / n each)
     zo_schedule: str = "constant"  # zeroth-order lr schedule: constant | linear | cosine
     zo_eps_schedule: str = "constant"  # zeroth-order eps schedule: constant | linear | cosine
     zo_params: str = "lora_b"  # what zeroth-order moves: lora_b (A frozen from the seed) | all

@@ -108,12 +108,17 @@ def load_peft(directory: str | Path, base: BaseManifest) -> tuple[Tensors, LoraS
             f"adapter in {directory} belongs to base {owner[:12]}, "
             f"not {base.name} ({base.short_hash})"
         )
-    spec = LoraSpec(
-        r=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        targets=tuple(config["target_modules"]),
-        init_seed=int(meta.get("fleetune_init_seed", 0)),
-    )
+    try:
+        spec = LoraSpec(
+            r=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            targets=tuple(config["target_modules"]),
+            init_seed=int(meta.get("fleetune_init_seed", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise PayloadError(
+            f"adapter_config.json in {directory} is not a LoRA config: {err}"
+        ) from err
     tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     check_layout(tensors, spec, base)
     return tensors, spec
