@@ -188,7 +188,9 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_title(
         f"unseen clients from a basis of K={doc['k']} fleet adapters\n"
-        "o mixture (ONNX)  □ B-only MeZO (ONNX)  △ LoRA backprop (torch), same time as 50 steps"
+        "o mixture (ONNX)   □ B-only MeZO (ONNX)   △ LoRA backprop (torch)\n"
+        "□ and △ given the time of 50 mixture steps; dotted: base model",
+        fontsize=9,
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

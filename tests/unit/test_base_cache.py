@@ -4,24 +4,13 @@ import pytest
 
 from edge_sdk.manifest import BaseManifest
 from models.base import read_cached_manifest, write_cached_manifest
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.unit
 
 
 def _manifest(hf_dir) -> BaseManifest:
-    return BaseManifest(
-        name="tiny",
-        sha256="ab" * 32,
-        architecture="llama",
-        num_layers=2,
-        hidden_size=8,
-        num_heads=2,
-        num_kv_heads=2,
-        head_dim=4,
-        intermediate_size=16,
-        vocab_size=32,
-        hf_dir=str(hf_dir),
-    )
+    return tiny_manifest(str(hf_dir))
 
 
 def test_cached_manifest_round_trips_and_leaves_no_temp_file(tmp_path):
