@@ -76,7 +76,6 @@ class FleetServer:
         self.bases: dict[int, Basis] = {}
         self.usage: dict[int, list[np.ndarray]] = {}
         self.served: set[tuple[str, str]] = set()  # (device, upload sha256): answered once
-        self.mixtures_served = 0
         self._resume_mixtures()
 
     def _resume(self) -> dict[str, np.ndarray]:
@@ -106,12 +105,22 @@ class FleetServer:
         basis = self._load_basis(latest[0])
         for _, version, coef, _, _ in self.registry.mixtures():
             if version == basis.version and coef:
-                self.usage.setdefault(version, []).append(np.asarray(json.loads(coef)).mean(1))
-        if basis.version in self.usage:
-            prior = np.mean(self.usage[basis.version], axis=0).astype(np.float32)
-            self.bases[basis.version] = Basis(
-                basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
-            )
+                self._use(basis, np.asarray(json.loads(coef)))
+
+    def _use(self, basis: Basis, coef: np.ndarray) -> Basis:
+        """Count a device's coefficients [K, G] for ``basis``; the prior devices start from is
+        the mean of those counted (one per adapter). Returns the basis with that prior."""
+        usage = self.usage.setdefault(basis.version, [])
+        usage.append(coef.mean(axis=1))
+        prior = np.mean(usage, axis=0).astype(np.float32)
+        self.bases[basis.version] = Basis(
+            basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
+        )
+        return self.bases[basis.version]
+
+    @property
+    def mixtures_served(self) -> int:
+        return len(self.served)
 
     def _load_basis(self, version: int) -> Basis:
         """A basis this fleet offered before, from its saved vectors; ``PayloadError`` if none."""
@@ -479,16 +488,9 @@ class FleetServer:
         self.transport.publish(self.topics.personal(device), payload, retain=True)
         self.bytes_down += len(payload)
         self.served.add((device, sha))
-        self.mixtures_served += 1
-        # the prior: the mean coefficients devices chose for this basis (one per adapter)
-        usage = self.usage.setdefault(basis.version, [])
-        usage.append(coef.mean(axis=1))
-        prior = np.mean(usage, axis=0).astype(np.float32)
-        self.bases[basis.version] = Basis(
-            basis.version, basis.vectors, basis.spec, basis.base_sha256, prior
-        )
+        basis = self._use(basis, coef)
         if basis.version == max(self.bases):
-            self._publish_prior(self.bases[basis.version], len(usage))
+            self._publish_prior(basis)
         log.info(
             "mixture from %s over basis v%d: coefficients %s, leans on adapter %d",
             device,
@@ -498,11 +500,14 @@ class FleetServer:
         )
         return True
 
-    def _publish_prior(self, basis: Basis, devices: int) -> None:
+    def _publish_prior(self, basis: Basis) -> None:
         """The coefficients new devices start from: a few bytes on their own retained topic,
         so the basis itself is not pushed again after every mixture."""
-        prior = [] if basis.prior is None else [float(p) for p in basis.prior]
-        body = {"version": basis.version, "prior": prior, "devices": devices}
+        body = {
+            "version": basis.version,
+            "prior": np.asarray(basis.prior).tolist(),
+            "devices": len(self.usage[basis.version]),
+        }
         payload = json.dumps(body).encode()
         self.transport.publish(self.topics.basis_prior, payload, retain=True)
         self.bytes_down += len(payload)
