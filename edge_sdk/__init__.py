@@ -1,10 +1,17 @@
 """fleetune device SDK: personalize a small LLM on the device, federate over MQTT.
 
-Importing this package loads neither torch nor onnxruntime; engines load when a client opens.
+The bottom layer: it imports nothing from ``fleetune.server`` or ``fleetune.models``. Importing it
+loads neither torch nor onnxruntime; an engine loads when a client opens its bundle.
 """
 
-from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig, load_config
-from edge_sdk.errors import FleetuneError
+from fleetune.edge_sdk.config import (
+    DeviceConfig,
+    FleetuneConfig,
+    SyncConfig,
+    TuningConfig,
+    load_config,
+)
+from fleetune.edge_sdk.errors import FleetuneError
 
 __all__ = [
     "DeviceConfig",
@@ -19,7 +26,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "EdgeClient":
-        from edge_sdk.client import EdgeClient
+        from fleetune.edge_sdk.client import EdgeClient
 
         return EdgeClient
-    raise AttributeError(f"module 'edge_sdk' has no attribute {name!r}")
+    raise AttributeError(f"module 'fleetune.edge_sdk' has no attribute {name!r}")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.codec.compress import ENCODINGS
-from edge_sdk.errors import ConfigError
-from edge_sdk.transport.topics import check_id
+from fleetune.edge_sdk.codec.compress import ENCODINGS
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.transport.topics import check_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,10 +35,11 @@ ZO_PARAMS = ("lora_b", "all")
 @dataclass(frozen=True)
 class DeviceConfig:
     id: str = "device-0"  # unique in the fleet; becomes a topic level
-    base: str = "smollm2-135m"  # named base or a local HF checkpoint directory
-    backend: str = "torch"  # inference engine
+    base: str = "smollm2-135m"  # the base model; names the default bundle location
+    backend: str = "torch"  # inference engine: onnx | llamacpp | torch (the reference)
     threads: int = 1  # engine threads; keep 1 per device when simulating several on one CPU
-    artifacts: str = ""  # engine files: onnx export dir or llamacpp GGUF; "" = the default cache
+    bundle: str = ""  # device bundle dir (`fleetune export onnx|gguf|hf --out DIR`);
+    # "" = <cache>/bundles/<base>/<format> (fleetune.edge_sdk.bundle.default_bundle_dir)
     precision: str = ""  # onnx: fp32 | int8 (weight-only); llamacpp: q8_0 | q4_0 | q4_1 | f16
     # ("" = the engine's default: onnx fp32, llamacpp q8_0)
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
@@ -109,7 +110,7 @@ class TuningConfig:
             raise ConfigError(f"[tuning] {err}") from err
 
     def zo(self, pool_seed: int = 0, pool_size: int = 4096):
-        from edge_sdk.tuners.zo import ZOConfig
+        from fleetune.edge_sdk.tuners.zo import ZOConfig
 
         return ZOConfig(
             lr=self.zo_lr,
@@ -122,7 +123,7 @@ class TuningConfig:
         )
 
     def mix(self):
-        from edge_sdk.tuners.mix import MixConfig
+        from fleetune.edge_sdk.tuners.mix import MixConfig
 
         return MixConfig(
             steps=self.steps,

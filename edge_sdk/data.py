@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.errors import DataError
+from fleetune.edge_sdk.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.errors import ConfigError
 
 MANIFEST_SCHEMA = 1
 

@@ -9,8 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_sdk import EdgeClient, load_config
-from edge_sdk.data import ClientText
+from fleetune.edge_sdk import EdgeClient, load_config
+from fleetune.edge_sdk.data import ClientText
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 config = load_config("examples/fleet.toml")

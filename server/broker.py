@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.errors import BackendUnavailable, TransportError
+from fleetune.edge_sdk.errors import BackendUnavailable, TransportError
 
 log = logging.getLogger(__name__)
 

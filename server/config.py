@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.codec.compress import ENCODINGS
-from edge_sdk.config import section
-from edge_sdk.errors import ConfigError
-from edge_sdk.transport.topics import check_id
+from fleetune.edge_sdk.codec.compress import ENCODINGS
+from fleetune.edge_sdk.config import section
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.transport.topics import check_id
 
 if sys.version_info >= (3, 11):
     import tomllib

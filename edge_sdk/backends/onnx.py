@@ -1,22 +1,22 @@
 """ONNX Runtime engine: the base (int8 weights) with the LoRA adapter as one flat fp32 graph
 input, the loss computed inside the graph. Imports neither torch nor transformers: tokenization
-uses ``tokenizers``. The artifacts come from ``fleetune export onnx`` (``models/onnx_export.py``).
+uses ``tokenizers``. The graphs come in a bundle that ``fleetune export onnx`` wrote.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.adapters.lora import LoraSpec
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.adapters.lora.io import check_layout
-from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.adapters.lora.io import check_layout
+from fleetune.edge_sdk.backends import Capabilities
+from fleetune.edge_sdk.bundle import Bundle
+from fleetune.edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 try:
     import onnxruntime as ort
@@ -25,70 +25,6 @@ except ImportError as err:  # pragma: no cover - depends on the extra
     raise BackendUnavailable("the onnx backend needs: pip install 'fleetune[onnx]'") from err
 
 Tensors = dict[str, np.ndarray]
-ONNX_MANIFEST = "onnx-manifest.json"
-ONNX_MANIFEST_SCHEMA = 1  # the "schema" that models/onnx_export.py writes
-
-
-@dataclass(frozen=True)
-class OnnxArtifacts:
-    """What ``fleetune export onnx`` wrote: graphs, tokenizer, and the adapter's flat layout."""
-
-    root: Path
-    base: BaseManifest
-    spec: LoraSpec
-    layout: list[tuple[str, tuple[int, ...], int]]  # (name, shape, offset) in the flat input
-    size: int
-    graphs: dict[str, str]  # "fp32" | "int8" (loss graphs), "decoder" (KV cache) -> file name
-    tokenizer: str
-    eos_token_id: int | None = None
-
-    @classmethod
-    def load(cls, root: str | Path) -> OnnxArtifacts:
-        root = Path(root)
-        path = root / ONNX_MANIFEST
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(
-                f"no readable {ONNX_MANIFEST} in {root}: run `fleetune export onnx`"
-            ) from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object")
-        schema = data.get("schema", ONNX_MANIFEST_SCHEMA)
-        if schema != ONNX_MANIFEST_SCHEMA:
-            raise ConfigError(
-                f"{path} has schema {schema!r}, this fleetune reads {ONNX_MANIFEST_SCHEMA}: "
-                "re-run `fleetune export onnx --force`"
-            )
-        try:
-            layout = [(e["name"], tuple(e["shape"]), int(e["offset"])) for e in data["layout"]]
-            return cls(
-                root,
-                BaseManifest.from_dict(data["base"]),
-                LoraSpec.from_dict(data["adapter"]),
-                layout,
-                int(data["size"]),
-                dict(data["graphs"]),
-                str(data["tokenizer"]),
-                data.get("eos_token_id"),
-            )
-        except KeyError as err:
-            raise ConfigError(
-                f"malformed {path}: missing key {err.args[0]!r}; re-run `fleetune export onnx "
-                "--force`"
-            ) from err
-        except (TypeError, ValueError) as err:  # ConfigError from the base or spec is a ValueError
-            raise ConfigError(f"malformed {path}: {err}") from err
-
-    def check(self) -> FlatLayout:
-        """The layout the device derives must be the one the graph was exported with."""
-        flat = FlatLayout(self.spec, self.base)
-        if flat.entries != self.layout or flat.size != self.size:
-            raise ConfigError(
-                f"{self.root}: the exported adapter layout differs from "
-                f"{self.spec} on {self.base.name}; re-run `fleetune export onnx`"
-            )
-        return flat
 
 
 class OnnxBackend:
@@ -96,33 +32,25 @@ class OnnxBackend:
 
     Use it as a context manager (or call :meth:`close`) to release the ORT sessions."""
 
+    capabilities = Capabilities(generate=True)
+
     def __init__(
         self,
-        artifacts: str | Path | OnnxArtifacts,
+        bundle: str | Path | Bundle,
         base: BaseManifest | None = None,
         spec: LoraSpec | None = None,
         precision: str = "fp32",
         threads: int = 1,
     ) -> None:
-        self.art = (
-            artifacts if isinstance(artifacts, OnnxArtifacts) else OnnxArtifacts.load(artifacts)
-        )
-        if base is not None and base.sha256 != self.art.base.sha256:
-            raise ConfigError(
-                f"ONNX artifacts in {self.art.root} were exported from base "
-                f"{self.art.base.short_hash}, the device runs {base.name} "
-                f"({base.short_hash})"
-            )
-        if spec is not None and spec != self.art.spec:
-            raise ConfigError(
-                f"ONNX artifacts hold a {self.art.spec} adapter input, the device tunes {spec}"
-            )
-        if precision not in ("fp32", "int8") or precision not in self.art.graphs:
-            raise ConfigError(
-                f"no {precision} graph in {self.art.root}; have {sorted(self.art.graphs)}"
-            )
-        self.base, self.spec = self.art.base, self.art.spec
-        self.layout = self.art.check()
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, "onnx")
+        self.bundle.check(base, spec)
+        if self.bundle.adapter is None:
+            raise ConfigError(f"the ONNX bundle in {self.bundle.root} names no adapter input")
+        if precision not in ("fp32", "int8"):
+            raise ConfigError(f"ONNX precision {precision!r} is not fp32 or int8")
+        graph = self.bundle.path(precision)
+        self.base, self.spec = self.bundle.base, self.bundle.adapter
+        self.layout = FlatLayout(self.spec, self.base)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -130,13 +58,13 @@ class OnnxBackend:
         self.session: ort.InferenceSession | None = None
         try:
             self.session = ort.InferenceSession(
-                str(self.art.root / self.art.graphs[precision]),
+                str(graph),
                 options,
                 providers=["CPUExecutionProvider"],
             )
-            self._tokenizer = Tokenizer.from_file(str(self.art.root / self.art.tokenizer))
+            self._tokenizer = Tokenizer.from_file(str(self.bundle.root / self.bundle.tokenizer))
         except Exception as err:  # onnxruntime raises its own untyped errors
-            raise BackendError(f"cannot load ONNX artifacts from {self.art.root}: {err}") from err
+            raise BackendError(f"cannot load the ONNX bundle in {self.bundle.root}: {err}") from err
         self.flat = np.zeros(self.layout.size, dtype=np.float32)
         self._options = options
         self._generator: ort.InferenceSession | None = None  # logits graph, on first generate()
@@ -153,16 +81,16 @@ class OnnxBackend:
 
     def _check_flat(self, flat: np.ndarray) -> None:
         """An adapter vector must be float32 in the manifest's flat layout."""
-        ok = isinstance(flat, np.ndarray) and flat.shape == (self.art.size,)
+        ok = isinstance(flat, np.ndarray) and flat.shape == (self.layout.size,)
         if not ok or flat.dtype != np.float32:
             got = f"{flat.dtype} {flat.shape}" if isinstance(flat, np.ndarray) else type(flat)
             raise PayloadError(
-                f"adapter vector must be float32 of length {self.art.size}, got {got}"
+                f"adapter vector must be float32 of length {self.layout.size}, got {got}"
             )
 
     def _live_session(self) -> ort.InferenceSession:
         if self.session is None:
-            raise BackendError(f"the ONNX backend on {self.art.root} is closed")
+            raise BackendError(f"the ONNX backend on {self.bundle.root} is closed")
         return self.session
 
     def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
@@ -198,10 +126,8 @@ class OnnxBackend:
         flat = self.flat if adapter is None else adapter
         self._check_flat(flat)
         self._live_session()
-        if "decoder" not in self.art.graphs:
-            raise ConfigError(f"no decoder graph in {self.art.root}: run `fleetune export onnx`")
         if self._generator is None:
-            path = str(self.art.root / self.art.graphs["decoder"])
+            path = str(self.bundle.path("decoder"))
             try:
                 self._generator = ort.InferenceSession(
                     path, self._options, providers=["CPUExecutionProvider"]
@@ -209,7 +135,7 @@ class OnnxBackend:
             except Exception as err:
                 raise BackendError(f"cannot load the decoder graph {path}: {err}") from err
         new = greedy(
-            self._generator, self.tokenize(prompt), flat, max_new_tokens, self.art.eos_token_id
+            self._generator, self.tokenize(prompt), flat, max_new_tokens, self.bundle.eos_token_id
         )
         return self._tokenizer.decode(new, skip_special_tokens=True)
 

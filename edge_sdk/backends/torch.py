@@ -7,17 +7,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_sdk.adapters.lora import LoraSpec
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.adapters.lora.io import check_layout
-from edge_sdk.errors import BackendError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.adapters.lora.io import check_layout
+from fleetune.edge_sdk.backends import Capabilities
+from fleetune.edge_sdk.errors import BackendError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 Tensors = dict[str, np.ndarray]
 
 
 class TorchBackend:
     """A base model wrapped with a PEFT LoRA adapter whose weights come and go as numpy."""
+
+    capabilities = Capabilities(backprop=True)
 
     def __init__(self, base: BaseManifest, spec: LoraSpec, threads: int = 1) -> None:
         from peft import LoraConfig, get_peft_model

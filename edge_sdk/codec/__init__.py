@@ -1,7 +1,13 @@
 """Wire format: a versioned, size-bounded, hash-checked envelope around compressed tensors."""
 
-from edge_sdk.codec.compress import ENCODINGS, decode_tensors, encode_tensors
-from edge_sdk.codec.envelope import MAX_MESSAGE_BYTES, SCHEMA_VERSION, Header, decode, encode
+from fleetune.edge_sdk.codec.compress import ENCODINGS, decode_tensors, encode_tensors
+from fleetune.edge_sdk.codec.envelope import (
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    Header,
+    decode,
+    encode,
+)
 
 __all__ = [
     "ENCODINGS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_sdk.errors import PayloadError
+from fleetune.edge_sdk.errors import PayloadError
 
 Tensors = dict[str, np.ndarray]
 ENCODINGS = ("f32", "f16", "q8", "seeds")

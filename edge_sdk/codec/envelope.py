@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edge_sdk.codec.compress import ENCODINGS, Tensors, decode_tensors, encode_tensors
-from edge_sdk.errors import PayloadError
+from fleetune.edge_sdk.codec.compress import ENCODINGS, Tensors, decode_tensors, encode_tensors
+from fleetune.edge_sdk.errors import PayloadError
 
 MAGIC = b"FLTN"
 SCHEMA_VERSION = 1
@@ -53,8 +53,10 @@ class Header:
             raise PayloadError(f"header encoding {self.encoding!r} is not one of {ENCODINGS}")
         for name in ("round", "num_examples", "version"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise PayloadError(f"header {name} must be a non-negative integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+                raise PayloadError(
+                    f"header {name} must be an integer in 0..2**63-1, got {value!r:.40}"
+                )
         if not isinstance(self.sender, str) or not self.sender:
             raise PayloadError("header sender must be a non-empty string")
         if not isinstance(self.base_sha256, str) or len(self.base_sha256) != 64:
@@ -101,8 +103,8 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Header, Ten
         raise PayloadError(f"header length {head_len} is out of bounds")
     try:
         meta = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PayloadError(f"header is not valid JSON: {err}") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # nesting: RecursionError
+        raise PayloadError(f"header is not valid JSON: {str(err)[:200]}") from err
     if not isinstance(meta, dict):
         raise PayloadError("header is not a JSON object")
     body = data[_PREFIX.size + head_len :]
@@ -117,8 +119,8 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Header, Ten
         raise PayloadError(f"header lacks a field: {err}") from err
     try:
         raw = st_load(body)
-    except (SafetensorError, ValueError) as err:
-        raise PayloadError(f"body is not valid safetensors: {err}") from err
+    except (SafetensorError, ValueError, KeyError, TypeError) as err:
+        raise PayloadError(f"body is not valid safetensors: {str(err)[:200]}") from err
     tensors = decode_tensors(raw, header.encoding)
     for name, value in tensors.items():
         if not np.all(np.isfinite(value)):

@@ -7,7 +7,7 @@ import threading
 
 from paho.mqtt.client import topic_matches_sub
 
-from edge_sdk.transport.base import Message
+from fleetune.edge_sdk.transport.base import Message
 
 
 class MemoryBroker:

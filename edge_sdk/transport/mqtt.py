@@ -14,8 +14,8 @@ import queue
 import threading
 import time
 
-from edge_sdk.errors import TransportError
-from edge_sdk.transport.base import Message
+from fleetune.edge_sdk.errors import TransportError
+from fleetune.edge_sdk.transport.base import Message
 
 log = logging.getLogger(__name__)
 

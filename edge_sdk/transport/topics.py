@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.errors import ConfigError
 
 ROOT = "fleetune"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

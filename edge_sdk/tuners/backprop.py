@@ -5,14 +5,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.tuners.base import Job, LocalTuner, Progress, Tensors, Tuned
+
+if TYPE_CHECKING:
+    from fleetune.edge_sdk.backends import Backend, TrainableBackend
+    from fleetune.edge_sdk.data import ClientData
 
 log = logging.getLogger(__name__)
 
 
 def tune_backprop(
-    backend,
+    backend: TrainableBackend,
     train: np.ndarray,
     steps: int,
     lr: float,
@@ -51,3 +59,37 @@ def tune_backprop(
         "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
         "seconds": time.monotonic() - start,
     }
+
+
+class BackpropTuner(LocalTuner):
+    """AdamW on the LoRA weights through a trainable engine; uploads the dense delta."""
+
+    name = "backprop"
+
+    def tune(
+        self,
+        backend: Backend,
+        data: ClientData,
+        start: Tensors,
+        job: Job,
+        progress: Progress | None = None,
+    ) -> Tuned:
+        if not backend.capabilities.backprop:
+            raise ConfigError(
+                f"backprop tuning needs a trainable engine (torch); {type(backend).__name__} "
+                'runs forward only: use tuner = "zo" or "mix"'
+            )
+        t = self.config
+        backend.set_adapter(start)
+        metrics = tune_backprop(
+            cast("TrainableBackend", backend),
+            data.train,
+            t.steps,
+            t.lr,
+            t.batch_size,
+            job.seed(t.seed),
+            progress,
+            params=t.backprop_params,
+        )
+        local = backend.get_adapter()
+        return Tuned(local, metrics, delta={k: local[k] - start[k] for k in local})

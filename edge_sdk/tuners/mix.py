@@ -23,103 +23,32 @@ where fresh batches every step left it wandering (measured: README, "Mixture per
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from edge_sdk import codec
-from edge_sdk.adapters.lora import LoraSpec, init_lora
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.errors import ConfigError, PayloadError
-from edge_sdk.manifest import BaseManifest
-from edge_sdk.tuners.zo import ZOConfig, zo_tune
+from fleetune.edge_sdk.adapters.lora import init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.protocol import BASIS_PART, MAX_MIX_COEF, Basis, SeedRun
+from fleetune.edge_sdk.tuners.base import Job, LocalTuner, Progress, Tensors, Tuned
+from fleetune.edge_sdk.tuners.zo import ZOConfig, apply_run, zo_tune
+
+if TYPE_CHECKING:
+    from fleetune.edge_sdk.backends import Backend, ScaledBackend
+    from fleetune.edge_sdk.data import ClientData
 
 log = logging.getLogger(__name__)
-Tensors = dict[str, np.ndarray]
-BASIS_PART = "lora_b"  # what a basis spans; A is the fleet's shared init
-MAX_COEF = 100.0  # larger coefficients are refused as garbage
+__all__ = ["BASIS_PART", "Basis", "MixConfig", "MixTuner", "Mixer", "tune_mix"]
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Basis:
-    """K adapters (their B part, A being the shared init) the fleet offers for mixing."""
-
-    version: int
-    vectors: np.ndarray  # [K, n] float32: the BASIS_PART entries of each adapter, layout order
-    spec: LoraSpec
-    base_sha256: str
-    prior: np.ndarray | None = None  # [K]: the coefficients devices start from (mean usage)
-
-    @property
-    def k(self) -> int:
-        return int(self.vectors.shape[0])
-
-    def check(self, spec: LoraSpec, base: BaseManifest) -> None:
-        """Refuse a basis built for another base model or adapter layout, naming which."""
-        if self.base_sha256 != base.sha256:
-            raise ConfigError(
-                f"basis v{self.version} is for base {self.base_sha256[:12]}, this device runs "
-                f"{base.name} ({base.short_hash})"
-            )
-        if self.spec != spec:
-            raise ConfigError(f"basis v{self.version} holds {self.spec} adapters, not {spec}")
-        size = FlatLayout(spec, base).indices(BASIS_PART).size
-        if self.vectors.ndim != 2 or self.vectors.shape[1] != size or self.k < 1:
-            raise PayloadError(
-                f"basis v{self.version} is {self.vectors.shape}, expected [K >= 1, {size}]"
-            )
-        if self.prior is not None and self.prior.shape != (self.k,):
-            raise PayloadError(f"basis prior has shape {self.prior.shape}, expected ({self.k},)")
-
-    def encode(self, round_: int = 0, encoding: str = "q8") -> bytes:
-        """The basis as an envelope (kind "basis"); q8 keeps K = 8 near 1.5 MB."""
-        header = codec.Header(
-            kind="basis",
-            sender="server",
-            round=round_,
-            base_sha256=self.base_sha256,
-            adapter=self.spec.to_dict(),
-            encoding=encoding,
-            version=self.version,
-            metrics={
-                "part": BASIS_PART,
-                "prior": None if self.prior is None else [float(p) for p in self.prior],
-            },
-        )
-        return codec.encode(header, {"basis": self.vectors})
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Basis:
-        """Parse a basis envelope; anything malformed is a ``PayloadError`` saying what."""
-        header, tensors = codec.decode(payload)
-        if header.kind != "basis" or set(tensors) != {"basis"}:
-            raise PayloadError(f"expected a basis envelope, got kind {header.kind!r}")
-        if header.metrics.get("part") != BASIS_PART:
-            raise PayloadError(f"basis spans {header.metrics.get('part')!r}, not {BASIS_PART!r}")
-        prior = header.metrics.get("prior")
-        try:
-            prior_arr = None if prior is None else np.asarray(prior, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise PayloadError(f"basis prior is not a list of numbers: {err}") from err
-        return cls(
-            header.version,
-            tensors["basis"],
-            LoraSpec.from_dict(header.adapter),
-            header.base_sha256,
-            prior_arr,
-        )
-
-    def start(self, groups: int) -> np.ndarray:
-        """Initial coefficients [K, G]: the prior, or the plain average of the basis."""
-        prior = self.prior if self.prior is not None else np.full(self.k, 1.0 / self.k)
-        return np.repeat(np.asarray(prior, np.float32)[:, None], groups, axis=1)
 
 
 class Mixer:
@@ -152,8 +81,8 @@ class Mixer:
                 f"coefficients have shape {coef.shape}, expected ({self.basis.k}, {self.groups})"
             )
         coef = coef.reshape(self.basis.k, self.groups)
-        if not np.all(np.isfinite(coef)) or np.abs(coef).max() > MAX_COEF:
-            raise PayloadError(f"coefficients must be finite and within ±{MAX_COEF}")
+        if not np.all(np.isfinite(coef)) or np.abs(coef).max() > MAX_MIX_COEF:
+            raise PayloadError(f"coefficients must be finite and within ±{MAX_MIX_COEF}")
         return coef
 
     def mixed_part(self, coef: np.ndarray) -> np.ndarray:
@@ -246,16 +175,17 @@ def tune_mix(
     }
 
 
-def engine_loss(backend, mixer: Mixer) -> Callable[[np.ndarray, np.ndarray], float]:
+def engine_loss(backend: Backend, mixer: Mixer) -> Callable[[np.ndarray, np.ndarray], float]:
     """``(windows, coef) -> loss`` through the engine: llama.cpp loads the K x G pieces once and
     takes the coefficients as adapter scales; an engine with the adapter as an input (ONNX
     Runtime, torch) takes the mixed vector."""
-    if hasattr(backend, "load_pieces"):
-        backend.load_pieces(mixer.pieces())
+    if backend.capabilities.adapter_scales:
+        scaled = cast("ScaledBackend", backend)
+        scaled.load_pieces(mixer.pieces())
 
         def by_scales(windows: np.ndarray, coef: np.ndarray) -> float:
-            backend.set_mix(mixer.check_coef(coef).reshape(-1))
-            return float(backend.loss(windows))
+            scaled.set_mix(mixer.check_coef(coef).reshape(-1))
+            return float(scaled.loss(windows))
 
         return by_scales
 
@@ -274,33 +204,91 @@ def split_validation(train: np.ndarray, n: int = 8) -> tuple[np.ndarray, np.ndar
     return train[:-n], train[-n:]
 
 
-def mixture_envelope(
-    device: str, basis: Basis, coef: np.ndarray, num_examples: int, metrics: dict
-) -> bytes:
-    """What a device uploads after a search: its coefficients (K x G floats) and a few numbers,
-    under 1 KB for K = 8."""
-    header = codec.Header(
-        kind="mixture",
-        sender=device,
-        round=0,
-        base_sha256=basis.base_sha256,
-        adapter=basis.spec.to_dict(),
-        encoding="f32",
-        num_examples=num_examples,
-        version=basis.version,
-        metrics=metrics,
-    )
-    return codec.encode(header, {"coef": np.asarray(coef, dtype=np.float32)})
+class MixTuner(LocalTuner):
+    """Searches mixing coefficients over the fleet's basis inside the engine, stopping early on
+    validation windows split off the training text; optionally continues with plain B-only ZO
+    steps from the mix, kept only if validation improves (their seeds ride in the upload)."""
 
+    name = "mix"
 
-def read_prior(payload: bytes) -> tuple[int, np.ndarray]:
-    """The server's prior for a basis (``adapter/basis/prior``): its version and the K
-    coefficients devices start from. Anything malformed is a ``PayloadError``."""
-    try:
-        body = json.loads(payload)
-        version, prior = int(body["version"]), np.asarray(body["prior"], dtype=np.float32)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        raise PayloadError(f"basis prior is not {{version, prior}} JSON: {err}") from err
-    if prior.ndim != 1 or not np.all(np.isfinite(prior)) or np.abs(prior).max(initial=0) > MAX_COEF:
-        raise PayloadError(f"basis prior must be K finite coefficients within ±{MAX_COEF}")
-    return version, prior
+    def tune(
+        self,
+        backend: Backend,
+        data: ClientData,
+        start: Tensors,
+        job: Job,
+        progress: Progress | None = None,
+    ) -> Tuned:
+        basis = job.basis
+        if basis is None:
+            raise ConfigError("mixture tuning needs the fleet's basis")
+        t = self.config
+        base = self.layout.base
+        basis.check(self.layout.spec, base)
+        mixer = Mixer(basis, base, groups=t.mix_groups)
+        train, val = split_validation(data.train)
+        loss = engine_loss(backend, mixer)
+        rng = np.random.default_rng(job.seed(t.seed, "mix"))
+        bs = t.batch_size
+        fixed = train[rng.choice(len(train), size=min(bs, len(train)), replace=False)]
+
+        def validate(coef: np.ndarray) -> float:
+            parts = [
+                (loss(val[i : i + bs], coef), len(val[i : i + bs])) for i in range(0, len(val), bs)
+            ]
+            return sum(v * n for v, n in parts) / len(val)
+
+        coef, metrics = tune_mix(
+            lambda c, step: loss(fixed, c),
+            validate,
+            basis.start(t.mix_groups),
+            t.mix(),
+            rng,
+            progress,
+        )
+        theta = mixer.flat(coef)
+        run = None
+        if t.mix_zo_steps:
+            theta, run = self._warm_zo(backend, theta, train, val, job, metrics, rng)
+        adapter = self.layout.unflatten(theta)
+        backend.set_adapter(adapter)
+        return Tuned(adapter, metrics, seeds=run, coef=coef)
+
+    def _warm_zo(
+        self,
+        backend: Backend,
+        start: np.ndarray,
+        train: np.ndarray,
+        val: np.ndarray,
+        job: Job,
+        metrics: dict,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, SeedRun | None]:
+        """Plain B-only ZO from the mixed adapter; kept only if validation improves."""
+        t = self.config
+        version = job.basis.version if job.basis is not None else 0
+        zo = t.zo(pool_seed=zlib.crc32(f"{job.device}/mix/{version}".encode()))
+        tuned = self.layout.indices(BASIS_PART)
+        batches = self.batches(train, t.mix_zo_steps, rng)
+        pairs, _ = zo_tune(
+            lambda th, step: backend.loss_flat(batches[step], th),
+            start.copy(),
+            tuned,
+            t.mix_zo_steps,
+            zo,
+            rng,
+        )
+        run = SeedRun.from_pairs(pairs, zo.pool_seed, BASIS_PART)
+        theta = apply_run(start.copy(), tuned, run)
+        after = backend.loss_flat(val, theta)
+        log.info(
+            "%s: %d ZO steps after the mixture: validation loss %.3f → %.3f",
+            job.device,
+            t.mix_zo_steps,
+            metrics["val_loss"],
+            after,
+        )
+        if after >= metrics["val_loss"]:
+            return start, None
+        metrics["val_loss"] = after
+        return theta, run

@@ -33,16 +33,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.protocol import Z_VERSION, SeedRun
+from fleetune.edge_sdk.tuners.base import Job, LocalTuner, Progress, Tensors, Tuned
+
+if TYPE_CHECKING:
+    from fleetune.edge_sdk.backends import Backend
+    from fleetune.edge_sdk.data import ClientData
 
 log = logging.getLogger(__name__)
-# Bump Z_VERSION if the way z is drawn changes (PCG64([pool_seed, index]), float32
-# standard_normal, the tuned entries' order): the server's replay must stay bit-for-bit. Devices
-# report it with their ZO metrics and refuse a pool that names another ``z_version``.
-Z_VERSION = 1
+__all__ = ["Z_VERSION", "ZOConfig", "ZOTuner", "apply_run", "perturbation", "replay", "zo_tune"]
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -143,3 +147,52 @@ def replay(pairs: list[tuple[int, float]], pool_seed: int, size: int) -> np.ndar
     for index in sorted(per_seed):
         delta += np.float32(per_seed[index]) * perturbation(pool_seed, index, size)
     return delta
+
+
+class ZOTuner(LocalTuner):
+    """Forward-only steps with seeds from the round's pool; uploads the seed run, and the engine
+    ends up holding exactly the adapter the server will rebuild from it."""
+
+    name = "zo"
+
+    def tune(
+        self,
+        backend: Backend,
+        data: ClientData,
+        start: Tensors,
+        job: Job,
+        progress: Progress | None = None,
+    ) -> Tuned:
+        pool = job.pool
+        if pool is None:
+            raise PayloadError("the server announced no seed pool for zeroth-order tuning")
+        if pool.z_version != Z_VERSION:
+            raise ConfigError(
+                f"the server draws perturbations by z version {pool.z_version}, this device by "
+                f"{Z_VERSION}: update fleetune on one side"
+            )
+        t = self.config
+        zo = t.zo(pool_seed=pool.pool_seed, pool_size=pool.pool_size)
+        rng = np.random.default_rng(job.seed(t.seed))
+        batches = self.batches(data.train, t.steps, rng)
+        theta = self.layout.flatten(start)
+        tuned = self.layout.indices(pool.params)
+        pairs, metrics = zo_tune(
+            lambda th, step: backend.loss_flat(batches[step], th),
+            theta,
+            tuned,
+            t.steps,
+            zo,
+            rng,
+            progress,
+        )
+        run = SeedRun.from_pairs(pairs, pool.pool_seed, pool.params)
+        adapter = self.layout.unflatten(apply_run(self.layout.flatten(start), tuned, run))
+        backend.set_adapter(adapter)
+        return Tuned(adapter, metrics, seeds=run)
+
+
+def apply_run(theta: np.ndarray, tuned: np.ndarray, run: SeedRun) -> np.ndarray:
+    """``theta`` with the delta of ``run`` added on its ``tuned`` entries (in place)."""
+    theta[tuned] += replay(run.pairs(), run.pool_seed, tuned.size)
+    return theta

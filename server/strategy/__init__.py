@@ -1,7 +1,7 @@
 """Aggregation strategies, one per file over :class:`Strategy`."""
 
-from server.strategy.base import Aggregate, Strategy, Update
-from server.strategy.fedavg import FedAvg
+from fleetune.server.strategy.base import Aggregate, Strategy, Update
+from fleetune.server.strategy.fedavg import FedAvg
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
 

@@ -7,8 +7,8 @@ weighted sum of coefficients per seed, replayed once, so the cost does not grow 
 
 from __future__ import annotations
 
-from edge_sdk.errors import AggregationError
-from server.strategy.base import Aggregate, Replay, Seeds, Strategy, Tensors, Update
+from fleetune.edge_sdk.errors import AggregationError
+from fleetune.server.strategy.base import Aggregate, Replay, Seeds, Strategy, Tensors, Update
 
 
 class FedAvg(Strategy):

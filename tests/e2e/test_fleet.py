@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from server.demo import run_demo
+from fleetune.sim.harness import run_demo
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -67,7 +67,7 @@ def test_cli_demo_on_a_corpus_it_has_never_seen(smollm2, tmp_path):
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "fleetune",
             "demo",
             "--devices",
             "2",

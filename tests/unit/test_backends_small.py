@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.lora import LoraSpec, init_lora, save_peft
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.errors import BackendError, ConfigError, PayloadError
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora, save_peft
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.bundle import Bundle
+from fleetune.edge_sdk.errors import BackendError, ConfigError, PayloadError
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.unit
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.unit
 WORDS = ["zero", "one", "two", "three", "four"]
 
 
-# ONNX: manifest loading and generate(prompt, adapter=...)
+# ONNX: bundle loading and generate(prompt, adapter=...)
 
 
 def _onnx_manifest(base=None, spec=None) -> dict:
@@ -30,11 +31,12 @@ def _onnx_manifest(base=None, spec=None) -> dict:
     layout = FlatLayout(spec, base)
     return {
         "schema": 1,
+        "format": "onnx",
         "base": json.loads(base.to_json()),
         "adapter": spec.to_dict(),
         "size": layout.size,
         "layout": [{"name": n, "shape": list(s), "offset": o} for n, s, o in layout.entries],
-        "graphs": {"fp32": "toy.onnx", "decoder": "toy.onnx"},
+        "files": {"fp32": "toy.onnx", "decoder": "toy.onnx"},
         "tokenizer": "tokenizer.json",
         "eos_token_id": None,
     }
@@ -76,7 +78,7 @@ def _write_toy_artifacts(root: Path) -> Path:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     tok.save(str(root / "tokenizer.json"))
-    (root / "onnx-manifest.json").write_text(json.dumps(_onnx_manifest()))
+    (root / "fleetune-bundle.json").write_text(json.dumps(_onnx_manifest()))
     return root
 
 
@@ -91,43 +93,39 @@ def _write_toy_artifacts(root: Path) -> Path:
         (lambda m: m.update(schema=2), "schema 2"),
     ],
 )
-def test_malformed_onnx_manifest_is_a_config_error_naming_file_and_problem(tmp_path, edit, named):
-    pytest.importorskip("onnxruntime")
-    from edge_sdk.backends.onnx import OnnxArtifacts
-
+def test_malformed_bundle_manifest_is_a_config_error_naming_file_and_problem(tmp_path, edit, named):
     # Prepare
     manifest = _onnx_manifest()
     edit(manifest)
-    (tmp_path / "onnx-manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "fleetune-bundle.json").write_text(json.dumps(manifest))
     # Execute
     with pytest.raises(ConfigError) as err:
-        OnnxArtifacts.load(tmp_path)
+        Bundle.load(tmp_path)
     # Assert
-    assert "onnx-manifest.json" in str(err.value)
+    assert "fleetune-bundle.json" in str(err.value)
     assert named in str(err.value)
 
 
-def test_onnx_manifest_that_is_not_an_object_is_a_config_error(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from edge_sdk.backends.onnx import OnnxArtifacts
-
-    (tmp_path / "onnx-manifest.json").write_text("[1, 2]")
+def test_bundle_manifest_that_is_not_an_object_is_a_config_error(tmp_path):
+    (tmp_path / "fleetune-bundle.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not an object"):
-        OnnxArtifacts.load(tmp_path)
+        Bundle.load(tmp_path)
 
 
-def test_well_formed_onnx_manifest_loads(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from edge_sdk.backends.onnx import OnnxArtifacts
-
-    (tmp_path / "onnx-manifest.json").write_text(json.dumps(_onnx_manifest()))
-    art = OnnxArtifacts.load(tmp_path)
-    assert art.check().size == art.size
+def test_well_formed_bundle_manifest_loads_and_checks_its_layout(tmp_path):
+    (tmp_path / "fleetune-bundle.json").write_text(json.dumps(_onnx_manifest()))
+    bundle = Bundle.load(tmp_path, "onnx")
+    bundle.check(tiny_manifest(), LoraSpec())
+    assert bundle.base.hf_dir == ""  # no path of the exporting machine
+    with pytest.raises(ConfigError, match="holds a onnx bundle, this device needs gguf"):
+        Bundle.load(tmp_path, "gguf")
+    with pytest.raises(ConfigError, match=r"takes a .* adapter input, the device tunes"):
+        bundle.check(spec=LoraSpec(r=4))
 
 
 def test_onnx_generate_uses_the_given_adapter_and_validates_it(tmp_path):
     pytest.importorskip("onnxruntime")
-    from edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
 
     # Prepare
     root = _write_toy_artifacts(tmp_path)
@@ -148,7 +146,7 @@ def test_onnx_generate_uses_the_given_adapter_and_validates_it(tmp_path):
 
 def test_onnx_backend_close_is_idempotent_and_later_calls_fail_cleanly(tmp_path):
     pytest.importorskip("onnxruntime")
-    from edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
 
     engine = OnnxBackend(_write_toy_artifacts(tmp_path))
     with engine:
@@ -162,13 +160,22 @@ def test_onnx_backend_close_is_idempotent_and_later_calls_fail_cleanly(tmp_path)
 
 def test_export_onnx_treats_a_malformed_manifest_as_stale(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    import models.onnx_export as onnx_export
+    from fleetune.models import onnx as onnx_export
+    from fleetune.models.onnx import graphs
 
     # Prepare: a manifest missing its keys, and graph builders that only record their calls
-    (tmp_path / "onnx-manifest.json").write_text(json.dumps({"schema": 1}))
+    (tmp_path / "fleetune-bundle.json").write_text(json.dumps({"schema": 1}))
     built: list[str] = []
-    monkeypatch.setattr(onnx_export, "export_loss_graph", lambda *a, **k: built.append("fp32"))
-    monkeypatch.setattr(onnx_export, "export_decoder_graph", lambda *a, **k: built.append("dec"))
+
+    def fake(name):
+        def build(hf_dir, path, layout):
+            built.append(name)
+            Path(path).write_bytes(b"graph")
+
+        return build
+
+    monkeypatch.setattr(graphs, "export_loss_graph", fake("fp32"))
+    monkeypatch.setattr(graphs, "export_decoder_graph", fake("dec"))
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     (hf_dir / "tokenizer.json").write_text("{}")
@@ -179,7 +186,7 @@ def test_export_onnx_treats_a_malformed_manifest_as_stale(tmp_path, monkeypatch)
     )
     # Assert
     assert built == ["fp32", "dec"]
-    assert json.loads((tmp_path / "onnx-manifest.json").read_text())["graphs"] == {
+    assert json.loads((tmp_path / "fleetune-bundle.json").read_text())["files"] == {
         "fp32": "loss_fp32.onnx",
         "decoder": "decoder_fp32.onnx",
     }
@@ -244,7 +251,7 @@ class FakeLlama:
 
 def _bare_llama(lib: FakeLlama, n_ctx: int = 8):
     """A LlamaCppBackend over ``lib``, without loading anything."""
-    from edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
 
     engine = object.__new__(LlamaCppBackend)
     base, spec = tiny_manifest(), LoraSpec()
@@ -307,7 +314,7 @@ def test_llamacpp_closed_backend_refuses_to_decode():
 
 
 def test_llamacpp_adapter_write_failure_is_a_backend_error(tmp_path, monkeypatch):
-    import edge_sdk.backends.llamacpp as llamacpp
+    import fleetune.edge_sdk.backends.llamacpp as llamacpp
 
     # Prepare: a RAM dir that is "full"
     def full_disk(*args, **kwargs):
@@ -343,7 +350,7 @@ def _base_from(source: Path, hf_dir: str = ""):
 
 
 def test_packaged_q4_1_source_is_exported_as_is(tmp_path):
-    from models.gguf_export import export_base_gguf, source_gguf
+    from fleetune.models.gguf_export import export_base_gguf, source_gguf
 
     # Prepare: a base whose source GGUF is Q4_1 (llama_ftype 3) and no HF copy to convert
     source = _gguf_file(tmp_path / "packaged.Q4_1.gguf", 3)
@@ -360,7 +367,7 @@ def test_packaged_q4_1_source_is_exported_as_is(tmp_path):
 
 
 def test_failed_conversion_or_quantization_leaves_no_output(tmp_path, monkeypatch):
-    import models.gguf_export as gguf_export
+    import fleetune.models.gguf_export as gguf_export
 
     # Prepare: a converter that writes its output, then a tokenizer step that fails
     source = _gguf_file(tmp_path / "packaged.Q4_1.gguf", 3)
@@ -402,7 +409,7 @@ def test_failed_conversion_or_quantization_leaves_no_output(tmp_path, monkeypatc
 
 
 def test_cli_export_gguf_adapter_arguments_parse():
-    from server.cli import build_parser
+    from fleetune.cli import build_parser
 
     args = build_parser().parse_args(["export", "gguf", "--adapter", "ad", "--out", "a.gguf"])
     assert (args.format, args.adapter, args.out) == ("gguf", "ad", "a.gguf")
@@ -411,13 +418,12 @@ def test_cli_export_gguf_adapter_arguments_parse():
 
 def test_cli_export_gguf_adapter_writes_a_llama_cpp_lora(tmp_path, monkeypatch, capsys):
     gguf = pytest.importorskip("gguf")
-    import models.base
-    from server.cli import main
+    from fleetune.cli import main
 
     # Prepare: a fleetune adapter for the tiny base, saved as PEFT files
     base, spec = tiny_manifest(), LoraSpec()
     save_peft(tmp_path / "adapter", init_lora(spec, base), spec, base)
-    monkeypatch.setattr(models.base, "prepare_base", lambda name: base)
+    monkeypatch.setattr("fleetune.models.base.prepare_base", lambda name: base)
     out = tmp_path / "gguf" / "me.gguf"
     # Execute
     rc = main(["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(out)])
@@ -430,13 +436,12 @@ def test_cli_export_gguf_adapter_writes_a_llama_cpp_lora(tmp_path, monkeypatch, 
 
 
 def test_cli_export_adapter_of_another_base_or_for_onnx_is_refused(tmp_path, monkeypatch, capsys):
-    import models.base
-    from server.cli import main
+    from fleetune.cli import main
 
     base, spec = tiny_manifest(), LoraSpec()
     other = type(base)(**{**base.__dict__, "sha256": "cd" * 32})
     save_peft(tmp_path / "adapter", init_lora(spec, other), spec, other)
-    monkeypatch.setattr(models.base, "prepare_base", lambda name: base)
+    monkeypatch.setattr("fleetune.models.base.prepare_base", lambda name: base)
     assert main(["export", "gguf", "--adapter", str(tmp_path / "adapter")]) == 2
     assert "belongs to base" in capsys.readouterr().err
     assert main(["export", "onnx", "--adapter", str(tmp_path / "adapter")]) == 2

@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from edge_sdk.manifest import BaseManifest
-from models.base import read_cached_manifest, write_cached_manifest
+from fleetune.edge_sdk.manifest import BaseManifest
+from fleetune.models.base import read_cached_manifest, write_cached_manifest
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.unit
@@ -31,7 +31,7 @@ def test_corrupt_cached_manifest_is_stale_not_a_crash(tmp_path, caplog, text):
     # Prepare
     path = tmp_path / "fleetune-manifest.json"
     path.write_text(text)
-    caplog.set_level(logging.WARNING, logger="models.base")
+    caplog.set_level(logging.WARNING, logger="fleetune.models.base")
     # Execute
     cached = read_cached_manifest(path, "10:20")
     # Assert

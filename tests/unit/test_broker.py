@@ -1,7 +1,7 @@
 import pytest
 
-from edge_sdk.errors import TransportError
-from server.broker import MosquittoBroker
+from fleetune.edge_sdk.errors import TransportError
+from fleetune.server.broker import MosquittoBroker
 
 pytestmark = pytest.mark.unit
 

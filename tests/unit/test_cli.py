@@ -1,6 +1,6 @@
 import pytest
 
-from server.cli import build_parser, main
+from fleetune.cli import build_parser, main
 
 pytestmark = pytest.mark.unit
 

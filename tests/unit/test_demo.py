@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from edge_sdk.errors import FleetuneError
-from server.demo import wait_for_results
+from fleetune.edge_sdk.errors import FleetuneError
+from fleetune.sim.harness import wait_for_results
 
 pytestmark = pytest.mark.unit
 

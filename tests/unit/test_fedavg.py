@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edge_sdk.errors import AggregationError
-from server.strategy import FedAvg, Update
+from fleetune.edge_sdk.errors import AggregationError
+from fleetune.server.strategy import FedAvg, Update
 
 pytestmark = pytest.mark.unit
 

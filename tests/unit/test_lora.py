@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
-from edge_sdk.adapters.lora.io import check_layout
-from edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
+from fleetune.edge_sdk.adapters.lora.io import check_layout
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.unit

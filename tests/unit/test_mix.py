@@ -1,21 +1,21 @@
 import numpy as np
 import pytest
 
-from edge_sdk import codec
-from edge_sdk.adapters.lora import LoraSpec, init_lora
-from edge_sdk.adapters.lora.flat import FlatLayout
-from edge_sdk.errors import ConfigError, PayloadError
-from edge_sdk.tuners.mix import (
+from fleetune.edge_sdk import codec
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.protocol import Fleet, MixtureUpload, PersonalAdapter, Prior
+from fleetune.edge_sdk.tuners.mix import (
     BASIS_PART,
     Basis,
     MixConfig,
     Mixer,
     engine_loss,
-    mixture_envelope,
     split_validation,
     tune_mix,
 )
-from server.basis import kmeans
+from fleetune.server.basis import kmeans
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.unit
@@ -122,12 +122,14 @@ def test_basis_envelope_round_trip_and_junk():
 def test_mixture_upload_is_under_a_kilobyte_for_k8():
     base = tiny_manifest()
     basis = random_basis(base, 8)
-    payload = mixture_envelope(
-        "device-12", basis, np.full((8, 1), 0.125), 120, {"val_loss": 3.21, "steps": 50}
+    upload = MixtureUpload(
+        "device-12", basis.version, np.full((8, 1), 0.125), 120, 3.3, {"val_loss": 3.21}
     )
+    payload = upload.encode(Fleet(base, SPEC))
     assert len(payload) < 1024
-    header, body = codec.decode(payload)
-    assert header.kind == "mixture" and header.version == 3 and body["coef"].shape == (8, 1)
+    back = MixtureUpload.decode(payload, Fleet(base, SPEC))
+    assert (back.sender, back.basis_version, back.coef.shape) == ("device-12", 3, (8, 1))
+    assert back.heldout_loss == pytest.approx(3.3) and back.metrics == {"val_loss": 3.21}
 
 
 def test_kmeans_separates_clusters_and_keeps_few_points_as_they_are():
@@ -146,8 +148,8 @@ def test_kmeans_separates_clusters_and_keeps_few_points_as_they_are():
 
 def test_search_finds_the_basis_adapter_that_fits(tiny_base):
     """Constructed case: one basis adapter was trained on the client's text, two are noise."""
-    from edge_sdk.backends.torch import TorchBackend
-    from edge_sdk.tuners.backprop import tune_backprop
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.tuners.backprop import tune_backprop
 
     # Prepare: a client whose text is a repeating token pattern
     backend = TorchBackend(tiny_base, SPEC)
@@ -189,12 +191,12 @@ def test_a_mix_device_skips_a_bad_basis_and_keeps_its_own_mix_without_an_answer(
 ):
     """No server answers: the device still runs (and has saved) its own mix; a misshapen basis
     before the good one is named and skipped, not kept."""
-    from edge_sdk.client import EdgeClient
-    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-    from edge_sdk.data import ClientData, ClientText
-    from edge_sdk.transport.base import Message
-    from edge_sdk.transport.memory import MemoryBroker
-    from edge_sdk.transport.topics import Topics
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.transport.base import Message
+    from fleetune.edge_sdk.transport.memory import MemoryBroker
+    from fleetune.edge_sdk.transport.topics import Topics
 
     # Prepare: a retained prior and a basis whose first adapter fits the text
     pattern = np.tile(np.arange(5, 21), 64)
@@ -221,22 +223,20 @@ def test_a_mix_device_skips_a_bad_basis_and_keeps_its_own_mix_without_an_answer(
     # Execute
     with EdgeClient(config, base=tiny_base, transport=device) as client:
         report = client.run(ClientText("c", ""), data=data)
-        header, saved = codec.decode(client.store.load_adapter())
+        saved = PersonalAdapter.decode(client.store.load_adapter(), Fleet(tiny_base, SPEC))
     # Assert: the device mixed basis v2, and runs the mix it saved
     head, body = codec.decode(server.recv(timeout=1).payload)
     assert head.version == 2 and body["coef"].shape == (2, 1)
-    assert header.metrics == {"basis_version": 2, "local_mix": True}
+    assert (saved.basis_version, saved.local) == (2, True)
     assert report.ppl_final == report.ppl_local
     pushed = Basis.decode(broker._retained[topics.basis])  # q8, as the device decoded it
     mixed = Mixer(pushed, tiny_base).adapter(body["coef"])
-    assert all(np.array_equal(saved[k], mixed[k]) for k in mixed)
+    assert all(np.array_equal(saved.tensors[k], mixed[k]) for k in mixed)
 
 
 def test_a_prior_is_read_or_refused_by_name():
-    from edge_sdk.tuners.mix import read_prior
-
-    version, prior = read_prior(b'{"version": 3, "prior": [0.5, 0.25], "devices": 2}')
-    assert version == 3 and prior.tolist() == [0.5, 0.25]
+    prior = Prior.decode(b'{"version": 3, "prior": [0.5, 0.25], "devices": 2}')
+    assert prior.version == 3 and prior.prior.tolist() == [0.5, 0.25]
     for junk in (b"nope", b'{"prior": [1]}', b'{"version": 1, "prior": [1e9]}', b"[1, 2]"):
         with pytest.raises(PayloadError, match="basis prior"):
-            read_prior(junk)
+            Prior.decode(junk)

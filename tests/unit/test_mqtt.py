@@ -4,8 +4,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_sdk.errors import TransportError
-from edge_sdk.transport.mqtt import MqttTransport
+from fleetune.edge_sdk.errors import TransportError
+from fleetune.edge_sdk.transport.mqtt import MqttTransport
 
 pytestmark = pytest.mark.unit
 

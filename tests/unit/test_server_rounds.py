@@ -1,18 +1,17 @@
 """The server and a device over the in-process broker: rounds, rejections, recovery."""
 
 import json
-import threading
 
 import numpy as np
 import pytest
 
-from edge_sdk import codec
-from edge_sdk.adapters.lora import LoraSpec, init_lora
-from edge_sdk.transport.memory import MemoryBroker
-from edge_sdk.transport.topics import Topics
-from server.app import FleetServer
-from server.config import ServerConfig
-from tests.conftest import tiny_manifest
+from fleetune.edge_sdk import codec
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.transport.memory import MemoryBroker
+from fleetune.edge_sdk.transport.topics import Topics
+from fleetune.server.app import FleetServer
+from fleetune.server.config import ServerConfig
+from tests.conftest import started, tiny_manifest
 
 pytestmark = pytest.mark.unit
 SPEC = LoraSpec(r=2)
@@ -46,9 +45,7 @@ def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
 
 def _run_in_thread(server):
     out = {}
-    thread = threading.Thread(target=lambda: out.setdefault("results", server.run()))
-    thread.start()
-    return thread, out
+    return started(lambda: out.setdefault("results", server.run()), name="server"), out
 
 
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
@@ -124,9 +121,9 @@ def test_server_resumes_from_its_registry(tmp_path):
 
 def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
     """EdgeClient + torch backend + FleetServer over the in-process broker (random tiny llama)."""
-    from edge_sdk.client import EdgeClient
-    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-    from edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
 
     # Prepare: a learnable corpus (a repeated token cycle)
     broker = MemoryBroker()
@@ -161,9 +158,9 @@ def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
 
 def test_server_rebuilds_a_zeroth_order_device_from_its_seeds(tmp_path, tiny_base):
     """Replay: the server's adapter after a seeds-only round equals the device's own."""
-    from edge_sdk.client import EdgeClient
-    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-    from edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
 
     # Prepare
     broker = MemoryBroker()
@@ -210,11 +207,11 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     """Two B-only devices build the basis (an A+B update is refused: it would move the shared
     A); an unseen device mixes it, uploads its coefficients and runs the adapter the server
     pushes back; a redelivered upload is answered once."""
-    from edge_sdk.client import EdgeClient
-    from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-    from edge_sdk.data import ClientData, ClientText
-    from edge_sdk.transport.base import Message
-    from edge_sdk.tuners.mix import Basis, mixture_envelope, read_prior
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.protocol import Basis, Fleet, MixtureUpload, Prior
+    from fleetune.edge_sdk.transport.base import Message
 
     # Prepare: clients whose text cycles through different token ranges
     def data(lo):
@@ -254,8 +251,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     runners = []
     for client, d in sources:
         client.open()
-        runners.append(threading.Thread(target=client.run, args=(ClientText("c", ""), d)))
-        runners[-1].start()
+        runners.append(started(client.run, ClientText("c", ""), d, name=client.device))
     for runner in runners:
         runner.join(60)
     for client, _ in sources:
@@ -264,9 +260,10 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     junk = broker.client("junk")
     junk.connect()
     basis = Basis.decode(broker._retained[Topics("t").basis])
+    fleet = Fleet(tiny_base, SPEC)
     junk.publish(
         Topics("t").mixture("junk"),
-        mixture_envelope("junk", basis, np.full((3, 1), 0.5), 1, {}),
+        MixtureUpload("junk", basis.version, np.full((3, 1), 0.5), 1).encode(fleet),
     )
     with device(
         "u1", tuner="mix", steps=30, mix_lr=0.3, mix_patience=5, mix_zo_steps=20, zo_lr=0.1
@@ -290,15 +287,14 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
         np.log(report.ppl_local)
     )
     assert len(json.loads(coef)) == 2 and cluster in (0, 1)
-    rejected = server.registry._exec("SELECT device, reason FROM mixtures WHERE accepted = 0")
-    assert rejected == [("junk", "mixture coef must be [2, groups]")]
-    updates = server.registry._exec("SELECT device, reason FROM updates WHERE accepted = 0")
-    assert [d for d, _ in updates] == ["s3"] and "moves LoRA A" in updates[0][1]
-    version, prior = read_prior(broker._retained[Topics("t").basis_prior])  # usage learned
-    assert version == basis.version
-    np.testing.assert_allclose(prior, again_coef.mean(axis=1), rtol=1e-6)
+    assert server.registry.refused_mixtures() == [("junk", "mixture coef must be [2, groups]")]
+    updates = server.registry.rejections()
+    assert [d for _, d, _ in updates] == ["s3"] and "moves LoRA A" in updates[0][2]
+    prior = Prior.decode(broker._retained[Topics("t").basis_prior])  # usage learned
+    assert prior.version == basis.version
+    np.testing.assert_allclose(prior.prior, again_coef.mean(axis=1), rtol=1e-6)
     # a redelivered mixture (QoS 1) is answered once
-    payload = mixture_envelope("u2", basis, again_coef, 8, {})
+    payload = MixtureUpload("u2", basis.version, again_coef, 8).encode(fleet)
     first = server.handle_mixture(Message(Topics("t").mixture("u2"), payload))
     second = server.handle_mixture(Message(Topics("t").mixture("u2"), payload))
     assert (first, second, server.mixtures_served) == (True, False, served + 1)
@@ -306,8 +302,8 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     # a restarted server still knows the members, the basis and the prior devices start from
     again = FleetServer(config, tiny_base, transport=broker.client("again"))
     assert sorted(again.members) == ["s1", "s2", "u1", "u2"]
-    np.testing.assert_array_equal(again.bases[basis.version].vectors, basis.vectors)
-    np.testing.assert_allclose(again.bases[basis.version].prior, again_coef.mean(axis=1))
+    np.testing.assert_array_equal(again.mixtures.bases[basis.version].vectors, basis.vectors)
+    np.testing.assert_allclose(again.mixtures.bases[basis.version].prior, again_coef.mean(axis=1))
     again.close()
 
 
@@ -327,13 +323,13 @@ def _seeds_update(device, index, coef, metrics):
 
 
 def test_seed_updates_out_of_bounds_or_from_another_z_version_are_refused(tmp_path):
-    from edge_sdk.errors import PayloadError
-    from edge_sdk.transport.base import Message
+    from fleetune.edge_sdk.errors import PayloadError
+    from fleetune.edge_sdk.transport.base import Message
 
     # Prepare
     server = _server(tmp_path, MemoryBroker(), zo_pool_size=8)
     pool = server.pool(1)
-    ok = {"pool_seed": pool["pool_seed"], "params": "lora_b", "z_version": 1}
+    ok = {"pool_seed": pool.pool_seed, "params": "lora_b", "z_version": 1}
     cases = {
         "a seed coefficient exceeds": ([1, 2], [0.01, 5.0], ok),
         "outside the pool of 8": ([8], [0.01], ok),
@@ -371,16 +367,17 @@ def test_seeds_go_down_only_when_smaller_than_the_dense_adapter(tmp_path):
 @pytest.mark.parametrize(
     ("zo", "reason"),
     [
-        ({"pool_seed": -1, "pool_size": 8, "pairs": [[1, 0.1]]}, "outside 0..2"),
-        ({"pool_seed": float("inf"), "pool_size": 8, "pairs": []}, "must hold pool_seed"),
-        ({"pool_seed": 3, "pool_size": 8, "pairs": [[9, 0.1]]}, "indices outside 8"),
-        ({"pool_seed": 3, "pool_size": 8, "pairs": [[1, 2.0]]}, "at most 1.0"),
-        ({"pool_seed": 3, "pool_size": 8, "pairs": [[1, 0.1]] * 2001}, "over 2000 pairs"),
+        ({"pool_seed": -1, "pool_size": 8, "pairs": [[1, 0.1]]}, "pool_seed must be an integer"),
+        ({"pool_seed": float("inf"), "pool_size": 8, "pairs": []}, "pool_seed must be an"),
+        ({"pool_seed": 3, "pool_size": 8, "pairs": [[9, 0.1]]}, r"seed index .* in 0\.\.7"),
+        ({"pool_seed": 3, "pool_size": 8, "pairs": [[1, 2.0]]}, r"exceeds 1\.0"),
+        ({"pool_seed": 3, "pool_size": 8, "pairs": [[1, 0.1]] * 2001}, "over the limit of 2000"),
         ("seeds", "must be an object"),
     ],
 )
 def test_junk_warm_start_seeds_are_a_payload_error(zo, reason):
-    from edge_sdk.errors import PayloadError
+    from fleetune.edge_sdk.errors import PayloadError
+    from fleetune.edge_sdk.protocol import SeedRun
 
     with pytest.raises(PayloadError, match=reason):
-        FleetServer._warm_zo_delta(zo, 16)
+        SeedRun.from_json(zo)

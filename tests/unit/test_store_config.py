@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from edge_sdk.config import FleetuneConfig, load_config
-from edge_sdk.errors import ConfigError
-from edge_sdk.store import DeviceStore
+from fleetune.edge_sdk.config import FleetuneConfig, load_config
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.store import DeviceStore
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,7 @@ def test_toml_maps_onto_the_dataclasses(tmp_path):
     assert config.device.id == "pi-7" and config.tuning.steps == 3
     assert config.tuning.lora_targets == ("q_proj",)
     assert (config.sync.fleet, config.sync.port) == ("home", 1884)
-    from server.config import load_server_config
+    from fleetune.server.config import load_server_config
 
     assert load_server_config(path).rounds == 9
 
@@ -72,7 +72,7 @@ def test_importing_the_device_core_pulls_no_engine():
 def test_the_example_fleet_file_loads():
     from pathlib import Path
 
-    from server.config import load_server_config
+    from fleetune.server.config import load_server_config
 
     path = Path(__file__).parents[2] / "examples" / "fleet.toml"
     assert load_config(path).tuning.tuner == "zo"

@@ -1,7 +1,7 @@
 import pytest
 
-from edge_sdk.errors import ConfigError
-from edge_sdk.transport.topics import Topics
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.transport.topics import Topics
 
 pytestmark = pytest.mark.unit
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edge_sdk.errors import ConfigError
-from edge_sdk.tuners.zo import ZOConfig, perturbation, replay, zo_tune
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.tuners.zo import ZOConfig, perturbation, replay, zo_tune
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_sdk.errors import ConfigError, PayloadError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class LoraSpec:
                 targets=tuple(str(t) for t in data["targets"]),
                 init_seed=int(data.get("init_seed", 0)),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise PayloadError(f"bad LoRA spec {data!r}: {err}") from err
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise PayloadError(f"bad LoRA spec {data!r:.200}: {err}") from err
 
     def layout(self, base: BaseManifest) -> list[tuple[str, tuple[int, ...]]]:
         """Parameter names (PEFT's safetensors keys) and shapes, in the fixed, versioned order:

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 
-from edge_sdk.adapters.lora.config import LoraSpec
-from edge_sdk.errors import ConfigError, PayloadError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.adapters.lora.config import LoraSpec
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 Tensors = dict[str, np.ndarray]
 PARTS = {"lora_a": ".lora_A.", "lora_b": ".lora_B.", "all": "."}

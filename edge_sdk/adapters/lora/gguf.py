@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.adapters.lora.config import LoraSpec
-from edge_sdk.adapters.lora.io import check_layout
-from edge_sdk.errors import BackendUnavailable, ConfigError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.adapters.lora.config import LoraSpec
+from fleetune.edge_sdk.adapters.lora.io import check_layout
+from fleetune.edge_sdk.errors import BackendUnavailable, ConfigError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 Tensors = dict[str, np.ndarray]
 # Hugging Face projection -> llama.cpp tensor, and the heads its output rows are permuted over

@@ -9,9 +9,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from edge_sdk.adapters.lora.config import LoraSpec
-from edge_sdk.errors import PayloadError
-from edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.adapters.lora.config import LoraSpec
+from fleetune.edge_sdk.errors import PayloadError
+from fleetune.edge_sdk.manifest import BaseManifest
 
 Tensors = dict[str, np.ndarray]
 
@@ -47,18 +47,6 @@ def check_layout(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> None:
             raise PayloadError(f"tensor {name} has shape {tensors[name].shape}, expected {shape}")
         if not np.all(np.isfinite(tensors[name])):
             raise PayloadError(f"tensor {name} contains NaN or Inf")
-
-
-def check_envelope(header, kind: str, spec: LoraSpec, base: BaseManifest) -> None:
-    """An envelope header (``codec.Header``) must be of ``kind`` and for this base and spec."""
-    if header.kind != kind:
-        raise PayloadError(f"expected kind {kind!r}, got {header.kind!r}")
-    if header.base_sha256 != base.sha256:
-        raise PayloadError(
-            f"{kind} is for base {header.base_sha256[:12]}, not {base.name} ({base.short_hash})"
-        )
-    if LoraSpec.from_dict(header.adapter) != spec:
-        raise PayloadError(f"{kind} adapter spec {header.adapter} is not {spec.to_dict()}")
 
 
 def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> Path:

@@ -1,12 +1,12 @@
 """``fleetune demo``: a whole fleet on one machine — a broker, the server, and N device processes
-(one engine thread each) personalizing the base model on N clients' text."""
+(one engine thread each) personalizing the base model on N clients' text. Devices open the
+bundles the prepare step made, as a real device would (the torch ones run the HF copy)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -19,10 +19,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-from edge_sdk.data import ClientText, load_corpus, pick_clients
-from edge_sdk.errors import ConfigError, FleetuneError
-from server.config import ServerConfig
+from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+from fleetune.edge_sdk.data import ClientText, load_corpus, pick_clients
+from fleetune.edge_sdk.errors import ConfigError, FleetuneError
+from fleetune.server.config import ServerConfig
+from fleetune.sim.report import format_table, plot
 
 log = logging.getLogger(__name__)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -35,10 +36,11 @@ def _device_main(config: FleetuneConfig, item: ClientText, base, results: mp.Que
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("transformers", "peft", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.client import EdgeClient
 
-    try:
-        with EdgeClient(config, base=base) as client:
+    try:  # the torch reference engine runs the HF copy; the others open their bundles
+        torch_base = base if config.device.backend == "torch" else None
+        with EdgeClient(config, base=torch_base) as client:
             results.put((config.device.id, "ok", asdict(client.run(item))))
     except BaseException as err:  # reported to the parent, which names the device
         results.put((config.device.id, "error", f"{type(err).__name__}: {err}"))
@@ -46,21 +48,22 @@ def _device_main(config: FleetuneConfig, item: ClientText, base, results: mp.Que
 
 def _prepare_main(base: str, backend: str, tuning: TuningConfig, results: mp.Queue) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from models.base import prepare_base
+    from fleetune.models.base import prepare_base
 
     try:
         manifest = prepare_base(base)
+        bundles: dict[str, str] = {}
         if "llamacpp" in backend.split(","):
-            from models.gguf_export import export_base_gguf
+            from fleetune.models.gguf_export import export_gguf_bundle
 
-            export_base_gguf(manifest, "q8_0")
+            bundles["llamacpp"] = str(export_gguf_bundle(manifest, "q8_0"))
         if "onnx" in backend.split(","):
-            from edge_sdk.adapters.lora import LoraSpec
-            from models.onnx_export import export_onnx
+            from fleetune.edge_sdk.adapters.lora import LoraSpec
+            from fleetune.models.onnx import export_onnx
 
             spec = LoraSpec(r=tuning.lora_r, alpha=tuning.lora_alpha, targets=tuning.lora_targets)
-            export_onnx(manifest, spec)
-        results.put(("prepare", "ok", manifest))
+            bundles["onnx"] = str(export_onnx(manifest, spec))
+        results.put(("prepare", "ok", (manifest, bundles)))
     except BaseException as err:
         results.put(("prepare", "error", f"{type(err).__name__}: {err}"))
 
@@ -105,8 +108,9 @@ def _terminate(procs: Iterable[BaseProcess]) -> None:
 
 
 def prepare_isolated(base: str, backend: str = "torch", tuning: TuningConfig | None = None):
-    """Resolve (on first use: dequantize, export) the base in a child, keeping torch out of
-    this process."""
+    """Resolve the base and write the bundles ``backend``'s engines open (on first use:
+    dequantize, export) in a child, keeping torch out of this process. Returns the base's
+    manifest and ``{engine: bundle dir}``."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(
@@ -114,11 +118,11 @@ def prepare_isolated(base: str, backend: str = "torch", tuning: TuningConfig | N
     )
     proc.start()
     try:
-        (manifest,) = wait_for_results(results, {"prepare": proc})
+        ((manifest, bundles),) = wait_for_results(results, {"prepare": proc})
     except FleetuneError as err:
         raise FleetuneError(f"cannot prepare base {base}: {err}") from err
     proc.join()
-    return manifest
+    return manifest, bundles
 
 
 def run_demo(
@@ -157,12 +161,12 @@ def run_demo(
     total = devices + (mix.devices if mix else 0)
     chosen = pick_clients(corpus, total, names=clients)
     log.info("clients: %s", ", ".join(c.client for c in chosen))
-    manifest = prepare_isolated(base, f"torch,{backend}" if mix else backend, tuning)
+    manifest, bundles = prepare_isolated(base, f"torch,{backend}" if mix else backend, tuning)
     log.info("base %s (%s), %d layers", manifest.name, manifest.short_hash, manifest.num_layers)
     with contextlib.ExitStack() as stack:
         root = Path(state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-")))
         if broker is None:
-            from server.broker import EmbeddedBroker
+            from fleetune.server.broker import EmbeddedBroker
 
             embedded = stack.enter_context(EmbeddedBroker())
             broker = (embedded.host, embedded.port)
@@ -180,6 +184,7 @@ def run_demo(
             json_path,
             data,
             mix,
+            bundles,
         )
 
 
@@ -192,7 +197,7 @@ class MixPlan:
     basis_k: int = 8
 
 
-def _device_config(i, manifest, engine, tuning, broker, protocol, fleet, root, timeout):
+def _device_config(i, manifest, engine, tuning, broker, protocol, fleet, root, timeout, bundle):
     host, port = broker
     # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
     if engine == "llamacpp":
@@ -202,6 +207,7 @@ def _device_config(i, manifest, engine, tuning, broker, protocol, fleet, root, t
             id=f"device-{i}",
             base=manifest.name,
             backend=engine,
+            bundle=bundle,
             threads=1,
             state_dir=str(root / f"device-{i}"),
         ),
@@ -226,10 +232,11 @@ def _run(
     json_path,
     data,
     mix=None,
+    bundles=None,
 ) -> dict:
     host, port = broker
     sources = chosen[: len(chosen) - (mix.devices if mix else 0)]
-    from server.app import FleetServer
+    from fleetune.server.app import FleetServer
 
     server_cfg = ServerConfig(
         fleet=fleet,
@@ -266,7 +273,16 @@ def _run(
 
     def start_device(i: int, engine: str, device_tuning: TuningConfig, item: ClientText) -> None:
         cfg = _device_config(
-            i, manifest, engine, device_tuning, broker, protocol, fleet, root, round_timeout_s
+            i,
+            manifest,
+            engine,
+            device_tuning,
+            broker,
+            protocol,
+            fleet,
+            root,
+            round_timeout_s,
+            (bundles or {}).get(engine, ""),
         )
         proc = ctx.Process(
             target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id
@@ -329,71 +345,3 @@ def _run(
         plot(doc, plot_path)
         log.info("wrote %s and %s", json_path, plot_path)
     return doc
-
-
-def format_table(doc: dict) -> str:
-    rows = [
-        f"{'device':<10} {'role':<7} {'client':<26} {'ppl_base':>9} {'ppl_local':>9} "
-        f"{'ppl_final':>9} {'KB up':>8} {'KB down':>8}"
-    ]
-    for d in doc["devices"]:
-        rows.append(
-            f"{d['device']:<10} {d.get('role', 'fleet'):<7} {d['client'][:26]:<26} "
-            f"{d['ppl_base']:>9.1f} {d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} "
-            f"{d['bytes_up'] / 1e3:>8.1f} "
-            f"{d['bytes_down'] / 1e3:>8.0f}"
-        )
-    rows.append(
-        f"{doc['rounds']} rounds × {doc['steps_per_round']} steps, backend "
-        f"{doc['backend']}, tuner {doc['tuner']}, 1 thread per device, "
-        f"{doc['seconds']:.0f} s"
-    )
-    return "\n".join(rows)
-
-
-def plot(doc: dict, path: Path) -> None:
-    """Held-out perplexity per round and device: solid = global adapter, dotted = after local
-    tuning."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, d in enumerate(doc["devices"]):
-        # a round's entry holds the global adapter it started from (the previous round's result)
-        # and the local perplexity after tuning; the closing entry holds the final adapter
-        points = [(0, d["ppl_base"])]
-        points += [(h["round"] - ("ppl_local" in h), h["ppl_global"]) for h in d["history"]]
-        gx, gy = zip(*sorted(set(points)), strict=False)
-        unseen = " (unseen: mixture)" if d.get("role") == "unseen" else ""
-        ax.plot(
-            gx,
-            gy,
-            "--o" if unseen else "-o",
-            color=f"C{i}",
-            label=f"{d['device']} {d['client']}{unseen}",
-        )
-        local = [(h["round"], h["ppl_local"]) for h in d["history"] if "ppl_local" in h]
-        if local:
-            ax.plot(*zip(*local, strict=False), ":x", color=f"C{i}")
-    ax.set_xlabel("round (0 = base model)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(
-        f"fleetune demo: {doc['backend']} / {doc['tuner']}, "
-        f"{doc['steps_per_round']} steps per round\n"
-        "solid: global adapter after the round · dotted: after local tuning"
-    )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def is_improved(doc: dict) -> bool:
-    return all(
-        d["ppl_final"] < d["ppl_base"] and math.isfinite(d["ppl_final"]) for d in doc["devices"]
-    )

@@ -1,0 +1,166 @@
+"""The device's round loop: follow the server's retained announcements, start each round from
+the adapter it names, tune, and upload through the outbox.
+
+A zeroth-order device starts from v0, which it derives from the seed, and follows the rounds
+through their seeds (``adapter/global/seeds``); it fetches the dense adapter only when it falls
+behind. Other devices take the dense adapter (``adapter/global``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fleetune.edge_sdk.adapters.lora import init_lora
+from fleetune.edge_sdk.errors import PayloadError, TransportError
+from fleetune.edge_sdk.evaluation import DeviceReport
+from fleetune.edge_sdk.protocol import (
+    Announcement,
+    GlobalAdapter,
+    GlobalSeeds,
+    Update,
+    decode_global,
+)
+from fleetune.edge_sdk.tuners.base import Job, Tensors
+from fleetune.edge_sdk.tuners.zo import apply_run
+
+if TYPE_CHECKING:
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.data import ClientData, ClientText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Current:
+    """The global adapter a device holds, and its version."""
+
+    version: int
+    tensors: Tensors
+
+
+def advance(client: EdgeClient, pushed: GlobalAdapter | GlobalSeeds, held: Current | None):
+    """The adapter after a push, or ``None`` when seeds do not apply on top of what is held
+    (the device then needs the dense adapter)."""
+    if isinstance(pushed, GlobalAdapter):
+        return Current(pushed.version, pushed.tensors)
+    if held is None or held.version != pushed.from_version:
+        return None
+    tuned = client.layout.indices(pushed.seeds.params)
+    theta = apply_run(client.layout.flatten(held.tensors), tuned, pushed.seeds)
+    return Current(pushed.version, client.layout.unflatten(theta))
+
+
+def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> DeviceReport:
+    """Take part in rounds until the server announces the end; return what was measured."""
+    topics, backend = client.topics, client.backend
+    report = DeviceReport(client.device, item.client)
+    init = init_lora(client.spec, client.base)
+    backend.set_adapter(init)
+    report.ppl_base = client.evaluate(data.heldout)
+    log.info(
+        "%s (%s): base perplexity %.1f on %d held-out windows",
+        client.device,
+        item.client,
+        report.ppl_base,
+        len(data.heldout),
+    )
+    transport = client.connect()
+    report.bytes_up += client.flush_outbox()  # anything left from before a reboot
+    zo = client.config.tuning.tuner == "zo"
+    current: Current | None = Current(0, init) if zo else None
+    dense = not zo
+    transport.subscribe(topics.global_seeds if zo else topics.global_adapter)
+    announcement: Announcement | None = None
+    done_round = 0
+    wait = client.config.sync.round_wait_s
+    while True:
+        msg = transport.recv(timeout=wait)
+        if msg is None:
+            raise TransportError(f"{client.device}: no message from the server for {wait:.0f} s")
+        report.bytes_down += len(msg.payload)
+        try:
+            if msg.topic == topics.round:
+                announcement = Announcement.decode(msg.payload)
+                announcement.check(client.fleet)  # another base or adapter ends the run
+                # a round may stay open for the server's timeout: wait at least that long
+                wait = max(client.config.sync.round_wait_s, announcement.timeout_s + 60)
+            elif msg.topic in (topics.global_adapter, topics.global_seeds):
+                pushed = advance(client, decode_global(msg.payload, client.fleet), current)
+                if pushed is not None and (current is None or pushed.version >= current.version):
+                    current = pushed
+                    client.store.save_adapter(msg.payload)
+        except PayloadError as err:
+            log.error("%s: ignoring a bad message on %s: %s", client.device, msg.topic, err)
+            continue
+        if announcement is None:
+            continue
+        wanted = announcement.adapter_version
+        if current is None or current.version != wanted:
+            if current is not None and current.version > wanted:
+                continue  # an old announcement; the new one is on its way
+            if not dense:  # behind: take the retained dense adapter once
+                transport.subscribe(topics.global_adapter)
+                dense = True
+            continue
+        if dense and zo:
+            transport.unsubscribe(topics.global_adapter)
+            dense = False
+        if announcement.done:
+            backend.set_adapter(current.tensors)
+            report.ppl_final = client.evaluate(data.heldout)
+            report.history.append({"round": announcement.round, "ppl_global": report.ppl_final})
+            log.info(
+                "%s: final global adapter v%d, perplexity %.1f",
+                client.device,
+                current.version,
+                report.ppl_final,
+            )
+            return report
+        if announcement.round <= done_round:
+            continue
+        report.bytes_up += run_round(client, announcement, current, data, report)
+        done_round = announcement.round
+
+
+def run_round(
+    client: EdgeClient,
+    announcement: Announcement,
+    current: Current,
+    data: ClientData,
+    report: DeviceReport,
+) -> int:
+    """Tune from the round's adapter and queue the update; returns the bytes sent."""
+    round_ = announcement.round
+    client.backend.set_adapter(current.tensors)
+    ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
+    job = Job(client.device, round_, pool=announcement.zo)
+    tuned = client.tuner.tune(client.backend, data, current.tensors, job, client.progress(round_))
+    client.tuned_adapter = tuned.adapter
+    report.ppl_local = client.evaluate(data.heldout)
+    report.history.append(
+        {"round": round_, "ppl_global": ppl_global, "ppl_local": report.ppl_local}
+    )
+    log.info(
+        "%s round %d: perplexity %.1f under global v%d → %.1f after %d %s steps",
+        client.device,
+        round_,
+        ppl_global,
+        current.version,
+        report.ppl_local,
+        tuned.metrics["steps"],
+        client.tuner.name,
+    )
+    update = Update(
+        client.device,
+        round_,
+        current.version,
+        len(data.train),
+        delta=tuned.delta,
+        seeds=tuned.seeds,
+        metrics={"ppl_local": report.ppl_local, "ppl_global": ppl_global, **tuned.metrics},
+    )
+    payload = update.encode(client.fleet, client.config.sync.uplink_encoding)
+    client.store.put(client.topics.update(client.device), payload)
+    return client.flush_outbox()

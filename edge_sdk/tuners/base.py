@@ -1,0 +1,89 @@
+"""One interface for every way a device tunes its adapter on local text.
+
+A :class:`LocalTuner` starts from an adapter, tunes it inside the engine and returns a
+:class:`Tuned`: the adapter the engine now runs and what goes upstream (a dense delta, a seed run
+or mixing coefficients). The client's round loop and personalization session do not care which
+tuner they drive.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+    from fleetune.edge_sdk.backends import Backend
+    from fleetune.edge_sdk.config import TuningConfig
+    from fleetune.edge_sdk.data import ClientData
+    from fleetune.edge_sdk.protocol import Basis, SeedPool, SeedRun
+
+Tensors = dict[str, np.ndarray]
+Progress = Callable[[int, float], None]
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one tuning run is for: the device, the round, and what the server offered."""
+
+    device: str
+    round: int = 0
+    pool: SeedPool | None = None  # zeroth-order: the round's seed pool
+    basis: Basis | None = None  # mixture: the fleet's basis
+
+    def seed(self, base_seed: int, salt: str = "") -> int:
+        """A batch-sampling seed that differs per device and round but repeats across runs."""
+        return zlib.crc32(f"{base_seed}/{self.device}/{salt or self.round}".encode())
+
+
+@dataclass
+class Tuned:
+    """A tuning run's result; the engine holds ``adapter`` afterwards."""
+
+    adapter: Tensors
+    metrics: dict = field(default_factory=dict)
+    delta: Tensors | None = None  # backprop: adapter - start
+    seeds: SeedRun | None = None  # zeroth-order: the run, replayable bit-for-bit
+    coef: np.ndarray | None = None  # mixture: coefficients [K, G]
+
+
+class LocalTuner(ABC):
+    """Backprop, zeroth-order and mixture tuners implement :meth:`tune`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: TuningConfig, layout: FlatLayout) -> None:
+        self.config, self.layout = config, layout
+
+    @abstractmethod
+    def tune(
+        self,
+        backend: Backend,
+        data: ClientData,
+        start: Tensors,
+        job: Job,
+        progress: Progress | None = None,
+    ) -> Tuned:
+        """Tune from ``start`` on ``data.train``; leave the result in ``backend``."""
+
+    def batches(self, train: np.ndarray, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """``steps`` batches of distinct training windows."""
+        size = min(self.config.batch_size, len(train))
+        return [train[rng.choice(len(train), size=size, replace=False)] for _ in range(steps)]
+
+
+def make_tuner(config: TuningConfig, layout: FlatLayout) -> LocalTuner:
+    """The tuner ``config.tuner`` names."""
+    from fleetune.edge_sdk.tuners.backprop import BackpropTuner
+    from fleetune.edge_sdk.tuners.mix import MixTuner
+    from fleetune.edge_sdk.tuners.zo import ZOTuner
+
+    tuners: dict[str, type[LocalTuner]] = {t.name: t for t in (BackpropTuner, ZOTuner, MixTuner)}
+    return tuners[config.tuner](config, layout)

@@ -1,0 +1,68 @@
+"""What the server keeps on disk: adapter versions (PEFT folders), the registry (SQLite), the
+members a basis clusters and the bases offered. Everything a restarted server resumes from."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from fleetune.edge_sdk.adapters.lora import init_lora, load_peft, save_peft
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.protocol import Fleet
+from fleetune.server.registry import Registry
+
+Tensors = dict[str, np.ndarray]
+MEMBERS = "members.safetensors"  # each device's latest adapter (B part): what the basis clusters
+
+
+class ServerState:
+    def __init__(self, root: str | Path, fleet: Fleet) -> None:
+        self.root, self.fleet = Path(root), fleet
+        self.registry = Registry(self.root / "registry.sqlite")
+
+    def save_adapter(self, version: int, tensors: Tensors, round_: int) -> Path:
+        path = save_peft(
+            self.root / "adapters" / f"v{version:04d}", tensors, self.fleet.spec, self.fleet.base
+        )
+        sha = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+        self.registry.add_adapter(version, round_, sha, str(path))
+        return path
+
+    def resume(self) -> tuple[int, int, Tensors]:
+        """(adapter version, next round, adapter): v0 from the shared seed on a fresh state."""
+        latest = self.registry.latest_adapter()
+        if latest is None:
+            tensors = init_lora(self.fleet.spec, self.fleet.base)
+            self.save_adapter(0, tensors, round_=0)
+            return 0, 1, tensors
+        version, path = latest
+        tensors, spec = load_peft(path, self.fleet.base)
+        if spec != self.fleet.spec:
+            raise ConfigError(f"state in {self.root} holds a {spec} adapter, not {self.fleet.spec}")
+        return version, self.registry.last_round() + 1, tensors
+
+    def load_members(self) -> dict[str, np.ndarray]:
+        path = self.root / MEMBERS
+        return load_file(str(path)) if path.exists() else {}
+
+    def save_members(self, members: dict[str, np.ndarray]) -> None:
+        save_file(members, str(self.root / MEMBERS))
+
+    def save_basis(self, version: int, vectors: np.ndarray) -> Path:
+        path = self.root / "bases" / f"v{version:04d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, vectors)
+        return path
+
+    def basis_vectors(self, version: int) -> np.ndarray:
+        """The vectors of a basis this fleet offered; ``PayloadError`` if it never did."""
+        path = self.registry.basis_path(version)
+        if path is None or not Path(path).exists():
+            raise PayloadError(f"mixture is over basis v{version}, which this server never offered")
+        return np.load(path)
+
+    def close(self) -> None:
+        self.registry.close()

@@ -1,0 +1,59 @@
+"""Checks of an update against the server's state: the wire format itself is checked by
+:class:`fleetune.edge_sdk.protocol.Update`; this adds who may send what in which round."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fleetune.edge_sdk.errors import PayloadError
+from fleetune.edge_sdk.protocol import Z_VERSION, Fleet, SeedPool, Update
+from fleetune.server.strategy import Update as Contribution
+
+
+def check_update(
+    payload: bytes,
+    device: str,
+    fleet: Fleet,
+    round_: int,
+    version: int,
+    pool: SeedPool,
+    seen: set[str],
+    shared_a: bool = False,
+) -> Contribution:
+    """Decode and validate one update from ``device`` (the topic's) for the open ``round_``,
+    computed from adapter ``version``; ``PayloadError`` says why it is refused. ``shared_a``: the
+    fleet keeps a mixture basis, whose adapters must keep LoRA A at the shared init."""
+    update = Update.decode(payload, fleet)
+    if update.sender != device:
+        raise PayloadError(f"sender {update.sender!r} does not match topic device {device!r}")
+    if update.round != round_:
+        raise PayloadError(f"update is for round {update.round}, round {round_} is open")
+    if update.from_version != version:
+        raise PayloadError(
+            f"update was computed from adapter v{update.from_version}, "
+            f"the round's adapter is v{version}"
+        )
+    if device in seen:
+        raise PayloadError(f"a second update from {device} in round {round_}")
+    if update.delta is not None:
+        if shared_a and any(np.any(v) for n, v in update.delta.items() if ".lora_A." in n):
+            raise PayloadError(
+                "update moves LoRA A, but this fleet keeps a mixture basis (basis_k > 0) "
+                'whose adapters share A: tune lora_b (backprop_params = "lora_b")'
+            )
+        return Contribution(device, update.num_examples, delta=update.delta, metrics=update.metrics)
+    seeds = update.seeds
+    assert seeds is not None  # an Update holds a delta or seeds
+    if seeds.z_version != Z_VERSION:
+        raise PayloadError(
+            f"seeds were drawn by z version {seeds.z_version}, this server replays {Z_VERSION}"
+        )
+    if seeds.pool_seed != pool.pool_seed:
+        raise PayloadError(
+            f"seeds were drawn from pool {seeds.pool_seed}, "
+            f"round {round_} announced pool {pool.pool_seed}"
+        )
+    if seeds.params != pool.params:
+        raise PayloadError(f"seeds move {seeds.params!r}, the fleet tunes {pool.params!r}")
+    seeds.check(pool.pool_size)
+    return Contribution(device, update.num_examples, seeds=seeds.merged(), metrics=update.metrics)

@@ -1,0 +1,295 @@
+"""Every wire message: round trips, named refusals, and property-based checks that any bytes
+give either a valid message or a ``PayloadError`` (never another exception)."""
+
+import contextlib
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import save
+
+from fleetune.edge_sdk import codec
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.protocol import (
+    BASIS_PART,
+    Announcement,
+    Basis,
+    DeviceStatus,
+    Fleet,
+    GlobalAdapter,
+    GlobalSeeds,
+    MixtureUpload,
+    PersonalAdapter,
+    Prior,
+    SeedPool,
+    SeedRun,
+    Update,
+    decode_global,
+)
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.unit
+SPEC = LoraSpec(r=2)
+BASE = tiny_manifest()
+FLEET = Fleet(BASE, SPEC)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _adapter(value: float = 0.01) -> dict:
+    return {k: v + value for k, v in init_lora(SPEC, BASE).items()}
+
+
+def _seeds() -> SeedRun:
+    return SeedRun.from_pairs([(3, 0.01), (5, -0.02), (3, 0.005)], pool_seed=77)
+
+
+def _basis() -> Basis:
+    size = FlatLayout(SPEC, BASE).indices(BASIS_PART).size
+    vectors = np.random.default_rng(0).normal(0, 0.1, (3, size)).astype(np.float32)
+    return Basis(2, vectors, SPEC, BASE.sha256, np.array([0.2, 0.3, 0.5], np.float32))
+
+
+# one valid payload per envelope message, and its decoder
+ENVELOPES = {
+    "update": (
+        lambda: Update("d1", 2, 1, 10, delta=_adapter(), metrics={"steps": 3}).encode(FLEET),
+        lambda p: Update.decode(p, FLEET),
+    ),
+    "update-seeds": (
+        lambda: Update("d1", 2, 1, 10, seeds=_seeds()).encode(FLEET),
+        lambda p: Update.decode(p, FLEET),
+    ),
+    "global": (
+        lambda: GlobalAdapter(3, _adapter(), round=2).encode(FLEET),
+        lambda p: decode_global(p, FLEET),
+    ),
+    "global-seeds": (
+        lambda: GlobalSeeds(4, _seeds(), round=3).encode(FLEET),
+        lambda p: decode_global(p, FLEET),
+    ),
+    "personal": (
+        lambda: PersonalAdapter(_adapter(), "ab" * 32, 2, 1).encode(FLEET),
+        lambda p: PersonalAdapter.decode(p, FLEET),
+    ),
+    "mixture": (
+        lambda: MixtureUpload(
+            "d1", 2, np.full((3, 1), 0.3), 8, 3.2, {"steps": 4}, _seeds(), 4096
+        ).encode(FLEET),
+        lambda p: MixtureUpload.decode(p, FLEET),
+    ),
+    "basis": (lambda: _basis().encode(encoding="f32"), Basis.decode),
+}
+JSON_DECODERS = {
+    "announcement": Announcement.decode,
+    "prior": Prior.decode,
+    "status": DeviceStatus.decode,
+}
+ALL_DECODERS = {
+    **{name: decode for name, (_, decode) in ENVELOPES.items()},
+    **JSON_DECODERS,
+}
+
+
+def _valid_or_payload_error(decode, payload: bytes) -> None:
+    with contextlib.suppress(PayloadError):
+        decode(payload)
+
+
+# -- round trips --------------------------------------------------------------------------------
+
+
+def test_updates_round_trip_dense_and_seeds():
+    dense = Update.decode(ENVELOPES["update"][0](), FLEET)
+    seeds = Update.decode(ENVELOPES["update-seeds"][0](), FLEET)
+    assert (dense.sender, dense.round, dense.from_version, dense.num_examples) == ("d1", 2, 1, 10)
+    assert dense.seeds is None and dense.metrics["steps"] == 3
+    assert seeds.delta is None and seeds.seeds is not None
+    assert [i for i, _ in seeds.seeds.pairs()] == [3, 5, 3]
+    assert [c for _, c in seeds.seeds.pairs()] == pytest.approx([0.01, -0.02, 0.005])
+    assert seeds.seeds.merged() == pytest.approx({3: 0.015, 5: -0.02})
+
+
+def test_global_adapters_round_trip_in_both_forms():
+    dense = decode_global(ENVELOPES["global"][0](), FLEET)
+    seeds = decode_global(ENVELOPES["global-seeds"][0](), FLEET)
+    assert isinstance(dense, GlobalAdapter) and dense.version == 3
+    assert isinstance(seeds, GlobalSeeds) and (seeds.version, seeds.from_version) == (4, 3)
+    assert seeds.seeds.pool_seed == 77
+
+
+def test_mixture_upload_and_answer_round_trip():
+    upload = MixtureUpload.decode(ENVELOPES["mixture"][0](), FLEET)
+    answer = PersonalAdapter.decode(ENVELOPES["personal"][0](), FLEET)
+    assert upload.coef.shape == (3, 1) and upload.heldout_loss == pytest.approx(3.2)
+    assert upload.zo is not None and upload.zo_pool_size == 4096
+    assert (answer.mixture_sha256, answer.basis_version, answer.cluster) == ("ab" * 32, 2, 1)
+
+
+def test_announcement_prior_and_status_round_trip():
+    sent = Announcement(4, 3, BASE.sha256, SPEC.to_dict(), 60.0, False, SeedPool(9, 64))
+    assert Announcement.decode(sent.encode()) == sent
+    prior = Prior.decode(Prior(2, np.array([0.5, 0.5], np.float32), 3).encode())
+    assert (prior.version, prior.devices, prior.prior.tolist()) == (2, 3, [0.5, 0.5])
+    assert DeviceStatus.decode(DeviceStatus("offline").encode()).state == "offline"
+
+
+# -- named refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'{"round": "1", "adapter_version": 0}', "round announcement round"),
+        (b'{"round": 1, "adapter_version": 0, "timeout_s": 1e400}', "timeout_s"),
+        (b'{"round": 1, "adapter_version": 99999999999999999999}', "adapter_version"),
+        (b'{"round": 1, "adapter_version": 0, "adapter": {"r": 1e400}}', "LoRA spec"),
+        (b'{"round": 1, "adapter_version": 0, "zo": {"pool_seed": -1}}', "pool_seed"),
+        (b"[" * 30000 + b"]" * 30000, "not JSON"),
+    ],
+)
+def test_bad_announcements_are_named(payload, message):
+    with pytest.raises(PayloadError, match=message):
+        Announcement.decode(payload)
+
+
+def test_an_announcement_for_another_fleet_is_a_config_error():
+    other_base = Announcement(1, 0, "cd" * 32)
+    other_spec = Announcement(1, 0, BASE.sha256, LoraSpec(r=4).to_dict())
+    with pytest.raises(ConfigError, match="the fleet runs base cdcdcdcdcdcd"):
+        other_base.check(FLEET)
+    with pytest.raises(ConfigError, match="the fleet tunes"):
+        other_spec.check(FLEET)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({"from_version": 0}, "pool_seed"),
+        ({"from_version": 0, "pool_seed": -4}, "pool_seed"),
+        ({"from_version": 0, "pool_seed": 4, "params": "everything"}, "move 'everything'"),
+        ({"from_version": 5, "pool_seed": 4}, "must start from v0"),
+    ],
+)
+def test_a_junk_seeds_adapter_is_a_payload_error(metrics, reason):
+    header = FLEET.header("adapter", "server", "seeds", round=1, version=1, metrics=metrics)
+    body = {"seed_index": np.array([1], np.int32), "coef": np.array([0.1], np.float32)}
+    with pytest.raises(PayloadError, match=reason):
+        decode_global(codec.encode(header, body), FLEET)
+
+
+def test_seed_runs_are_checked_in_one_place():
+    run = _seeds()
+    run.check(pool_size=8)
+    with pytest.raises(PayloadError, match="outside the pool of 4"):
+        run.check(pool_size=4)
+    with pytest.raises(PayloadError, match=r"exceeds 0\.01"):
+        run.check(pool_size=8, max_coef=0.01)
+    with pytest.raises(PayloadError, match="over the limit of 2"):
+        run.check(pool_size=8, max_pairs=2)
+    with pytest.raises(PayloadError, match="non-negative"):
+        SeedRun(1, np.array([-1]), np.array([0.1]))
+    with pytest.raises(PayloadError, match="finite"):
+        SeedRun(1, np.array([1]), np.array([np.inf]))
+    with pytest.raises(PayloadError, match="seed index"):
+        SeedRun.from_json({"pool_seed": 1, "pool_size": 4, "pairs": [[9, 0.1]]})
+
+
+def test_huge_or_infinite_header_numbers_are_refused():
+    header = FLEET.header("update", "d1", "f32", num_examples=5).__dict__
+    for field, value in (("num_examples", 2**63), ("round", -1), ("version", 1.5)):
+        meta = {**header, field: value}
+        with pytest.raises(PayloadError, match=field):
+            codec.Header(**meta)
+    with pytest.raises(PayloadError, match="LoRA spec"):
+        Update.decode(_with_header(adapter={"kind": "lora", "r": float("inf")}), FLEET)
+
+
+# -- property-based: any bytes → a message or a PayloadError ------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELDS = (
+    "round",
+    "adapter_version",
+    "version",
+    "prior",
+    "state",
+    "timeout_s",
+    "zo",
+    "done",
+    "base_sha256",
+    "adapter",
+    "devices",
+    "pool_seed",
+    "pool_size",
+)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_DECODERS))
+@FUZZ
+@given(payload=st.binary(max_size=512))
+def test_any_bytes_decode_or_raise_payload_error(name, payload):
+    _valid_or_payload_error(ALL_DECODERS[name], payload)
+
+
+@pytest.mark.parametrize("name", sorted(JSON_DECODERS))
+@FUZZ
+@given(body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8))
+def test_any_json_object_decodes_or_raises_payload_error(name, body):
+    payload = json.dumps(body, allow_nan=True).encode()
+    _valid_or_payload_error(JSON_DECODERS[name], payload)
+
+
+def _with_header(**changes) -> bytes:
+    """A valid dense update whose header fields are replaced (the body hash stays valid)."""
+    header, tensors = codec.decode(ENVELOPES["update"][0]())
+    meta = {**header.__dict__, "encoding": "f32", **changes}
+    body = save(codec.encode_tensors(tensors, "f32"))
+    meta.update(schema=1, payload_sha256=hashlib.sha256(body).hexdigest(), payload_bytes=len(body))
+    head = json.dumps(meta, allow_nan=True).encode()
+    return struct.pack(">4sBI", b"FLTN", 1, len(head)) + head + body
+
+
+HEADER_FIELDS = (
+    "kind",
+    "sender",
+    "round",
+    "base_sha256",
+    "adapter",
+    "encoding",
+    "num_examples",
+    "version",
+    "metrics",
+)
+
+
+@pytest.mark.parametrize("name", sorted(ENVELOPES))
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(HEADER_FIELDS), JSON, max_size=3))
+def test_any_header_decodes_or_raises_payload_error(name, changes):
+    _valid_or_payload_error(ENVELOPES[name][1], _with_header(**changes))
+
+
+@pytest.mark.parametrize("name", sorted(ENVELOPES))
+@FUZZ
+@given(data=st.data())
+def test_corrupted_valid_messages_decode_or_raise_payload_error(name, data):
+    payload = bytearray(ENVELOPES[name][0]())
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(payload) - 1))
+        payload[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    _valid_or_payload_error(ENVELOPES[name][1], bytes(payload[:cut]))
