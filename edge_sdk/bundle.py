@@ -162,7 +162,9 @@ class Bundle:
         if fmt is not None and bundle.format != fmt:
             raise ConfigError(f"{root} holds a {bundle.format} bundle, this device needs {fmt}")
         if data.get("size", 0) != sum(math.prod(s) for _, s, _ in layout):
-            raise ConfigError(f"malformed {path}: size {data.get('size')!r:.40} is not its layout's")
+            raise ConfigError(
+                f"malformed {path}: size {data.get('size')!r:.40} is not its layout's"
+            )
         return bundle
 
     def path(self, role: str) -> Path:

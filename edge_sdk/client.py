@@ -120,8 +120,8 @@ class EdgeClient:
     def open(self) -> EdgeClient:
         dev = self.config.device
         if self._store is None:
-            fleet, device = self.config.sync.fleet, self.device
-            self._store = DeviceStore(Path(dev.state_dir or cache_dir() / "devices" / fleet / device))
+            default = cache_dir() / "devices" / self.config.sync.fleet / self.device
+            self._store = DeviceStore(Path(dev.state_dir or default))
         self._backend = load_backend(
             dev.backend,
             self.spec,

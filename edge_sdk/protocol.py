@@ -114,9 +114,21 @@ class Fleet:
         )
 
     def open(self, payload: bytes, kind: str) -> tuple[codec.Header, Tensors]:
+        """Decode an envelope of ``kind`` for this fleet."""
         header, tensors = codec.decode(payload)
         check_envelope(header, kind, self.spec, self.base)
         return header, tensors
+
+    def check_dense(self, header: codec.Header, tensors: Tensors) -> Tensors:
+        """Dense adapter tensors (not seeds) in this fleet's LoRA layout."""
+        if header.encoding == "seeds":
+            raise PayloadError(f"a dense {header.kind} was expected, got seeds")
+        check_layout(tensors, self.spec, self.base)
+        return tensors
+
+    def open_dense(self, payload: bytes, kind: str) -> tuple[codec.Header, Tensors]:
+        header, tensors = self.open(payload, kind)
+        return header, self.check_dense(header, tensors)
 
 
 # -- zeroth-order seeds -------------------------------------------------------------------------
@@ -337,7 +349,9 @@ class Update:
             version=self.from_version,
             metrics={**self.metrics, **(self.seeds.meta() if self.seeds is not None else {})},
         )
-        return codec.encode(header, self.delta if self.seeds is None else self.seeds.body())
+        body = self.seeds.body() if self.seeds is not None else self.delta
+        assert body is not None  # checked above: exactly one of the two
+        return codec.encode(header, body)
 
     @classmethod
     def decode(cls, payload: bytes, fleet: Fleet) -> Update:
@@ -346,8 +360,7 @@ class Update:
         if header.encoding == "seeds":
             seeds = SeedRun.from_body(header.metrics, body)
         else:
-            check_layout(body, fleet.spec, fleet.base)
-            delta = body
+            delta = fleet.check_dense(header, body)
         return cls(
             header.sender,
             header.round,
@@ -451,10 +464,7 @@ class GlobalAdapter:
 
     @classmethod
     def decode(cls, payload: bytes, fleet: Fleet) -> GlobalAdapter:
-        header, tensors = fleet.open(payload, "adapter")
-        if header.encoding == "seeds":
-            raise PayloadError("a dense adapter was expected, got seeds")
-        check_layout(tensors, fleet.spec, fleet.base)
+        header, tensors = fleet.open_dense(payload, "adapter")
         return cls(header.version, tensors, header.round)
 
 
@@ -525,10 +535,7 @@ class PersonalAdapter:
 
     @classmethod
     def decode(cls, payload: bytes, fleet: Fleet) -> PersonalAdapter:
-        header, tensors = fleet.open(payload, "adapter")
-        if header.encoding == "seeds":
-            raise PayloadError("a personal adapter is dense, got seeds")
-        check_layout(tensors, fleet.spec, fleet.base)
+        header, tensors = fleet.open_dense(payload, "adapter")
         m = header.metrics
         sha = m.get("mixture_sha256", "")
         if not isinstance(sha, str) or len(sha) not in (0, 64):

@@ -40,7 +40,9 @@ class Current:
     tensors: Tensors
 
 
-def advance(client: EdgeClient, pushed: GlobalAdapter | GlobalSeeds, held: Current | None):
+def advance(
+    client: EdgeClient, pushed: GlobalAdapter | GlobalSeeds, held: Current | None
+) -> Current | None:
     """The adapter after a push, or ``None`` when seeds do not apply on top of what is held
     (the device then needs the dense adapter)."""
     if isinstance(pushed, GlobalAdapter):

@@ -1,6 +1,7 @@
 """Embed a fleetune device in an app: personalize on the owner's text, follow the fleet's rounds.
 
-fleetune export onnx                              # once, on a machine with the torch extra
+fleetune export onnx                              # once, on a machine with the torch extra;
+                                                  # --out DIR + [device] bundle = DIR elsewhere
 fleetune server --config examples/fleet.toml --embedded-broker &
 python examples/embed_device.py my_notes.txt
 """

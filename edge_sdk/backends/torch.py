@@ -27,7 +27,7 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not base.hf_dir:
-            raise BackendError(f"base {base.name} has no Hugging Face copy; run prepare_base")
+            raise BackendError(f"base {base.name} has no Hugging Face copy: `fleetune export hf`")
         torch.set_num_threads(threads)
         self.base, self.spec = base, spec
         self._tokenizer_cls = AutoTokenizer

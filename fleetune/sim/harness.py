@@ -22,6 +22,7 @@ from typing import Any
 from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
 from fleetune.edge_sdk.data import ClientText, load_corpus, pick_clients
 from fleetune.edge_sdk.errors import ConfigError, FleetuneError
+from fleetune.edge_sdk.manifest import BaseManifest
 from fleetune.server.config import ServerConfig
 from fleetune.sim.report import format_table, plot
 
@@ -170,22 +171,10 @@ def run_demo(
 
             embedded = stack.enter_context(EmbeddedBroker())
             broker = (embedded.host, embedded.port)
-        return _run(
-            manifest,
-            chosen,
-            rounds,
-            tuning,
-            backend,
-            broker,
-            protocol,
-            fleet,
-            root,
-            round_timeout_s,
-            json_path,
-            data,
-            mix,
-            bundles,
+        sim = Sim(
+            manifest, bundles, tuning, backend, broker, protocol, fleet, root, round_timeout_s
         )
+        return _run(sim, chosen, rounds, json_path, data, mix)
 
 
 @dataclass(frozen=True)
@@ -197,56 +186,60 @@ class MixPlan:
     basis_k: int = 8
 
 
-def _device_config(i, manifest, engine, tuning, broker, protocol, fleet, root, timeout, bundle):
-    host, port = broker
-    # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
-    if engine == "llamacpp":
-        tuning = replace(tuning, zo_eps=1e-2)
-    return FleetuneConfig(
-        device=DeviceConfig(
-            id=f"device-{i}",
-            base=manifest.name,
-            backend=engine,
-            bundle=bundle,
-            threads=1,
-            state_dir=str(root / f"device-{i}"),
-        ),
-        tuning=tuning,
-        sync=SyncConfig(
-            host=host, port=port, fleet=fleet, protocol=protocol, round_wait_s=timeout + 60
-        ),
-    )
+@dataclass(frozen=True)
+class Sim:
+    """One simulated fleet: the base and its bundles, how devices tune, where they meet."""
+
+    manifest: BaseManifest
+    bundles: dict[str, str]  # engine -> bundle dir
+    tuning: TuningConfig
+    backend: str  # engine, or a comma list given to devices in turn
+    broker: tuple[str, int]
+    protocol: str
+    fleet: str
+    root: Path  # state of the server and the devices
+    round_timeout_s: float
+
+    def device_config(self, i: int, engine: str, tuning: TuningConfig) -> FleetuneConfig:
+        host, port = self.broker
+        # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
+        if engine == "llamacpp":
+            tuning = replace(tuning, zo_eps=1e-2)
+        return FleetuneConfig(
+            device=DeviceConfig(
+                id=f"device-{i}",
+                base=self.manifest.name,
+                backend=engine,
+                bundle=self.bundles.get(engine, ""),
+                threads=1,
+                state_dir=str(self.root / f"device-{i}"),
+            ),
+            tuning=tuning,
+            sync=SyncConfig(
+                host=host,
+                port=port,
+                fleet=self.fleet,
+                protocol=self.protocol,
+                round_wait_s=self.round_timeout_s + 60,
+            ),
+        )
 
 
-def _run(
-    manifest,
-    chosen,
-    rounds,
-    tuning,
-    backend,
-    broker,
-    protocol,
-    fleet,
-    root,
-    round_timeout_s,
-    json_path,
-    data,
-    mix=None,
-    bundles=None,
-) -> dict:
-    host, port = broker
+def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
+    manifest, tuning, backend, root = sim.manifest, sim.tuning, sim.backend, sim.root
+    host, port = sim.broker
     sources = chosen[: len(chosen) - (mix.devices if mix else 0)]
     from fleetune.server.app import FleetServer
 
     server_cfg = ServerConfig(
-        fleet=fleet,
+        fleet=sim.fleet,
         host=host,
         port=port,
-        protocol=protocol,
+        protocol=sim.protocol,
         base=manifest.name,
         rounds=rounds,
         quorum=len(sources),
-        round_timeout_s=round_timeout_s,
+        round_timeout_s=sim.round_timeout_s,
         lora_r=tuning.lora_r,
         lora_alpha=tuning.lora_alpha,
         lora_targets=tuning.lora_targets,
@@ -272,18 +265,7 @@ def _run(
     engines = backend.split(",")
 
     def start_device(i: int, engine: str, device_tuning: TuningConfig, item: ClientText) -> None:
-        cfg = _device_config(
-            i,
-            manifest,
-            engine,
-            device_tuning,
-            broker,
-            protocol,
-            fleet,
-            root,
-            round_timeout_s,
-            (bundles or {}).get(engine, ""),
-        )
+        cfg = sim.device_config(i, engine, device_tuning)
         proc = ctx.Process(
             target=_device_main, args=(cfg, item, manifest, results), name=cfg.device.id
         )

@@ -1,4 +1,5 @@
-"""The server and a device over the in-process broker: rounds, rejections, recovery."""
+"""Scenarios: the server and devices over the in-process broker (tiny model): rounds, rejections,
+recovery, mixtures."""
 
 import json
 
@@ -13,7 +14,7 @@ from fleetune.server.app import FleetServer
 from fleetune.server.config import ServerConfig
 from tests.conftest import started, tiny_manifest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 SPEC = LoraSpec(r=2)
 
 
