@@ -8,7 +8,6 @@ tuner they drive.
 
 from __future__ import annotations
 
-import logging
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 
 Tensors = dict[str, np.ndarray]
 Progress = Callable[[int, float], None]
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
