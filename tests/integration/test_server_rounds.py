@@ -153,7 +153,7 @@ def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
     assert report.bytes_up > 0 and report.bytes_down > 0
     assert codec.decode(stored)[0].version == 2
     assert client.store.pending() == []
-    status = json.loads(broker._retained[Topics("t").status("d1")])
+    status = json.loads(broker.retained(Topics("t").status("d1")))
     assert status == {"state": "offline"}
 
 
@@ -260,7 +260,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     # Execute: junk coefficients first (refused, the server goes on), then a real device
     junk = broker.client("junk")
     junk.connect()
-    basis = Basis.decode(broker._retained[Topics("t").basis])
+    basis = Basis.decode(broker.retained(Topics("t").basis))
     fleet = Fleet(tiny_base, SPEC)
     junk.publish(
         Topics("t").mixture("junk"),
@@ -291,7 +291,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     assert server.registry.refused_mixtures() == [("junk", "mixture coef must be [2, groups]")]
     updates = server.registry.rejections()
     assert [d for _, d, _ in updates] == ["s3"] and "moves LoRA A" in updates[0][2]
-    prior = Prior.decode(broker._retained[Topics("t").basis_prior])  # usage learned
+    prior = Prior.decode(broker.retained(Topics("t").basis_prior))  # usage learned
     assert prior.version == basis.version
     np.testing.assert_allclose(prior.prior, again_coef.mean(axis=1), rtol=1e-6)
     # a redelivered mixture (QoS 1) is answered once

@@ -219,7 +219,7 @@ def test_a_mix_device_skips_a_bad_basis_and_keeps_its_own_mix_without_an_answer(
     )
     device = broker.client("u1")
     wrong = Basis(1, vectors[:, :5], SPEC, tiny_base.sha256).encode()  # a misshapen basis
-    device._inbox.put(Message(topics.basis, wrong, True))  # arrives before the good basis
+    device.deliver(Message(topics.basis, wrong, True))  # arrives before the good basis
     # Execute
     with EdgeClient(config, base=tiny_base, transport=device) as client:
         report = client.run(ClientText("c", ""), data=data)
@@ -229,7 +229,7 @@ def test_a_mix_device_skips_a_bad_basis_and_keeps_its_own_mix_without_an_answer(
     assert head.version == 2 and body["coef"].shape == (2, 1)
     assert (saved.basis_version, saved.local) == (2, True)
     assert report.ppl_final == report.ppl_local
-    pushed = Basis.decode(broker._retained[topics.basis])  # q8, as the device decoded it
+    pushed = Basis.decode(broker.retained(topics.basis))  # q8, as the device decoded it
     mixed = Mixer(pushed, tiny_base).adapter(body["coef"])
     assert all(np.array_equal(saved.tensors[k], mixed[k]) for k in mixed)
 
