@@ -1,0 +1,127 @@
+"""The deployment promise on real parts: a virtualenv with only ``pip install '.[onnx]'`` (no
+torch, no transformers) runs the ``fleetune server`` and ``fleetune device`` commands from a
+bundle made beforehand, through mosquitto."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def device_venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv with fleetune's device extra installed from this checkout (a wheel,
+    not an editable install): ~1 min with pip's cache warm."""
+    venv = tmp_path_factory.mktemp("device-venv")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", f"{ROOT}[onnx]"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    return venv
+
+
+def _fleet_toml(path: Path, port: int, tmp: Path) -> Path:
+    path.write_text(
+        f"""
+[device]
+id = "pi"
+backend = "onnx"
+state_dir = "{tmp / "device"}"
+
+[tuning]
+tuner = "zo"
+steps = 3
+max_eval_windows = 4
+
+[sync]
+fleet = "venv"
+port = {port}
+round_wait_s = 300
+
+[server]
+fleet = "venv"
+port = {port}
+rounds = 1
+quorum = 1
+round_timeout_s = 300
+state_dir = "{tmp / "server"}"
+"""
+    )
+    return path
+
+
+def test_a_device_venv_without_torch_runs_a_round_from_a_bundle(
+    device_venv, onnx_artifacts, mosquitto, tmp_path
+):
+    # Prepare: owner text, a config, and an environment whose cache holds nothing
+    bin_dir = device_venv / "bin"
+    (tmp_path / "data").mkdir()
+    text = "\n".join(
+        f"the kitchen pi keeps note {i} about the {i % 7} things it saw" for i in range(300)
+    )
+    (tmp_path / "data" / "pi.txt").write_text(text)
+    config = _fleet_toml(tmp_path / "fleet.toml", mosquitto.port, tmp_path)
+    env = {"FLEETUNE_CACHE": str(tmp_path / "empty-cache"), "PATH": "/usr/bin:/bin"}
+    probe = [
+        subprocess.run(
+            [str(bin_dir / "python"), "-c", f"import {name}"],
+            capture_output=True,
+            cwd=tmp_path,
+        ).returncode
+        for name in ("torch", "transformers", "server", "models", "fleetune.edge_sdk")
+    ]
+    # Execute
+    server = subprocess.Popen(
+        [
+            str(bin_dir / "fleetune"),
+            "server",
+            "--config",
+            str(config),
+            "--base",
+            str(onnx_artifacts),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        device = subprocess.run(
+            [
+                str(bin_dir / "fleetune"),
+                "device",
+                "--config",
+                str(config),
+                "--bundle",
+                str(onnx_artifacts),
+                "--data",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+        out, err = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    # Assert
+    assert probe == [1, 1, 1, 1, 0]  # no torch, nothing generic, the SDK imports
+    assert device.returncode == 0, device.stderr[-3000:]
+    assert server.returncode == 0, err[-3000:]
+    report = json.loads(device.stdout)
+    rounds = json.loads(out)
+    assert rounds[0]["accepted"] == ["pi"] and rounds[0]["version"] == 1
+    assert 0 < report["bytes_up"] < 2048 and report["ppl_final"] != report["ppl_base"]
+    assert not (tmp_path / "empty-cache" / "bundles").exists()  # nothing exported or fetched
