@@ -233,16 +233,29 @@ class FleetServer:
         return result
 
     def _aggregate(self, round_: int, updates: list[Update]) -> None:
+        """The next adapter, written to state only once its downlink encoding is known to work:
+        an aggregate that cannot be pushed (say, beyond f16's range) leaves the fleet on the
+        current version instead of a state directory that cannot start again."""
         before = self.current
         merged = self.strategy.aggregate(
             self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)
         )
-        self.current = merged.tensors
-        self.version += 1
+        pushed = GlobalAdapter(self.version + 1, merged.tensors, round_)
+        try:
+            payload = pushed.encode(self.fleet, self.config.downlink_encoding)
+        except PayloadError as err:
+            log.error(
+                "round %d: the aggregate cannot be pushed (%s); staying on v%d",
+                round_,
+                err,
+                self.version,
+            )
+            return
+        self.current, self.version = merged.tensors, pushed.version
         self.state.save_adapter(self.version, self.current, round_)
-        dense_bytes = self.publish_global(round_)
+        self._publish_retained(self.topics.global_adapter, payload)
         if merged.seeds is not None:
-            self.publish_seeds(round_, merged.seeds, dense_bytes)
+            self.publish_seeds(round_, merged.seeds, len(payload))
         if self.config.basis_k:
             self.mixtures.remember(
                 updates, before, round_, lambda seeds: self.seeds.replay(seeds, round_)

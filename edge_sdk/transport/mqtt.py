@@ -151,10 +151,19 @@ class MqttTransport:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         deadline = time.monotonic() + timeout
-        while not info.is_published():
+        while not self._acknowledged(info, topic):
             if time.monotonic() > deadline:
                 raise TransportError(f"publish to {topic} not acknowledged within {timeout:.0f} s")
             time.sleep(0.01)
+
+    @staticmethod
+    def _acknowledged(info, topic: str) -> bool:
+        """paho raises ``RuntimeError`` / ``ValueError`` for a message it could not send (no
+        connection, full queue): a ``TransportError`` here, so a caller's outbox keeps it."""
+        try:
+            return bool(info.is_published())
+        except (RuntimeError, ValueError) as err:
+            raise TransportError(f"publish to {topic} failed: {err}") from err
 
     def recv(self, timeout: float | None = None) -> Message | None:
         try:

@@ -69,6 +69,32 @@ def test_unreachable_broker_is_a_transport_error_naming_it():
         MqttTransport("127.0.0.1", port, "x").connect(timeout=3)
 
 
+def test_a_publish_while_the_broker_is_down_leaves_the_update_in_the_outbox(tmp_path):
+    from fleetune.edge_sdk.store import DeviceStore
+    from fleetune.server.broker import MosquittoBroker
+
+    # Prepare: a device connected to a real mosquitto, an update queued, then the broker gone
+    broker = MosquittoBroker().__enter__()
+    transport = MqttTransport(broker.host, broker.port, "pi-down")
+    transport.connect(timeout=10)
+    config = FleetuneConfig(device=DeviceConfig(id="pi-down"))
+    client = EdgeClient(config, transport=transport, store=DeviceStore(tmp_path))
+    client.store.put("fleetune/default/update/pi-down", b"update-1")
+    broker.close()
+    # Execute / Assert: a TransportError, never paho's RuntimeError, and the update stays queued
+    try:
+        with pytest.raises(TransportError, match="update/pi-down"):
+            for _ in range(50):  # paho may take a moment to notice the connection is gone
+                transport.publish("fleetune/default/update/pi-down", b"probe", timeout=0.2)
+        with pytest.raises(TransportError):
+            client.flush_outbox()
+        assert [t for _, t, _ in DeviceStore(tmp_path).pending()] == [
+            "fleetune/default/update/pi-down"
+        ]
+    finally:
+        transport.close()
+
+
 def test_peft_loads_a_fleetune_adapter_with_the_same_loss(smollm2, adapter, tmp_path):
     """Adapters are PEFT files: desktop tools get the same model as the device."""
     import torch

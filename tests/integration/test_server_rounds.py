@@ -92,6 +92,25 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
         np.testing.assert_allclose(tensors[name], init[name] + 0.5, atol=2e-3)  # f16 downlink
 
 
+def test_an_aggregate_the_downlink_cannot_carry_leaves_state_that_restarts(tmp_path):
+    # Prepare: one finite update beyond the f16 downlink's range
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, quorum=1)
+    device = broker.client("d")
+    device.connect()
+    thread, out = _run_in_thread(server)
+    # Execute
+    device.publish(Topics("t").update("d1"), _update("d1", 1e5))
+    thread.join(20)
+    server.close()
+    again = _server(tmp_path, broker, quorum=1)  # the state directory starts again
+    # Assert: accepted, but the fleet stays on v0 rather than on an adapter it cannot push
+    (result,) = out["results"]
+    assert result.accepted == ["d1"] and result.version == 0
+    assert again.version == 0 and again.first_round == 2
+    again.close()
+
+
 def test_a_round_without_updates_keeps_the_adapter(tmp_path):
     broker = MemoryBroker()
     server = _server(tmp_path, broker, round_timeout_s=0.3)
