@@ -211,14 +211,18 @@ class SeedRun:
         return seeds
 
     def check(self, pool_size: int, max_coef: float = MAX_SEED_COEF, max_pairs: int = 0) -> None:
-        """Every index inside the pool, every coefficient at most ``max_coef`` in size, and at
-        most ``max_pairs`` pairs (0: no limit)."""
+        """Every index inside the pool, every coefficient and every index's summed coefficient
+        at most ``max_coef`` in size, and at most ``max_pairs`` pairs (0: no limit)."""
         if max_pairs and self.index.size > max_pairs:
             raise PayloadError(f"{self.index.size} seed pairs are over the limit of {max_pairs}")
         if self.index.size and int(self.index.max()) >= pool_size:
             raise PayloadError(f"a seed index is outside the pool of {pool_size}")
         if self.coef.size and float(np.abs(self.coef).max()) > max_coef:
             raise PayloadError(f"a seed coefficient exceeds {max_coef} in size")
+        # per seed index too: one index repeated with the largest allowed coefficient would
+        # otherwise move the adapter that many times as far
+        if self.index.size and max(abs(c) for c in self.merged().values()) > max_coef:
+            raise PayloadError(f"the coefficients of one seed index sum beyond {max_coef}")
 
     def body(self) -> Tensors:
         return {"seed_index": self.index, "coef": self.coef}

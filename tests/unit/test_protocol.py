@@ -194,6 +194,9 @@ def test_seed_runs_are_checked_in_one_place():
         run.check(pool_size=8, max_coef=0.01)
     with pytest.raises(PayloadError, match="over the limit of 2"):
         run.check(pool_size=8, max_pairs=2)
+    repeated = SeedRun.from_pairs([(1, 1.0)] * 10_000, pool_seed=7)  # each pair is allowed
+    with pytest.raises(PayloadError, match=r"one seed index sum beyond 1\.0"):
+        repeated.check(pool_size=8)
     with pytest.raises(PayloadError, match="non-negative"):
         SeedRun(1, np.array([-1]), np.array([0.1]))
     with pytest.raises(PayloadError, match="finite"):
