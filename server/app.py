@@ -19,7 +19,13 @@ import numpy as np
 from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.bundle import cache_dir
-from fleetune.edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
+from fleetune.edge_sdk.errors import (
+    AggregationError,
+    ConfigError,
+    FleetuneError,
+    PayloadError,
+    TransportError,
+)
 from fleetune.edge_sdk.manifest import BaseManifest
 from fleetune.edge_sdk.protocol import (
     Announcement,
@@ -32,11 +38,11 @@ from fleetune.edge_sdk.protocol import (
 )
 from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
-from fleetune.server.config import ServerConfig
+from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.mixtures import MixtureService
 from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
-from fleetune.server.strategy import STRATEGIES, Update
+from fleetune.server.strategy import Update
 from fleetune.server.validation import check_update
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,7 @@ class FleetServer:
         self.topics = Topics(config.fleet)
         self.spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets)
         self.fleet = Fleet(base, self.spec)
-        self.strategy = STRATEGIES[config.strategy]()
+        self.strategy = make_strategy(config)
         self.layout = FlatLayout(self.spec, base)
         self.seeds = SeedPools(config.fleet, self.layout, config.zo_pool_size, config.zo_params)
         root = Path(config.state_dir) if config.state_dir else cache_dir() / "server" / config.fleet
@@ -237,19 +243,14 @@ class FleetServer:
         an aggregate that cannot be pushed (say, beyond f16's range) leaves the fleet on the
         current version instead of a state directory that cannot start again."""
         before = self.current
-        merged = self.strategy.aggregate(
-            self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)
-        )
-        pushed = GlobalAdapter(self.version + 1, merged.tensors, round_)
         try:
-            payload = pushed.encode(self.fleet, self.config.downlink_encoding)
-        except PayloadError as err:
-            log.error(
-                "round %d: the aggregate cannot be pushed (%s); staying on v%d",
-                round_,
-                err,
-                self.version,
+            merged = self.strategy.aggregate(
+                self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)
             )
+            pushed = GlobalAdapter(self.version + 1, merged.tensors, round_)
+            payload = pushed.encode(self.fleet, self.config.downlink_encoding)
+        except (AggregationError, PayloadError) as err:
+            log.error("round %d: no new adapter (%s); staying on v%d", round_, err, self.version)
             return
         self.current, self.version = merged.tensors, pushed.version
         self.state.save_adapter(self.version, self.current, round_)

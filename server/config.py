@@ -5,18 +5,22 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleetune.edge_sdk.codec.compress import ENCODINGS
 from fleetune.edge_sdk.config import section
 from fleetune.edge_sdk.errors import ConfigError
 from fleetune.edge_sdk.transport.topics import check_id
 
+if TYPE_CHECKING:
+    from fleetune.server.strategy import Strategy
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,11 @@ class ServerConfig:
     rounds: int = 3  # rounds to run, then announce the end
     quorum: int = 2  # updates that close a round early
     round_timeout_s: float = 600.0  # a round closes after this even without a quorum
-    strategy: str = "fedavg"  # aggregation algorithm (server/strategy/<name>.py)
+    strategy: str = "fedavg"  # aggregation: fedavg | median | trimmed_mean | krum (strategy/)
+    norm_bound: float = 0.0  # clip each update's delta to this L2 norm first (0 = off)
+    max_examples: int = 100_000  # an update weighs as at most this many training windows
+    trim: float = 0.2  # trimmed_mean: fraction dropped at each end, per coordinate
+    krum_byzantine: int = 1  # krum: Byzantine devices tolerated per round
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -47,6 +55,12 @@ class ServerConfig:
             raise ConfigError("[server] rounds >= 1, quorum >= 1 and round_timeout_s > 0 required")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"[server] strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if not (self.norm_bound >= 0 and self.max_examples >= 1 and 0 <= self.trim < 0.5):
+            raise ConfigError(
+                "[server] norm_bound >= 0, max_examples >= 1 and trim in [0, 0.5) required"
+            )
+        if self.krum_byzantine < 0:
+            raise ConfigError("[server] krum_byzantine must be >= 0")
         if self.zo_pool_size < 1 or self.zo_params not in ("lora_b", "all"):
             raise ConfigError("[server] zo_pool_size >= 1 and zo_params in (lora_b, all) required")
         if self.downlink_encoding not in ENCODINGS or self.downlink_encoding == "seeds":
@@ -71,3 +85,18 @@ def load_server_config(path: str | Path) -> ServerConfig:
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
     return section(ServerConfig, data.get("server", {}), "server")
+
+
+def make_strategy(config: ServerConfig) -> Strategy:
+    """The configured aggregation strategy, with its knobs."""
+    from fleetune.server.strategy import STRATEGIES as CLASSES
+
+    extra: dict[str, dict[str, float]] = {
+        "trimmed_mean": {"trim": config.trim},
+        "krum": {"byzantine": config.krum_byzantine},
+    }
+    return CLASSES[config.strategy](
+        norm_bound=config.norm_bound,
+        max_examples=config.max_examples,
+        **extra.get(config.strategy, {}),
+    )

@@ -3,28 +3,41 @@ Data", AISTATS 2017. The new global is the current one plus the example-weighted
 
 Zeroth-order updates arrive as seeds (FedKSeed, Qin et al., ICML 2024): their weighted mean is a
 weighted sum of coefficients per seed, replayed once, so the cost does not grow with the fleet.
+With a norm bound the updates are replayed one by one and clipped first (dense downlink).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from fleetune.edge_sdk.errors import AggregationError
-from fleetune.server.strategy.base import Aggregate, Replay, Seeds, Strategy, Tensors, Update
+from fleetune.server.strategy.base import (
+    Aggregate,
+    Replay,
+    RobustStrategy,
+    Seeds,
+    Tensors,
+    Update,
+)
 
 
-class FedAvg(Strategy):
+class FedAvg(RobustStrategy):
     name = "fedavg"
+
+    def combine(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return weights @ deltas / weights.sum()
 
     def aggregate(self, current: Tensors, updates: list[Update], replay: Replay) -> Aggregate:
         if not updates:
             raise AggregationError("FedAvg needs at least one update")
-        weights = [float(max(u.num_examples, 0)) for u in updates]
-        total = sum(weights)
-        if total <= 0:
-            weights, total = [1.0] * len(updates), float(len(updates))
+        if self.norm_bound > 0:
+            return super().aggregate(current, updates, replay)
+        weights = self.weights(updates)
+        total = float(weights.sum())
         out = {name: value.copy() for name, value in current.items()}
         seeds: Seeds = {}
         for weight, update in zip(weights, updates, strict=True):
-            share = weight / total
+            share = float(weight) / total
             if update.delta is not None:
                 for name in out:
                     out[name] += (share * update.delta[name]).astype(out[name].dtype)
