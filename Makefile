@@ -54,6 +54,7 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.zo_onnx --json results/bench_zo_onnx.json
 	$(BIN)/python -m benchmarks.zo_llamacpp --json results/bench_zo_llamacpp.json
 	$(BIN)/python -m benchmarks.personalize_mix --json results/bench_personalize_mix.json
+	$(BIN)/python -m benchmarks.byzantine --json results/bench_byzantine.json
 
 # mypy cannot follow setuptools' editable import hook, so it checks a tree of links laid out as
 # the installed `fleetune` package (fleetune/edge_sdk -> edge_sdk, ...).

@@ -111,6 +111,28 @@ def test_an_aggregate_the_downlink_cannot_carry_leaves_state_that_restarts(tmp_p
     again.close()
 
 
+def test_a_median_server_is_not_moved_by_one_scaled_update(tmp_path):
+    # Prepare: three devices, one of which sends its update x100 and claims 2**62 examples
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, quorum=3, strategy="median")
+    device = broker.client("d")
+    device.connect()
+    device.subscribe(Topics("t").global_adapter)
+    thread, out = _run_in_thread(server)
+    # Execute
+    device.publish(Topics("t").update("d1"), _update("d1", 0.01))
+    device.publish(Topics("t").update("d2"), _update("d2", 0.02))
+    device.publish(Topics("t").update("d3"), _update("d3", 1.0 * 100, examples=2**62 - 1))
+    thread.join(20)
+    server.close()
+    # Assert: the global moved by the median delta, 0.02
+    (result,) = out["results"]
+    assert result.accepted == ["d1", "d2", "d3"] and result.version == 1
+    init = init_lora(SPEC, tiny_manifest())
+    for name, value in server.current.items():
+        np.testing.assert_allclose(value, init[name] + 0.02, atol=1e-6)
+
+
 def test_a_round_without_updates_keeps_the_adapter(tmp_path):
     broker = MemoryBroker()
     server = _server(tmp_path, broker, round_timeout_s=0.3)
