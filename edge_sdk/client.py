@@ -19,12 +19,13 @@ from fleetune.edge_sdk.backends import Backend, load_backend
 from fleetune.edge_sdk.bundle import Bundle, cache_dir, open_bundle
 from fleetune.edge_sdk.config import FleetuneConfig
 from fleetune.edge_sdk.data import ClientData, ClientText, prepare_client
-from fleetune.edge_sdk.errors import ConfigError, FleetuneError, TransportError
+from fleetune.edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport, perplexity
 from fleetune.edge_sdk.manifest import BaseManifest
 from fleetune.edge_sdk.protocol import DeviceStatus, Fleet
+from fleetune.edge_sdk.signing import Keyring, parse_key, unwrap
 from fleetune.edge_sdk.store import DeviceStore
-from fleetune.edge_sdk.transport.base import Transport
+from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.edge_sdk.tuners.base import LocalTuner, Progress, Tensors, make_tuner
 
@@ -60,6 +61,7 @@ class EdgeClient:
         self._store = store
         self._layout: FlatLayout | None = None
         self._tuner: LocalTuner | None = None
+        self._keyring: Keyring | None = None
         self.tuned_adapter: Tensors | None = None  # the last round's tuned adapter
 
     # -- what the device runs ---------------------------------------------------------------------
@@ -97,6 +99,31 @@ class EdgeClient:
         if self._tuner is None:
             self._tuner = make_tuner(self.config.tuning, self.layout)
         return self._tuner
+
+    @property
+    def keyring(self) -> Keyring | None:
+        """The fleet keys this device trusts (``[sync] fleet_key`` and the rotations it saw
+        since); ``None`` when it pinned none and takes pushes unverified."""
+        if self._keyring is None and self.config.sync.fleet_key:
+            self._keyring = Keyring([parse_key(self.config.sync.fleet_key)])
+            saved = self._store.load_keys() if self._store is not None else None
+            if saved is not None:
+                try:
+                    self._keyring.rotate(saved)
+                except PayloadError as err:
+                    log.warning("%s: ignoring the saved key list: %s", self.device, err)
+        return self._keyring
+
+    def receive(self, msg: Message) -> bytes | None:
+        """The message inside a push from the server, verified when the device holds the fleet's
+        keys (``PayloadError`` otherwise); ``None`` for a key list, which is handled here."""
+        if msg.topic == self.topics.keys:
+            keyring = self.keyring
+            if keyring is not None and keyring.rotate(msg.payload):
+                self.store.save_keys(msg.payload)
+                log.info("%s: fleet keys rotated to version %d", self.device, keyring.version)
+            return None
+        return unwrap(msg.payload, self.keyring, msg.topic.rsplit("/", 2)[-1])
 
     @property
     def backend(self) -> Backend:
@@ -168,6 +195,7 @@ class EdgeClient:
                 will=will,
             )
         transport = self._transport
+        transport.subscribe(self.topics.keys)
         transport.subscribe(self.topics.round)
         transport.connect()
         transport.publish(

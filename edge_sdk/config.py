@@ -143,6 +143,7 @@ class SyncConfig:
     protocol: str = "3.1.1"  # "3.1.1" or "5"
     uplink_encoding: str = "q8"  # device → server update encoding (f32 | f16 | q8)
     round_wait_s: float = 600.0  # how long a device waits for the next announcement
+    fleet_key: str = ""  # the fleet's Ed25519 public key (64 hex digits): pushes must be signed
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -152,6 +153,10 @@ class SyncConfig:
             raise ConfigError(f"[sync] port {self.port} is out of range")
         if self.uplink_encoding not in ENCODINGS:
             raise ConfigError(f"[sync] uplink_encoding must be one of {ENCODINGS}")
+        if self.fleet_key:
+            from fleetune.edge_sdk.signing import parse_key
+
+            parse_key(self.fleet_key)
 
 
 @dataclass(frozen=True)

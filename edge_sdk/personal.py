@@ -56,21 +56,24 @@ def personalize(client: EdgeClient, item: ClientText, data: ClientData) -> Devic
             return report
         report.bytes_down += len(msg.payload)
         try:
+            payload = client.receive(msg)
+            if payload is None:
+                continue
             if msg.topic == topics.basis_prior:
-                prior = Prior.decode(msg.payload)
+                prior = Prior.decode(payload)
                 priors[prior.version] = prior.prior
             elif msg.topic == topics.basis and basis is None:
-                offered = Basis.decode(msg.payload)
+                offered = Basis.decode(payload)
                 if offered.version in priors:
                     offered = offered.with_prior(priors[offered.version])
                 offered.check(client.spec, client.base)
                 basis = offered
             elif msg.topic == topics.personal(client.device) and basis is not None:
-                answer = PersonalAdapter.decode(msg.payload, client.fleet)
+                answer = PersonalAdapter.decode(payload, client.fleet)
                 if answer.mixture_sha256 != upload:
                     continue  # the answer to an earlier upload (retained)
                 backend.set_adapter(answer.tensors)
-                client.store.save_adapter(msg.payload)
+                client.store.save_adapter(payload)
                 report.ppl_final = client.evaluate(data.heldout)
                 report.history.append({"round": 1, "ppl_global": report.ppl_final})
                 log.info(

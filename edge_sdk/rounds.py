@@ -83,16 +83,19 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             raise TransportError(f"{client.device}: no message from the server for {wait:.0f} s")
         report.bytes_down += len(msg.payload)
         try:
+            payload = client.receive(msg)
+            if payload is None:
+                continue
             if msg.topic == topics.round:
-                announcement = Announcement.decode(msg.payload)
+                announcement = Announcement.decode(payload)
                 announcement.check(client.fleet)  # another base or adapter ends the run
                 # a round may stay open for the server's timeout: wait at least that long
                 wait = max(client.config.sync.round_wait_s, announcement.timeout_s + 60)
             elif msg.topic in (topics.global_adapter, topics.global_seeds):
-                pushed = advance(client, decode_global(msg.payload, client.fleet), current)
+                pushed = advance(client, decode_global(payload, client.fleet), current)
                 if pushed is not None and (current is None or pushed.version >= current.version):
                     current = pushed
-                    client.store.save_adapter(msg.payload)
+                    client.store.save_adapter(payload)
         except PayloadError as err:
             log.error("%s: ignoring a bad message on %s: %s", client.device, msg.topic, err)
             continue

@@ -50,3 +50,11 @@ class DeviceStore:
     def load_adapter(self) -> bytes | None:
         path = self.root / "adapter.fltn"
         return path.read_bytes() if path.exists() else None
+
+    def save_keys(self, signed: bytes) -> None:
+        """Keep the fleet's latest signed key list, so a rotation survives a reboot."""
+        _atomic_write(self.root / "keys.flts", signed)
+
+    def load_keys(self) -> bytes | None:
+        path = self.root / "keys.flts"
+        return path.read_bytes() if path.exists() else None

@@ -36,6 +36,7 @@ from fleetune.edge_sdk.protocol import (
     SeedPool,
     SeedRun,
 )
+from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.config import ServerConfig, make_strategy
@@ -72,6 +73,8 @@ class FleetServer:
         self.state_dir = root
         self.state = ServerState(root, self.fleet)
         self.registry = self.state.registry
+        self.signer = Signer.load_or_create(config.signing_key or root / "signing-key.pem")
+        (root / "fleet-key.pub").write_text(self.signer.public_hex + "\n")
         self._transport = transport
         self.version, self.first_round, self.current = self.state.resume()
         if self.version:
@@ -108,8 +111,10 @@ class FleetServer:
         return self._transport
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
-        self.transport.publish(topic, payload, retain=True)
-        self.bytes_down += len(payload)
+        """Every push is signed with the fleet's key (``edge_sdk/signing.py``)."""
+        signed = self.signer.sign(payload)
+        self.transport.publish(topic, signed, retain=True)
+        self.bytes_down += len(signed)
 
     def publish_global(self, round_: int) -> int:
         pushed = GlobalAdapter(self.version, self.current, round_)
@@ -145,7 +150,7 @@ class FleetServer:
             done=done,
             zo=self.pool(round_),
         )
-        self.transport.publish(self.topics.round, body.encode(), retain=True)
+        self.transport.publish(self.topics.round, self.signer.sign(body.encode()), retain=True)
 
     # -- rounds -----------------------------------------------------------------------------------
     def check_update(self, msg: Message, round_: int, seen: set[str]) -> Update:

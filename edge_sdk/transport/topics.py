@@ -15,6 +15,8 @@ topic                         QoS     retained  payload
 ``mixture/{device}``          1       no        envelope, kind "mixture": K x G coefficients
 ``status/{device}``           1       yes       JSON ``{"state": "online"|"offline"}``; the
                                                  "offline" one is the device's last will
+``keys``                      1       yes       the fleet's signed list of trusted public keys
+                                                 (key rotation, ``edge_sdk/signing.py``)
 ============================  ======  ========  =============================================
 """
 
@@ -58,6 +60,10 @@ class Topics:
     @property
     def global_seeds(self) -> str:
         return f"{self.prefix}/adapter/global/seeds"
+
+    @property
+    def keys(self) -> str:
+        return f"{self.prefix}/keys"
 
     @property
     def basis(self) -> str:

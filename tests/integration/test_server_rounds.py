@@ -5,9 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetune.edge_sdk import codec
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.protocol import Fleet, GlobalAdapter
+from fleetune.edge_sdk.signing import Keyring, Signer
+from fleetune.edge_sdk.transport.base import Message
 from fleetune.edge_sdk.transport.memory import MemoryBroker
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.app import FleetServer
@@ -29,6 +33,10 @@ def _server(tmp_path, broker, **kw):
     return FleetServer(config, tiny_manifest(), transport=broker.client("server"))
 
 
+def _tensors(value):
+    return {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
+
+
 def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
     delta = {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
     header = codec.Header(
@@ -42,6 +50,11 @@ def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
         version=version,
     )
     return codec.encode(header, delta)
+
+
+def _verified(server, payload):
+    """A push as a device that pinned the fleet's key opens it."""
+    return Keyring([server.signer.public]).open(payload, "push")
 
 
 def _run_in_thread(server):
@@ -84,7 +97,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     # the pushed global = init + (30*1 + 10*(-1)) / 40 = init + 0.5
     globals_ = []
     while (msg := device.recv(timeout=0.1)) is not None:
-        globals_.append(codec.decode(msg.payload))
+        globals_.append(codec.decode(_verified(server, msg.payload)))
     header, tensors = globals_[-1]
     init = init_lora(SPEC, tiny_manifest())
     assert header.version == 1
@@ -161,7 +174,7 @@ def test_server_resumes_from_its_registry(tmp_path):
     again.close()
 
 
-def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
+def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base, caplog):
     """EdgeClient + torch backend + FleetServer over the in-process broker (random tiny llama)."""
     from fleetune.edge_sdk.client import EdgeClient
     from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
@@ -178,16 +191,27 @@ def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base):
     client_cfg = FleetuneConfig(
         device=DeviceConfig(id="d1", state_dir=str(tmp_path / "dev")),
         tuning=TuningConfig(steps=15, lr=5e-2, lora_r=2, batch_size=4),
-        sync=SyncConfig(fleet="t", round_wait_s=60),
+        sync=SyncConfig(fleet="t", round_wait_s=60, fleet_key=server.signer.public_hex),
     )
+    # an attacker's pushes arrive first: unsigned, and signed with a key the fleet never named
+    forged = GlobalAdapter(99, _tensors(5.0)).encode(Fleet(tiny_base, SPEC))
+    attacker = Signer(Ed25519PrivateKey.generate()).sign(forged)
+    device_transport = broker.client("d1")
+    for payload in (forged, attacker):
+        device_transport.deliver(Message(Topics("t").global_adapter, payload, True))
     thread, out = _run_in_thread(server)
     # Execute
-    with EdgeClient(client_cfg, base=tiny_base, transport=broker.client("d1")) as client:
+    with EdgeClient(client_cfg, base=tiny_base, transport=device_transport) as client:
         report = client.run(ClientText("c", ""), data=data)
         stored = client.store.load_adapter()
     thread.join(30)
     server.close()
-    # Assert
+    # Assert: both refused, by name; the device ran the server's signed rounds
+    refusals = [
+        r.getMessage() for r in caplog.records if "ignoring a bad message" in r.getMessage()
+    ]
+    assert any("is not signed" in r for r in refusals)
+    assert any("not a fleet key" in r for r in refusals)
     assert [r.accepted for r in out["results"]] == [["d1"], ["d1"]]
     assert [h["round"] for h in report.history] == [1, 2, 2]
     assert report.ppl_final < report.ppl_base
@@ -240,7 +264,7 @@ def test_server_rebuilds_a_zeroth_order_device_from_its_seeds(tmp_path, tiny_bas
         np.testing.assert_allclose(server.current[name], value, atol=1e-6)
     assert any(np.abs(v).max() > 0 for k, v in server.current.items() if "lora_B" in k)
     seeds_msg = watcher.recv(timeout=1)
-    header, body = codec.decode(seeds_msg.payload)
+    header, body = codec.decode(_verified(server, seeds_msg.payload))
     assert header.encoding == "seeds" and body["seed_index"].max() < 8
     assert len(seeds_msg.payload) < 2048
 
@@ -301,7 +325,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     # Execute: junk coefficients first (refused, the server goes on), then a real device
     junk = broker.client("junk")
     junk.connect()
-    basis = Basis.decode(broker.retained(Topics("t").basis))
+    basis = Basis.decode(_verified(server, broker.retained(Topics("t").basis)))
     fleet = Fleet(tiny_base, SPEC)
     junk.publish(
         Topics("t").mixture("junk"),
@@ -332,7 +356,7 @@ def test_unseen_device_personalizes_from_the_fleet_basis(tmp_path, tiny_base):
     assert server.registry.refused_mixtures() == [("junk", "mixture coef must be [2, groups]")]
     updates = server.registry.rejections()
     assert [d for _, d, _ in updates] == ["s3"] and "moves LoRA A" in updates[0][2]
-    prior = Prior.decode(broker.retained(Topics("t").basis_prior))  # usage learned
+    prior = Prior.decode(_verified(server, broker.retained(Topics("t").basis_prior)))
     assert prior.version == basis.version
     np.testing.assert_allclose(prior.prior, again_coef.mean(axis=1), rtol=1e-6)
     # a redelivered mixture (QoS 1) is answered once
