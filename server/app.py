@@ -153,11 +153,13 @@ class FleetServer:
         self.transport.publish(self.topics.round, self.signer.sign(body.encode()), retain=True)
 
     # -- rounds -----------------------------------------------------------------------------------
-    def check_update(self, msg: Message, round_: int, seen: set[str]) -> Update:
+    def check_update(
+        self, msg: Message, round_: int, seen: set[str], device: str | None = None
+    ) -> Update:
         """Decode and validate one update; ``PayloadError`` says why it is refused."""
         return check_update(
             msg.payload,
-            self.topics.device_of(msg.topic),
+            device or self.topics.device_of(msg.topic),
             self.fleet,
             round_,
             self.version,
@@ -197,7 +199,7 @@ class FleetServer:
             self.config.quorum,
             self.config.round_timeout_s,
         )
-        updates: list[Update] = []
+        updates = self._reload(round_, result)
         deadline = start + self.config.round_timeout_s
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
             msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
@@ -211,6 +213,7 @@ class FleetServer:
                 result.rejected.append((device, str(err)))
                 self.registry.log_update(round_, device, len(msg.payload), 0, False, str(err))
                 continue
+            self.state.save_accepted(round_, device, msg.payload)
             updates.append(update)
             result.accepted.append(device)
             self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
@@ -233,6 +236,7 @@ class FleetServer:
             )
         result.version, result.seconds = self.version, time.monotonic() - start
         self.registry.close_round(round_, len(result.accepted), len(result.rejected), self.version)
+        self.state.close_round(round_)
         log.info(
             "round %d closed in %.0f s: %d accepted, %d rejected → adapter v%d",
             round_,
@@ -242,6 +246,16 @@ class FleetServer:
             self.version,
         )
         return result
+
+    def _reload(self, round_: int, result: RoundResult) -> list[Update]:
+        """The updates this round accepted before a crash (none for a new round)."""
+        updates: list[Update] = []
+        for device, payload in self.state.accepted(round_):
+            updates.append(self.check_update(Message("", payload), round_, set(), device))
+            result.accepted.append(device)
+        if updates:
+            log.info("round %d resumed with %d accepted updates", round_, len(updates))
+        return updates
 
     def _aggregate(self, round_: int, updates: list[Update]) -> None:
         """The next adapter, written to state only once its downlink encoding is known to work:

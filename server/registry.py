@@ -124,6 +124,17 @@ class Registry:
         rows = self._exec("SELECT device, reason FROM mixtures WHERE accepted = 0")
         return [(str(d), str(why)) for d, why in rows]
 
+    def open_round_number(self) -> int | None:
+        """The latest round that was opened and never closed (a crash), if any."""
+        rows = self._exec(
+            "SELECT round FROM rounds WHERE closed IS NULL ORDER BY round DESC LIMIT 1"
+        )
+        return int(rows[0][0]) if rows else None
+
+    def adapter_round(self, version: int) -> int | None:
+        rows = self._exec("SELECT round FROM adapters WHERE version = ?", (version,))
+        return int(rows[0][0]) if rows else None
+
     def last_round(self) -> int:
         """The highest round opened so far (0 before the first)."""
         return int(self._exec("SELECT MAX(round) FROM rounds")[0][0] or 0)

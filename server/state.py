@@ -4,6 +4,8 @@ members a basis clusters and the bases offered. Everything a restarted server re
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,9 @@ class ServerState:
         return path
 
     def resume(self) -> tuple[int, int, Tensors]:
-        """(adapter version, next round, adapter): v0 from the shared seed on a fresh state."""
+        """(adapter version, next round, adapter): v0 from the shared seed on a fresh state; a
+        round a crash left open is the next round again (its accepted updates are on disk),
+        unless its adapter was already written."""
         latest = self.registry.latest_adapter()
         if latest is None:
             tensors = init_lora(self.fleet.spec, self.fleet.base)
@@ -42,7 +46,32 @@ class ServerState:
         tensors, spec = load_peft(path, self.fleet.base)
         if spec != self.fleet.spec:
             raise ConfigError(f"state in {self.root} holds a {spec} adapter, not {self.fleet.spec}")
+        unclosed = self.registry.open_round_number()
+        if unclosed is not None and self.registry.adapter_round(version) != unclosed:
+            return version, unclosed, tensors
         return version, self.registry.last_round() + 1, tensors
+
+    def _round_dir(self, round_: int) -> Path:
+        return self.root / "open-round" / f"r{round_:06d}"
+
+    def save_accepted(self, round_: int, device: str, payload: bytes) -> None:
+        """An accepted update, durable (written and synced) before the round counts it."""
+        folder = self._round_dir(round_)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{device}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / f"{device}.fltn")
+
+    def accepted(self, round_: int) -> list[tuple[str, bytes]]:
+        """The updates a round had accepted before a crash, as (device, payload)."""
+        folder = self._round_dir(round_)
+        return [(p.stem, p.read_bytes()) for p in sorted(folder.glob("*.fltn"))]
+
+    def close_round(self, round_: int) -> None:
+        shutil.rmtree(self._round_dir(round_), ignore_errors=True)
 
     def load_members(self) -> dict[str, np.ndarray]:
         path = self.root / MEMBERS
