@@ -296,3 +296,31 @@ def test_corrupted_valid_messages_decode_or_raise_payload_error(name, data):
         payload[at] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(payload)))
     _valid_or_payload_error(ENVELOPES[name][1], bytes(payload[:cut]))
+
+
+def test_the_messages_that_killed_the_server_are_payload_errors():
+    """Issue 13's probe: each of these single messages used to raise past the round loop."""
+    # a BF16 safetensors body (numpy has no bfloat16: safetensors raised KeyError)
+    head = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    bf16 = struct.pack("<Q", len(head)) + head + b"\x00\x00\x80\x3f"
+    meta = {
+        **FLEET.header("update", "d1", "f32").__dict__,
+        "schema": 1,
+        "payload_sha256": hashlib.sha256(bf16).hexdigest(),
+        "payload_bytes": len(bf16),
+    }
+    text = json.dumps(meta).encode()
+    envelope = struct.pack(">4sBI", b"FLTN", 1, len(text)) + text + bf16
+    cases = {
+        "bf16 body": envelope,
+        "2**63 examples": _with_header(num_examples=2**63),
+        "r = Infinity": _with_header(adapter={"kind": "lora", "r": float("inf"), "alpha": 16}),
+    }
+    nested = b'{"metrics": ' + b"[" * 30000 + b"]" * 30000 + b"}"  # 60 KB, under the header cap
+    cases["metrics 30,000 deep"] = struct.pack(">4sBI", b"FLTN", 1, len(nested)) + nested
+    for payload in cases.values():
+        with pytest.raises(PayloadError):
+            Update.decode(payload, FLEET)
+    deep = b'{"metrics": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    with pytest.raises(PayloadError, match="not JSON"):
+        Announcement.decode(deep)
