@@ -109,6 +109,46 @@ def one_seed(args, backend, spec, base, datasets, seed: int) -> dict:
     return out
 
 
+def plot(doc: dict, path: Path) -> None:
+    """Held-out perplexity of the honest clients per strategy, clean and under each attack (mean
+    over seeds, 95% interval); off-scale bars are labelled with their value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = ["clean", *ATTACKS]
+    names = ["fedavg", "median", "trimmed_mean", "krum"]
+    summary, base = doc["summary"], doc["summary"]["base"]["mean"]
+    top = 1.25 * base
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        xs, heights, errs = [], [], []
+        for i, cond in enumerate(conditions):
+            cell = summary[f"{cond}/{name}"]
+            xs.append(i + (j - 1.5) * width)
+            heights.append(min(cell["mean"], top))
+            ci = cell["ci95"] or [cell["mean"], cell["mean"]]
+            errs.append(0 if cell["mean"] > top else (ci[1] - ci[0]) / 2)
+            if cell["mean"] > top:
+                ax.text(xs[-1], top, f"{cell['mean']:.0e}", ha="center", va="bottom", fontsize=7)
+        ax.bar(xs, heights, width, yerr=errs, label=name, color=f"C{j}", capsize=2)
+    ax.axhline(base, color="gray", ls=":", label="base model")
+    ax.set_xticks(range(len(conditions)), ["clean", "20% send x100", "20% flip sign"])
+    ax.set_ylim(0.8 * summary["clean/fedavg"]["mean"], top * 1.1)
+    ax.set_ylabel("held-out perplexity, honest clients (geo. mean)")
+    setup = doc["setup"]
+    ax.set_title(
+        f"One round, {len(setup['clients'])} devices ({setup['attackers']} attack), "
+        f"{setup['steps']} backprop steps, {setup['seeds']} seeds"
+    )
+    ax.legend(fontsize=7, ncol=5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=10)
@@ -117,7 +157,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--json", required=True)
+    parser.add_argument("--plot", help="also write this PNG")
+    parser.add_argument("--replot", action="store_true", help="only plot an existing --json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.json).read_text()), Path(args.plot or args.json + ".png"))
+        return
     from fleetune.edge_sdk.backends.torch import TorchBackend
     from fleetune.models.base import prepare_base
 
@@ -156,6 +201,7 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2))
+    plot(doc, Path(args.plot or Path(args.json).with_suffix(".png")))
     log(
         json.dumps({k: doc[k] for k in ("ppl_clean", "ppl_attacked_fedavg", "ppl_attacked_robust")})
     )
