@@ -251,7 +251,13 @@ class FleetServer:
         """The updates this round accepted before a crash (none for a new round)."""
         updates: list[Update] = []
         for device, payload in self.state.accepted(round_):
-            updates.append(self.check_update(Message("", payload), round_, set(), device))
+            try:
+                updates.append(self.check_update(Message("", payload), round_, set(), device))
+            except FleetuneError as err:  # written by another version of the state: say so
+                log.warning(
+                    "round %d: a saved update from %s no longer holds: %s", round_, device, err
+                )
+                continue
             result.accepted.append(device)
         if updates:
             log.info("round %d resumed with %d accepted updates", round_, len(updates))
