@@ -200,11 +200,21 @@ class FleetServer:
             self.config.round_timeout_s,
         )
         updates = self._reload(round_, result)
+        sent: dict[str, int] = {}  # update messages per device this round (rate limit)
+        limit = self.config.max_messages_per_round
         deadline = start + self.config.round_timeout_s
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
             msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             device = None if msg is None else self._route(msg)
             if msg is None or device is None:
+                continue
+            sent[device] = sent.get(device, 0) + 1
+            if sent[device] > limit:
+                if sent[device] == limit + 1:  # said once per device and round
+                    reason = f"over {limit} update messages in round {round_}: dropping the rest"
+                    log.warning("round %d: %s: %s", round_, device, reason)
+                    result.rejected.append((device, reason))
+                    self.registry.log_update(round_, device, len(msg.payload), 0, False, reason)
                 continue
             try:
                 update = self.check_update(msg, round_, {u.device for u in updates})

@@ -36,6 +36,8 @@ class ServerConfig:
     strategy: str = "fedavg"  # aggregation: fedavg | median | trimmed_mean | krum (strategy/)
     norm_bound: float = 0.0  # clip each update's delta to this L2 norm first (0 = off)
     max_examples: int = 100_000  # an update weighs as at most this many training windows
+    max_messages_per_round: int = 20  # update messages one device may send a round; beyond
+    # that its messages are dropped undecoded (a flood costs the server a counter, not a parse)
     trim: float = 0.2  # trimmed_mean: fraction dropped at each end, per coordinate
     krum_byzantine: int = 1  # krum: Byzantine devices tolerated per round
     lora_r: int = 8
@@ -61,8 +63,8 @@ class ServerConfig:
             raise ConfigError(
                 "[server] norm_bound >= 0, max_examples >= 1 and trim in [0, 0.5) required"
             )
-        if self.krum_byzantine < 0:
-            raise ConfigError("[server] krum_byzantine must be >= 0")
+        if self.krum_byzantine < 0 or self.max_messages_per_round < 1:
+            raise ConfigError("[server] krum_byzantine >= 0 and max_messages_per_round >= 1")
         if self.zo_pool_size < 1 or self.zo_params not in ("lora_b", "all"):
             raise ConfigError("[server] zo_pool_size >= 1 and zo_params in (lora_b, all) required")
         if self.downlink_encoding not in ENCODINGS or self.downlink_encoding == "seeds":

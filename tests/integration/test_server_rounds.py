@@ -146,6 +146,28 @@ def test_a_median_server_is_not_moved_by_one_scaled_update(tmp_path):
         np.testing.assert_allclose(value, init[name] + 0.02, atol=1e-6)
 
 
+def test_a_flooding_device_is_cut_off_and_the_round_goes_on(tmp_path):
+    # Prepare: one device sends 200 junk updates, then an honest device sends one
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, quorum=1, max_messages_per_round=5)
+    device = broker.client("d")
+    device.connect()
+    thread, out = _run_in_thread(server)
+    # Execute
+    for _ in range(200):
+        device.publish(Topics("t").update("flood"), b"junk" * 10)
+    device.publish(Topics("t").update("d1"), _update("d1", 1.0))
+    thread.join(20)
+    logged = server.registry.rejections()
+    server.close()
+    # Assert: 5 refusals by reason, then one rate-limit refusal, and the honest update counted
+    (result,) = out["results"]
+    assert result.accepted == ["d1"]
+    reasons = [why for who, why in result.rejected if who == "flood"]
+    assert len(reasons) == 6 and "over 5 update messages in round 1" in reasons[-1]
+    assert len(logged) == 6  # the registry is not flooded either
+
+
 def test_a_round_without_updates_keeps_the_adapter(tmp_path):
     broker = MemoryBroker()
     server = _server(tmp_path, broker, round_timeout_s=0.3)
