@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from fleetune.edge_sdk.adapters.lora.config import LoraSpec
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.errors import ConfigError
 from fleetune.edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.store import atomic_write
 
 BUNDLE_MANIFEST = "fleetune-bundle.json"
 BUNDLE_SCHEMA = 1
@@ -57,15 +59,6 @@ def export_command(fmt: str, base: str = "smollm2-135m", quant: str = "") -> str
     """The command that makes a bundle, for error messages."""
     quant_arg = f" --quant {quant}" if fmt == "gguf" and quant else ""
     return f"fleetune export {fmt} --base {base}{quant_arg} --out DIR"
-
-
-def layout_entries(spec: LoraSpec, base: BaseManifest) -> list[dict[str, Any]]:
-    """The adapter's flat layout as the manifest stores it: name, shape, offset."""
-    entries, offset = [], 0
-    for name, shape in spec.layout(base):
-        entries.append({"name": name, "shape": list(shape), "offset": offset})
-        offset += math.prod(shape)
-    return entries
 
 
 @dataclass(frozen=True)
@@ -105,9 +98,7 @@ class Bundle:
     def write(self) -> Path:
         """Write the manifest last and atomically: a bundle is complete once it has one."""
         path = self.root / BUNDLE_MANIFEST
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=1).encode())
         return path
 
     # -- reading (the device and the server) ------------------------------------------------------
@@ -194,11 +185,7 @@ class Bundle:
                 f"the bundle in {self.root} takes a {self.adapter} adapter input, the device "
                 f"tunes {spec}: {export_command(self.format, self.base.name)} with that spec"
             )
-        derived = [
-            (e["name"], tuple(e["shape"]), e["offset"])
-            for e in layout_entries(self.adapter, self.base)
-        ]
-        if derived != self.layout:
+        if FlatLayout(self.adapter, self.base).entries != self.layout:
             raise ConfigError(
                 f"{self.root}: the exported adapter layout differs from {self.adapter} on "
                 f"{self.base.name}; make the bundle again: {export_command(self.format)}"

@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: a synced temp file renamed over it, so a reader (or
+    a reboot) sees the old content or the new, never half of it."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -29,7 +31,7 @@ class DeviceStore:
         seq = max((int(p.name.split(".")[0]) for p in self.outbox.glob("*.msg")), default=0) + 1
         path = self.outbox / f"{seq:08d}.msg"
         head = json.dumps({"topic": topic}).encode() + b"\n"
-        _atomic_write(path, head + payload)
+        atomic_write(path, head + payload)
         return path
 
     def pending(self) -> list[tuple[Path, str, bytes]]:
@@ -45,7 +47,7 @@ class DeviceStore:
 
     def save_adapter(self, envelope: bytes) -> None:
         """Keep the adapter the device runs (an envelope as received from the server)."""
-        _atomic_write(self.root / "adapter.fltn", envelope)
+        atomic_write(self.root / "adapter.fltn", envelope)
 
     def load_adapter(self) -> bytes | None:
         path = self.root / "adapter.fltn"
@@ -53,7 +55,7 @@ class DeviceStore:
 
     def save_keys(self, signed: bytes) -> None:
         """Keep the fleet's latest signed key list, so a rotation survives a reboot."""
-        _atomic_write(self.root / "keys.flts", signed)
+        atomic_write(self.root / "keys.flts", signed)
 
     def load_keys(self) -> bytes | None:
         path = self.root / "keys.flts"

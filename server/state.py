@@ -4,7 +4,6 @@ members a basis clusters and the bases offered. Everything a restarted server re
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from fleetune.edge_sdk.adapters.lora import init_lora, load_peft, save_peft
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.protocol import Fleet
+from fleetune.edge_sdk.store import atomic_write
 from fleetune.server.registry import Registry
 
 Tensors = dict[str, np.ndarray]
@@ -58,12 +58,7 @@ class ServerState:
         """An accepted update, durable (written and synced) before the round counts it."""
         folder = self._round_dir(round_)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{device}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / f"{device}.fltn")
+        atomic_write(folder / f"{device}.fltn", payload)
 
     def accepted(self, round_: int) -> list[tuple[str, bytes]]:
         """The updates a round had accepted before a crash, as (device, payload)."""

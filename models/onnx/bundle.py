@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
-from fleetune.edge_sdk.bundle import Bundle, default_bundle_dir, layout_entries
+from fleetune.edge_sdk.bundle import Bundle, default_bundle_dir
 from fleetune.edge_sdk.errors import ConfigError
 from fleetune.edge_sdk.manifest import BaseManifest
 
@@ -77,7 +77,7 @@ def export_onnx(
         files=done,
         quantization={g: QUANTIZATION[g] for g in done},
         adapter=spec,
-        layout=[(e["name"], tuple(e["shape"]), e["offset"]) for e in layout_entries(spec, base)],
+        layout=layout.entries,
         eos_token_id=eos_token_id(base.hf_dir),
     ).write()
     log.info("ONNX bundle in %s (%.0f s)", root, time.monotonic() - start)
