@@ -9,6 +9,7 @@ The round loop lives in :mod:`~fleetune.edge_sdk.rounds`, the mixture session in
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.edge_sdk.tuners.base import LocalTuner, Progress, Tensors, make_tuner
 
 log = logging.getLogger(__name__)
+MAX_REPORTS = 20  # refused pushes a device reports upstream per run
+RETRY_S = 5.0  # how often a device with queued messages tries the broker again
 __all__ = ["DeviceReport", "EdgeClient"]
 
 
@@ -63,6 +66,7 @@ class EdgeClient:
         self._tuner: LocalTuner | None = None
         self._keyring: Keyring | None = None
         self.tuned_adapter: Tensors | None = None  # the last round's tuned adapter
+        self.refusals = 0  # pushes this device refused (bad signature, malformed, other base)
 
     # -- what the device runs ---------------------------------------------------------------------
     @property
@@ -124,6 +128,19 @@ class EdgeClient:
                 log.info("%s: fleet keys rotated to version %d", self.device, keyring.version)
             return None
         return unwrap(msg.payload, self.keyring, msg.topic.rsplit("/", 2)[-1])
+
+    def refuse(self, msg: Message, err: FleetuneError) -> None:
+        """Log a push that failed its checks and report it upstream on the device's status
+        (the first ``MAX_REPORTS``: a flood of bad pushes must not become a flood of reports)."""
+        self.refusals += 1
+        log.error("%s: refused a push on %s: %s", self.device, msg.topic, err)
+        if self.refusals > MAX_REPORTS or self._transport is None:
+            return
+        status = DeviceStatus("online", f"{msg.topic}: {err}")
+        try:
+            self._transport.publish(self.topics.status(self.device), status.encode(), retain=True)
+        except TransportError as failed:
+            log.warning("%s: could not report the refusal: %s", self.device, failed)
 
     @property
     def backend(self) -> Backend:
@@ -193,6 +210,7 @@ class EdgeClient:
                 f"{sync.fleet}-{self.device}",
                 protocol=sync.protocol,
                 will=will,
+                tls=sync.tls(),
             )
         transport = self._transport
         transport.subscribe(self.topics.keys)
@@ -211,6 +229,31 @@ class EdgeClient:
             self.store.done(path)
             sent += len(payload)
         return sent
+
+    def deliver(self) -> int:
+        """:meth:`flush_outbox`, but a broker that is down (or refusing) is not the device's
+        end: what is queued stays in the outbox for the next try."""
+        try:
+            return self.flush_outbox()
+        except TransportError as err:
+            left = len(self.store.pending())
+            log.warning("%s: %d messages wait in the outbox: %s", self.device, left, err)
+            return 0
+
+    def next_push(self, wait: float, report: DeviceReport) -> Message | None:
+        """The next message from the broker within ``wait`` seconds (``None`` after that).
+        Meanwhile what waits in the outbox is tried again every ``RETRY_S``."""
+        deadline = time.monotonic() + wait
+        while True:
+            queued = bool(self.store.pending())
+            if queued:
+                report.bytes_up += self.deliver()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            msg = self.transport.recv(timeout=min(RETRY_S, left) if queued else left)
+            if msg is not None:
+                return msg
 
     # -- local work -------------------------------------------------------------------------------
     def prepare(self, item: ClientText) -> ClientData:

@@ -144,6 +144,9 @@ class SyncConfig:
     uplink_encoding: str = "q8"  # device → server update encoding (f32 | f16 | q8)
     round_wait_s: float = 600.0  # how long a device waits for the next announcement
     fleet_key: str = ""  # the fleet's Ed25519 public key (64 hex digits): pushes must be signed
+    tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
+    tls_cert: str = ""  # this device's certificate (its common name is the device id)
+    tls_key: str = ""  # and its key; relative paths are read from the config file's folder
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -157,6 +160,13 @@ class SyncConfig:
             from fleetune.edge_sdk.signing import parse_key
 
             parse_key(self.fleet_key)
+        self.tls()
+
+    def tls(self):
+        """The TLS files, or ``None`` for plain TCP."""
+        from fleetune.edge_sdk.transport.base import TlsFiles
+
+        return TlsFiles.from_paths(self.tls_ca, self.tls_cert, self.tls_key, "[sync]")
 
 
 @dataclass(frozen=True)
@@ -166,10 +176,19 @@ class FleetuneConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
 
 
-def section(cls: type, data: dict[str, Any], name: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, refusing unknown keys by name."""
+PATH_KEYS = ("tls_ca", "tls_cert", "tls_key", "signing_key", "state_dir", "bundle")
+
+
+def section(cls: type, data: dict[str, Any], name: str, folder: Path | None = None) -> Any:
+    """Build dataclass ``cls`` from a TOML table, refusing unknown keys by name; relative file
+    paths (``PATH_KEYS``) are taken from ``folder``, the config file's."""
     if not isinstance(data, dict):
         raise ConfigError(f"[{name}] must be a table")
+    if folder is not None:
+        data = {
+            k: str(folder / v) if k in PATH_KEYS and isinstance(v, str) and v else v
+            for k, v in data.items()
+        }
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -186,8 +205,9 @@ def load_config(path: str | Path) -> FleetuneConfig:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
+    folder = Path(path).resolve().parent
     return FleetuneConfig(
-        device=section(DeviceConfig, data.get("device", {}), "device"),
+        device=section(DeviceConfig, data.get("device", {}), "device", folder),
         tuning=section(TuningConfig, data.get("tuning", {}), "tuning"),
-        sync=section(SyncConfig, data.get("sync", {}), "sync"),
+        sync=section(SyncConfig, data.get("sync", {}), "sync", folder),
     )

@@ -32,7 +32,7 @@ def personalize(client: EdgeClient, item: ClientText, data: ClientData) -> Devic
     backend.set_adapter(init_lora(client.spec, client.base))
     report.ppl_base = client.evaluate(data.heldout)
     transport = client.connect()
-    report.bytes_up += client.flush_outbox()
+    report.bytes_up += client.deliver()
     transport.subscribe(topics.basis_prior)  # first: its retained copy comes first
     transport.subscribe(topics.basis)
     transport.subscribe(topics.personal(client.device))
@@ -42,7 +42,7 @@ def personalize(client: EdgeClient, item: ClientText, data: ClientData) -> Devic
     upload = ""  # sha256 of this device's mixture upload: the server's answer names it
     wait = client.config.sync.round_wait_s
     while True:
-        msg = transport.recv(timeout=wait)
+        msg = client.next_push(wait, report)
         if msg is None and basis is None:
             raise TransportError(f"{client.device}: no basis from the server for {wait:.0f} s")
         if msg is None:
@@ -89,7 +89,7 @@ def personalize(client: EdgeClient, item: ClientText, data: ClientData) -> Devic
             else:
                 continue
         except PayloadError as err:
-            log.error("%s: ignoring a bad message on %s: %s", client.device, msg.topic, err)
+            client.refuse(msg, err)
             continue
         if basis is not None and coef is None:  # search, outside the message checks
             coef, upload = search_and_upload(client, data, basis, report)
@@ -133,5 +133,5 @@ def search_and_upload(
     )
     payload = upload.encode(client.fleet)
     client.store.put(client.topics.mixture(client.device), payload)
-    report.bytes_up += client.flush_outbox()
+    report.bytes_up += client.deliver()
     return tuned.coef, hashlib.sha256(payload).hexdigest()

@@ -51,6 +51,7 @@ MAX_MIX_COEF = 100.0  # larger mixture coefficients are refused as garbage
 MAX_SEED_COEF = 1.0  # |lr * projected gradient| above this moves a 184k-entry z by norm > 400
 MAX_WARM_PAIRS = 2_000  # ZO pairs a mixture upload may carry (the server replays them)
 STATES = ("online", "offline")
+MAX_REFUSED_CHARS = 400  # a device's report of a push it refused
 
 
 # -- shared checks --------------------------------------------------------------------------------
@@ -438,19 +439,28 @@ def check_coef(coef: np.ndarray, what: str = "coefficients") -> np.ndarray:
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    """``online`` when a device connects; ``offline`` as its last will or when it closes."""
+    """``online`` when a device connects; ``offline`` as its last will or when it closes.
+    ``refused`` says which push the device refused and why (a bad signature is somebody
+    tampering with the fleet: the server logs and records it)."""
 
     state: str
+    refused: str = ""
 
     def encode(self) -> bytes:
-        return json.dumps({"state": self.state}).encode()
+        body = {"state": self.state}
+        if self.refused:
+            body["refused"] = self.refused[:MAX_REFUSED_CHARS]
+        return json.dumps(body).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> DeviceStatus:
-        state = read_json(payload, "device status").get("state")
+        body = read_json(payload, "device status")
+        state, refused = body.get("state"), body.get("refused", "")
         if state not in STATES:
             raise PayloadError(f"device status state {state!r:.40} is not one of {STATES}")
-        return cls(state)
+        if not isinstance(refused, str) or len(refused) > MAX_REFUSED_CHARS:
+            raise PayloadError(f"device status: refused must be text of <= {MAX_REFUSED_CHARS}")
+        return cls(state, refused)
 
 
 # -- server → devices ---------------------------------------------------------------------------

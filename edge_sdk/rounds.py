@@ -69,7 +69,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
         len(data.heldout),
     )
     transport = client.connect()
-    report.bytes_up += client.flush_outbox()  # anything left from before a reboot
+    report.bytes_up += client.deliver()  # anything left from before a reboot
     zo = client.config.tuning.tuner == "zo"
     current: Current | None = Current(0, init) if zo else None
     dense = not zo
@@ -78,7 +78,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     done_round = 0
     wait = client.config.sync.round_wait_s
     while True:
-        msg = transport.recv(timeout=wait)
+        msg = client.next_push(wait, report)
         if msg is None:
             raise TransportError(f"{client.device}: no message from the server for {wait:.0f} s")
         report.bytes_down += len(msg.payload)
@@ -97,7 +97,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                     current = pushed
                     client.store.save_adapter(payload)
         except PayloadError as err:
-            log.error("%s: ignoring a bad message on %s: %s", client.device, msg.topic, err)
+            client.refuse(msg, err)
             continue
         if announcement is None:
             continue
@@ -168,4 +168,4 @@ def run_round(
     )
     payload = update.encode(client.fleet, client.config.sync.uplink_encoding)
     client.store.put(client.topics.update(client.device), payload)
-    return client.flush_outbox()
+    return client.deliver()

@@ -1,7 +1,7 @@
 """The ``fleetune`` command's front door: each package owns its commands, this only dispatches.
 
 ``demo`` (fleetune.sim) · ``server`` (fleetune.server) · ``device`` (fleetune.edge_sdk) ·
-``export``, ``base`` (fleetune.models)
+``fleet provision``, ``fleet rotate-key`` (fleetune.server) · ``export``, ``base`` (fleetune.models)
 """
 
 from __future__ import annotations

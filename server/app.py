@@ -41,6 +41,7 @@ from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.mixtures import MixtureService
+from fleetune.server.provision import KEYS_SIGNED
 from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
 from fleetune.server.strategy import Update
@@ -73,7 +74,9 @@ class FleetServer:
         self.state_dir = root
         self.state = ServerState(root, self.fleet)
         self.registry = self.state.registry
-        self.signer = Signer.load_or_create(config.signing_key or root / "signing-key.pem")
+        key_path = Path(config.signing_key) if config.signing_key else root / "signing-key.pem"
+        self.signer = Signer.load_or_create(key_path)
+        self.key_list = key_path.parent / KEYS_SIGNED  # a rotation's list (``fleet rotate-key``)
         (root / "fleet-key.pub").write_text(self.signer.public_hex + "\n")
         self._transport = transport
         self.version, self.first_round, self.current = self.state.resume()
@@ -102,7 +105,12 @@ class FleetServer:
 
             c = self.config
             self._transport = MqttTransport(
-                c.host, c.port, f"{c.fleet}-server", protocol=c.protocol
+                c.host,
+                c.port,
+                f"{c.fleet}-server",
+                protocol=c.protocol,
+                tls=c.tls(),
+                manual_ack=True,  # an update is acknowledged once it is on disk
             )
         self._transport.subscribe(self.topics.all_updates)
         self._transport.subscribe(self.topics.all_status)
@@ -115,6 +123,14 @@ class FleetServer:
         signed = self.signer.sign(payload)
         self.transport.publish(topic, signed, retain=True)
         self.bytes_down += len(signed)
+
+    def publish_keys(self) -> bool:
+        """The key list of the last rotation (signed by the key before it), retained, so that
+        devices adopt the current key before anything it signed reaches them."""
+        if not self.key_list.exists():
+            return False
+        self.transport.publish(self.topics.keys, self.key_list.read_bytes(), retain=True)
+        return True
 
     def publish_global(self, round_: int) -> int:
         pushed = GlobalAdapter(self.version, self.current, round_)
@@ -177,9 +193,14 @@ class FleetServer:
             return None
         if msg.topic == self.topics.status(device):
             try:
-                self.registry.seen(device, DeviceStatus.decode(msg.payload).state)
+                status = DeviceStatus.decode(msg.payload)
             except PayloadError as err:
                 log.warning("ignoring a bad status from %s: %s", device, err)
+                return None
+            self.registry.seen(device, status.state)
+            if status.refused:
+                log.warning("device %s refused a push: %s", device, status.refused)
+                self.registry.log_refused_push(device, status.refused)
             return None
         self.registry.seen(device)
         if msg.topic == self.topics.mixture(device):
@@ -201,41 +222,15 @@ class FleetServer:
         )
         updates = self._reload(round_, result)
         sent: dict[str, int] = {}  # update messages per device this round (rate limit)
-        limit = self.config.max_messages_per_round
         deadline = start + self.config.round_timeout_s
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
             msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            device = None if msg is None else self._route(msg)
-            if msg is None or device is None:
-                continue
-            sent[device] = sent.get(device, 0) + 1
-            if sent[device] > limit:
-                if sent[device] == limit + 1:  # said once per device and round
-                    reason = f"over {limit} update messages in round {round_}: dropping the rest"
-                    log.warning("round %d: %s: %s", round_, device, reason)
-                    result.rejected.append((device, reason))
-                    self.registry.log_update(round_, device, len(msg.payload), 0, False, reason)
+            if msg is None:
                 continue
             try:
-                update = self.check_update(msg, round_, {u.device for u in updates})
-            except FleetuneError as err:
-                log.warning("round %d: rejected update from %s: %s", round_, device, err)
-                result.rejected.append((device, str(err)))
-                self.registry.log_update(round_, device, len(msg.payload), 0, False, str(err))
-                continue
-            self.state.save_accepted(round_, device, msg.payload)
-            updates.append(update)
-            result.accepted.append(device)
-            self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
-            log.info(
-                "round %d: update %d/%d from %s (%d bytes, %d examples)",
-                round_,
-                len(updates),
-                self.config.quorum,
-                device,
-                len(msg.payload),
-                update.num_examples,
-            )
+                self._take(msg, round_, updates, sent, result)
+            finally:  # acknowledged only now: an accepted update is on disk first
+                self.transport.ack(msg)
         if updates:
             self._aggregate(round_, updates)
         else:
@@ -256,6 +251,48 @@ class FleetServer:
             self.version,
         )
         return result
+
+    def _take(
+        self,
+        msg: Message,
+        round_: int,
+        updates: list[Update],
+        sent: dict[str, int],
+        result: RoundResult,
+    ) -> None:
+        """Route one message of an open round; an update is checked, then saved and counted."""
+        device = self._route(msg)
+        if device is None:
+            return
+        sent[device] = sent.get(device, 0) + 1
+        limit = self.config.max_messages_per_round
+        if sent[device] > limit:
+            if sent[device] == limit + 1:  # said once per device and round
+                reason = f"over {limit} update messages in round {round_}: dropping the rest"
+                log.warning("round %d: %s: %s", round_, device, reason)
+                result.rejected.append((device, reason))
+                self.registry.log_update(round_, device, len(msg.payload), 0, False, reason)
+            return
+        try:
+            update = self.check_update(msg, round_, {u.device for u in updates})
+        except FleetuneError as err:
+            log.warning("round %d: rejected update from %s: %s", round_, device, err)
+            result.rejected.append((device, str(err)))
+            self.registry.log_update(round_, device, len(msg.payload), 0, False, str(err))
+            return
+        self.state.save_accepted(round_, device, msg.payload)
+        updates.append(update)
+        result.accepted.append(device)
+        self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
+        log.info(
+            "round %d: update %d/%d from %s (%d bytes, %d examples)",
+            round_,
+            len(updates),
+            self.config.quorum,
+            device,
+            len(msg.payload),
+            update.num_examples,
+        )
 
     def _reload(self, round_: int, result: RoundResult) -> list[Update]:
         """The updates this round accepted before a crash (none for a new round)."""
@@ -301,6 +338,7 @@ class FleetServer:
     def run(self) -> list[RoundResult]:
         """Run the configured rounds, then announce the end with the final adapter."""
         self.connect()
+        self.publish_keys()
         self.publish_global(self.first_round - 1)
         results = []
         last = self.first_round + self.config.rounds - 1
@@ -331,7 +369,10 @@ class FleetServer:
         while self.mixtures_served < count and time.monotonic() < deadline:
             msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             if msg is not None:
-                self._route(msg)
+                try:
+                    self._route(msg)
+                finally:
+                    self.transport.ack(msg)
         return self.mixtures_served
 
     def close(self) -> None:

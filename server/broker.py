@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +123,68 @@ def _tail(path: Path, lines: int = 10) -> str:
     return " | ".join(text.splitlines()[-lines:]) or "(empty)"
 
 
-class MosquittoBroker:
-    """A real mosquitto on a loopback port with its own config file and data dir."""
+@dataclass(frozen=True)
+class BrokerTls:
+    """Mutual TLS for mosquitto: the fleet's CA, the broker's certificate and key, the ACL.
+    A client's certificate common name becomes its user name and its client id."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, binary: str | None = None) -> None:
-        self.host, self.port = host, port or free_port(host)
+    ca: Path
+    cert: Path
+    key: Path
+    acl: Path
+
+
+def mosquitto_conf(host: str, port: int, data_dir: Path, tls: BrokerTls | None = None) -> str:
+    """The mosquitto configuration fleetune runs and ships (``fleetune fleet provision``).
+
+    Retained messages (announcement, adapters, keys) and the queued messages of persistent
+    sessions are saved on every change (``autosave_on_changes`` with an interval of 1), so a
+    broker killed by a signal restarts with what it had acknowledged; the cost is one write of
+    the broker's database per change, small next to a round of tuning.
+    """
+    lines = [
+        f"listener {port} {host}",
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "autosave_on_changes true",
+        "autosave_interval 1",
+        "max_queued_messages 1000",
+        "message_size_limit 0",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+    ]
+    if tls is None:
+        lines.append("allow_anonymous true")
+    else:
+        lines += [
+            f"cafile {tls.ca}",
+            f"certfile {tls.cert}",
+            f"keyfile {tls.key}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",  # a device cannot take over another's session
+            "allow_anonymous false",
+            f"acl_file {tls.acl}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class MosquittoBroker:
+    """A real mosquitto on a loopback port with its own config file and data dir.
+
+    ``kill`` (SIGKILL) and ``start`` again keep the data dir: a broker crash, as tests need it.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        binary: str | None = None,
+        tls: BrokerTls | None = None,
+    ) -> None:
+        self.host, self.port, self.tls = host, port or free_port(host), tls
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
@@ -138,27 +196,30 @@ class MosquittoBroker:
             )
         self._dir = tempfile.TemporaryDirectory(prefix="fleetune-mosquitto-")
         root = Path(self._dir.name)
-        data = root / "data"
-        data.mkdir()
-        conf = root / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
-            "persistence true",
-            f"persistence_location {data}/",
-            "max_queued_messages 1000",
-            "message_size_limit 0",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-        ]
+        (root / "data").mkdir()
+        conf = mosquitto_conf(self.host, self.port, root / "data", self.tls)
         if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto unless told otherwise
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
+            conf += "user root\n"
+        (root / "mosquitto.conf").write_text(conf)
+        self.start()
+        return self
+
+    @property
+    def log(self) -> str:
+        """What mosquitto wrote to its log so far."""
+        path = Path(self._dir.name) / "mosquitto.log" if self._dir is not None else None
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
+    def start(self) -> None:
+        if self._dir is None:
+            raise TransportError("MosquittoBroker.start() before __enter__")
+        root = Path(self._dir.name)
         log_file = root / "mosquitto.log"
-        with open(log_file, "wb") as stderr:  # the child keeps its own copy of the descriptor
+        with open(log_file, "ab") as stderr:  # the child keeps its own copy of the descriptor
             self._proc = subprocess.Popen(
-                [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr
+                [self.binary, "-c", str(root / "mosquitto.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
             )
         try:
             wait_port(self.host, self.port, 10, self._proc)
@@ -166,7 +227,13 @@ class MosquittoBroker:
             tail = _tail(log_file)
             self.close()
             raise TransportError(f"mosquitto failed to start: {err}; its log: {tail}") from err
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a power cut would stop it."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            self._proc = None
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -55,7 +55,58 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from fleetune.server.provision import provision
+
+    devices = [d for d in args.devices.split(",") if d]
+    done = provision(args.out, args.fleet, devices, args.host, args.port, args.days)
+    print(
+        json.dumps(
+            {
+                "fleet": done.fleet,
+                "folder": str(done.root),
+                "added": done.added,
+                "devices": done.devices,
+                "fleet_key": done.fleet_key,
+                "broker": f"mosquitto -c {done.root / 'broker' / 'mosquitto.conf'}",
+                "server": f"fleetune server --config {done.root / 'server' / 'server.toml'}",
+                "device": "fleetune device --config devices/<id>/device.toml",
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from fleetune.server.provision import rotate_key
+
+    public, version = rotate_key(args.signing_key, drop_old=args.drop_old)
+    print(json.dumps({"fleet_key": public, "key_list_version": version}))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    fleet = sub.add_parser("fleet", help="provision a fleet's credentials; rotate its key")
+    steps = fleet.add_subparsers(dest="step", required=True)
+    prov = steps.add_parser(
+        "provision",
+        help="CA, TLS certificates, mosquitto config + ACL, signing key, one folder per device",
+    )
+    prov.add_argument("--out", required=True, help="the fleet's folder (created or extended)")
+    prov.add_argument("--fleet", required=True)
+    prov.add_argument("--devices", required=True, help="comma-separated device ids")
+    prov.add_argument("--host", default="127.0.0.1", help="the broker's address devices use")
+    prov.add_argument("--port", type=int, default=8883)
+    prov.add_argument("--days", type=int, default=3650, help="certificate lifetime")
+    prov.set_defaults(func=_provision)
+    rot = steps.add_parser(
+        "rotate-key", help="a new signing key, announced to devices under the old one"
+    )
+    rot.add_argument("--signing-key", required=True, help="the server's signing-key.pem")
+    rot.add_argument("--drop-old", action="store_true", help="stop trusting the old key")
+    rot.set_defaults(func=_rotate)
+
     srv = sub.add_parser("server", help="run aggregation rounds for a fleet")
     srv.add_argument("--config", help="TOML file with a [server] table")
     srv.add_argument("--embedded-broker", action="store_true", help="start amqtt in-process")

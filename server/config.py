@@ -52,6 +52,9 @@ class ServerConfig:
     state_dir: str = ""  # SQLite registry and adapter versions; "" = <cache>/server/<fleet>
     signing_key: str = ""  # Ed25519 PEM that signs every push; "" = <state_dir>/signing-key.pem
     # (created on first start; devices pin its public key, <state_dir>/fleet-key.pub)
+    tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
+    tls_cert: str = ""  # the server's client certificate
+    tls_key: str = ""  # and its key; relative paths are read from the config file's folder
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -81,6 +84,13 @@ class ServerConfig:
         if self.protocol not in ("3.1.1", "5"):
             raise ConfigError(f"[server] protocol must be '3.1.1' or '5', got {self.protocol!r}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        self.tls()
+
+    def tls(self):
+        """The TLS files, or ``None`` for plain TCP."""
+        from fleetune.edge_sdk.transport.base import TlsFiles
+
+        return TlsFiles.from_paths(self.tls_ca, self.tls_cert, self.tls_key, "[server]")
 
 
 def load_server_config(path: str | Path) -> ServerConfig:
@@ -88,7 +98,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
-    return section(ServerConfig, data.get("server", {}), "server")
+    return section(ServerConfig, data.get("server", {}), "server", Path(path).resolve().parent)
 
 
 def make_strategy(config: ServerConfig) -> Strategy:

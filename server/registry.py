@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS bases (version INTEGER PRIMARY KEY, round INTEGER, cr
     k INTEGER, members TEXT, path TEXT);
 CREATE TABLE IF NOT EXISTS mixtures (device TEXT, basis_version INTEGER, received REAL,
     coef TEXT, heldout_loss REAL, cluster INTEGER, accepted INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS refused_pushes (device TEXT, received REAL, reason TEXT,
+    UNIQUE (device, reason));
 """
 
 
@@ -40,6 +42,17 @@ class Registry:
             "last_seen = excluded.last_seen, state = excluded.state",
             (device, time.time(), state),
         )
+
+    def log_refused_push(self, device: str, reason: str) -> None:
+        """A device reported a push it refused (bad signature, malformed, other base); once per
+        device and reason (its retained status comes back on every reconnection)."""
+        self._exec(
+            "INSERT OR IGNORE INTO refused_pushes VALUES (?, ?, ?)", (device, time.time(), reason)
+        )
+
+    def refused_pushes(self) -> list[tuple[str, str]]:
+        rows = self._exec("SELECT device, reason FROM refused_pushes")
+        return [(str(d), str(r)) for d, r in rows]
 
     def open_round(self, round_: int) -> None:
         self._exec(

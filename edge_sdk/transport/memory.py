@@ -78,6 +78,9 @@ class MemoryTransport:
         except queue.Empty:
             return None
 
+    def ack(self, msg: Message) -> None:
+        """Delivery here is immediate and in-process: there is nothing to acknowledge."""
+
     def close(self) -> None:
         with self.broker._lock:
             if self in self.broker._clients:

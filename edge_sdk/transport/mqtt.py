@@ -5,17 +5,22 @@ owner drains with :meth:`MqttTransport.recv`, and connection problems are record
 CONNACK also wakes :meth:`MqttTransport.connect`, which raises it).
 Sessions are persistent (MQTT 3.1.1 ``clean_session=False``; MQTT 5 ``clean_start=False`` with a
 session expiry), so QoS 1 messages sent while a device is away wait for it at the broker.
+With ``tls`` the client presents its certificate (the fleet's CA checks both ends: ``fleetune
+fleet provision``). With ``manual_ack`` a QoS 1 message is acknowledged only when the owner calls
+:meth:`MqttTransport.ack` (the server, once the update is on disk): a client killed before that
+gets it again from its persistent session.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 
 from fleetune.edge_sdk.errors import TransportError
-from fleetune.edge_sdk.transport.base import Message
+from fleetune.edge_sdk.transport.base import Message, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,8 @@ class MqttTransport:
         will: tuple[str, bytes] | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: TlsFiles | None = None,
+        manual_ack: bool = False,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise TransportError(f"MQTT protocol {protocol!r} is not one of {sorted(PROTOCOLS)}")
@@ -60,8 +67,14 @@ class MqttTransport:
             client_id=client_id,
             protocol=PROTOCOLS[protocol],
             clean_session=False if protocol == "3.1.1" else None,  # MQTT 5: clean_start below
+            manual_ack=manual_ack,
         )
         self._client.max_queued_messages_set(0)
+        if tls is not None:
+            try:
+                self._client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key)
+            except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+                raise TransportError(f"TLS files {tls} cannot be loaded: {err}") from err
         if username is not None:
             self._client.username_pw_set(username, password)
         if will is not None:
@@ -95,7 +108,7 @@ class MqttTransport:
             )
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self._inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid))
 
     # -- owner API ----------------------------------------------------------------------------
     def connect(self, timeout: float = 30.0) -> None:
@@ -113,6 +126,10 @@ class MqttTransport:
                 clean_start=False if props is not None else paho.MQTT_CLEAN_START_FIRST_ONLY,
                 properties=props,
             )
+        except ssl.SSLError as err:  # the broker or this client refused the other's certificate
+            raise TransportError(
+                f"TLS handshake with MQTT broker {self.host}:{self.port} failed: {err}"
+            ) from err
         except OSError as err:
             raise TransportError(
                 f"cannot reach MQTT broker {self.host}:{self.port}: {err}"
@@ -170,6 +187,12 @@ class MqttTransport:
             return self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge ``msg`` to the broker (with ``manual_ack``; otherwise paho already did).
+        A connection lost since it arrived means the broker will send it again: nothing to do."""
+        if msg.mid:
+            self._client.ack(msg.mid, 1)
 
     def close(self) -> None:
         self._closing = True

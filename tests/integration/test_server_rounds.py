@@ -227,13 +227,13 @@ def test_device_and_server_complete_rounds_on_a_tiny_model(tmp_path, tiny_base, 
         report = client.run(ClientText("c", ""), data=data)
         stored = client.store.load_adapter()
     thread.join(30)
+    reported = [why for device, why in server.registry.refused_pushes() if device == "d1"]
     server.close()
-    # Assert: both refused, by name; the device ran the server's signed rounds
-    refusals = [
-        r.getMessage() for r in caplog.records if "ignoring a bad message" in r.getMessage()
-    ]
+    # Assert: both refused, by name, and reported to the server; the device ran the rounds
+    refusals = [r.getMessage() for r in caplog.records if "refused a push" in r.getMessage()]
     assert any("is not signed" in r for r in refusals)
     assert any("not a fleet key" in r for r in refusals)
+    assert len(reported) == 2 and "is not signed" in reported[0], reported
     assert [r.accepted for r in out["results"]] == [["d1"], ["d1"]]
     assert [h["round"] for h in report.history] == [1, 2, 2]
     assert report.ppl_final < report.ppl_base
@@ -469,3 +469,32 @@ def test_junk_warm_start_seeds_are_a_payload_error(zo, reason):
 
     with pytest.raises(PayloadError, match=reason):
         SeedRun.from_json(zo)
+
+
+def test_every_message_is_acknowledged_and_an_update_only_once_it_is_on_disk(tmp_path):
+    # Prepare: a server transport that records, at each acknowledgement, what is on disk
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, quorum=1)
+    acks: list[tuple[str, bool]] = []
+
+    def ack(msg):
+        saved = tmp_path / "srv" / "open-round" / "r000001" / f"{msg.topic.split('/')[-1]}.fltn"
+        acks.append((msg.topic, saved.exists()))
+
+    server.transport.ack = ack
+    device = broker.client("d")
+    device.connect()
+    thread, out = _run_in_thread(server)
+    # Execute: a junk update, a status, then a good one
+    device.publish(Topics("t").update("bad"), b"junk")
+    device.publish(Topics("t").status("d1"), b'{"state": "online"}')
+    device.publish(Topics("t").update("d1"), _update("d1", 1.0))
+    thread.join(20)
+    server.close()
+    # Assert: all three acknowledged; the good update after it was written, the junk never saved
+    assert out["results"][0].accepted == ["d1"]
+    assert acks == [
+        (Topics("t").update("bad"), False),
+        (Topics("t").status("d1"), False),
+        (Topics("t").update("d1"), True),
+    ]

@@ -37,3 +37,35 @@ def test_device_keeps_its_outbox_when_the_broker_is_down(tmp_path):
     # Assert
     assert sent == len(b"update-1") and client.store.pending() == []
     assert transport.sent == [("fleetune/default/update/d1", b"update-1")]
+
+
+def test_a_device_waiting_for_the_server_delivers_its_outbox_once_the_broker_is_back(
+    tmp_path, monkeypatch
+):
+    # Prepare: an update queued while the broker was down; the broker comes back on the 3rd try
+    from fleetune.edge_sdk import client as client_module
+    from fleetune.edge_sdk.evaluation import DeviceReport
+    from fleetune.edge_sdk.transport.base import Message
+
+    monkeypatch.setattr(client_module, "RETRY_S", 0.01)
+    transport = FlakyTransport(fail=True)
+    tries = []
+
+    def recv(timeout=None):
+        tries.append(timeout)
+        transport.fail = len(tries) < 3
+        return Message("fleetune/default/round", b"next") if not client.store.pending() else None
+
+    transport.recv = recv
+    config = FleetuneConfig(device=DeviceConfig(id="d1"))
+    client = EdgeClient(
+        config, base=tiny_manifest(), transport=transport, store=DeviceStore(tmp_path)
+    )
+    client.store.put("fleetune/default/update/d1", b"update-1")
+    report = DeviceReport("d1", "c")
+    # Execute
+    msg = client.next_push(wait=30, report=report)
+    # Assert: no TransportError reached the caller; the update went out, then the push came
+    assert msg is not None and msg.payload == b"next"
+    assert transport.sent == [("fleetune/default/update/d1", b"update-1")]
+    assert report.bytes_up == len(b"update-1") and all(t <= 0.01 for t in tries[:3])
