@@ -1,6 +1,7 @@
 """The deployment promise on real parts: a virtualenv with only ``pip install '.[onnx]'`` (no
 torch, no transformers) runs the ``fleetune server`` and ``fleetune device`` commands from a
-bundle made beforehand, through mosquitto."""
+bundle made beforehand, through mosquitto with the mutual TLS and ACL that ``fleetune fleet
+provision`` wrote, every push signed with the fleet key the device pinned."""
 
 import json
 import subprocess
@@ -29,48 +30,45 @@ def device_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def _fleet_toml(path: Path, port: int, tmp: Path) -> Path:
-    path.write_text(
-        f"""
-[device]
-id = "pi"
-backend = "onnx"
-state_dir = "{tmp / "device"}"
-
-[tuning]
-tuner = "zo"
-steps = 3
-max_eval_windows = 4
-
-[sync]
-fleet = "venv"
-port = {port}
-round_wait_s = 300
-
-[server]
-fleet = "venv"
-port = {port}
-rounds = 1
-quorum = 1
-round_timeout_s = 300
-state_dir = "{tmp / "server"}"
-"""
+def _provision(bin_dir: Path, folder: Path, port: int, env: dict[str, str]) -> None:
+    """``fleetune fleet provision`` as an owner runs it, then the device's config edited for
+    this device: the ONNX engine, a short zeroth-order round."""
+    done = subprocess.run(
+        [
+            *(str(bin_dir / "fleetune"), "fleet", "provision", "--out", str(folder)),
+            *("--fleet", "venv", "--devices", "pi", "--port", str(port)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
-    return path
+    assert done.returncode == 0, done.stderr[-3000:]
+    toml = folder / "devices" / "pi" / "device.toml"
+    toml.write_text(
+        toml.read_text().replace("[device]\n", '[device]\nbackend = "onnx"\nstate_dir = "state"\n')
+        + 'round_wait_s = 300\n\n[tuning]\ntuner = "zo"\nsteps = 3\nmax_eval_windows = 4\n'
+    )
 
 
-def test_a_device_venv_without_torch_runs_a_round_from_a_bundle(
-    device_venv, onnx_artifacts, mosquitto, tmp_path
+def test_a_provisioned_device_venv_without_torch_runs_a_round_from_a_bundle(
+    device_venv, onnx_artifacts, tmp_path
 ):
-    # Prepare: owner text, a config, and an environment whose cache holds nothing
+    # Prepare: owner text, a fleet provisioned by the command (mutual TLS, ACL, signing key),
+    # mosquitto on its configuration, and an environment whose cache holds nothing
+    from fleetune.server.broker import MosquittoBroker, free_port
+    from fleetune.server.provision import broker_tls
+
     bin_dir = device_venv / "bin"
     (tmp_path / "data").mkdir()
     text = "\n".join(
         f"the kitchen pi keeps note {i} about the {i % 7} things it saw" for i in range(300)
     )
     (tmp_path / "data" / "pi.txt").write_text(text)
-    config = _fleet_toml(tmp_path / "fleet.toml", mosquitto.port, tmp_path)
     env = {"FLEETUNE_CACHE": str(tmp_path / "empty-cache"), "PATH": "/usr/bin:/bin"}
+    port, fleet = free_port(), tmp_path / "fleet"
+    _provision(bin_dir, fleet, port, env)
+    broker = MosquittoBroker(port=port, tls=broker_tls(fleet)).__enter__()
     probe = [
         subprocess.run(
             [str(bin_dir / "python"), "-c", f"import {name}"],
@@ -85,9 +83,13 @@ def test_a_device_venv_without_torch_runs_a_round_from_a_bundle(
             str(bin_dir / "fleetune"),
             "server",
             "--config",
-            str(config),
+            str(fleet / "server" / "server.toml"),
             "--base",
             str(onnx_artifacts),
+            "--rounds",
+            "1",
+            "--quorum",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -101,7 +103,7 @@ def test_a_device_venv_without_torch_runs_a_round_from_a_bundle(
                 str(bin_dir / "fleetune"),
                 "device",
                 "--config",
-                str(config),
+                str(fleet / "devices" / "pi" / "device.toml"),
                 "--bundle",
                 str(onnx_artifacts),
                 "--data",
@@ -116,6 +118,7 @@ def test_a_device_venv_without_torch_runs_a_round_from_a_bundle(
         out, err = server.communicate(timeout=120)
     finally:
         server.kill()
+        broker.close()
     # Assert
     assert probe == [1, 1, 1, 1, 0]  # no torch, nothing generic, the SDK imports
     assert device.returncode == 0, device.stderr[-3000:]
@@ -125,3 +128,5 @@ def test_a_device_venv_without_torch_runs_a_round_from_a_bundle(
     assert rounds[0]["accepted"] == ["pi"] and rounds[0]["version"] == 1
     assert 0 < report["bytes_up"] < 2048 and report["ppl_final"] != report["ppl_base"]
     assert not (tmp_path / "empty-cache" / "bundles").exists()  # nothing exported or fetched
+    assert (fleet / "devices" / "pi" / "state" / "adapter.fltn").exists()  # verified, kept
+    assert "refused a push" not in device.stderr
