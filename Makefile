@@ -13,7 +13,7 @@ LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -D
   -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON) -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup setup-llamacpp demo test test-unit bench lint clean
+.PHONY: setup setup-llamacpp demo test test-unit bench fuzz lint clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,14 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.zo_llamacpp --json results/bench_zo_llamacpp.json
 	$(BIN)/python -m benchmarks.personalize_mix --json results/bench_personalize_mix.json
 	$(BIN)/python -m benchmarks.byzantine --json results/bench_byzantine.json
+
+# Coverage-guided fuzzing (atheris) of everything a peer can send: the wire decoders, the server's
+# update check, the device's signature check (tests/fuzz/). `make test` runs the same targets on
+# hypothesis's inputs and the harness for 5,000 inputs. A crash is written to results/fuzz-crash-*.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	mkdir -p results
+	$(BIN)/python -m tests.fuzz.run -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=results/fuzz-
 
 # mypy cannot follow setuptools' editable import hook, so it checks a tree of links laid out as
 # the installed `fleetune` package (fleetune/edge_sdk -> edge_sdk, ...).

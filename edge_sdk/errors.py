@@ -26,7 +26,13 @@ class TransportError(FleetuneError):
 
 
 class PayloadError(FleetuneError, ValueError):
-    """An update or adapter is malformed, oversized, tampered with, or for another model."""
+    """An update or adapter is malformed, oversized, tampered with, or for another model.
+    ``reason`` is a short code for counting refusals (the server's metrics); the message says
+    the rest."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class AggregationError(FleetuneError):

@@ -91,10 +91,13 @@ def check_envelope(header: codec.Header, kind: str, spec: LoraSpec, base: BaseMa
         raise PayloadError(f"expected kind {kind!r}, got {header.kind!r}")
     if header.base_sha256 != base.sha256:
         raise PayloadError(
-            f"{kind} is for base {header.base_sha256[:12]}, not {base.name} ({base.short_hash})"
+            f"{kind} is for base {header.base_sha256[:12]}, not {base.name} ({base.short_hash})",
+            "other_model",
         )
     if LoraSpec.from_dict(header.adapter) != spec:
-        raise PayloadError(f"{kind} adapter spec {header.adapter} is not {spec.to_dict()}")
+        raise PayloadError(
+            f"{kind} adapter spec {header.adapter} is not {spec.to_dict()}", "other_model"
+        )
 
 
 @dataclass(frozen=True)
@@ -431,7 +434,8 @@ class MixtureUpload:
 
 
 def check_coef(coef: np.ndarray, what: str = "coefficients") -> np.ndarray:
-    coef = np.asarray(coef, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+        coef = np.asarray(coef, dtype=np.float32)
     if not np.all(np.isfinite(coef)) or np.abs(coef).max(initial=0.0) > MAX_MIX_COEF:
         raise PayloadError(f"{what} must be finite and within ±{MAX_MIX_COEF}")
     return coef

@@ -40,6 +40,7 @@ from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.config import ServerConfig, make_strategy
+from fleetune.server.metrics import Metrics
 from fleetune.server.mixtures import MixtureService
 from fleetune.server.provision import KEYS_SIGNED
 from fleetune.server.seeds import SeedPools
@@ -83,6 +84,10 @@ class FleetServer:
         if self.version:
             log.info("resuming from adapter v%d at round %d", self.version, self.first_round)
         self.bytes_down = 0
+        self.metrics = Metrics()
+        self.metrics.adapter_version.set(self.version)
+        if config.metrics_port:
+            self.metrics.serve(config.metrics_host, config.metrics_port)
         self.mixtures = MixtureService(
             self.state,
             self.topics,
@@ -123,6 +128,7 @@ class FleetServer:
         signed = self.signer.sign(payload)
         self.transport.publish(topic, signed, retain=True)
         self.bytes_down += len(signed)
+        self.metrics.push_bytes.inc(len(signed))
 
     def publish_keys(self) -> bool:
         """The key list of the last rotation (signed by the key before it), retained, so that
@@ -198,9 +204,11 @@ class FleetServer:
                 log.warning("ignoring a bad status from %s: %s", device, err)
                 return None
             self.registry.seen(device, status.state)
+            self.metrics.count_devices([state for _, state in self.registry.devices().values()])
             if status.refused:
                 log.warning("device %s refused a push: %s", device, status.refused)
                 self.registry.log_refused_push(device, status.refused)
+                self.metrics.refused_pushes.labels(device).inc()
             return None
         self.registry.seen(device)
         if msg.topic == self.topics.mixture(device):
@@ -242,6 +250,7 @@ class FleetServer:
         result.version, result.seconds = self.version, time.monotonic() - start
         self.registry.close_round(round_, len(result.accepted), len(result.rejected), self.version)
         self.state.close_round(round_)
+        self.metrics.rounds.inc()
         log.info(
             "round %d closed in %.0f s: %d accepted, %d rejected → adapter v%d",
             round_,
@@ -272,6 +281,7 @@ class FleetServer:
                 log.warning("round %d: %s: %s", round_, device, reason)
                 result.rejected.append((device, reason))
                 self.registry.log_update(round_, device, len(msg.payload), 0, False, reason)
+            self.metrics.refused(len(msg.payload), "rate_limit")
             return
         try:
             update = self.check_update(msg, round_, {u.device for u in updates})
@@ -279,11 +289,14 @@ class FleetServer:
             log.warning("round %d: rejected update from %s: %s", round_, device, err)
             result.rejected.append((device, str(err)))
             self.registry.log_update(round_, device, len(msg.payload), 0, False, str(err))
+            code = err.reason if isinstance(err, PayloadError) else "malformed"
+            self.metrics.refused(len(msg.payload), code)
             return
         self.state.save_accepted(round_, device, msg.payload)
         updates.append(update)
         result.accepted.append(device)
         self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
+        self.metrics.accepted(len(msg.payload), device, update.metrics)
         log.info(
             "round %d: update %d/%d from %s (%d bytes, %d examples)",
             round_,
@@ -315,6 +328,7 @@ class FleetServer:
         an aggregate that cannot be pushed (say, beyond f16's range) leaves the fleet on the
         current version instead of a state directory that cannot start again."""
         before = self.current
+        timer = time.monotonic()
         try:
             merged = self.strategy.aggregate(
                 self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)
@@ -325,6 +339,8 @@ class FleetServer:
             log.error("round %d: no new adapter (%s); staying on v%d", round_, err, self.version)
             return
         self.current, self.version = merged.tensors, pushed.version
+        self.metrics.aggregation.observe(time.monotonic() - timer)
+        self.metrics.adapter_version.set(self.version)
         self.state.save_adapter(self.version, self.current, round_)
         self._publish_retained(self.topics.global_adapter, payload)
         if merged.seeds is not None:
@@ -378,4 +394,5 @@ class FleetServer:
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        self.metrics.close()
         self.state.close()

@@ -52,6 +52,8 @@ class ServerConfig:
     state_dir: str = ""  # SQLite registry and adapter versions; "" = <cache>/server/<fleet>
     signing_key: str = ""  # Ed25519 PEM that signs every push; "" = <state_dir>/signing-key.pem
     # (created on first start; devices pin its public key, <state_dir>/fleet-key.pub)
+    metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
+    metrics_host: str = "127.0.0.1"  # where /metrics listens
     tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
     tls_cert: str = ""  # the server's client certificate
     tls_key: str = ""  # and its key; relative paths are read from the config file's folder
@@ -81,6 +83,8 @@ class ServerConfig:
             )
         if self.basis_encoding not in ("f32", "f16", "q8"):
             raise ConfigError("[server] basis_encoding must be one of f32, f16, q8")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"[server] metrics_port {self.metrics_port} is out of range")
         if self.protocol not in ("3.1.1", "5"):
             raise ConfigError(f"[server] protocol must be '3.1.1' or '5', got {self.protocol!r}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))

@@ -25,35 +25,44 @@ def check_update(
     fleet keeps a mixture basis, whose adapters must keep LoRA A at the shared init."""
     update = Update.decode(payload, fleet)
     if update.sender != device:
-        raise PayloadError(f"sender {update.sender!r} does not match topic device {device!r}")
+        raise PayloadError(
+            f"sender {update.sender!r} does not match topic device {device!r}", "identity"
+        )
     if update.round != round_:
-        raise PayloadError(f"update is for round {update.round}, round {round_} is open")
+        raise PayloadError(f"update is for round {update.round}, round {round_} is open", "round")
     if update.from_version != version:
         raise PayloadError(
             f"update was computed from adapter v{update.from_version}, "
-            f"the round's adapter is v{version}"
+            f"the round's adapter is v{version}",
+            "round",
         )
     if device in seen:
-        raise PayloadError(f"a second update from {device} in round {round_}")
+        raise PayloadError(f"a second update from {device} in round {round_}", "duplicate")
     if update.delta is not None:
         if shared_a and any(np.any(v) for n, v in update.delta.items() if ".lora_A." in n):
             raise PayloadError(
                 "update moves LoRA A, but this fleet keeps a mixture basis (basis_k > 0) "
-                'whose adapters share A: tune lora_b (backprop_params = "lora_b")'
+                'whose adapters share A: tune lora_b (backprop_params = "lora_b")',
+                "other_model",
             )
         return Contribution(device, update.num_examples, delta=update.delta, metrics=update.metrics)
     seeds = update.seeds
     assert seeds is not None  # an Update holds a delta or seeds
     if seeds.z_version != Z_VERSION:
         raise PayloadError(
-            f"seeds were drawn by z version {seeds.z_version}, this server replays {Z_VERSION}"
+            f"seeds were drawn by z version {seeds.z_version}, this server replays {Z_VERSION}",
+            "seeds",
         )
     if seeds.pool_seed != pool.pool_seed:
         raise PayloadError(
             f"seeds were drawn from pool {seeds.pool_seed}, "
-            f"round {round_} announced pool {pool.pool_seed}"
+            f"round {round_} announced pool {pool.pool_seed}",
+            "seeds",
         )
     if seeds.params != pool.params:
-        raise PayloadError(f"seeds move {seeds.params!r}, the fleet tunes {pool.params!r}")
-    seeds.check(pool.pool_size)
+        raise PayloadError(f"seeds move {seeds.params!r}, the fleet tunes {pool.params!r}", "seeds")
+    try:
+        seeds.check(pool.pool_size)
+    except PayloadError as err:
+        raise PayloadError(str(err), "seeds") from err
     return Contribution(device, update.num_examples, seeds=seeds.merged(), metrics=update.metrics)

@@ -63,9 +63,16 @@ def _run_in_thread(server):
 
 
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
-    # Prepare
+    # Prepare: a server that serves its metrics
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fleetune.server.broker import free_port
+
     broker = MemoryBroker()
-    server = _server(tmp_path, broker)
+    port = free_port()
+    server = _server(tmp_path, broker, metrics_port=port)
     topics = Topics("t")
     device = broker.client("devices")
     device.connect()
@@ -80,8 +87,26 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     device.publish(topics.update("d1"), _update("d1", 9.0))  # a duplicate, after the good one
     device.publish(topics.update("d2"), _update("d2", -1.0, examples=10))
     thread.join(20)
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
     server.close()
-    # Assert
+    # Assert: each refusal by name in the result, counted by reason in the metrics
+    samples = {
+        (s.name, s.labels.get("result"), s.labels.get("reason")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    for (result_, reason), count in {
+        ("accepted", ""): 2,
+        ("refused", "malformed"): 1,
+        ("refused", "other_model"): 1,
+        ("refused", "round"): 1,
+        ("refused", "identity"): 1,
+        ("refused", "duplicate"): 1,
+    }.items():
+        assert samples[("fleetune_updates_total", result_, reason)] == count, (result_, reason)
+    assert samples[("fleetune_rounds_total", None, None)] == 1
+    assert samples[("fleetune_adapter_version", None, None)] == 1
     (result,) = out["results"]
     assert result.accepted == ["d1", "d2"]
     reasons = " | ".join(why for _, why in result.rejected)

@@ -13,15 +13,11 @@ from hypothesis import strategies as st
 from safetensors.numpy import save
 
 from fleetune.edge_sdk import codec
-from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
-from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.protocol import (
-    BASIS_PART,
     Announcement,
-    Basis,
     DeviceStatus,
-    Fleet,
     GlobalAdapter,
     GlobalSeeds,
     MixtureUpload,
@@ -32,68 +28,21 @@ from fleetune.edge_sdk.protocol import (
     Update,
     decode_global,
 )
-from tests.conftest import tiny_manifest
+from tests.fuzz.targets import (
+    BASE,
+    ENVELOPES,
+    FLEET,
+    JSON_DECODERS,
+    SEEDS,
+    SPEC,
+    TARGETS,
+    _seeds,
+    valid_or_payload_error,
+)
 
 pytestmark = pytest.mark.unit
-SPEC = LoraSpec(r=2)
-BASE = tiny_manifest()
-FLEET = Fleet(BASE, SPEC)
+
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _adapter(value: float = 0.01) -> dict:
-    return {k: v + value for k, v in init_lora(SPEC, BASE).items()}
-
-
-def _seeds() -> SeedRun:
-    return SeedRun.from_pairs([(3, 0.01), (5, -0.02), (3, 0.005)], pool_seed=77)
-
-
-def _basis() -> Basis:
-    size = FlatLayout(SPEC, BASE).indices(BASIS_PART).size
-    vectors = np.random.default_rng(0).normal(0, 0.1, (3, size)).astype(np.float32)
-    return Basis(2, vectors, SPEC, BASE.sha256, np.array([0.2, 0.3, 0.5], np.float32))
-
-
-# one valid payload per envelope message, and its decoder
-ENVELOPES = {
-    "update": (
-        lambda: Update("d1", 2, 1, 10, delta=_adapter(), metrics={"steps": 3}).encode(FLEET),
-        lambda p: Update.decode(p, FLEET),
-    ),
-    "update-seeds": (
-        lambda: Update("d1", 2, 1, 10, seeds=_seeds()).encode(FLEET),
-        lambda p: Update.decode(p, FLEET),
-    ),
-    "global": (
-        lambda: GlobalAdapter(3, _adapter(), round=2).encode(FLEET),
-        lambda p: decode_global(p, FLEET),
-    ),
-    "global-seeds": (
-        lambda: GlobalSeeds(4, _seeds(), round=3).encode(FLEET),
-        lambda p: decode_global(p, FLEET),
-    ),
-    "personal": (
-        lambda: PersonalAdapter(_adapter(), "ab" * 32, 2, 1).encode(FLEET),
-        lambda p: PersonalAdapter.decode(p, FLEET),
-    ),
-    "mixture": (
-        lambda: MixtureUpload(
-            "d1", 2, np.full((3, 1), 0.3), 8, 3.2, {"steps": 4}, _seeds(), 4096
-        ).encode(FLEET),
-        lambda p: MixtureUpload.decode(p, FLEET),
-    ),
-    "basis": (lambda: _basis().encode(encoding="f32"), Basis.decode),
-}
-JSON_DECODERS = {
-    "announcement": Announcement.decode,
-    "prior": Prior.decode,
-    "status": DeviceStatus.decode,
-}
-ALL_DECODERS = {
-    **{name: decode for name, (_, decode) in ENVELOPES.items()},
-    **JSON_DECODERS,
-}
 
 
 def _valid_or_payload_error(decode, payload: bytes) -> None:
@@ -241,11 +190,11 @@ FIELDS = (
 )
 
 
-@pytest.mark.parametrize("name", sorted(ALL_DECODERS))
+@pytest.mark.parametrize("name", sorted(TARGETS))
 @FUZZ
 @given(payload=st.binary(max_size=512))
 def test_any_bytes_decode_or_raise_payload_error(name, payload):
-    _valid_or_payload_error(ALL_DECODERS[name], payload)
+    valid_or_payload_error(name, payload)
 
 
 @pytest.mark.parametrize("name", sorted(JSON_DECODERS))
@@ -286,16 +235,16 @@ def test_any_header_decodes_or_raises_payload_error(name, changes):
     _valid_or_payload_error(ENVELOPES[name][1], _with_header(**changes))
 
 
-@pytest.mark.parametrize("name", sorted(ENVELOPES))
+@pytest.mark.parametrize("name", sorted(SEEDS))
 @FUZZ
 @given(data=st.data())
 def test_corrupted_valid_messages_decode_or_raise_payload_error(name, data):
-    payload = bytearray(ENVELOPES[name][0]())
+    payload = bytearray(SEEDS[name]())
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(payload) - 1))
         payload[at] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(payload)))
-    _valid_or_payload_error(ENVELOPES[name][1], bytes(payload[:cut]))
+    valid_or_payload_error(name, bytes(payload[:cut]))
 
 
 def test_the_messages_that_killed_the_server_are_payload_errors():

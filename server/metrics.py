@@ -1,0 +1,77 @@
+"""What the server counts, as Prometheus metrics (``[server] metrics_port`` serves ``/metrics``).
+
+Refusals are counted by a short reason code (``PayloadError.reason``: malformed, other_model,
+identity, round, duplicate, seeds, rate_limit); the log and the registry keep the full message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fleetune.edge_sdk.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.rounds = Counter("fleetune_rounds", "rounds closed", registry=r)
+        self.updates = Counter(
+            "fleetune_updates",
+            "update messages by result and reason",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.update_bytes = Counter("fleetune_update_bytes", "bytes of update messages", registry=r)
+        self.push_bytes = Counter("fleetune_push_bytes", "bytes the server pushed", registry=r)
+        self.refused_pushes = Counter(
+            "fleetune_refused_pushes", "pushes devices reported refusing", ["device"], registry=r
+        )
+        self.devices = Gauge(
+            "fleetune_devices", "devices by last known state", ["state"], registry=r
+        )
+        self.adapter_version = Gauge(
+            "fleetune_adapter_version", "global adapter version", registry=r
+        )
+        self.aggregation = Histogram(
+            "fleetune_aggregation_seconds", "time to aggregate a round and encode it", registry=r
+        )
+        self.perplexity = Gauge(
+            "fleetune_device_perplexity",
+            "a device's held-out perplexity after its last local tuning",
+            ["device"],
+            registry=r,
+        )
+        self._server = None
+
+    def accepted(self, nbytes: int, device: str, metrics: dict) -> None:
+        self.updates.labels("accepted", "").inc()
+        self.update_bytes.inc(nbytes)
+        ppl = metrics.get("ppl_local")
+        if isinstance(ppl, (int, float)) and not isinstance(ppl, bool):
+            self.perplexity.labels(device).set(float(ppl))
+
+    def refused(self, nbytes: int, reason: str) -> None:
+        self.updates.labels("refused", reason).inc()
+        self.update_bytes.inc(nbytes)
+
+    def count_devices(self, states: list[str]) -> None:
+        for state in ("online", "offline"):
+            self.devices.labels(state).set(states.count(state))
+
+    def serve(self, host: str, port: int) -> None:
+        """``/metrics`` over HTTP on a daemon thread of prometheus_client."""
+        try:
+            self._server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(f"[server] metrics_port {port} on {host}: {err}") from err
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
