@@ -7,6 +7,7 @@ identity, round, duplicate, seeds, rate_limit); the log and the registry keep th
 from __future__ import annotations
 
 import logging
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -45,7 +46,7 @@ class Metrics:
             ["device"],
             registry=r,
         )
-        self._server = None
+        self._server: WSGIServer | None = None
 
     def accepted(self, nbytes: int, device: str, metrics: dict) -> None:
         self.updates.labels("accepted", "").inc()
@@ -74,4 +75,4 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._server = None
+            self._server: WSGIServer | None = None
