@@ -75,4 +75,4 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._server: WSGIServer | None = None
+            self._server = None
