@@ -93,7 +93,13 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 wait = max(client.config.sync.round_wait_s, announcement.timeout_s + 60)
             elif msg.topic in (topics.global_adapter, topics.global_seeds):
                 pushed = advance(client, decode_global(payload, client.fleet), current)
-                if pushed is not None and (current is None or pushed.version >= current.version):
+                if pushed is not None and current is not None and pushed.version < current.version:
+                    raise PayloadError(
+                        f"adapter v{pushed.version} is older than the v{current.version} held "
+                        "(a replay)",
+                        "replay",
+                    )
+                if pushed is not None:
                     current = pushed
                     client.store.save_adapter(payload)
         except PayloadError as err:

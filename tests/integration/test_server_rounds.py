@@ -523,3 +523,42 @@ def test_every_message_is_acknowledged_and_an_update_only_once_it_is_on_disk(tmp
         (Topics("t").status("d1"), False),
         (Topics("t").update("d1"), True),
     ]
+
+
+def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, caplog):
+    """A device holding v2 that is sent the fleet's genuinely signed v1 again refuses it."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.protocol import Announcement, DeviceStatus
+
+    # Prepare: the fleet's key signs v2 and v1; the round announcement says the run is done at v2
+    broker, topics, fleet = MemoryBroker(), Topics("t"), Fleet(tiny_base, SPEC)
+    signer = Signer(Ed25519PrivateKey.generate())
+    v1, v2 = (signer.sign(GlobalAdapter(v, _tensors(0.01 * v)).encode(fleet)) for v in (1, 2))
+    done = Announcement(round=2, adapter_version=2, base_sha256=tiny_base.sha256, done=True)
+    broker.client("server").publish(topics.round, signer.sign(done.encode()), retain=True)
+    watcher = broker.client("watcher")
+    watcher.subscribe(topics.status("d1"))
+    watcher.connect()
+    device_transport = broker.client("d1")
+    for payload in (v2, v1):  # the newer first, then the replay
+        device_transport.deliver(Message(topics.global_adapter, payload))
+    config = FleetuneConfig(
+        device=DeviceConfig(id="d1", state_dir=str(tmp_path / "d1")),
+        tuning=TuningConfig(lora_r=2),
+        sync=SyncConfig(fleet="t", round_wait_s=30, fleet_key=signer.public_hex),
+    )
+    cycle = np.tile(np.arange(16), 8)
+    data = ClientData("c", train=cycle[:64].reshape(-1, 16), heldout=cycle[64:].reshape(-1, 16))
+    # Execute
+    with EdgeClient(config, base=tiny_base, transport=device_transport) as client:
+        client.run(ClientText("c", ""), data=data)
+        kept = codec.decode(client.store.load_adapter())[0].version
+    # Assert: v1 refused by name and reported upstream; the device kept v2
+    statuses = []
+    while (msg := watcher.recv(timeout=0.1)) is not None:
+        statuses.append(DeviceStatus.decode(msg.payload))
+    assert kept == 2
+    assert any("v1 is older than the v2 held" in s.refused for s in statuses), statuses
+    assert any("refused a push" in r.getMessage() for r in caplog.records)
