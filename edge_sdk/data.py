@@ -169,6 +169,15 @@ def prepare_client(
     return ClientData(item.client, train, heldout)
 
 
+def split_validation(train: np.ndarray, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``n`` training windows (at most a fifth) become validation for early stopping;
+    held-out text stays untouched for reporting."""
+    n = min(n, len(train) // 5)
+    if n < 1:
+        raise DataError(f"{len(train)} training windows are too few to keep any for validation")
+    return train[:-n], train[-n:]
+
+
 def pick_clients(
     clients: list[ClientText], n: int, names: Sequence[str] = (), min_chars: int = 6000
 ) -> list[ClientText]:

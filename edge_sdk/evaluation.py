@@ -21,6 +21,8 @@ class DeviceReport:
     ppl_base: float = math.nan
     ppl_local: float = math.nan  # after local tuning in the last round
     ppl_final: float = math.nan  # under the final global (or personal) adapter
+    ppl_served: float = math.nan  # under the adapter the device serves (edge_sdk/canary.py)
+    served: str = ""  # which one that is: base | global | local | cluster
     bytes_up: int = 0
     bytes_down: int = 0
     history: list[dict] = field(default_factory=list)  # per round: ppl_global, ppl_local

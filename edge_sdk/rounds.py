@@ -9,16 +9,22 @@ behind. Other devices take the dense adapter (``adapter/global``).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fleetune.edge_sdk.adapters.lora import init_lora
+from fleetune.edge_sdk.canary import Canary
+from fleetune.edge_sdk.data import ClientData, split_validation
 from fleetune.edge_sdk.errors import PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
 from fleetune.edge_sdk.protocol import (
     Announcement,
     GlobalAdapter,
     GlobalSeeds,
+    PersonalAdapter,
     Update,
     decode_global,
 )
@@ -27,7 +33,7 @@ from fleetune.edge_sdk.tuners.zo import apply_run
 
 if TYPE_CHECKING:
     from fleetune.edge_sdk.client import EdgeClient
-    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.data import ClientText
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,9 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     init = init_lora(client.spec, client.base)
     backend.set_adapter(init)
     report.ppl_base = client.evaluate(data.heldout)
+    train, val = split_validation(data.train)  # the canary's windows are never trained on
+    data = ClientData(data.client, train, data.heldout)
+    canary = Canary(lambda tensors: validation_loss(client, tensors, val), init)
     log.info(
         "%s (%s): base perplexity %.1f on %d held-out windows",
         client.device,
@@ -74,6 +83,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     current: Current | None = Current(0, init) if zo else None
     dense = not zo
     transport.subscribe(topics.global_seeds if zo else topics.global_adapter)
+    transport.subscribe(topics.personal(client.device))  # the server's cluster adapter
     announcement: Announcement | None = None
     done_round = 0
     wait = client.config.sync.round_wait_s
@@ -102,6 +112,9 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 if pushed is not None:
                     current = pushed
                     client.store.save_adapter(payload)
+            elif msg.topic == topics.personal(client.device):
+                personal = PersonalAdapter.decode(payload, client.fleet)
+                canary.offer({"cluster": personal.tensors}, personal.version)
         except PayloadError as err:
             client.refuse(msg, err)
             continue
@@ -122,16 +135,19 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             backend.set_adapter(current.tensors)
             report.ppl_final = client.evaluate(data.heldout)
             report.history.append({"round": announcement.round, "ppl_global": report.ppl_final})
+            serve(client, canary, {"global": current.tensors}, current.version, data, report)
             log.info(
-                "%s: final global adapter v%d, perplexity %.1f",
+                "%s: final global adapter v%d, perplexity %.1f; serving %s, perplexity %.1f",
                 client.device,
                 current.version,
                 report.ppl_final,
+                report.served,
+                report.ppl_served,
             )
             return report
         if announcement.round <= done_round:
             continue
-        report.bytes_up += run_round(client, announcement, current, data, report)
+        report.bytes_up += run_round(client, announcement, current, data, report, canary)
         done_round = announcement.round
 
 
@@ -141,8 +157,10 @@ def run_round(
     current: Current,
     data: ClientData,
     report: DeviceReport,
+    canary: Canary,
 ) -> int:
-    """Tune from the round's adapter and queue the update; returns the bytes sent."""
+    """Tune from the round's adapter, let the canary weigh the result against what is served,
+    and queue the update; returns the bytes sent."""
     round_ = announcement.round
     client.backend.set_adapter(current.tensors)
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
@@ -163,6 +181,8 @@ def run_round(
         tuned.metrics["steps"],
         client.tuner.name,
     )
+    offered = {"global": current.tensors, "local": tuned.adapter}
+    choice = canary.offer(offered, current.version)
     update = Update(
         client.device,
         round_,
@@ -170,8 +190,35 @@ def run_round(
         len(data.train),
         delta=tuned.delta,
         seeds=tuned.seeds,
-        metrics={"ppl_local": report.ppl_local, "ppl_global": ppl_global, **tuned.metrics},
+        metrics={
+            "ppl_local": report.ppl_local,
+            "ppl_global": ppl_global,
+            **tuned.metrics,
+            **choice.metrics(),
+        },
     )
     payload = update.encode(client.fleet, client.config.sync.uplink_encoding)
     client.store.put(client.topics.update(client.device), payload)
     return client.deliver()
+
+
+def validation_loss(client: EdgeClient, tensors: Tensors, windows: np.ndarray) -> float:
+    """Mean loss of an adapter on the canary's validation windows."""
+    client.backend.set_adapter(tensors)
+    return math.log(client.evaluate(windows))
+
+
+def serve(
+    client: EdgeClient,
+    canary: Canary,
+    candidates: dict[str, Tensors],
+    version: int,
+    data: ClientData,
+    report: DeviceReport,
+) -> None:
+    """The canary's last word: the adapter the device serves from now on, and its held-out
+    perplexity (for the report: the canary never sees held-out text)."""
+    canary.offer(candidates, version)
+    client.backend.set_adapter(canary.served.tensors)
+    report.served = canary.served.name
+    report.ppl_served = client.evaluate(data.heldout)

@@ -33,12 +33,14 @@ from fleetune.edge_sdk.protocol import (
     Fleet,
     GlobalAdapter,
     GlobalSeeds,
+    PersonalAdapter,
     SeedPool,
     SeedRun,
 )
 from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
+from fleetune.server.clusters import cluster_adapters
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.metrics import Metrics
 from fleetune.server.mixtures import MixtureService
@@ -46,6 +48,7 @@ from fleetune.server.provision import KEYS_SIGNED
 from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
 from fleetune.server.strategy import Update
+from fleetune.server.strategy.base import Tensors
 from fleetune.server.validation import check_update
 
 log = logging.getLogger(__name__)
@@ -345,11 +348,36 @@ class FleetServer:
         self._publish_retained(self.topics.global_adapter, payload)
         if merged.seeds is not None:
             self.publish_seeds(round_, merged.seeds, len(payload))
+        if self.config.clusters:
+            self.push_clusters(round_, before, updates)
         if self.config.basis_k:
             self.mixtures.remember(
                 updates, before, round_, lambda seeds: self.seeds.replay(seeds, round_)
             )
             self.mixtures.refresh_basis(round_)
+
+    def push_clusters(self, round_: int, before: Tensors, updates: list[Update]) -> int:
+        """Each device of the round gets its cluster's adapter (server/clusters.py)."""
+        personal = cluster_adapters(
+            before,
+            updates,
+            self.config.clusters,
+            self.strategy,
+            lambda seeds: self.seeds.replay(seeds, round_),
+            self.layout,
+            seed=round_,
+        )
+        for device, (cluster, tensors) in sorted(personal.items()):
+            answer = PersonalAdapter(tensors, cluster=cluster, version=self.version)
+            try:
+                payload = answer.encode(self.fleet, self.config.downlink_encoding)
+            except PayloadError as err:  # beyond the downlink's range: the global one stands
+                log.warning("round %d: no cluster adapter for %s: %s", round_, device, err)
+                continue
+            self._publish_retained(self.topics.personal(device), payload)
+        groups = sorted({c for c, _ in personal.values()})
+        log.info("round %d: %d devices in %d clusters", round_, len(personal), len(groups))
+        return len(personal)
 
     def run(self) -> list[RoundResult]:
         """Run the configured rounds, then announce the end with the final adapter."""

@@ -36,6 +36,7 @@ import numpy as np
 
 from fleetune.edge_sdk.adapters.lora import init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.data import split_validation
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
 from fleetune.edge_sdk.protocol import BASIS_PART, MAX_MIX_COEF, Basis, SeedRun
@@ -193,15 +194,6 @@ def engine_loss(backend: Backend, mixer: Mixer) -> Callable[[np.ndarray, np.ndar
         return float(backend.loss_flat(windows, mixer.flat(coef)))
 
     return by_vector
-
-
-def split_validation(train: np.ndarray, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """The last ``n`` training windows (at most a fifth) become validation for early stopping;
-    held-out text stays untouched for reporting."""
-    n = min(n, len(train) // 5)
-    if n < 1:
-        raise ConfigError(f"{len(train)} training windows are too few to keep any for validation")
-    return train[:-n], train[-n:]
 
 
 class MixTuner(LocalTuner):

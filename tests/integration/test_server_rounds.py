@@ -549,8 +549,8 @@ def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, c
         tuning=TuningConfig(lora_r=2),
         sync=SyncConfig(fleet="t", round_wait_s=30, fleet_key=signer.public_hex),
     )
-    cycle = np.tile(np.arange(16), 8)
-    data = ClientData("c", train=cycle[:64].reshape(-1, 16), heldout=cycle[64:].reshape(-1, 16))
+    cycle = np.tile(np.arange(16), 16)
+    data = ClientData("c", train=cycle[:160].reshape(-1, 16), heldout=cycle[160:].reshape(-1, 16))
     # Execute
     with EdgeClient(config, base=tiny_base, transport=device_transport) as client:
         client.run(ClientText("c", ""), data=data)
@@ -562,3 +562,57 @@ def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, c
     assert kept == 2
     assert any("v1 is older than the v2 held" in s.refused for s in statuses), statuses
     assert any("refused a push" in r.getMessage() for r in caplog.records)
+
+
+def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, tiny_base):
+    """Two kinds of users (two token languages) on the tiny model: the server pushes cluster
+    adapters, each device's canary serves what fits its own text best."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.protocol import PersonalAdapter
+
+    # Prepare: kind A cycles tokens 0..15, kind B a shuffled cycle of 64..95
+    broker, topics, fleet = MemoryBroker(), Topics("t"), Fleet(tiny_base, SPEC)
+    server = _server(tmp_path, broker, rounds=2, quorum=4, clusters=2, round_timeout_s=120)
+    kinds = {"a": np.arange(16), "b": np.random.default_rng(1).permutation(np.arange(64, 96))}
+    thread, out = _run_in_thread(server)
+    reports: dict[str, object] = {}
+
+    clients, datasets = {}, {}
+    for kind in kinds:
+        for i in range(2):
+            name = f"{kind}{i}"
+            config = FleetuneConfig(
+                device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
+                tuning=TuningConfig(steps=8, lr=5e-2, lora_r=2, batch_size=4, seed=i),
+                sync=SyncConfig(fleet="t", round_wait_s=120, fleet_key=server.signer.public_hex),
+            )
+            tokens = np.tile(kinds[kind], 1024 // len(kinds[kind]))
+            datasets[name] = ClientData(
+                name, tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16)
+            )
+            # engines load one at a time (transformers' model init is not thread-safe)
+            clients[name] = EdgeClient(config, base=tiny_base, transport=broker.client(name)).open()
+
+    def device(name: str) -> None:
+        reports[name] = clients[name].run(ClientText(name, ""), data=datasets[name])
+
+    # Execute
+    threads = [started(device, name, name=name) for name in clients]
+    for t in threads:
+        t.join(300)
+    for client in clients.values():
+        client.close()
+    thread.join(60)
+    server.close()
+    # Assert: every device served its own or its cluster's adapter, better than the global one
+    assert [len(r.accepted) for r in out["results"]] == [4, 4]
+    for name, report in reports.items():
+        assert report.served in ("local", "cluster"), (name, report.served)
+        assert report.ppl_served < report.ppl_final, (name, report.ppl_served, report.ppl_final)
+        assert report.ppl_served < report.ppl_base
+        pushed = PersonalAdapter.decode(
+            _verified(server, broker.retained(topics.personal(name))), fleet
+        )
+        assert pushed.version == 2  # the last round's cluster adapter reached the device

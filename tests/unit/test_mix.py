@@ -4,6 +4,7 @@ import pytest
 from fleetune.edge_sdk import codec
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.data import split_validation
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.protocol import Fleet, MixtureUpload, Prior
 from fleetune.edge_sdk.tuners.mix import (
@@ -12,7 +13,6 @@ from fleetune.edge_sdk.tuners.mix import (
     MixConfig,
     Mixer,
     engine_loss,
-    split_validation,
     tune_mix,
 )
 from fleetune.server.basis import kmeans

@@ -1,0 +1,73 @@
+"""The on-device canary: before a device serves an adapter, it scores it on validation windows of
+its own text (split off the training text, never trained on, distinct from the held-out text that
+reports use). It serves the candidate with the lowest validation loss, but only one that beats
+what it serves now; it starts from the base model, so it never serves anything worse than the
+base on its validation text. The previous adapter is kept for :meth:`Canary.rollback`.
+
+Candidates a round offers: ``global`` (the fleet's adapter), ``local`` (this device's tuning of
+the previous global: FedAvg + local fine-tuning), ``cluster`` (the server's adapter for the
+devices whose updates resemble this one's), and whatever is served already.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fleetune.edge_sdk.tuners.base import Tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str  # base | global | local | cluster | ...
+    version: int  # the global version it came with
+    loss: float  # validation loss
+    tensors: Tensors = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one offer decided: the adapter served after it, and every candidate's loss."""
+
+    served: str
+    version: int
+    switched: bool
+    losses: dict[str, float]
+
+    def metrics(self) -> dict[str, object]:
+        """For the update's metrics header (the server logs what devices serve)."""
+        return {
+            "served": self.served,
+            "val_losses": {k: round(v, 4) for k, v in self.losses.items()},
+        }
+
+
+class Canary:
+    def __init__(self, score: Callable[[Tensors], float], base: Tensors) -> None:
+        """``score(tensors)`` is the validation loss of an adapter (lower is better)."""
+        self.score = score
+        self.served = Served("base", 0, score(base), base)
+        self.previous: Served | None = None
+
+    def offer(self, candidates: dict[str, Tensors], version: int) -> Choice:
+        """Score ``candidates`` and serve the best if it beats the served adapter."""
+        losses = {name: self.score(tensors) for name, tensors in candidates.items()}
+        losses[f"served:{self.served.name}"] = self.served.loss
+        best = min(candidates, key=losses.__getitem__, default=None)
+        switched = best is not None and losses[best] < self.served.loss
+        if switched and best is not None:
+            self.previous = self.served
+            self.served = Served(best, version, losses[best], candidates[best])
+            log.info("canary: serving %s v%d (validation loss %.4f)", best, version, losses[best])
+        return Choice(self.served.name, self.served.version, switched, losses)
+
+    def rollback(self) -> Served:
+        """Serve the previous adapter again (the application found the current one wanting)."""
+        if self.previous is None:
+            return self.served
+        self.served, self.previous = self.previous, None
+        log.info("canary: rolled back to %s v%d", self.served.name, self.served.version)
+        return self.served

@@ -1,0 +1,68 @@
+"""The canary's rule and the server's clusters, by hand."""
+
+import numpy as np
+import pytest
+
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.canary import Canary
+from fleetune.server.clusters import cluster_adapters
+from fleetune.server.strategy import STRATEGIES, Update
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.unit
+SPEC = LoraSpec(r=2)
+
+
+def _adapter(value: float) -> dict[str, np.ndarray]:
+    return {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
+
+
+def test_the_canary_serves_the_best_candidate_only_if_it_beats_what_is_served():
+    # Prepare: validation loss is the distance of an adapter's value from 0.3; the base is 0.0
+    canary = Canary(lambda t: abs(float(next(iter(t.values())).flat[0]) - 0.3), _adapter(0.0))
+    # Execute / Assert: a good local adapter is served; a harmful global one is refused
+    first = canary.offer({"global": _adapter(2.0), "local": _adapter(0.25)}, version=1)
+    assert (first.served, first.switched) == ("local", True)
+    assert first.losses["global"] == pytest.approx(1.7) and first.losses["served:base"] == 0.3
+    harmful = canary.offer({"global": _adapter(-5.0), "cluster": _adapter(0.9)}, version=2)
+    assert (harmful.served, harmful.switched, harmful.version) == ("local", False, 1)
+    better = canary.offer({"cluster": _adapter(0.31)}, version=3)
+    assert (better.served, better.version) == ("cluster", 3)
+    # rollback serves the previous one again, once
+    assert canary.rollback().name == "local"
+    assert canary.rollback().name == "local"
+
+
+def test_the_canary_never_leaves_the_base_for_anything_worse():
+    canary = Canary(lambda t: abs(float(next(iter(t.values())).flat[0])), _adapter(0.0))
+    choice = canary.offer({"global": _adapter(0.1), "local": _adapter(-0.2)}, version=1)
+    assert (choice.served, choice.switched) == ("base", False)
+
+
+def test_clusters_recover_planted_groups_and_average_within_them():
+    # Prepare: 9 devices whose updates point along 3 planted directions (+ noise), unequal norms
+    layout = FlatLayout(SPEC, tiny_manifest())
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(3, layout.size))
+    before = _adapter(0.0)
+    updates, planted = [], {}
+    for i in range(9):
+        group = i % 3
+        flat = directions[group] * (1 + i) + rng.normal(0, 0.3, layout.size)
+        updates.append(Update(f"d{i}", 10, delta=layout.unflatten(flat.astype(np.float32))))
+        planted[f"d{i}"] = group
+    fedavg = STRATEGIES["fedavg"]()
+    # Execute
+    personal = cluster_adapters(before, updates, 3, fedavg, lambda s: {}, layout, seed=1)
+    # Assert: the clusters are the planted groups (up to naming); each adapter is its group's mean
+    found = {d: c for d, (c, _) in personal.items()}
+    pairs = {(planted[d], found[d]) for d in planted}
+    assert len(pairs) == 3 and len({c for _, c in pairs}) == 3
+    for device, (_, tensors) in personal.items():
+        group = [u for u in updates if planted[u.device] == planted[device]]
+        mean = np.mean([layout.flatten(u.delta) for u in group], axis=0)
+        np.testing.assert_allclose(
+            layout.flatten(tensors), layout.flatten(before) + mean, atol=1e-5
+        )
+    assert cluster_adapters(before, updates[:1], 3, fedavg, lambda s: {}, layout) == {}
