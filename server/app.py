@@ -301,13 +301,14 @@ class FleetServer:
         self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
         self.metrics.accepted(len(msg.payload), device, update.metrics)
         log.info(
-            "round %d: update %d/%d from %s (%d bytes, %d examples)",
+            "round %d: update %d/%d from %s (%d bytes, %d examples; it serves %s)",
             round_,
             len(updates),
             self.config.quorum,
             device,
             len(msg.payload),
             update.num_examples,
+            update.metrics.get("served", "?"),
         )
 
     def _reload(self, round_: int, result: RoundResult) -> list[Update]:

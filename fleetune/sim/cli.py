@@ -25,6 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
         mix_devices=args.mix_devices,
         mix_steps=args.mix_steps,
         basis_k=args.basis_k,
+        clusters=args.clusters,
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
@@ -80,5 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--mix-devices", type=int, default=2, help="mix: unseen clients")
     demo.add_argument("--mix-steps", type=int, default=50, help="mix: search steps at most")
     demo.add_argument("--basis-k", type=int, default=8, help="mix: adapters in the basis")
+    demo.add_argument(
+        "--clusters", type=int, default=0, help="server pushes cluster adapters to k groups"
+    )
     demo.add_argument("--json", help="write results here, and a plot next to it (.png)")
     demo.set_defaults(func=_demo)

