@@ -200,13 +200,11 @@ def plot(doc: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / len(METHODS)
     for j, m in enumerate(METHODS):
-        means = [doc["summary"][k][f"ppl_{m}"] / doc["summary"][k]["ppl_base"] for k in kinds]
-        lows = [
-            doc["summary"][k][f"ppl_{m}_ci95"][0] / doc["summary"][k]["ppl_base"] for k in kinds
-        ]
-        highs = [
-            doc["summary"][k][f"ppl_{m}_ci95"][1] / doc["summary"][k]["ppl_base"] for k in kinds
-        ]
+        summary = [doc["summary"][k] for k in kinds]
+        means = [s[f"ppl_{m}"] / s["ppl_base"] for s in summary]
+        ci = [s[f"ppl_{m}_ci95"] or [s[f"ppl_{m}"]] * 2 for s in summary]  # None: one seed
+        lows = [c[0] / s["ppl_base"] for c, s in zip(ci, summary, strict=True)]
+        highs = [c[1] / s["ppl_base"] for c, s in zip(ci, summary, strict=True)]
         xs = np.arange(len(kinds)) + (j - len(METHODS) / 2 + 0.5) * width
         err = [np.subtract(means, lows), np.subtract(highs, means)]
         ax.bar(xs, means, width, yerr=err, label=m, color=f"C{j}", capsize=2)
@@ -216,7 +214,7 @@ def plot(doc: dict, path: Path) -> None:
         f"personalization, SmolLM2-135M: {doc['rounds']} rounds x {doc['steps']} steps, "
         f"{len(doc['seeds'])} seeds, 95% CI"
     )
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.07))
     ax.grid(alpha=0.3, axis="y")
     ax.set_ylim(0, 1.05)
     fig.tight_layout()

@@ -46,9 +46,10 @@ class Choice:
 
 
 class Canary:
-    def __init__(self, score: Callable[[Tensors], float], base: Tensors) -> None:
-        """``score(tensors)`` is the validation loss of an adapter (lower is better)."""
-        self.score = score
+    def __init__(self, score: Callable[[Tensors], float], base: Tensors, who: str = "") -> None:
+        """``score(tensors)`` is the validation loss of an adapter (lower is better); ``who``
+        names the device in the log."""
+        self.score, self.who = score, who
         self.served = Served("base", 0, score(base), base)
         self.previous: Served | None = None
 
@@ -61,7 +62,13 @@ class Canary:
         if switched and best is not None:
             self.previous = self.served
             self.served = Served(best, version, losses[best], candidates[best])
-            log.info("canary: serving %s v%d (validation loss %.4f)", best, version, losses[best])
+            log.info(
+                "%s canary: serving %s v%d (validation loss %.4f)",
+                self.who,
+                best,
+                version,
+                losses[best],
+            )
         return Choice(self.served.name, self.served.version, switched, losses)
 
     def rollback(self) -> Served:
@@ -69,5 +76,7 @@ class Canary:
         if self.previous is None:
             return self.served
         self.served, self.previous = self.previous, None
-        log.info("canary: rolled back to %s v%d", self.served.name, self.served.version)
+        log.info(
+            "%s canary: rolled back to %s v%d", self.who, self.served.name, self.served.version
+        )
         return self.served

@@ -69,7 +69,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     report.ppl_base = client.evaluate(data.heldout)
     train, val = split_validation(data.train)  # the canary's windows are never trained on
     data = ClientData(data.client, train, data.heldout)
-    canary = Canary(lambda tensors: validation_loss(client, tensors, val), init)
+    canary = Canary(lambda tensors: validation_loss(client, tensors, val), init, client.device)
     log.info(
         "%s (%s): base perplexity %.1f on %d held-out windows",
         client.device,
