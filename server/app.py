@@ -1,9 +1,12 @@
 """The aggregation service: announce a round, collect updates until a quorum or a timeout,
-aggregate, persist, and push the new global adapter (retained) to the fleet.
+aggregate, persist, and push the new global adapter (retained) to the fleet. Long because the
+round is one sequence (route, rate-limit, check, save, acknowledge, aggregate, push) that reads
+best in one place; each part's rules live in their own modules.
 
 A bad update is refused with a logged reason (and a row in the registry); the round goes on.
 Update checks are in :mod:`~fleetune.server.validation`, the seed pools in
-:mod:`~fleetune.server.seeds`, the mixture service in :mod:`~fleetune.server.mixtures`, what
+:mod:`~fleetune.server.seeds`, the mixture service in :mod:`~fleetune.server.mixtures`, cluster
+adapters in :mod:`~fleetune.server.clusters`, counters in :mod:`~fleetune.server.metrics`, what
 is kept on disk in :mod:`~fleetune.server.state`.
 """
 
@@ -33,14 +36,13 @@ from fleetune.edge_sdk.protocol import (
     Fleet,
     GlobalAdapter,
     GlobalSeeds,
-    PersonalAdapter,
     SeedPool,
     SeedRun,
 )
 from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.topics import Topics
-from fleetune.server.clusters import cluster_adapters
+from fleetune.server.clusters import cluster_adapters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.metrics import Metrics
 from fleetune.server.mixtures import MixtureService
@@ -368,13 +370,8 @@ class FleetServer:
             self.layout,
             seed=round_,
         )
-        for device, (cluster, tensors) in sorted(personal.items()):
-            answer = PersonalAdapter(tensors, cluster=cluster, version=self.version)
-            try:
-                payload = answer.encode(self.fleet, self.config.downlink_encoding)
-            except PayloadError as err:  # beyond the downlink's range: the global one stands
-                log.warning("round %d: no cluster adapter for %s: %s", round_, device, err)
-                continue
+        encoded = encode_personal(personal, self.fleet, self.config.downlink_encoding, self.version)
+        for device, payload in encoded.items():
             self._publish_retained(self.topics.personal(device), payload)
         groups = sorted({c for c, _ in personal.values()})
         log.info("round %d: %d devices in %d clusters", round_, len(personal), len(groups))

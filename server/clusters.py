@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
-from fleetune.edge_sdk.errors import AggregationError
+from fleetune.edge_sdk.errors import AggregationError, PayloadError
+from fleetune.edge_sdk.protocol import Fleet, PersonalAdapter
 from fleetune.server.basis import kmeans
 from fleetune.server.strategy import Strategy, Update
 from fleetune.server.strategy.base import Tensors
@@ -48,4 +49,20 @@ def cluster_adapters(
             continue
         for member in members:
             out[member.device] = (int(cluster), merged.tensors)
+    return out
+
+
+def encode_personal(
+    personal: dict[str, tuple[int, Tensors]], fleet: Fleet, encoding: str, version: int
+) -> dict[str, bytes]:
+    """Each device's cluster adapter as its ``adapter/device/{id}`` message; one the downlink
+    encoding cannot carry (beyond f16's range) is left out, and that device keeps the global."""
+    out = {}
+    for device, (cluster, tensors) in sorted(personal.items()):
+        try:
+            out[device] = PersonalAdapter(tensors, cluster=cluster, version=version).encode(
+                fleet, encoding
+            )
+        except PayloadError as err:
+            log.warning("no cluster adapter for %s: %s", device, err)
     return out

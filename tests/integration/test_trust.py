@@ -261,6 +261,7 @@ from fleetune.edge_sdk.transport.mqtt import MqttTransport
 t = MqttTransport("127.0.0.1", int(sys.argv[1]), "srv", manual_ack=sys.argv[2] == "manual")
 t.subscribe("fleetune/trust/update/+")
 t.connect(timeout=10)
+time.sleep(0.5)  # the SUBACK: the subscription is made on connection, after the CONNACK
 print("ready", flush=True)
 msg = t.recv(timeout=30)
 print("got", msg.payload.decode(), flush=True)
@@ -287,7 +288,9 @@ def test_an_update_the_server_died_holding_comes_again_only_if_unacknowledged(mo
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         device.publish(TOPICS.update("d1"), b"the only copy")
         assert proc.stdout.readline().strip() == "got the only copy"
-        # Execute: SIGKILL, then the server's session comes back
+        # Execute: SIGKILL (after paho had time to send an automatic PUBACK), then the server's
+        # session comes back
+        time.sleep(1.0)
         proc.kill()
         proc.wait(10)
         again = MqttTransport(mosquitto.host, mosquitto.port, "srv", manual_ack=True)
