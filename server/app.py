@@ -209,7 +209,7 @@ class FleetServer:
                 log.warning("ignoring a bad status from %s: %s", device, err)
                 return None
             self.registry.seen(device, status.state)
-            self.metrics.count_devices([state for _, state in self.registry.devices().values()])
+            self.metrics.count_devices(self.registry.device_states())
             if status.refused:
                 log.warning("device %s refused a push: %s", device, status.refused)
                 self.registry.log_refused_push(device, status.refused)

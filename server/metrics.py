@@ -59,9 +59,9 @@ class Metrics:
         self.updates.labels("refused", reason).inc()
         self.update_bytes.inc(nbytes)
 
-    def count_devices(self, states: list[str]) -> None:
+    def count_devices(self, states: dict[str, int]) -> None:
         for state in ("online", "offline"):
-            self.devices.labels(state).set(states.count(state))
+            self.devices.labels(state).set(states.get(state, 0))
 
     def serve(self, host: str, port: int) -> None:
         """``/metrics`` over HTTP on a daemon thread of prometheus_client."""

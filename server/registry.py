@@ -164,6 +164,13 @@ class Registry:
             )
         ]
 
+    def device_states(self) -> dict[str, int]:
+        """How many devices are in each last known state."""
+        return {
+            str(s): int(n)
+            for s, n in self._exec("SELECT state, COUNT(*) FROM devices GROUP BY state")
+        }
+
     def devices(self) -> dict[str, tuple[float, str]]:
         return {d: (float(t), str(s)) for d, t, s in self._exec("SELECT * FROM devices")}
 
