@@ -52,6 +52,7 @@ from fleetune.edge_sdk.data import (  # noqa: E402
     prepare_client,
     split_validation,
 )
+from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.server.clusters import cluster_adapters  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
 
@@ -102,10 +103,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared) -> list[dict]:
 
     def heldout_ppl(tensors, windows) -> float:
         tb.set_adapter(tensors)
-        losses = [
-            tb.loss(windows[i : i + 4]) * len(windows[i : i + 4]) for i in range(0, len(windows), 4)
-        ]
-        return math.exp(sum(losses) / len(windows))
+        return perplexity(tb, windows, 4)
 
     def tune(start, train, steps, device_seed):
         tb.set_adapter(start)

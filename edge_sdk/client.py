@@ -236,7 +236,7 @@ class EdgeClient:
         try:
             return self.flush_outbox()
         except TransportError as err:
-            left = len(self.store.pending())
+            left = self.store.queued()
             log.warning("%s: %d messages wait in the outbox: %s", self.device, left, err)
             return 0
 
@@ -245,7 +245,7 @@ class EdgeClient:
         Meanwhile what waits in the outbox is tried again every ``RETRY_S``."""
         deadline = time.monotonic() + wait
         while True:
-            queued = bool(self.store.pending())
+            queued = self.store.queued() > 0
             if queued:
                 report.bytes_up += self.deliver()
             left = deadline - time.monotonic()

@@ -42,6 +42,10 @@ class DeviceStore:
             out.append((path, json.loads(head)["topic"], payload))
         return out
 
+    def queued(self) -> int:
+        """How many messages wait in the outbox (names only: nothing is read)."""
+        return sum(1 for _ in self.outbox.glob("*.msg"))
+
     def done(self, path: Path) -> None:
         path.unlink(missing_ok=True)
 
