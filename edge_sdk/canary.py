@@ -4,9 +4,10 @@ reports use). It serves the candidate with the lowest validation loss, but only 
 what it serves now; it starts from the base model, so it never serves anything worse than the
 base on its validation text. The previous adapter is kept for :meth:`Canary.rollback`.
 
-Candidates a round offers: ``global`` (the fleet's adapter), ``local`` (this device's tuning of
-the previous global: FedAvg + local fine-tuning), ``cluster`` (the server's adapter for the
-devices whose updates resemble this one's), and whatever is served already.
+Candidates (``edge_sdk/rounds.py``): ``global`` (the fleet's adapter), ``local`` (this round's
+tuning, which starts from what is served: the device's own line), ``cluster`` (the server's
+adapter for the devices whose updates resemble this one's), ``kept`` (what was served before a
+restart, from disk), and whatever is served already.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ class Choice:
 
 
 class Canary:
-    def __init__(self, score: Callable[[Tensors], float], base: Tensors, who: str = "") -> None:
+    def __init__(
+        self,
+        score: Callable[[Tensors], float],
+        base: Tensors,
+        who: str = "",
+        keep: Callable[[Served], None] | None = None,
+    ) -> None:
         """``score(tensors)`` is the validation loss of an adapter (lower is better); ``who``
-        names the device in the log."""
-        self.score, self.who = score, who
+        names the device in the log; ``keep(served)`` saves each newly served adapter."""
+        self.score, self.who, self.keep = score, who, keep
         self.served = Served("base", 0, score(base), base)
         self.previous: Served | None = None
 
@@ -69,6 +76,8 @@ class Canary:
                 version,
                 losses[best],
             )
+            if self.keep is not None:
+                self.keep(self.served)
         return Choice(self.served.name, self.served.version, switched, losses)
 
     def rollback(self) -> Served:
@@ -76,6 +85,8 @@ class Canary:
         if self.previous is None:
             return self.served
         self.served, self.previous = self.previous, None
+        if self.keep is not None:
+            self.keep(self.served)
         log.info(
             "%s canary: rolled back to %s v%d", self.who, self.served.name, self.served.version
         )

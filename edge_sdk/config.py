@@ -30,6 +30,8 @@ PRECISIONS = {
 TUNERS = ("backprop", "zo", "mix")
 BACKPROP_PARAMS = ("all", "lora_b")
 ZO_PARAMS = ("lora_b", "all")
+STARTS = ("served", "global")
+SHARES = ("all", "lora_a")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class TuningConfig:
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # adapted projections
     seed: int = 0  # batch sampling seed (mixed with device id and round)
+    start: str = "served"  # each round tunes from: served (what the canary serves) | global
+    share: str = "all"  # what a dense update sends: all | lora_a (shared A, B stays: FedSA-LoRA)
     zo_lr: float = 1e-2  # zeroth-order step size (B-only LoRA: best of a sweep, shared/research)
     zo_eps: float = 1e-3  # zeroth-order perturbation scale
     zo_perturbations: int = 1  # directions per zeroth-order step (sub-steps of lr / n each)
@@ -96,6 +100,17 @@ class TuningConfig:
             )
         if not 0.0 < self.lr < 1.0:
             raise ConfigError(f"[tuning] lr must be in (0, 1), got {self.lr}")
+        if self.start not in STARTS:
+            raise ConfigError(f"[tuning] start {self.start!r} is not one of {STARTS}")
+        if self.share not in SHARES:
+            raise ConfigError(f"[tuning] share {self.share!r} is not one of {SHARES}")
+        if self.share == "lora_a" and (
+            self.tuner != "backprop" or self.backprop_params != "all" or self.start != "served"
+        ):
+            raise ConfigError(
+                '[tuning] share = "lora_a" (FedSA-LoRA) needs tuner = "backprop" moving A and B '
+                '(backprop_params = "all") and start = "served": B is the device\'s own'
+            )
         if self.zo_params not in ZO_PARAMS:
             raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")
         if self.mix_zo_steps < 0:

@@ -33,7 +33,7 @@ import numpy as np
 
 from fleetune.edge_sdk import codec
 from fleetune.edge_sdk.adapters.lora.config import LoraSpec
-from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.adapters.lora.flat import PARTS, FlatLayout
 from fleetune.edge_sdk.adapters.lora.io import check_layout
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -46,6 +46,7 @@ MAX_INT = 2**63 - 1  # what SQLite and numpy int64 hold
 # replay must stay bit-for-bit. Devices refuse a pool that names another version.
 Z_VERSION = 1
 ZO_PARTS = ("lora_b", "all")  # what zeroth-order steps move
+UPDATE_PARTS = ("all", "lora_a")  # what a dense update sends (lora_a: shared A, personal B)
 BASIS_PART = "lora_b"  # what a basis spans; A is the fleet's shared init
 MAX_MIX_COEF = 100.0  # larger mixture coefficients are refused as garbage
 MAX_SEED_COEF = 1.0  # |lr * projected gradient| above this moves a 184k-entry z by norm > 400
@@ -335,7 +336,9 @@ class Announcement:
 # -- device → server ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Update:
-    """A device's round result against adapter ``from_version``: a dense delta or a seed run."""
+    """A device's round result against adapter ``from_version``: a dense delta or a seed run.
+    ``part="lora_a"`` (shared A, personal B: FedSA-LoRA) sends the A matrices only; B never
+    leaves the device, and the decoded delta holds zeros there."""
 
     sender: str
     round: int
@@ -344,10 +347,18 @@ class Update:
     delta: Tensors | None = None
     seeds: SeedRun | None = None
     metrics: dict = field(default_factory=dict)
+    part: str = "all"
 
     def encode(self, fleet: Fleet, encoding: str = "q8") -> bytes:
         if (self.delta is None) == (self.seeds is None):
             raise PayloadError("an update carries a dense delta or seeds, exactly one")
+        if self.part not in UPDATE_PARTS or (self.part != "all" and self.seeds is not None):
+            raise PayloadError(f"a dense update sends part {UPDATE_PARTS}, got {self.part!r}")
+        metrics = {**self.metrics, **(self.seeds.meta() if self.seeds is not None else {})}
+        body = self.seeds.body() if self.seeds is not None else self.delta
+        if self.part != "all" and body is not None:
+            metrics["part"] = self.part
+            body = {k: v for k, v in body.items() if PARTS[self.part] in k}
         header = fleet.header(
             "update",
             self.sender,
@@ -355,20 +366,27 @@ class Update:
             round=self.round,
             num_examples=self.num_examples,
             version=self.from_version,
-            metrics={**self.metrics, **(self.seeds.meta() if self.seeds is not None else {})},
+            metrics=metrics,
         )
-        body = self.seeds.body() if self.seeds is not None else self.delta
         assert body is not None  # checked above: exactly one of the two
         return codec.encode(header, body)
 
     @classmethod
     def decode(cls, payload: bytes, fleet: Fleet) -> Update:
         header, body = fleet.open(payload, "update")
-        seeds, delta = None, None
+        seeds, delta, part = None, None, header.metrics.get("part", "all")
         if header.encoding == "seeds":
             seeds = SeedRun.from_body(header.metrics, body)
-        else:
+        elif part == "all":
             delta = fleet.check_dense(header, body)
+        elif part in UPDATE_PARTS:
+            check_layout(body, fleet.spec, fleet.base, part)
+            delta = {
+                name: body[name] if name in body else np.zeros(shape, np.float32)
+                for name, shape in fleet.spec.layout(fleet.base)
+            }
+        if part not in UPDATE_PARTS or (part != "all" and seeds is not None):
+            raise PayloadError(f"update part {str(part)!r:.40} is not one of {UPDATE_PARTS}")
         return cls(
             header.sender,
             header.round,
@@ -377,6 +395,7 @@ class Update:
             delta,
             seeds,
             header.metrics,
+            part,
         )
 
 

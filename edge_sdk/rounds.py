@@ -1,5 +1,13 @@
-"""The device's round loop: follow the server's retained announcements, start each round from
-the adapter it names, tune, and upload through the outbox.
+"""The device's round loop: follow the server's retained announcements, tune, and upload the
+change through the outbox.
+
+Each round starts from the adapter the device serves (``[tuning] start = "served"``, the
+default): its own line of tuning, or the global or cluster adapter where its canary found that
+better. The upload is the change the round made, which the server adds to the global (FedAvg of
+changes); with every device on its own line the global is the mean of their adapters. With
+``start = "global"`` every round starts from the round's global adapter (plain FedAvg).
+With ``share = "lora_a"`` (FedSA-LoRA) the device uploads only the change of the A matrices and
+takes only A from what the server pushes: B never leaves the device.
 
 A zeroth-order device starts from v0, which it derives from the seed, and follows the rounds
 through their seeds (``adapter/global/seeds``); it fetches the dense adapter only when it falls
@@ -16,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fleetune.edge_sdk.adapters.lora import init_lora
+from fleetune.edge_sdk.adapters.lora.flat import PARTS
 from fleetune.edge_sdk.canary import Canary
 from fleetune.edge_sdk.data import ClientData, split_validation
 from fleetune.edge_sdk.errors import PayloadError, TransportError
@@ -69,7 +78,17 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     report.ppl_base = client.evaluate(data.heldout)
     train, val = split_validation(data.train)  # the canary's windows are never trained on
     data = ClientData(data.client, train, data.heldout)
-    canary = Canary(lambda tensors: validation_loss(client, tensors, val), init, client.device)
+    canary = Canary(
+        lambda tensors: validation_loss(client, tensors, val),
+        init,
+        client.device,
+        keep=lambda served: client.store.save_served(
+            PersonalAdapter(served.tensors, version=served.version, local=True).encode(
+                client.fleet, "f32", sender=client.device
+            )
+        ),
+    )
+    restore(client, canary)
     log.info(
         "%s (%s): base perplexity %.1f on %d held-out windows",
         client.device,
@@ -114,7 +133,8 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                     client.store.save_adapter(payload)
             elif msg.topic == topics.personal(client.device):
                 personal = PersonalAdapter.decode(payload, client.fleet)
-                canary.offer({"cluster": personal.tensors}, personal.version)
+                cluster = own_b(client, personal.tensors, canary.served.tensors)
+                canary.offer({"cluster": cluster}, personal.version)
         except PayloadError as err:
             client.refuse(msg, err)
             continue
@@ -135,7 +155,8 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             backend.set_adapter(current.tensors)
             report.ppl_final = client.evaluate(data.heldout)
             report.history.append({"round": announcement.round, "ppl_global": report.ppl_final})
-            serve(client, canary, {"global": current.tensors}, current.version, data, report)
+            offered = {"global": own_b(client, current.tensors, canary.served.tensors)}
+            serve(client, canary, offered, current.version, data, report)
             log.info(
                 "%s: final global adapter v%d, perplexity %.1f; serving %s, perplexity %.1f",
                 client.device,
@@ -151,6 +172,20 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
         done_round = announcement.round
 
 
+def restore(client: EdgeClient, canary: Canary) -> None:
+    """Offer the canary the adapter the device served before a restart (rescored: it is served
+    only if it still beats the base model on the validation text)."""
+    kept = client.store.load_served()
+    if kept is None:
+        return
+    try:
+        saved = PersonalAdapter.decode(kept, client.fleet)
+    except PayloadError as err:
+        log.warning("%s: the served adapter on disk is not usable (%s)", client.device, err)
+        return
+    canary.offer({"kept": saved.tensors}, saved.version)
+
+
 def run_round(
     client: EdgeClient,
     announcement: Announcement,
@@ -159,20 +194,25 @@ def run_round(
     report: DeviceReport,
     canary: Canary,
 ) -> int:
-    """Tune from the round's adapter, let the canary weigh the result against what is served,
-    and queue the update; returns the bytes sent."""
+    """Tune from the served (or the round's) adapter, let the canary weigh the result against
+    what is served, and queue the change; returns the bytes sent."""
     round_ = announcement.round
     client.backend.set_adapter(current.tensors)
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
+    canary.offer({"global": own_b(client, current.tensors, canary.served.tensors)}, current.version)
+    served = client.config.tuning.start == "served"
+    start = canary.served.tensors if served else current.tensors
+    if client.config.tuning.share == "lora_a":  # FedSA: the fleet's A, this device's B
+        start = with_a(current.tensors, start)
     job = Job(client.device, round_, pool=announcement.zo)
-    tuned = client.tuner.tune(client.backend, data, current.tensors, job, client.progress(round_))
+    tuned = client.tuner.tune(client.backend, data, start, job, client.progress(round_))
     client.tuned_adapter = tuned.adapter
     report.ppl_local = client.evaluate(data.heldout)
     report.history.append(
         {"round": round_, "ppl_global": ppl_global, "ppl_local": report.ppl_local}
     )
     log.info(
-        "%s round %d: perplexity %.1f under global v%d → %.1f after %d %s steps",
+        "%s round %d: perplexity %.1f under global v%d → %.1f after %d %s steps from %s",
         client.device,
         round_,
         ppl_global,
@@ -180,9 +220,9 @@ def run_round(
         report.ppl_local,
         tuned.metrics["steps"],
         client.tuner.name,
+        canary.served.name if served else "the global",
     )
-    offered = {"global": current.tensors, "local": tuned.adapter}
-    choice = canary.offer(offered, current.version)
+    choice = canary.offer({"local": tuned.adapter}, current.version)
     update = Update(
         client.device,
         round_,
@@ -196,10 +236,22 @@ def run_round(
             **tuned.metrics,
             **choice.metrics(),
         },
+        part=client.config.tuning.share,
     )
     payload = update.encode(client.fleet, client.config.sync.uplink_encoding)
     client.store.put(client.topics.update(client.device), payload)
     return client.deliver()
+
+
+def own_b(client: EdgeClient, pushed: Tensors, served: Tensors) -> Tensors:
+    """What the device makes of a pushed adapter: all of it, or with ``share = "lora_a"`` its A
+    and the B the device serves (the server's B is never taken)."""
+    return with_a(pushed, served) if client.config.tuning.share == "lora_a" else pushed
+
+
+def with_a(a_from: Tensors, rest: Tensors) -> Tensors:
+    """The A matrices of ``a_from``, everything else from ``rest``."""
+    return {k: a_from[k] if PARTS["lora_a"] in k else v for k, v in rest.items()}
 
 
 def validation_loss(client: EdgeClient, tensors: Tensors, windows: np.ndarray) -> float:

@@ -1,6 +1,7 @@
-"""What a device keeps on disk: an outbox of updates not yet acknowledged by the broker, and the
-adapter it runs. Writes are atomic (temp file + rename), so a reboot or a broker outage loses
-nothing: pending updates are sent again on the next connection."""
+"""What a device keeps on disk: an outbox of updates not yet acknowledged by the broker, the
+global adapter it holds and the adapter it serves. Writes are atomic (temp file + rename), so
+a reboot or a broker outage loses nothing: pending updates are sent again on the next
+connection."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ class DeviceStore:
 
     def load_adapter(self) -> bytes | None:
         path = self.root / "adapter.fltn"
+        return path.read_bytes() if path.exists() else None
+
+    def save_served(self, envelope: bytes) -> None:
+        """Keep the adapter the canary serves (the device's own line), for after a reboot."""
+        atomic_write(self.root / "served.fltn", envelope)
+
+    def load_served(self) -> bytes | None:
+        path = self.root / "served.fltn"
         return path.read_bytes() if path.exists() else None
 
     def save_keys(self, signed: bytes) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from fleetune.edge_sdk.errors import ConfigError
 
 log = logging.getLogger(__name__)
+SERVED = ("base", "global", "local", "cluster", "kept")  # what a device's canary may serve
 
 
 class Metrics:
@@ -46,6 +47,12 @@ class Metrics:
             ["device"],
             registry=r,
         )
+        self.served = Counter(
+            "fleetune_served",
+            "accepted updates by the adapter their device serves (edge_sdk/canary.py)",
+            ["adapter"],
+            registry=r,
+        )
         self._server: WSGIServer | None = None
 
     def accepted(self, nbytes: int, device: str, metrics: dict) -> None:
@@ -54,6 +61,9 @@ class Metrics:
         ppl = metrics.get("ppl_local")
         if isinstance(ppl, (int, float)) and not isinstance(ppl, bool):
             self.perplexity.labels(device).set(float(ppl))
+        served = metrics.get("served")
+        if served is not None:  # a device's word: known names only, so the labels stay few
+            self.served.labels(served if served in SERVED else "other").inc()
 
     def refused(self, nbytes: int, reason: str) -> None:
         self.updates.labels("refused", reason).inc()

@@ -7,6 +7,7 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from fleetune.edge_sdk.config import TuningConfig
     from fleetune.sim.harness import run_demo
     from fleetune.sim.report import is_improved
 
@@ -26,6 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
         mix_steps=args.mix_steps,
         basis_k=args.basis_k,
         clusters=args.clusters,
+        tuning=TuningConfig(start=args.start, share=args.share),
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
@@ -83,6 +85,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--basis-k", type=int, default=8, help="mix: adapters in the basis")
     demo.add_argument(
         "--clusters", type=int, default=0, help="server pushes cluster adapters to k groups"
+    )
+    demo.add_argument(
+        "--start",
+        default="served",
+        choices=("served", "global"),
+        help="each round tunes from what the device serves (its own line) or from the global",
+    )
+    demo.add_argument(
+        "--share",
+        default="all",
+        choices=("all", "lora_a"),
+        help="lora_a: devices upload LoRA A only and keep B (FedSA-LoRA; backprop)",
     )
     demo.add_argument("--json", help="write results here, and a plot next to it (.png)")
     demo.set_defaults(func=_demo)

@@ -68,6 +68,10 @@ ENVELOPES = {
         lambda: Update("d1", 2, 1, 10, delta=_adapter(), metrics={"steps": 3}).encode(FLEET),
         lambda p: Update.decode(p, FLEET),
     ),
+    "update-shared-a": (
+        lambda: Update("d1", 2, 1, 10, delta=_adapter(), part="lora_a").encode(FLEET),
+        lambda p: Update.decode(p, FLEET),
+    ),
     "update-seeds": (
         lambda: Update("d1", 2, 1, 10, seeds=_seeds()).encode(FLEET),
         lambda p: Update.decode(p, FLEET),

@@ -37,7 +37,7 @@ def _tensors(value):
     return {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
 
 
-def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
+def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0, metrics=None):
     delta = {k: np.full_like(v, value) for k, v in init_lora(SPEC, tiny_manifest()).items()}
     header = codec.Header(
         kind="update",
@@ -48,6 +48,7 @@ def _update(device, value, round_=1, base="ab" * 32, examples=10, version=0):
         encoding="f32",
         num_examples=examples,
         version=version,
+        metrics=metrics or {},
     )
     return codec.encode(header, delta)
 
@@ -83,9 +84,13 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     device.publish(topics.update("d0"), _update("d0", 1.0, base="cd" * 32))
     device.publish(topics.update("d0"), _update("d0", 1.0, round_=7))
     device.publish(topics.update("d9"), _update("d0", 1.0))
-    device.publish(topics.update("d1"), _update("d1", 1.0, examples=30))
+    device.publish(
+        topics.update("d1"), _update("d1", 1.0, examples=30, metrics={"served": "local"})
+    )
     device.publish(topics.update("d1"), _update("d1", 9.0))  # a duplicate, after the good one
-    device.publish(topics.update("d2"), _update("d2", -1.0, examples=10))
+    device.publish(
+        topics.update("d2"), _update("d2", -1.0, examples=10, metrics={"served": "x" * 99})
+    )
     thread.join(20)
     with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
         text = page.read().decode()
@@ -106,6 +111,13 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     }.items():
         assert samples[("fleetune_updates_total", result_, reason)] == count, (result_, reason)
     assert samples[("fleetune_rounds_total", None, None)] == 1
+    served = {
+        s.labels["adapter"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "fleetune_served_total"
+    }
+    assert served == {"local": 1, "other": 1}  # a device's odd word is not a new label
     assert samples[("fleetune_adapter_version", None, None)] == 1
     (result,) = out["results"]
     assert result.accepted == ["d1", "d2"]
@@ -616,3 +628,149 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, 
             _verified(server, broker.retained(topics.personal(name))), fleet
         )
         assert pushed.version == 2  # the last round's cluster adapter reached the device
+
+
+def _two_languages(tmp_path, tiny_base, **tuning):
+    """Two devices that write different token languages, 2 rounds of 8 steps with ``tuning``;
+    b has 10x a's training windows (40 and 400), so the FedAvg global leans to b. Returns each
+    device's rounds as (start, tuned), the global after round 1 and the final one."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+
+    broker = MemoryBroker()
+    server = _server(
+        tmp_path, broker, rounds=2, quorum=2, round_timeout_s=120, downlink_encoding="f32"
+    )
+    kinds = {"a": np.arange(16), "b": np.random.default_rng(1).permutation(np.arange(64, 96))}
+    clients, datasets, runs = {}, {}, {}
+    for name, cycle in kinds.items():
+        config = FleetuneConfig(
+            device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
+            tuning=TuningConfig(steps=8, lr=5e-2, lora_r=2, batch_size=4, **tuning),
+            sync=SyncConfig(
+                fleet="t",
+                round_wait_s=120,
+                fleet_key=server.signer.public_hex,
+                uplink_encoding="f32",
+            ),
+        )
+        train = 48 if name == "a" else 408  # windows; the canary takes 8 for validation
+        tokens = np.tile(cycle, (train + 16) * 16 // len(cycle))
+        datasets[name] = ClientData(
+            name, tokens[: train * 16].reshape(-1, 16), tokens[train * 16 :].reshape(-1, 16)
+        )
+        clients[name] = client = EdgeClient(config, base=tiny_base, transport=broker.client(name))
+        client.open()
+        runs[name] = []
+
+        # a spy on the device's tuner records where every round started and ended
+        def spy(backend, data, begin, job, progress=None, tune=client.tuner.tune, log=runs[name]):
+            tuned = tune(backend, data, begin, job, progress)
+            log.append(({k: v.copy() for k, v in begin.items()}, tuned.adapter))
+            return tuned
+
+        client.tuner.tune = spy
+    thread, out = _run_in_thread(server)
+    threads = [
+        started(lambda n=n: clients[n].run(ClientText(n, ""), data=datasets[n]), name=n)
+        for n in clients
+    ]
+    for t in threads:
+        t.join(300)
+    for client in clients.values():
+        client.close()
+    thread.join(60)
+    final = dict(server.current)
+    server.close()
+    assert [len(r.accepted) for r in out["results"]] == [2, 2]
+    (_, tuned_a), _ = runs["a"]
+    (_, tuned_b), _ = runs["b"]
+    first = {k: (40 * tuned_a[k] + 400 * tuned_b[k]) / 440 for k in tuned_a}  # FedAvg, f32
+    return runs, first, final
+
+
+@pytest.mark.parametrize("start", ["served", "global"])
+def test_a_round_starts_from_what_the_device_serves_and_uploads_its_change(
+    tmp_path, tiny_base, start
+):
+    """With ``start = "served"`` device a's second round goes on from its own first-round
+    adapter (its canary finds it better than a global that leans to b's language); with
+    ``start = "global"`` it starts from the global. Either way the server adds the weighted
+    mean of the changes the devices made."""
+    # Execute
+    runs, first, final = _two_languages(tmp_path, tiny_base, start=start)
+    # Assert
+    (_, tuned_a), (second_a, last_a) = runs["a"]
+    (_, (second_b, last_b)) = runs["b"]
+    for k in tuned_a:
+        expected = tuned_a[k] if start == "served" else first[k]
+        np.testing.assert_allclose(second_a[k], expected, atol=1e-4)
+        change = (40 * (last_a[k] - second_a[k]) + 400 * (last_b[k] - second_b[k])) / 440
+        np.testing.assert_allclose(final[k], first[k] + change, atol=1e-4)
+
+
+def test_shared_a_personal_b_never_uploads_or_takes_b(tmp_path, tiny_base):
+    """FedSA-LoRA (``share = "lora_a"``): the server's B stays at the init (zero); each device's
+    second round starts from the fleet's A and its own B."""
+    # Execute
+    runs, first, final = _two_languages(tmp_path, tiny_base, share="lora_a")
+    # Assert
+    (_, tuned_a), (second_a, _) = runs["a"]
+    for k in tuned_a:
+        if ".lora_B." in k:
+            assert not final[k].any(), k
+            np.testing.assert_array_equal(second_a[k], tuned_a[k])
+        else:
+            np.testing.assert_allclose(second_a[k], first[k], atol=1e-4)
+    assert any(np.abs(tuned_a[k]).max() > 0 for k in tuned_a if ".lora_B." in k)
+
+
+def test_the_served_adapter_survives_a_restart(tmp_path, tiny_base):
+    """A device that restarts offers its canary the adapter it served before (kept on disk);
+    the first round after the restart goes on from it."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+
+    tokens = np.tile(np.arange(16), 64)
+    data = ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    starts, ends = [], []
+
+    def run_once(name: str) -> None:
+        broker = MemoryBroker()
+        server = _server(tmp_path / name, broker, rounds=1, quorum=1, downlink_encoding="f32")
+        config = FleetuneConfig(
+            device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
+            tuning=TuningConfig(steps=8, lr=5e-2, lora_r=2, batch_size=4),
+            sync=SyncConfig(
+                fleet="t",
+                round_wait_s=60,
+                fleet_key=server.signer.public_hex,
+                uplink_encoding="f32",
+            ),
+        )
+        thread, _ = _run_in_thread(server)
+        with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
+            tune = client.tuner.tune
+
+            def spy(backend, data, begin, job, progress=None):
+                starts.append({k: v.copy() for k, v in begin.items()})
+                tuned = tune(backend, data, begin, job, progress)
+                ends.append(tuned.adapter)
+                return tuned
+
+            client.tuner.tune = spy
+            client.run(ClientText("a", ""), data=data)
+        thread.join(30)
+        server.close()
+
+    # Execute: one run, a restart, another run
+    run_once("first")
+    run_once("second")
+    # Assert: the second run started from what the first served: its own tuning (or the global,
+    # which with one device and an f32 uplink is the same up to rounding)
+    init = init_lora(SPEC, tiny_base)
+    for k in init:
+        np.testing.assert_array_equal(starts[0][k], init[k])
+        np.testing.assert_allclose(starts[1][k], ends[0][k], atol=1e-6)

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -62,6 +63,26 @@ def test_updates_round_trip_dense_and_seeds():
     assert [i for i, _ in seeds.seeds.pairs()] == [3, 5, 3]
     assert [c for _, c in seeds.seeds.pairs()] == pytest.approx([0.01, -0.02, 0.005])
     assert seeds.seeds.merged() == pytest.approx({3: 0.015, 5: -0.02})
+
+
+def test_a_shared_a_update_carries_no_b_and_decodes_with_zero_b():
+    payload = ENVELOPES["update-shared-a"][0]()
+    _, body = codec.decode(payload)
+    update = Update.decode(payload, FLEET)
+    assert body and all(".lora_A." in name for name in body)
+    assert update.part == "lora_a" and update.delta is not None
+    for name, value in update.delta.items():
+        assert value.any() == (".lora_A." in name), name
+    full = len(ENVELOPES["update"][0]())
+    assert len(payload) < 0.75 * full  # B's bytes stay home (A is the smaller half here: r x in)
+
+
+@pytest.mark.parametrize("part", ["lora_b", 7, ["all"]])
+def test_an_update_of_another_part_is_refused_by_name(part):
+    header, body = codec.decode(ENVELOPES["update-shared-a"][0]())
+    forged = codec.encode(replace(header, metrics={**header.metrics, "part": part}), body)
+    with pytest.raises(PayloadError, match="update part"):
+        Update.decode(forged, FLEET)
 
 
 def test_global_adapters_round_trip_in_both_forms():

@@ -46,6 +46,9 @@ def test_toml_maps_onto_the_dataclasses(tmp_path):
         ('[device]\nid = "a/b"\n', "device id"),
         ('[sync]\nprotocol = "4"\n', "protocol"),
         ("[sync\n", "cannot read config"),
+        ('[tuning]\nstart = "cluster"\n', "start 'cluster' is not one of"),
+        ('[tuning]\nshare = "lora_a"\ntuner = "zo"\n', "FedSA-LoRA.* needs tuner"),
+        ('[tuning]\nshare = "lora_a"\nstart = "global"\n', "FedSA-LoRA.* needs"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, toml, message):

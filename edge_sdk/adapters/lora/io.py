@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from fleetune.edge_sdk.adapters.lora.config import LoraSpec
+from fleetune.edge_sdk.adapters.lora.flat import PARTS
 from fleetune.edge_sdk.errors import PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
 
@@ -31,9 +32,11 @@ def init_lora(spec: LoraSpec, base: BaseManifest) -> Tensors:
     return tensors
 
 
-def check_layout(tensors: Tensors, spec: LoraSpec, base: BaseManifest) -> None:
-    """Raise ``PayloadError`` naming the first tensor missing, extra, misshapen or not finite."""
-    expected = dict(spec.layout(base))
+def check_layout(tensors: Tensors, spec: LoraSpec, base: BaseManifest, part: str = "all") -> None:
+    """Raise ``PayloadError`` naming the first tensor missing, extra, misshapen or not finite;
+    ``part="lora_a"`` expects the A matrices only (a shared-A update)."""
+    marker = PARTS[part]
+    expected = {name: shape for name, shape in spec.layout(base) if marker in name}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
