@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fleetune.edge_sdk.codec.compress import ENCODINGS
-from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.codec.compress import parse_encoding
+from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.transport.topics import check_id
 
 if sys.version_info >= (3, 11):
@@ -156,7 +156,8 @@ class SyncConfig:
     port: int = 1883
     fleet: str = "default"  # topic namespace: fleetune/<fleet>/...
     protocol: str = "3.1.1"  # "3.1.1" or "5"
-    uplink_encoding: str = "q8"  # device → server update encoding (f32 | f16 | q8)
+    uplink_encoding: str = "q8"  # dense updates: f32 | f16 | q8 | q4 | sq8 | sq4 | topk:F+VALUE
+    error_feedback: bool = True  # carry what a lossy uplink dropped into the next update
     round_wait_s: float = 600.0  # how long a device waits for the next announcement
     fleet_key: str = ""  # the fleet's Ed25519 public key (64 hex digits): pushes must be signed
     tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
@@ -169,8 +170,11 @@ class SyncConfig:
             raise ConfigError(f"[sync] protocol must be '3.1.1' or '5', got {self.protocol!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"[sync] port {self.port} is out of range")
-        if self.uplink_encoding not in ENCODINGS:
-            raise ConfigError(f"[sync] uplink_encoding must be one of {ENCODINGS}")
+        try:
+            if parse_encoding(self.uplink_encoding).value == "seeds":
+                raise PayloadError("seeds is chosen by the tuner (zo), not by the uplink")
+        except PayloadError as err:
+            raise ConfigError(f"[sync] uplink_encoding: {err}") from err
         if self.fleet_key:
             from fleetune.edge_sdk.signing import parse_key
 

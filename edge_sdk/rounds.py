@@ -23,9 +23,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fleetune.edge_sdk import codec
 from fleetune.edge_sdk.adapters.lora import init_lora
 from fleetune.edge_sdk.adapters.lora.flat import PARTS
 from fleetune.edge_sdk.canary import Canary
+from fleetune.edge_sdk.codec import parse_encoding
+from fleetune.edge_sdk.codec.feedback import ErrorFeedback
 from fleetune.edge_sdk.data import ClientData, split_validation
 from fleetune.edge_sdk.errors import PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
@@ -223,12 +226,21 @@ def run_round(
         canary.served.name if served else "the global",
     )
     choice = canary.offer({"local": tuned.adapter}, current.version)
+    sync = client.config.sync
+    feedback = None
+    if (
+        tuned.delta is not None
+        and sync.error_feedback
+        and parse_encoding(sync.uplink_encoding).lossy
+    ):
+        feedback = ErrorFeedback(client.store.root / "residual.safetensors")
+    delta = feedback.add(tuned.delta) if feedback is not None and tuned.delta else tuned.delta
     update = Update(
         client.device,
         round_,
         current.version,
         len(data.train),
-        delta=tuned.delta,
+        delta=delta,
         seeds=tuned.seeds,
         metrics={
             "ppl_local": report.ppl_local,
@@ -238,8 +250,10 @@ def run_round(
         },
         part=client.config.tuning.share,
     )
-    payload = update.encode(client.fleet, client.config.sync.uplink_encoding)
+    payload = update.encode(client.fleet, sync.uplink_encoding)
     client.store.put(client.topics.update(client.device), payload)
+    if feedback is not None and delta is not None:  # what the server decodes, it has
+        feedback.keep(delta, codec.decode(payload)[1])
     return client.deliver()
 
 

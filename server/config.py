@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetune.edge_sdk.codec.compress import ENCODINGS
 from fleetune.edge_sdk.config import section
 from fleetune.edge_sdk.errors import ConfigError
 from fleetune.edge_sdk.transport.topics import check_id
@@ -21,6 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum")
+DOWNLINK = ("f32", "f16", "q8", "q4")  # what whole adapters and bases may be pushed as
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class ServerConfig:
             raise ConfigError("[server] krum_byzantine >= 0 and max_messages_per_round >= 1")
         if self.zo_pool_size < 1 or self.zo_params not in ("lora_b", "all"):
             raise ConfigError("[server] zo_pool_size >= 1 and zo_params in (lora_b, all) required")
-        if self.downlink_encoding not in ENCODINGS or self.downlink_encoding == "seeds":
-            raise ConfigError(f"[server] downlink_encoding must be one of {ENCODINGS}")
+        if self.downlink_encoding not in DOWNLINK:  # a whole adapter: no sparsity, no seeds
+            raise ConfigError(f"[server] downlink_encoding must be one of {DOWNLINK}")
         if not 0 <= self.clusters <= 64:
             raise ConfigError(f"[server] clusters must be in 0..64, got {self.clusters}")
         if not 0 <= self.basis_k <= 64 or self.mix_quorum < 0:
@@ -85,8 +85,8 @@ class ServerConfig:
                 "[server] a mixture basis (basis_k > 0) needs adapters that share LoRA A: "
                 'zo_params must be "lora_b"'
             )
-        if self.basis_encoding not in ("f32", "f16", "q8"):
-            raise ConfigError("[server] basis_encoding must be one of f32, f16, q8")
+        if self.basis_encoding not in DOWNLINK:
+            raise ConfigError(f"[server] basis_encoding must be one of {DOWNLINK}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"[server] metrics_port {self.metrics_port} is out of range")
         if self.protocol not in ("3.1.1", "5"):

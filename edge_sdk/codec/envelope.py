@@ -20,7 +20,12 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fleetune.edge_sdk.codec.compress import ENCODINGS, Tensors, decode_tensors, encode_tensors
+from fleetune.edge_sdk.codec.compress import (
+    Tensors,
+    decode_tensors,
+    encode_tensors,
+    parse_encoding,
+)
 from fleetune.edge_sdk.errors import PayloadError
 
 MAGIC = b"FLTN"
@@ -41,7 +46,7 @@ class Header:
     round: int  # the round this belongs to
     base_sha256: str  # the base model it is for
     adapter: dict  # the adapter spec (LoraSpec.to_dict())
-    encoding: str  # "f32" | "f16" | "q8"
+    encoding: str  # codec/compress.py: f32 | f16 | q8 | q4 | sq8 | sq4 | seeds | topk:F+VALUE
     num_examples: int = 0  # training windows behind an update (FedAvg weight)
     version: int = 0  # adapter version (for kind "adapter")
     metrics: dict = field(default_factory=dict)  # small numbers: losses, steps, seconds
@@ -49,8 +54,7 @@ class Header:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PayloadError(f"header kind {self.kind!r} is not one of {KINDS}")
-        if self.encoding not in ENCODINGS:
-            raise PayloadError(f"header encoding {self.encoding!r} is not one of {ENCODINGS}")
+        parse_encoding(self.encoding)  # an unknown codec is refused by name
         for name in ("round", "num_examples", "version"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:

@@ -68,6 +68,14 @@ ENVELOPES = {
         lambda: Update("d1", 2, 1, 10, delta=_adapter(), metrics={"steps": 3}).encode(FLEET),
         lambda p: Update.decode(p, FLEET),
     ),
+    "update-topk": (
+        lambda: Update("d1", 2, 1, 10, delta=_adapter()).encode(FLEET, "topk:0.1+sq4"),
+        lambda p: Update.decode(p, FLEET),
+    ),
+    "update-q4": (
+        lambda: Update("d1", 2, 1, 10, delta=_adapter()).encode(FLEET, "q4"),
+        lambda p: Update.decode(p, FLEET),
+    ),
     "update-shared-a": (
         lambda: Update("d1", 2, 1, 10, delta=_adapter(), part="lora_a").encode(FLEET),
         lambda p: Update.decode(p, FLEET),
@@ -131,9 +139,9 @@ def _update_header(head: bytes) -> None:
     Update.decode(_framed(head, _split(ENVELOPES["update"][0]())[1]), FLEET)
 
 
-def _update_body(body: bytes) -> None:
-    """Any body under a valid update's header."""
-    Update.decode(_framed(_split(ENVELOPES["update"][0]())[0], body), FLEET)
+def _update_body(body: bytes, envelope: str = "update") -> None:
+    """Any body under a valid update's header (``envelope``: which one's)."""
+    Update.decode(_framed(_split(ENVELOPES[envelope][0]())[0], body), FLEET)
 
 
 def _server_check(payload: bytes) -> None:
@@ -155,6 +163,7 @@ TARGETS: dict[str, Callable[[bytes], object]] = {
     **ALL_DECODERS,
     "update-header": _update_header,
     "update-body": _update_body,
+    "update-topk-body": lambda body: _update_body(body, "update-topk"),
     "server-check": _server_check,
     "device-open": _device_open,
 }
@@ -171,6 +180,7 @@ SEEDS: dict[str, Callable[[], bytes]] = {
     "status": lambda: DeviceStatus("online", "adapter/global: bad signature").encode(),
     "update-header": lambda: _split(ENVELOPES["update"][0]())[0],
     "update-body": lambda: _split(ENVELOPES["update"][0]())[1],
+    "update-topk-body": lambda: _split(ENVELOPES["update-topk"][0]())[1],
     "server-check": ENVELOPES["update"][0],
     "device-open": lambda: SIGNER.key_list([SIGNER.public], 1),
 }

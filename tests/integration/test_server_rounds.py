@@ -774,3 +774,54 @@ def test_the_served_adapter_survives_a_restart(tmp_path, tiny_base):
     for k in init:
         np.testing.assert_array_equal(starts[0][k], init[k])
         np.testing.assert_allclose(starts[1][k], ends[0][k], atol=1e-6)
+
+
+def test_a_sparse_uplink_loses_nothing_it_only_delays(tmp_path, tiny_base):
+    """``uplink_encoding = "topk:0.1+q8"``: the server decodes the sparse updates, and what top-k
+    left out waits on the device (error feedback): the global's change plus the device's residual
+    equals the sum of what the device's rounds changed."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.codec.feedback import ErrorFeedback
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+
+    # Prepare
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, rounds=2, quorum=1, downlink_encoding="f32")
+    config = FleetuneConfig(
+        device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
+        tuning=TuningConfig(steps=6, lr=5e-2, lora_r=2, batch_size=4),
+        sync=SyncConfig(
+            fleet="t",
+            round_wait_s=60,
+            fleet_key=server.signer.public_hex,
+            uplink_encoding="topk:0.1+q8",
+        ),
+    )
+    tokens = np.tile(np.arange(16), 64)
+    data = ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    changes = []
+    thread, out = _run_in_thread(server)
+    # Execute
+    with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
+        tune = client.tuner.tune
+
+        def spy(backend, data, begin, job, progress=None):
+            tuned = tune(backend, data, begin, job, progress)
+            changes.append(tuned.delta)
+            return tuned
+
+        client.tuner.tune = spy
+        client.run(ClientText("a", ""), data=data)
+    thread.join(30)
+    final = dict(server.current)
+    server.close()
+    # Assert
+    assert [r.accepted for r in out["results"]] == [["a"], ["a"]]
+    residual = ErrorFeedback(tmp_path / "device" / "residual.safetensors").residual()
+    init = init_lora(SPEC, tiny_base)
+    assert any(np.abs(v).max() > 0 for v in residual.values())
+    for k in init:
+        np.testing.assert_allclose(
+            final[k] - init[k] + residual[k], changes[0][k] + changes[1][k], atol=1e-5
+        )
