@@ -27,6 +27,7 @@ from fleetune.edge_sdk.protocol import DeviceStatus, Fleet
 from fleetune.edge_sdk.signing import Keyring, parse_key, unwrap
 from fleetune.edge_sdk.store import DeviceStore
 from fleetune.edge_sdk.transport.base import Message, Transport
+from fleetune.edge_sdk.transport.chunks import ChunkedTransport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.edge_sdk.tuners.base import LocalTuner, Progress, Tensors, make_tuner
 
@@ -59,7 +60,7 @@ class EdgeClient:
         self.spec = LoraSpec(r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets)
         self._base = base
         self._bundle = bundle
-        self._transport = transport
+        self._transport = self._chunked(transport) if transport is not None else None
         self._backend: Backend | None = None
         self._store = store
         self._layout: FlatLayout | None = None
@@ -198,19 +199,25 @@ class EdgeClient:
             self._backend.close()
             self._backend = None
 
+    def _chunked(self, transport: Transport) -> ChunkedTransport:
+        """Whatever carries the messages, payloads above the limit go in chunks."""
+        return ChunkedTransport(transport, self.config.sync.max_message_bytes)
+
     def connect(self) -> Transport:
         if self._transport is None:
             from fleetune.edge_sdk.transport.mqtt import MqttTransport
 
             sync = self.config.sync
             will = (self.topics.status(self.device), DeviceStatus("offline").encode())
-            self._transport = MqttTransport(
-                sync.host,
-                sync.port,
-                f"{sync.fleet}-{self.device}",
-                protocol=sync.protocol,
-                will=will,
-                tls=sync.tls(),
+            self._transport = self._chunked(
+                MqttTransport(
+                    sync.host,
+                    sync.port,
+                    f"{sync.fleet}-{self.device}",
+                    protocol=sync.protocol,
+                    will=will,
+                    tls=sync.tls(),
+                )
             )
         transport = self._transport
         transport.subscribe(self.topics.keys)

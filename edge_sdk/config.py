@@ -14,6 +14,7 @@ from typing import Any
 
 from fleetune.edge_sdk.codec.compress import parse_encoding
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.transport.chunks import MIN_LIMIT as MIN_CHUNK_LIMIT
 from fleetune.edge_sdk.transport.topics import check_id
 
 if sys.version_info >= (3, 11):
@@ -158,6 +159,7 @@ class SyncConfig:
     protocol: str = "3.1.1"  # "3.1.1" or "5"
     uplink_encoding: str = "q8"  # dense updates: f32 | f16 | q8 | q4 | sq8 | sq4 | topk:F+VALUE
     error_feedback: bool = True  # carry what a lossy uplink dropped into the next update
+    max_message_bytes: int = 131072  # larger payloads travel in chunks (AWS IoT Core: 128 KB)
     round_wait_s: float = 600.0  # how long a device waits for the next announcement
     fleet_key: str = ""  # the fleet's Ed25519 public key (64 hex digits): pushes must be signed
     tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
@@ -170,6 +172,8 @@ class SyncConfig:
             raise ConfigError(f"[sync] protocol must be '3.1.1' or '5', got {self.protocol!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"[sync] port {self.port} is out of range")
+        if self.max_message_bytes < MIN_CHUNK_LIMIT:
+            raise ConfigError(f"[sync] max_message_bytes must be >= {MIN_CHUNK_LIMIT}")
         try:
             if parse_encoding(self.uplink_encoding).value == "seeds":
                 raise PayloadError("seeds is chosen by the tuner (zo), not by the uplink")

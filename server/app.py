@@ -41,6 +41,7 @@ from fleetune.edge_sdk.protocol import (
 )
 from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
+from fleetune.edge_sdk.transport.chunks import ChunkedTransport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.clusters import cluster_adapters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
@@ -84,7 +85,7 @@ class FleetServer:
         self.signer = Signer.load_or_create(key_path)
         self.key_list = key_path.parent / KEYS_SIGNED  # a rotation's list (``fleet rotate-key``)
         (root / "fleet-key.pub").write_text(self.signer.public_hex + "\n")
-        self._transport = transport
+        self._transport = self._chunked(transport) if transport is not None else None
         self.version, self.first_round, self.current = self.state.resume()
         if self.version:
             log.info("resuming from adapter v%d at round %d", self.version, self.first_round)
@@ -109,18 +110,26 @@ class FleetServer:
             raise TransportError("the server is not connected: call run() or connect()")
         return self._transport
 
+    def _chunked(self, transport: Transport) -> ChunkedTransport:
+        """Payloads above the limit go in chunks; chunks received are on disk before they are
+        acknowledged (``<state_dir>/chunks``)."""
+        limit = self.config.max_message_bytes
+        return ChunkedTransport(transport, limit, spool=self.state_dir / "chunks")
+
     def connect(self) -> Transport:
         if self._transport is None:
             from fleetune.edge_sdk.transport.mqtt import MqttTransport
 
             c = self.config
-            self._transport = MqttTransport(
-                c.host,
-                c.port,
-                f"{c.fleet}-server",
-                protocol=c.protocol,
-                tls=c.tls(),
-                manual_ack=True,  # an update is acknowledged once it is on disk
+            self._transport = self._chunked(
+                MqttTransport(
+                    c.host,
+                    c.port,
+                    f"{c.fleet}-server",
+                    protocol=c.protocol,
+                    tls=c.tls(),
+                    manual_ack=True,  # an update is acknowledged once it is on disk
+                )
             )
         self._transport.subscribe(self.topics.all_updates)
         self._transport.subscribe(self.topics.all_status)

@@ -134,13 +134,21 @@ class BrokerTls:
     acl: Path
 
 
-def mosquitto_conf(host: str, port: int, data_dir: Path, tls: BrokerTls | None = None) -> str:
+def mosquitto_conf(
+    host: str,
+    port: int,
+    data_dir: Path,
+    tls: BrokerTls | None = None,
+    message_size_limit: int = 0,
+) -> str:
     """The mosquitto configuration fleetune runs and ships (``fleetune fleet provision``).
 
     Retained messages (announcement, adapters, keys) and the queued messages of persistent
     sessions are saved on every change (``autosave_on_changes`` with an interval of 1), so a
     broker killed by a signal restarts with what it had acknowledged; the cost is one write of
-    the broker's database per change, small next to a round of tuning.
+    the broker's database per change, small next to a round of tuning. ``message_size_limit``
+    (bytes, 0 = mosquitto's own 256 MB) drops larger payloads, as AWS IoT Core does over 128 KB:
+    fleetune sends larger ones in chunks (``edge_sdk/transport/chunks.py``).
     """
     lines = [
         f"listener {port} {host}",
@@ -149,7 +157,7 @@ def mosquitto_conf(host: str, port: int, data_dir: Path, tls: BrokerTls | None =
         "autosave_on_changes true",
         "autosave_interval 1",
         "max_queued_messages 1000",
-        "message_size_limit 0",
+        f"message_size_limit {message_size_limit}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
@@ -183,8 +191,10 @@ class MosquittoBroker:
         port: int = 0,
         binary: str | None = None,
         tls: BrokerTls | None = None,
+        message_size_limit: int = 0,
     ) -> None:
         self.host, self.port, self.tls = host, port or free_port(host), tls
+        self.message_size_limit = message_size_limit
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
@@ -197,7 +207,9 @@ class MosquittoBroker:
         self._dir = tempfile.TemporaryDirectory(prefix="fleetune-mosquitto-")
         root = Path(self._dir.name)
         (root / "data").mkdir()
-        conf = mosquitto_conf(self.host, self.port, root / "data", self.tls)
+        conf = mosquitto_conf(
+            self.host, self.port, root / "data", self.tls, self.message_size_limit
+        )
         if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto unless told otherwise
             conf += "user root\n"
         (root / "mosquitto.conf").write_text(conf)

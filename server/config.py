@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from fleetune.edge_sdk.config import section
 from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.transport.chunks import MIN_LIMIT as MIN_CHUNK_LIMIT
 from fleetune.edge_sdk.transport.topics import check_id
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class ServerConfig:
     signing_key: str = ""  # Ed25519 PEM that signs every push; "" = <state_dir>/signing-key.pem
     # (created on first start; devices pin its public key, <state_dir>/fleet-key.pub)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
+    max_message_bytes: int = 131072  # larger pushes travel in chunks (AWS IoT Core: 128 KB)
     metrics_host: str = "127.0.0.1"  # where /metrics listens
     tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
     tls_cert: str = ""  # the server's client certificate
@@ -87,6 +89,8 @@ class ServerConfig:
             )
         if self.basis_encoding not in DOWNLINK:
             raise ConfigError(f"[server] basis_encoding must be one of {DOWNLINK}")
+        if self.max_message_bytes < MIN_CHUNK_LIMIT:
+            raise ConfigError(f"[server] max_message_bytes must be >= {MIN_CHUNK_LIMIT}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"[server] metrics_port {self.metrics_port} is out of range")
         if self.protocol not in ("3.1.1", "5"):

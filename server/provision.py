@@ -66,26 +66,23 @@ def broker_tls(root: Path) -> BrokerTls:
 def acl(fleet: str, server: str = SERVER_NAME) -> str:
     """The server reads and writes the whole fleet; a device (``%u``: its certificate's common
     name) publishes its own update, mixture and status, and reads the shared pushes and its own
-    personal adapter. Anything else is denied by the broker."""
+    personal adapter (each also in chunks). Anything else is denied by the broker."""
     p = f"{ROOT}/{fleet}"
-    return "\n".join(
-        [
-            f"user {server}",
-            f"topic readwrite {p}/#",
-            "",
-            f"pattern write {p}/update/%u",
-            f"pattern write {p}/mixture/%u",
-            f"pattern readwrite {p}/status/%u",
-            f"pattern read {p}/round",
-            f"pattern read {p}/keys",
-            f"pattern read {p}/adapter/global",
-            f"pattern read {p}/adapter/global/seeds",
-            f"pattern read {p}/adapter/basis",
-            f"pattern read {p}/adapter/basis/prior",
-            f"pattern read {p}/adapter/device/%u",
-            "",
-        ]
-    )
+    device = [
+        ("write", "update/%u"),
+        ("write", "mixture/%u"),
+        ("readwrite", "status/%u"),
+        ("read", "round"),
+        ("read", "keys"),
+        ("read", "adapter/global"),
+        ("read", "adapter/global/seeds"),
+        ("read", "adapter/basis"),
+        ("read", "adapter/basis/prior"),
+        ("read", "adapter/device/%u"),
+    ]
+    # each topic with its chunk topics (edge_sdk/transport/chunks.py: {topic}/c/{i})
+    lines = [f"pattern {how} {p}/{topic}{tail}" for how, topic in device for tail in ("", "/c/+")]
+    return "\n".join([f"user {server}", f"topic readwrite {p}/#", "", *lines, ""])
 
 
 def provision(

@@ -4,6 +4,7 @@ pushes under a rotated key, and retained state and queued updates that survive a
 SIGKILL."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,13 +31,16 @@ pytestmark = pytest.mark.integration
 FLEET = "trust"
 SPEC = LoraSpec(r=2)
 TOPICS = Topics(FLEET)
+AWS_LIMIT = 128 * 1024
 
 
 @pytest.fixture
 def fleet(tmp_path):
-    """A provisioned fleet (devices pi-a, pi-b) and mosquitto running its configuration."""
+    """A provisioned fleet (devices pi-a, pi-b) and mosquitto running its configuration, with
+    AWS IoT Core's limit: payloads over 128 KB are dropped."""
     done = provision(tmp_path / "fleet", FLEET, ["pi-a", "pi-b"], port=free_port())
-    with MosquittoBroker(port=_port(done), tls=done.broker_tls) as broker:
+    tls, limit = done.broker_tls, AWS_LIMIT
+    with MosquittoBroker(port=_port(done), tls=tls, message_size_limit=limit) as broker:
         yield done, broker
 
 
@@ -120,6 +124,53 @@ def test_the_acl_confines_each_device_to_its_own_topics(fleet):
     assert (TOPICS.global_adapter, b"server adapter") in seen
     assert (TOPICS.personal("pi-a"), b"for pi-a") in seen
     assert not {p for _, p in seen} & {b"for pi-b only", b"pi-b update"}
+
+
+def test_payloads_over_the_brokers_limit_travel_in_chunks_through_the_acl(fleet, tmp_path):
+    """Loss, duplication and reordering over the real broker; a device that connects late gets a
+    retained chunked push; the same payload unchunked never arrives."""
+    from fleetune.edge_sdk.transport.chunks import ChunkedTransport, chunk_topic, split
+
+    # Prepare
+    done, _ = fleet
+    server = ChunkedTransport(_client(done, "server"), AWS_LIMIT, spool=tmp_path / "spool")
+    pi_a = ChunkedTransport(_client(done, "pi-a"), AWS_LIMIT)
+    server.subscribe(TOPICS.all_updates)
+    for t in (server, pi_a):
+        t.connect(timeout=10)
+    update, again, adapter = os.urandom(600_000), os.urandom(300_000), os.urandom(400_000)
+    try:
+        # Execute: a chunked update; the same raw (dropped by the broker); a marker
+        pi_a.publish(TOPICS.update("pi-a"), update)
+        whole = server.recv(timeout=20)
+        pi_a.inner.publish(TOPICS.update("pi-a"), update)
+        pi_a.publish(TOPICS.update("pi-a"), b"marker")
+        after = server.recv(timeout=20)
+        # chunks by hand: reversed, one twice, one missing; then the missing one
+        manifest, chunks = split(again, AWS_LIMIT)
+        topic = TOPICS.update("pi-a")
+        for i in [*reversed(range(len(chunks))), 0]:
+            if i != 1:
+                pi_a.inner.publish(chunk_topic(topic, i), chunks[i])
+        pi_a.inner.publish(topic, manifest)
+        held = server.recv(timeout=2)
+        pi_a.inner.publish(chunk_topic(topic, 1), chunks[1])
+        resumed = server.recv(timeout=20)
+        # a retained push above the limit, for a device that connects afterwards
+        server.publish(TOPICS.global_adapter, adapter, retain=True)
+        late = ChunkedTransport(_client(done, "pi-b"), AWS_LIMIT)
+        late.subscribe(TOPICS.global_adapter)
+        late.connect(timeout=10)
+        pushed = late.recv(timeout=20)
+        late.close()
+    finally:
+        for t in (server, pi_a):
+            t.close()
+    # Assert
+    assert whole is not None and whole.payload == update and whole.topic == topic
+    assert after is not None and after.payload == b"marker"  # the raw 600 KB never came
+    assert held is None and resumed is not None and resumed.payload == again
+    assert pushed is not None and pushed.payload == adapter
 
 
 def test_clients_without_the_fleets_certificate_are_refused(fleet, tmp_path):
