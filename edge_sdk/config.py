@@ -193,10 +193,39 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Local differential privacy (``edge_sdk/privacy.py``): the device clips and noises its own
+    dense update before it leaves. Off by default (noise_multiplier = 0)."""
+
+    clip_norm: float = 1.0  # L2 bound on one update (all tensors together)
+    noise_multiplier: float = 0.0  # noise std = noise_multiplier * clip_norm (0 = off)
+    delta: float = 1e-5  # the delta of the (epsilon, delta) reported
+    epsilon_budget: float = 0.0  # stop uploading once one more would spend beyond this (0 = none)
+
+    def __post_init__(self) -> None:
+        from fleetune.edge_sdk.privacy import check
+
+        args = (self.clip_norm, self.noise_multiplier, self.delta, self.epsilon_budget)
+        check(*args, "[privacy]")
+
+    @property
+    def on(self) -> bool:
+        return self.noise_multiplier > 0
+
+
+@dataclass(frozen=True)
 class FleetuneConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.privacy.on and self.tuning.tuner != "backprop":
+            raise ConfigError(
+                '[privacy] local noise goes on a dense update: it needs tuner = "backprop" '
+                f"(a {self.tuning.tuner} device uploads seeds or coefficients)"
+            )
 
 
 PATH_KEYS = ("tls_ca", "tls_cert", "tls_key", "signing_key", "state_dir", "bundle")
@@ -223,7 +252,8 @@ def section(cls: type, data: dict[str, Any], name: str, folder: Path | None = No
 
 
 def load_config(path: str | Path) -> FleetuneConfig:
-    """Read the [device], [tuning] and [sync] tables of a TOML file (others are ignored)."""
+    """Read the [device], [tuning], [sync] and [privacy] tables of a TOML file (others are
+    ignored)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -233,4 +263,5 @@ def load_config(path: str | Path) -> FleetuneConfig:
         device=section(DeviceConfig, data.get("device", {}), "device", folder),
         tuning=section(TuningConfig, data.get("tuning", {}), "tuning"),
         sync=section(SyncConfig, data.get("sync", {}), "sync", folder),
+        privacy=section(PrivacyConfig, data.get("privacy", {}), "privacy"),
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +32,7 @@ from fleetune.edge_sdk.codec.feedback import ErrorFeedback
 from fleetune.edge_sdk.data import ClientData, split_validation
 from fleetune.edge_sdk.errors import PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
+from fleetune.edge_sdk.privacy import clip, epsilon, gaussian, within_budget
 from fleetune.edge_sdk.protocol import (
     Announcement,
     GlobalAdapter,
@@ -226,6 +227,25 @@ def run_round(
         canary.served.name if served else "the global",
     )
     choice = canary.offer({"local": tuned.adapter}, current.version)
+    privacy = client.config.privacy
+    dp: dict[str, float] = {}
+    if privacy.on and tuned.delta is not None:
+        done = client.store.releases()
+        sigma, delta_ = privacy.noise_multiplier, privacy.delta
+        if not within_budget(sigma, done, delta_, privacy.epsilon_budget):
+            log.warning(
+                "%s round %d: privacy budget spent (epsilon %.2f of %.2f): this round's tuning "
+                "stays on the device",
+                client.device,
+                round_,
+                epsilon(sigma, done, delta_),
+                privacy.epsilon_budget,
+            )
+            return 0
+        clipped, _ = clip(tuned.delta, privacy.clip_norm)
+        noisy = gaussian(clipped, sigma * privacy.clip_norm, np.random.default_rng())
+        tuned = replace(tuned, delta=noisy)
+        dp = {"epsilon": epsilon(sigma, done + 1, delta_)}
     sync = client.config.sync
     feedback = None
     if (
@@ -242,7 +262,10 @@ def run_round(
         len(data.train),
         delta=delta,
         seeds=tuned.seeds,
-        metrics={
+        # under local DP only the noised delta speaks of the data: no losses or perplexities
+        metrics={"steps": tuned.metrics["steps"], **dp}
+        if dp
+        else {
             "ppl_local": report.ppl_local,
             "ppl_global": ppl_global,
             **tuned.metrics,
@@ -252,6 +275,8 @@ def run_round(
     )
     payload = update.encode(client.fleet, sync.uplink_encoding)
     client.store.put(client.topics.update(client.device), payload)
+    if dp:
+        client.store.released()
     if feedback is not None and delta is not None:  # what the server decodes, it has
         feedback.keep(delta, codec.decode(payload)[1])
     return client.deliver()

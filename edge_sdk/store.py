@@ -66,6 +66,17 @@ class DeviceStore:
         path = self.root / "served.fltn"
         return path.read_bytes() if path.exists() else None
 
+    def releases(self) -> int:
+        """Updates this device sent under local differential privacy (each spends epsilon)."""
+        path = self.root / "privacy.json"
+        return int(json.loads(path.read_text())["releases"]) if path.exists() else 0
+
+    def released(self) -> int:
+        """Count one more release, durably; returns the new count."""
+        count = self.releases() + 1
+        atomic_write(self.root / "privacy.json", json.dumps({"releases": count}).encode())
+        return count
+
     def save_keys(self, signed: bytes) -> None:
         """Keep the fleet's latest signed key list, so a rotation survives a reboot."""
         atomic_write(self.root / "keys.flts", signed)

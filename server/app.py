@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from fleetune.edge_sdk.errors import (
     TransportError,
 )
 from fleetune.edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.privacy import epsilon, within_budget
 from fleetune.edge_sdk.protocol import (
     Announcement,
     DeviceStatus,
@@ -48,6 +50,7 @@ from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.metrics import Metrics
 from fleetune.server.mixtures import MixtureService
 from fleetune.server.provision import KEYS_SIGNED
+from fleetune.server.registry import FLEET
 from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
 from fleetune.server.strategy import Update
@@ -193,9 +196,10 @@ class FleetServer:
         self, msg: Message, round_: int, seen: set[str], device: str | None = None
     ) -> Update:
         """Decode and validate one update; ``PayloadError`` says why it is refused."""
-        return check_update(
+        device = device or self.topics.device_of(msg.topic)
+        update = check_update(
             msg.payload,
-            device or self.topics.device_of(msg.topic),
+            device,
             self.fleet,
             round_,
             self.version,
@@ -203,6 +207,17 @@ class FleetServer:
             seen,
             shared_a=bool(self.config.basis_k),
         )
+        c = self.config
+        if c.strategy == "dp_fedavg" and c.dp_epsilon_budget > 0:
+            done = self.registry.privacy().get(device, (0, 0.0))[0]
+            if not within_budget(c.dp_noise_multiplier, done, c.dp_delta, c.dp_epsilon_budget):
+                spent = epsilon(c.dp_noise_multiplier, done, c.dp_delta)
+                raise PayloadError(
+                    f"{device} has spent its privacy budget (epsilon {spent:.2f} of "
+                    f"{c.dp_epsilon_budget}; one more round would exceed it)",
+                    "privacy_budget",
+                )
+        return update
 
     def _route(self, msg: Message) -> str | None:
         """Record a status, answer a mixture; returns the device of an update to check."""
@@ -354,6 +369,8 @@ class FleetServer:
             log.error("round %d: no new adapter (%s); staying on v%d", round_, err, self.version)
             return
         self.current, self.version = merged.tensors, pushed.version
+        if self.config.strategy == "dp_fedavg":
+            self.account(u.device for u in updates)
         self.metrics.aggregation.observe(time.monotonic() - timer)
         self.metrics.adapter_version.set(self.version)
         self.state.save_adapter(self.version, self.current, round_)
@@ -367,6 +384,18 @@ class FleetServer:
                 updates, before, round_, lambda seeds: self.seeds.replay(seeds, round_)
             )
             self.mixtures.refresh_basis(round_)
+
+    def account(self, devices: Iterable[str]) -> None:
+        """One more Gaussian release for each device in a DP round, and for the fleet: the
+        epsilon spent, in the registry and the metrics (``edge_sdk/privacy.py``)."""
+        sigma, delta = self.config.dp_noise_multiplier, self.config.dp_delta
+        spent = self.registry.privacy()
+        for who in (*devices, FLEET):
+            releases = spent.get(who, (0, 0.0))[0] + 1
+            eps = epsilon(sigma, releases, delta)
+            self.registry.record_privacy(who, releases, eps, delta)
+            self.metrics.epsilon.labels("fleet" if who == FLEET else who).set(eps)
+        log.info("privacy: the fleet has spent epsilon %.2f (delta %g)", eps, delta)
 
     def push_clusters(self, round_: int, before: Tensors, updates: list[Update]) -> int:
         """Each device of the round gets its cluster's adapter (server/clusters.py)."""

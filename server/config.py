@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum")
+STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum", "dp_fedavg")
 DOWNLINK = ("f32", "f16", "q8", "q4")  # what whole adapters and bases may be pushed as
 
 
@@ -34,12 +34,15 @@ class ServerConfig:
     rounds: int = 3  # rounds to run, then announce the end
     quorum: int = 2  # updates that close a round early
     round_timeout_s: float = 600.0  # a round closes after this even without a quorum
-    strategy: str = "fedavg"  # aggregation: fedavg | median | trimmed_mean | krum (strategy/)
+    strategy: str = "fedavg"  # fedavg | median | trimmed_mean | krum | dp_fedavg (strategy/)
     norm_bound: float = 0.0  # clip each update's delta to this L2 norm first (0 = off)
     max_examples: int = 100_000  # an update weighs as at most this many training windows
     max_messages_per_round: int = 20  # update messages one device may send a round; beyond
     # that its messages are dropped undecoded (a flood costs the server a counter, not a parse)
     trim: float = 0.2  # trimmed_mean: fraction dropped at each end, per coordinate
+    dp_noise_multiplier: float = 1.0  # dp_fedavg: noise std = this * norm_bound on the sum
+    dp_delta: float = 1e-5  # dp_fedavg: the delta of the (epsilon, delta) reported
+    dp_epsilon_budget: float = 0.0  # dp_fedavg: refuse a device's update beyond this (0 = none)
     krum_byzantine: int = 1  # krum: Byzantine devices tolerated per round
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -72,6 +75,18 @@ class ServerConfig:
             raise ConfigError(
                 "[server] norm_bound >= 0, max_examples >= 1 and trim in [0, 0.5) required"
             )
+        if self.strategy == "dp_fedavg":
+            from fleetune.edge_sdk.privacy import check
+
+            args = (
+                self.norm_bound,
+                self.dp_noise_multiplier,
+                self.dp_delta,
+                self.dp_epsilon_budget,
+            )
+            check(*args, "[server] dp_fedavg (norm_bound is the clip norm)")
+            if self.norm_bound <= 0:
+                raise ConfigError("[server] dp_fedavg needs norm_bound > 0: the clip norm")
         if self.krum_byzantine < 0 or self.max_messages_per_round < 1:
             raise ConfigError("[server] krum_byzantine >= 0 and max_messages_per_round >= 1")
         if self.zo_pool_size < 1 or self.zo_params not in ("lora_b", "all"):
@@ -120,6 +135,7 @@ def make_strategy(config: ServerConfig) -> Strategy:
     extra: dict[str, dict[str, float]] = {
         "trimmed_mean": {"trim": config.trim},
         "krum": {"byzantine": config.krum_byzantine},
+        "dp_fedavg": {"noise_multiplier": config.dp_noise_multiplier},
     }
     return CLASSES[config.strategy](
         norm_bound=config.norm_bound,

@@ -53,6 +53,12 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        self.epsilon = Gauge(
+            "fleetune_privacy_epsilon",
+            "differential privacy spent (dp_fedavg): per device, and the fleet's",
+            ["who"],
+            registry=r,
+        )
         self._server: WSGIServer | None = None
 
     def accepted(self, nbytes: int, device: str, metrics: dict) -> None:

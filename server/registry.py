@@ -21,7 +21,10 @@ CREATE TABLE IF NOT EXISTS mixtures (device TEXT, basis_version INTEGER, receive
     coef TEXT, heldout_loss REAL, cluster INTEGER, accepted INTEGER, reason TEXT);
 CREATE TABLE IF NOT EXISTS refused_pushes (device TEXT, received REAL, reason TEXT,
     UNIQUE (device, reason));
+CREATE TABLE IF NOT EXISTS privacy (who TEXT PRIMARY KEY, releases INTEGER, epsilon REAL,
+    delta REAL);
 """
+FLEET = "*fleet*"  # the privacy row of the whole fleet (device ids cannot contain '*')
 
 
 class Registry:
@@ -53,6 +56,19 @@ class Registry:
     def refused_pushes(self) -> list[tuple[str, str]]:
         rows = self._exec("SELECT device, reason FROM refused_pushes")
         return [(str(d), str(r)) for d, r in rows]
+
+    def record_privacy(self, who: str, releases: int, epsilon: float, delta: float) -> None:
+        """What differential privacy has spent for a device (or ``FLEET``) so far."""
+        self._exec(
+            "INSERT INTO privacy VALUES (?, ?, ?, ?) ON CONFLICT(who) DO UPDATE SET "
+            "releases = excluded.releases, epsilon = excluded.epsilon, delta = excluded.delta",
+            (who, releases, epsilon, delta),
+        )
+
+    def privacy(self) -> dict[str, tuple[int, float]]:
+        """Releases and epsilon per device, and of the fleet under ``FLEET``."""
+        rows = self._exec("SELECT who, releases, epsilon FROM privacy")
+        return {str(w): (int(n), float(e)) for w, n, e in rows}
 
     def open_round(self, round_: int) -> None:
         self._exec(

@@ -2,6 +2,7 @@
 recovery, mixtures."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -825,3 +826,104 @@ def test_a_sparse_uplink_loses_nothing_it_only_delays(tmp_path, tiny_base):
         np.testing.assert_allclose(
             final[k] - init[k] + residual[k], changes[0][k] + changes[1][k], atol=1e-5
         )
+
+
+def test_local_dp_noises_each_upload_and_stops_when_the_budget_is_spent(tmp_path, tiny_base):
+    """sigma 2 and a budget of epsilon 3.5 allow two uploads (epsilon 3.19), not a third (4.01):
+    the device keeps tuning in round 3 but nothing leaves it; its uploads say only their steps
+    and epsilon, no perplexity."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import (
+        DeviceConfig,
+        FleetuneConfig,
+        PrivacyConfig,
+        SyncConfig,
+        TuningConfig,
+    )
+    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.protocol import Update
+
+    # Prepare
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, rounds=3, quorum=1, round_timeout_s=4.0)
+    watcher = broker.client("watcher")
+    watcher.connect()
+    watcher.subscribe(Topics("t").all_updates)
+    config = FleetuneConfig(
+        device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
+        tuning=TuningConfig(steps=4, lr=5e-2, lora_r=2, batch_size=4),
+        sync=SyncConfig(fleet="t", round_wait_s=60, fleet_key=server.signer.public_hex),
+        privacy=PrivacyConfig(clip_norm=0.5, noise_multiplier=2.0, epsilon_budget=3.5),
+    )
+    tokens = np.tile(np.arange(16), 64)
+    data = ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    thread, out = _run_in_thread(server)
+    # Execute
+    with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
+        client.run(ClientText("a", ""), data=data)
+        releases = client.store.releases()
+    thread.join(30)
+    server.close()
+    uploads = []
+    while (msg := watcher.recv(timeout=0.1)) is not None:
+        uploads.append(Update.decode(msg.payload, Fleet(tiny_base, SPEC)))
+    # Assert
+    assert [r.accepted for r in out["results"]] == [["a"], ["a"], []]
+    assert releases == 2
+    assert [round(u.metrics["epsilon"], 2) for u in uploads] == [2.17, 3.19]
+    assert all(set(u.metrics) == {"steps", "epsilon"} for u in uploads)
+    for u in uploads:  # clipped to 0.5, then noise of std 1.0 per entry
+        assert np.concatenate([v.reshape(-1) for v in u.delta.values()]).std() > 0.8
+
+
+def test_central_dp_accounts_each_device_and_refuses_one_past_its_budget(tmp_path):
+    # Prepare: dp_fedavg, sigma 2, budget 3.5: d1 may take part in two rounds
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fleetune.server.broker import free_port
+    from fleetune.server.registry import FLEET
+
+    broker, port = MemoryBroker(), free_port()
+    server = _server(
+        tmp_path,
+        broker,
+        rounds=3,
+        quorum=2,
+        strategy="dp_fedavg",
+        norm_bound=1.0,
+        dp_noise_multiplier=2.0,
+        dp_epsilon_budget=3.5,
+        metrics_port=port,
+        round_timeout_s=3.0,
+    )
+    device = broker.client("devices")
+    device.connect()
+    thread, out = _run_in_thread(server)
+    # Execute: d1 in every round, d2 in the first only
+    for round_ in (1, 2, 3):
+        while server.registry.last_round() < round_ and thread.is_alive():
+            time.sleep(0.05)  # the round is open
+        device.publish(Topics("t").update("d1"), _update("d1", 0.1, round_, version=round_ - 1))
+        if round_ == 1:
+            device.publish(Topics("t").update("d2"), _update("d2", 0.1, round_))
+    thread.join(30)
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    spent = server.registry.privacy()
+    server.close()
+    # Assert
+    assert [r.accepted for r in out["results"]] == [["d1", "d2"], ["d1"], []]
+    assert "spent its privacy budget" in out["results"][2].rejected[0][1]
+    assert spent["d1"][0] == 2 and spent["d2"][0] == 1 and spent[FLEET][0] == 2
+    assert spent["d1"][1] == pytest.approx(3.19, abs=0.01)
+    gauges = {
+        s.labels["who"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "fleetune_privacy_epsilon"
+    }
+    assert gauges == pytest.approx(
+        {"d1": spent["d1"][1], "d2": spent["d2"][1], "fleet": spent[FLEET][1]}
+    )
