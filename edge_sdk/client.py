@@ -24,6 +24,7 @@ from fleetune.edge_sdk.errors import ConfigError, FleetuneError, PayloadError, T
 from fleetune.edge_sdk.evaluation import DeviceReport, perplexity
 from fleetune.edge_sdk.manifest import BaseManifest
 from fleetune.edge_sdk.protocol import DeviceStatus, Fleet
+from fleetune.edge_sdk.secagg import MaskingKey
 from fleetune.edge_sdk.signing import Keyring, parse_key, unwrap
 from fleetune.edge_sdk.store import DeviceStore
 from fleetune.edge_sdk.transport.base import Message, Transport
@@ -137,7 +138,7 @@ class EdgeClient:
         log.error("%s: refused a push on %s: %s", self.device, msg.topic, err)
         if self.refusals > MAX_REPORTS or self._transport is None:
             return
-        status = DeviceStatus("online", f"{msg.topic}: {err}")
+        status = DeviceStatus("online", f"{msg.topic}: {err}", self.masking_key.public.hex())
         try:
             self._transport.publish(self.topics.status(self.device), status.encode(), retain=True)
         except TransportError as failed:
@@ -148,6 +149,11 @@ class EdgeClient:
         if self._backend is None:
             raise FleetuneError("the EdgeClient is not open: use `with EdgeClient(...)` or open()")
         return self._backend
+
+    @property
+    def masking_key(self) -> MaskingKey:
+        """The device's key for secure aggregation's pair masks (kept in its state folder)."""
+        return MaskingKey.from_bytes(self.store.masking_key())
 
     @property
     def store(self) -> DeviceStore:
@@ -224,7 +230,9 @@ class EdgeClient:
         transport.subscribe(self.topics.round)
         transport.connect()
         transport.publish(
-            self.topics.status(self.device), DeviceStatus("online").encode(), retain=True
+            self.topics.status(self.device),
+            DeviceStatus("online", masking_key=self.masking_key.public.hex()).encode(),
+            retain=True,
         )
         return transport
 

@@ -175,8 +175,8 @@ class SyncConfig:
         if self.max_message_bytes < MIN_CHUNK_LIMIT:
             raise ConfigError(f"[sync] max_message_bytes must be >= {MIN_CHUNK_LIMIT}")
         try:
-            if parse_encoding(self.uplink_encoding).value == "seeds":
-                raise PayloadError("seeds is chosen by the tuner (zo), not by the uplink")
+            if parse_encoding(self.uplink_encoding).value in ("seeds", "secagg"):
+                raise PayloadError("seeds and secagg are chosen by the tuner and the round")
         except PayloadError as err:
             raise ConfigError(f"[sync] uplink_encoding: {err}") from err
         if self.fleet_key:

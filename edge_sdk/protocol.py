@@ -13,6 +13,8 @@ message                    topic (``transport/topics.py``)  bytes
 :class:`MixtureUpload`     ``mixture/{device}``             envelope, kind "mixture"
 :class:`PersonalAdapter`   ``adapter/device/{device}``      envelope, kind "adapter"
 :class:`DeviceStatus`      ``status/{device}``              JSON
+:class:`Unmask`            ``secagg/unmask``                JSON (a round's dropped devices)
+:class:`Reveal`            ``secagg/reveal/{device}``       JSON (pair seeds with dropped ones)
 =========================  ==============================  =====================================
 
 ``decode`` takes any bytes and returns a valid message or raises a :class:`PayloadError` that names
@@ -37,6 +39,8 @@ from fleetune.edge_sdk.adapters.lora.flat import PARTS, FlatLayout
 from fleetune.edge_sdk.adapters.lora.io import check_layout
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
+from fleetune.edge_sdk.secagg import check_range
+from fleetune.edge_sdk.transport.topics import check_id
 
 Tensors = dict[str, np.ndarray]
 MAX_JSON_BYTES = 64 * 1024  # announcements, priors, statuses
@@ -53,6 +57,7 @@ MAX_SEED_COEF = 1.0  # |lr * projected gradient| above this moves a 184k-entry z
 MAX_WARM_PAIRS = 2_000  # ZO pairs a mixture upload may carry (the server replays them)
 STATES = ("online", "offline")
 MAX_REFUSED_CHARS = 400  # a device's report of a push it refused
+MAX_COHORT = 400  # devices in one secure-aggregation round (the announcement stays < 64 KB)
 
 
 # -- shared checks --------------------------------------------------------------------------------
@@ -285,6 +290,7 @@ class Announcement:
     timeout_s: float = 0.0
     done: bool = False
     zo: SeedPool | None = None
+    secagg: SecAggRound | None = None
 
     def encode(self) -> bytes:
         body = {
@@ -295,6 +301,7 @@ class Announcement:
             "adapter": self.adapter,
             "timeout_s": self.timeout_s,
             "zo": None if self.zo is None else self.zo.to_dict(),
+            "secagg": None if self.secagg is None else self.secagg.to_dict(),
         }
         return json.dumps(body).encode()
 
@@ -310,7 +317,7 @@ class Announcement:
         done = body.get("done", False)
         if not isinstance(done, bool):
             raise PayloadError("round announcement done must be true or false")
-        zo = body.get("zo")
+        zo, secagg = body.get("zo"), body.get("secagg")
         return cls(
             round=integer(body.get("round"), "round announcement round"),
             adapter_version=integer(body.get("adapter_version"), "adapter_version"),
@@ -319,6 +326,7 @@ class Announcement:
             timeout_s=number(body.get("timeout_s", 0.0), "timeout_s", 0.0, 1e7),
             done=done,
             zo=None if zo is None else SeedPool.from_dict(zo),
+            secagg=None if secagg is None else SecAggRound.from_dict(secagg),
         )
 
     def check(self, fleet: Fleet) -> None:
@@ -348,8 +356,22 @@ class Update:
     seeds: SeedRun | None = None
     metrics: dict = field(default_factory=dict)
     part: str = "all"
+    masked: np.ndarray | None = None  # secure aggregation: the masked flat update (uint32)
 
     def encode(self, fleet: Fleet, encoding: str = "q8") -> bytes:
+        if self.masked is not None:
+            if self.delta is not None or self.seeds is not None or self.part != "all":
+                raise PayloadError("a masked update carries nothing else")
+            header = fleet.header(
+                "update",
+                self.sender,
+                "secagg",
+                round=self.round,
+                num_examples=self.num_examples,
+                version=self.from_version,
+                metrics=self.metrics,
+            )
+            return codec.encode(header, {"masked": self.masked})
         if (self.delta is None) == (self.seeds is None):
             raise PayloadError("an update carries a dense delta or seeds, exactly one")
         if self.part not in UPDATE_PARTS or (self.part != "all" and self.seeds is not None):
@@ -374,8 +396,12 @@ class Update:
     @classmethod
     def decode(cls, payload: bytes, fleet: Fleet) -> Update:
         header, body = fleet.open(payload, "update")
-        seeds, delta, part = None, None, header.metrics.get("part", "all")
-        if header.encoding == "seeds":
+        seeds, delta, masked, part = None, None, None, header.metrics.get("part", "all")
+        if header.encoding == "secagg":
+            masked = body["masked"]
+            if masked.shape != (FlatLayout(fleet.spec, fleet.base).size,) or part != "all":
+                raise PayloadError(f"a masked update of {masked.shape} does not fit the adapter")
+        elif header.encoding == "seeds":
             seeds = SeedRun.from_body(header.metrics, body)
         elif part == "all":
             delta = fleet.check_dense(header, body)
@@ -396,6 +422,7 @@ class Update:
             seeds,
             header.metrics,
             part,
+            masked,
         )
 
 
@@ -468,11 +495,14 @@ class DeviceStatus:
 
     state: str
     refused: str = ""
+    masking_key: str = ""  # the device's X25519 key for secure aggregation (64 hex digits)
 
     def encode(self) -> bytes:
         body = {"state": self.state}
         if self.refused:
             body["refused"] = self.refused[:MAX_REFUSED_CHARS]
+        if self.masking_key:
+            body["masking_key"] = self.masking_key
         return json.dumps(body).encode()
 
     @classmethod
@@ -483,7 +513,8 @@ class DeviceStatus:
             raise PayloadError(f"device status state {state!r:.40} is not one of {STATES}")
         if not isinstance(refused, str) or len(refused) > MAX_REFUSED_CHARS:
             raise PayloadError(f"device status: refused must be text of <= {MAX_REFUSED_CHARS}")
-        return cls(state, refused)
+        key = body.get("masking_key", "")
+        return cls(state, refused, hex_key(key, "device status masking_key") if key else "")
 
 
 # -- server → devices ---------------------------------------------------------------------------
@@ -689,4 +720,106 @@ class Prior:
             integer(body.get("version"), "basis prior version"),
             prior,
             integer(body.get("devices", 0), "basis prior devices"),
+        )
+
+
+# -- secure aggregation (edge_sdk/secagg.py) -------------------------------------------------------
+def hex_key(value: object, what: str) -> str:
+    """A 32-byte key as 64 lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != 64:
+        raise PayloadError(f"{what} must be 64 hex digits")
+    try:
+        bytes.fromhex(value)
+    except ValueError as err:
+        raise PayloadError(f"{what} must be 64 hex digits") from err
+    return value.lower()
+
+
+def device_ids(value: object, what: str, limit: int = MAX_COHORT) -> list[str]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise PayloadError(f"{what} must be a list of at most {limit} device ids")
+    try:
+        return [check_id("device", v) for v in value]
+    except ConfigError as err:
+        raise PayloadError(f"{what}: {err}") from err
+
+
+@dataclass(frozen=True)
+class SecAggRound:
+    """A secure-aggregation round, in its announcement: the cohort (device id -> masking key)
+    and the fixed point every member encodes its update in."""
+
+    cohort: dict[str, str]
+    bound: float
+    scale: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cohort": self.cohort, "bound": self.bound, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: object) -> SecAggRound:
+        if not isinstance(data, dict) or not isinstance(data.get("cohort"), dict):
+            raise PayloadError("a secure-aggregation round needs a cohort object")
+        cohort = data["cohort"]
+        ids = device_ids(list(cohort), "secure-aggregation cohort")
+        if len(ids) < 2:
+            raise PayloadError("a secure-aggregation cohort needs two devices at least")
+        keys = {i: hex_key(cohort[i], f"masking key of {i}") for i in ids}
+        out = cls(
+            keys,
+            number(data.get("bound"), "secagg bound", 1e-9, 1e9),
+            number(data.get("scale"), "secagg scale", 1e-9, 1e12),
+        )
+        try:
+            check_range(len(ids), out.bound, out.scale)
+        except ConfigError as err:
+            raise PayloadError(str(err)) from err
+        return out
+
+    def publics(self) -> dict[str, bytes]:
+        return {device: bytes.fromhex(key) for device, key in self.cohort.items()}
+
+
+@dataclass(frozen=True)
+class Unmask:
+    """The server to a secure-aggregation round's survivors: these devices masked but never
+    uploaded; reveal your pair seeds with them."""
+
+    round: int
+    dropped: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return json.dumps({"round": self.round, "dropped": list(self.dropped)}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Unmask:
+        body = read_json(payload, "unmask request")
+        dropped = device_ids(body.get("dropped"), "unmask request dropped")
+        return cls(integer(body.get("round"), "unmask request round"), tuple(dropped))
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """A survivor's pair seeds with the round's dropped devices (hex), and nothing else."""
+
+    sender: str
+    round: int
+    seeds: dict[str, str]
+
+    def encode(self) -> bytes:
+        body = {"sender": self.sender, "round": self.round, "seeds": self.seeds}
+        return json.dumps(body).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Reveal:
+        body = read_json(payload, "reveal")
+        seeds = body.get("seeds")
+        if not isinstance(seeds, dict):
+            raise PayloadError("a reveal holds an object of pair seeds")
+        ids = device_ids(list(seeds), "reveal seeds")
+        sender = device_ids([body.get("sender")], "reveal sender")[0]
+        return cls(
+            sender,
+            integer(body.get("round"), "reveal round"),
+            {i: hex_key(seeds[i], f"pair seed with {i}") for i in ids},
         )

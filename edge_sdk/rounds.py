@@ -38,10 +38,14 @@ from fleetune.edge_sdk.protocol import (
     GlobalAdapter,
     GlobalSeeds,
     PersonalAdapter,
+    Reveal,
+    SecAggRound,
+    Unmask,
     Update,
     decode_global,
 )
-from fleetune.edge_sdk.tuners.base import Job, Tensors
+from fleetune.edge_sdk.secagg import masked_update, pair_seed
+from fleetune.edge_sdk.tuners.base import Job, Tensors, Tuned
 from fleetune.edge_sdk.tuners.zo import apply_run
 
 if TYPE_CHECKING:
@@ -107,6 +111,8 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     dense = not zo
     transport.subscribe(topics.global_seeds if zo else topics.global_adapter)
     transport.subscribe(topics.personal(client.device))  # the server's cluster adapter
+    transport.subscribe(topics.secagg_unmask)
+    masked: dict[int, SecAggRound] = {}  # secure rounds this device uploaded in, for reveals
     announcement: Announcement | None = None
     done_round = 0
     wait = client.config.sync.round_wait_s
@@ -135,6 +141,8 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 if pushed is not None:
                     current = pushed
                     client.store.save_adapter(payload)
+            elif msg.topic == topics.secagg_unmask:
+                reveal(client, Unmask.decode(payload), masked)
             elif msg.topic == topics.personal(client.device):
                 personal = PersonalAdapter.decode(payload, client.fleet)
                 cluster = own_b(client, personal.tensors, canary.served.tensors)
@@ -172,7 +180,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             return report
         if announcement.round <= done_round:
             continue
-        report.bytes_up += run_round(client, announcement, current, data, report, canary)
+        report.bytes_up += run_round(client, announcement, current, data, report, canary, masked)
         done_round = announcement.round
 
 
@@ -197,6 +205,7 @@ def run_round(
     data: ClientData,
     report: DeviceReport,
     canary: Canary,
+    masked: dict[int, SecAggRound],
 ) -> int:
     """Tune from the served (or the round's) adapter, let the canary weigh the result against
     what is served, and queue the change; returns the bytes sent."""
@@ -246,6 +255,14 @@ def run_round(
         noisy = gaussian(clipped, sigma * privacy.clip_norm, np.random.default_rng())
         tuned = replace(tuned, delta=noisy)
         dp = {"epsilon": epsilon(sigma, done + 1, delta_)}
+    if announcement.secagg is not None:
+        if client.device not in announcement.secagg.cohort:
+            log.warning("%s: not in round %d's secure cohort; not uploading", client.device, round_)
+            return 0
+        sent = upload_masked(client, announcement, current, tuned, start, len(data.train), masked)
+        if dp:
+            client.store.released()
+        return sent
     sync = client.config.sync
     feedback = None
     if (
@@ -280,6 +297,66 @@ def run_round(
     if feedback is not None and delta is not None:  # what the server decodes, it has
         feedback.keep(delta, codec.decode(payload)[1])
     return client.deliver()
+
+
+def upload_masked(
+    client: EdgeClient,
+    announcement: Announcement,
+    current: Current,
+    tuned: Tuned,
+    start: Tensors,
+    examples: int,
+    masked: dict[int, SecAggRound],
+) -> int:
+    """A secure round (``edge_sdk/secagg.py``): the change, in fixed point under pair masks with
+    the rest of the cohort; it says nothing else (no losses, no perplexities)."""
+    secagg, round_ = announcement.secagg, announcement.round
+    assert secagg is not None
+    change = (
+        tuned.delta if tuned.delta is not None else {k: tuned.adapter[k] - start[k] for k in start}
+    )
+    vector = masked_update(
+        client.layout.flatten(change),
+        client.device,
+        client.masking_key,
+        secagg.publics(),
+        client.config.sync.fleet,
+        round_,
+        secagg.bound,
+        secagg.scale,
+    )
+    update = Update(
+        client.device,
+        round_,
+        current.version,
+        examples,
+        metrics={"steps": tuned.metrics["steps"]},
+        masked=vector,
+    )
+    client.store.put(client.topics.update(client.device), update.encode(client.fleet))
+    masked[round_] = secagg
+    return client.deliver()
+
+
+def reveal(client: EdgeClient, unmask: Unmask, masked: dict[int, SecAggRound]) -> None:
+    """A survivor's answer to the server: its pair seeds with the devices that dropped, for a
+    round it uploaded in, once."""
+    cohort = masked.pop(unmask.round, None)
+    if cohort is None or client.device in unmask.dropped:
+        return
+    publics, fleet = cohort.publics(), client.config.sync.fleet
+    seeds = {
+        d: pair_seed(client.masking_key, publics[d], fleet, unmask.round).hex()
+        for d in unmask.dropped
+        if d in publics and d != client.device
+    }
+    log.info(
+        "%s: revealing pair seeds with %s (round %d)", client.device, sorted(seeds), unmask.round
+    )
+    client.store.put(
+        client.topics.reveal(client.device), Reveal(client.device, unmask.round, seeds).encode()
+    )
+    client.deliver()
 
 
 def own_b(client: EdgeClient, pushed: Tensors, served: Tensors) -> Tensors:

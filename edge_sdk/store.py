@@ -77,6 +77,23 @@ class DeviceStore:
         atomic_write(self.root / "privacy.json", json.dumps({"releases": count}).encode())
         return count
 
+    def masking_key(self) -> bytes:
+        """This device's X25519 key for secure aggregation (raw 32 bytes), made at first use
+        and readable by its owner only."""
+        path = self.root / "masking.key"
+        if not path.exists():
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+            raw = X25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+            atomic_write(path, raw)
+            path.chmod(0o600)
+        return path.read_bytes()
+
     def save_keys(self, signed: bytes) -> None:
         """Keep the fleet's latest signed key list, so a rotation survives a reboot."""
         atomic_write(self.root / "keys.flts", signed)

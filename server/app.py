@@ -38,8 +38,11 @@ from fleetune.edge_sdk.protocol import (
     Fleet,
     GlobalAdapter,
     GlobalSeeds,
+    Reveal,
+    SecAggRound,
     SeedPool,
     SeedRun,
+    Unmask,
 )
 from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
@@ -51,6 +54,7 @@ from fleetune.server.metrics import Metrics
 from fleetune.server.mixtures import MixtureService
 from fleetune.server.provision import KEYS_SIGNED
 from fleetune.server.registry import FLEET
+from fleetune.server.secure import SecureRounds
 from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
 from fleetune.server.strategy import Update
@@ -93,6 +97,10 @@ class FleetServer:
         if self.version:
             log.info("resuming from adapter v%d at round %d", self.version, self.first_round)
         self.bytes_down = 0
+        self.secure = (
+            SecureRounds(config.secagg_bound, config.secagg_scale) if config.secagg else None
+        )
+        self.reveals: dict[int, dict[str, Reveal]] = {}  # secure rounds: survivors' pair seeds
         self.metrics = Metrics()
         self.metrics.adapter_version.set(self.version)
         if config.metrics_port:
@@ -137,6 +145,8 @@ class FleetServer:
         self._transport.subscribe(self.topics.all_updates)
         self._transport.subscribe(self.topics.all_status)
         self._transport.subscribe(self.topics.all_mixtures)
+        if self.secure is not None:
+            self._transport.subscribe(self.topics.all_reveals)
         self._transport.connect()
         return self._transport
 
@@ -179,7 +189,7 @@ class FleetServer:
         """The round's seed pool (FedKSeed): devices draw their perturbations from it."""
         return self.seeds.pool(round_)
 
-    def announce(self, round_: int, done: bool = False) -> None:
+    def announce(self, round_: int, done: bool = False, secagg: SecAggRound | None = None) -> None:
         body = Announcement(
             round=round_,
             adapter_version=self.version,
@@ -188,6 +198,7 @@ class FleetServer:
             timeout_s=self.config.round_timeout_s,
             done=done,
             zo=self.pool(round_),
+            secagg=secagg,
         )
         self.transport.publish(self.topics.round, self.signer.sign(body.encode()), retain=True)
 
@@ -207,6 +218,10 @@ class FleetServer:
             seen,
             shared_a=bool(self.config.basis_k),
         )
+        if self.secure is not None:
+            self.secure.check(round_, device, update.masked)
+        elif update.masked is not None:
+            raise PayloadError(f"round {round_} is not securely aggregated", "round")
         c = self.config
         if c.strategy == "dp_fedavg" and c.dp_epsilon_budget > 0:
             done = self.registry.privacy().get(device, (0, 0.0))[0]
@@ -220,7 +235,11 @@ class FleetServer:
         return update
 
     def _route(self, msg: Message) -> str | None:
-        """Record a status, answer a mixture; returns the device of an update to check."""
+        """Record a status, answer a mixture, keep a reveal; returns the device of an update to
+        check."""
+        if msg.topic.startswith(self.topics.reveal("x")[:-1]):
+            self._keep_reveal(msg)
+            return None
         try:
             device = self.topics.device_of(msg.topic)
         except ConfigError as err:
@@ -233,6 +252,8 @@ class FleetServer:
                 log.warning("ignoring a bad status from %s: %s", device, err)
                 return None
             self.registry.seen(device, status.state)
+            if self.secure is not None:
+                self.secure.note_key(device, status.masking_key)
             self.metrics.count_devices(self.registry.device_states())
             if status.refused:
                 log.warning("device %s refused a push: %s", device, status.refused)
@@ -249,7 +270,8 @@ class FleetServer:
         result = RoundResult(round_)
         start = time.monotonic()
         self.registry.open_round(round_)
-        self.announce(round_)
+        cohort = self._cohort(round_, start) if self.secure is not None else None
+        self.announce(round_, secagg=cohort)
         log.info(
             "round %d open: adapter v%d, waiting for %d updates (timeout %.0f s)",
             round_,
@@ -268,6 +290,8 @@ class FleetServer:
                 self._take(msg, round_, updates, sent, result)
             finally:  # acknowledged only now: an accepted update is on disk first
                 self.transport.ack(msg)
+        if cohort is not None and updates:
+            updates = self._open_secure_sum(round_, updates, deadline)
         if updates:
             self._aggregate(round_, updates)
         else:
@@ -289,6 +313,68 @@ class FleetServer:
             self.version,
         )
         return result
+
+    # -- secure aggregation (server/secure.py) ----------------------------------------------------
+    def _cohort(self, round_: int, start: float) -> SecAggRound | None:
+        """Wait (up to the round's timeout) for the quorum's masking keys, then name the
+        cohort; ``None`` if fewer than two devices can take part."""
+        assert self.secure is not None
+        deadline = start + self.config.round_timeout_s
+        want = max(2, self.config.quorum)
+        while time.monotonic() < deadline:
+            online = {d for d, (_, state) in self.registry.devices().items() if state == "online"}
+            if len(set(self.secure.keys) & online) >= want:
+                break
+            self._idle(deadline)
+        online = {d for d, (_, state) in self.registry.devices().items() if state == "online"}
+        cohort = self.secure.open(round_, online)
+        if cohort is None:
+            log.warning("round %d: fewer than two devices with masking keys online", round_)
+        return cohort
+
+    def _idle(self, deadline: float) -> None:
+        """Take one message outside the collection of updates: statuses, mixtures and reveals
+        are handled; an update is refused (its round is not collecting)."""
+        msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if msg is None:
+            return
+        try:
+            device = self._route(msg)
+            if device is not None:
+                log.warning("ignored an update from %s outside a round's collection", device)
+        finally:
+            self.transport.ack(msg)
+
+    def _keep_reveal(self, msg: Message) -> None:
+        try:
+            reveal = Reveal.decode(msg.payload)
+            if msg.topic != self.topics.reveal(reveal.sender):
+                raise PayloadError(f"a reveal from {reveal.sender} on {msg.topic}")
+        except (PayloadError, ConfigError) as err:
+            log.warning("ignoring a bad reveal on %s: %s", msg.topic, err)
+            return
+        self.reveals.setdefault(reveal.round, {})[reveal.sender] = reveal
+
+    def _open_secure_sum(self, round_: int, updates: list[Update], deadline: float) -> list[Update]:
+        """The round's masked uploads as one update: their mean, unmasked with the survivors'
+        pair seeds when some members dropped (none if it cannot be opened)."""
+        assert self.secure is not None
+        masked = {u.device: u.masked for u in updates if u.masked is not None}
+        dropped = self.secure.dropped(round_, list(masked))
+        if dropped:
+            log.info("round %d: %s masked but did not upload; asking the others", round_, dropped)
+            self._publish_retained(
+                self.topics.secagg_unmask, Unmask(round_, tuple(dropped)).encode()
+            )
+            wait = time.monotonic() + self.config.round_timeout_s
+            while set(masked) - set(self.reveals.get(round_, {})) and time.monotonic() < wait:
+                self._idle(wait)
+        try:
+            mean = self.secure.mean(round_, masked, self.reveals.pop(round_, {}))
+        except (AggregationError, PayloadError) as err:
+            log.error("round %d: %s; the global adapter stays v%d", round_, err, self.version)
+            return []
+        return [Update("secure-sum", len(masked), delta=self.layout.unflatten(mean))]
 
     def _take(
         self,

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from fleetune.edge_sdk.config import section
 from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.protocol import MAX_COHORT
+from fleetune.edge_sdk.secagg import check_range
 from fleetune.edge_sdk.transport.chunks import MIN_LIMIT as MIN_CHUNK_LIMIT
 from fleetune.edge_sdk.transport.topics import check_id
 
@@ -43,6 +45,9 @@ class ServerConfig:
     dp_noise_multiplier: float = 1.0  # dp_fedavg: noise std = this * norm_bound on the sum
     dp_delta: float = 1e-5  # dp_fedavg: the delta of the (epsilon, delta) reported
     dp_epsilon_budget: float = 0.0  # dp_fedavg: refuse a device's update beyond this (0 = none)
+    secagg: bool = False  # secure aggregation: the server sees only the round's sum
+    secagg_bound: float = 1.0  # secagg: each update entry is clipped to +-this
+    secagg_scale: float = 1048576.0  # secagg: fixed-point steps per unit (2**20)
     krum_byzantine: int = 1  # krum: Byzantine devices tolerated per round
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -87,6 +92,13 @@ class ServerConfig:
             check(*args, "[server] dp_fedavg (norm_bound is the clip norm)")
             if self.norm_bound <= 0:
                 raise ConfigError("[server] dp_fedavg needs norm_bound > 0: the clip norm")
+        if self.secagg:
+            if self.strategy != "fedavg" or self.clusters or self.basis_k:
+                raise ConfigError(
+                    '[server] secagg opens only the round\'s sum: it needs strategy = "fedavg" '
+                    "and no per-device aggregates (clusters = 0, basis_k = 0)"
+                )
+            check_range(MAX_COHORT, self.secagg_bound, self.secagg_scale)
         if self.krum_byzantine < 0 or self.max_messages_per_round < 1:
             raise ConfigError("[server] krum_byzantine >= 0 and max_messages_per_round >= 1")
         if self.zo_pool_size < 1 or self.zo_params not in ("lora_b", "all"):

@@ -79,6 +79,8 @@ def acl(fleet: str, server: str = SERVER_NAME) -> str:
         ("read", "adapter/basis"),
         ("read", "adapter/basis/prior"),
         ("read", "adapter/device/%u"),
+        ("read", "secagg/unmask"),
+        ("write", "secagg/reveal/%u"),
     ]
     # each topic with its chunk topics (edge_sdk/transport/chunks.py: {topic}/c/{i})
     lines = [f"pattern {how} {p}/{topic}{tail}" for how, topic in device for tail in ("", "/c/+")]

@@ -38,6 +38,10 @@ def check_update(
         )
     if device in seen:
         raise PayloadError(f"a second update from {device} in round {round_}", "duplicate")
+    if update.masked is not None:
+        return Contribution(
+            device, update.num_examples, metrics=update.metrics, masked=update.masked
+        )
     if update.delta is not None:
         if shared_a and any(np.any(v) for n, v in update.delta.items() if ".lora_A." in n):
             raise PayloadError(

@@ -11,6 +11,7 @@ topk:F  keep the fraction F (0 < F <= 1) of each tensor's entries with the large
         the names and shapes (zlib JSON). What top-k drops, a device carries into its next
         update (``edge_sdk/codec/feedback.py``).
 seeds   a zeroth-order run: int32 seed indices and float32 coefficients.
+secagg  one uint32 vector ``masked``: a securely aggregated update (``edge_sdk/secagg.py``).
 
 Every body is checked against its encoding before it is decoded: dtypes, lengths, index ranges
 and declared shapes (bounded), so a hostile body is a ``PayloadError``, never a crash.
@@ -30,7 +31,7 @@ from fleetune.edge_sdk.errors import PayloadError
 
 Tensors = dict[str, np.ndarray]
 VALUES = ("f32", "f16", "q8", "q4", "sq8", "sq4")
-ENCODINGS = (*VALUES, "seeds")  # the plain names; any VALUE may also follow "topk:F+"
+ENCODINGS = (*VALUES, "seeds", "secagg")  # plain names; any VALUE may also follow "topk:F+"
 SEED_KEYS = ("seed_index", "coef")  # a zeroth-order run: int32 seed indices, float32 coefficients
 BLOCKS = {"q8": 64, "q4": 32}
 LEVELS = {"q8": 127, "q4": 7}
@@ -50,7 +51,7 @@ class Encoding:
 
     @property
     def lossy(self) -> bool:
-        return self.value not in ("f32", "seeds") or self.topk is not None
+        return self.value not in ("f32", "seeds", "secagg") or self.topk is not None
 
 
 def parse_encoding(name: object) -> Encoding:
@@ -260,6 +261,8 @@ def encode_tensors(
     """Return the tensors to put in the safetensors body for ``encoding``; ``rng`` draws the
     stochastic rounding (fresh entropy by default)."""
     enc = parse_encoding(encoding)
+    if enc.value == "secagg":
+        return _check_masked(tensors)
     if enc.value == "seeds":
         _check_seeds(tensors)
         return {
@@ -279,6 +282,18 @@ def encode_tensors(
     return out
 
 
+def _check_masked(tensors: Tensors) -> Tensors:
+    masked = tensors.get("masked")
+    if (
+        set(tensors) != {"masked"}
+        or masked is None
+        or masked.dtype != np.uint32
+        or masked.ndim != 1
+    ):
+        raise PayloadError("a secagg body holds exactly one 1-D uint32 tensor, masked")
+    return dict(tensors)
+
+
 def _check_seeds(tensors: Tensors) -> None:
     if set(tensors) != set(SEED_KEYS):
         raise PayloadError(f"a seeds body holds exactly {SEED_KEYS}, got {sorted(tensors)}")
@@ -293,6 +308,8 @@ def decode_tensors(body: Tensors, encoding: str) -> Tensors:
     """Invert :func:`encode_tensors`, checking everything, so a mislabelled or forged body is
     refused by name."""
     enc = parse_encoding(encoding)
+    if enc.value == "secagg":
+        return _check_masked(body)
     if enc.value == "seeds":
         if (
             body.get("seed_index", np.zeros(0, np.int32)).dtype != np.int32

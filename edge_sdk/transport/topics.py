@@ -17,6 +17,9 @@ topic                         QoS     retained  payload
                                                  "offline" one is the device's last will
 ``keys``                      1       yes       the fleet's signed list of trusted public keys
                                                  (key rotation, ``edge_sdk/signing.py``)
+``secagg/unmask``             1       yes       JSON: a secure-aggregation round's dropped
+                                                 devices (server → devices)
+``secagg/reveal/{device}``    1       no        JSON: a survivor's pair seeds with them
 ============================  ======  ========  =============================================
 """
 
@@ -72,6 +75,17 @@ class Topics:
     @property
     def basis_prior(self) -> str:
         return f"{self.prefix}/adapter/basis/prior"
+
+    @property
+    def secagg_unmask(self) -> str:
+        return f"{self.prefix}/secagg/unmask"
+
+    def reveal(self, device: str) -> str:
+        return f"{self.prefix}/secagg/reveal/{check_id('device', device)}"
+
+    @property
+    def all_reveals(self) -> str:
+        return f"{self.prefix}/secagg/reveal/+"
 
     def personal(self, device: str) -> str:
         return f"{self.prefix}/adapter/device/{check_id('device', device)}"

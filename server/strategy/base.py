@@ -32,6 +32,7 @@ class Update:
     delta: Tensors | None = None
     seeds: Seeds | None = None
     metrics: dict = field(default_factory=dict)
+    masked: np.ndarray | None = None  # secure aggregation: opened only in sum (server/secure.py)
 
 
 @dataclass(frozen=True)

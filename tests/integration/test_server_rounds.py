@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetune.edge_sdk import codec
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.protocol import Fleet, GlobalAdapter
 from fleetune.edge_sdk.signing import Keyring, Signer
 from fleetune.edge_sdk.transport.base import Message
@@ -927,3 +928,84 @@ def test_central_dp_accounts_each_device_and_refuses_one_past_its_budget(tmp_pat
     assert gauges == pytest.approx(
         {"d1": spent["d1"][1], "d2": spent["d2"][1], "fleet": spent[FLEET][1]}
     )
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_secure_aggregation_opens_only_the_sum_even_with_a_dropout(tmp_path, tiny_base, drop):
+    """Three devices mask their updates; the server's new adapter is the mean of the uploads
+    (to the fixed point's step), while no upload alone resembles its device's change. With
+    ``drop``, device c masks but its upload is lost: a and b reveal their pair seeds with c and
+    the mean of a and b comes out."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.protocol import Update
+    from fleetune.edge_sdk.transport.memory import MemoryTransport
+
+    class LosesUpdates(MemoryTransport):
+        def publish(self, topic, payload, retain=False, timeout=30.0):
+            if "/update/" not in topic:
+                super().publish(topic, payload, retain, timeout)
+
+    # Prepare
+    broker, topics = MemoryBroker(), Topics("t")
+    server = _server(
+        tmp_path,
+        broker,
+        rounds=1,
+        quorum=3,
+        round_timeout_s=8.0,
+        secagg=True,
+        downlink_encoding="f32",
+    )
+    watcher = broker.client("watcher")
+    watcher.connect()
+    watcher.subscribe(topics.all_updates)
+    changes, clients = {}, {}
+    for i, name in enumerate("abc"):
+        config = FleetuneConfig(
+            device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
+            tuning=TuningConfig(steps=4, lr=5e-2, lora_r=2, batch_size=4, seed=i),
+            sync=SyncConfig(fleet="t", round_wait_s=60, fleet_key=server.signer.public_hex),
+        )
+        lossy = drop and name == "c"
+        transport = LosesUpdates(broker, name) if lossy else broker.client(name)
+        clients[name] = client = EdgeClient(config, base=tiny_base, transport=transport)
+        client.open()
+
+        def spy(backend, data, begin, job, progress=None, tune=client.tuner.tune, who=name):
+            tuned = tune(backend, data, begin, job, progress)
+            changes[who] = {k: tuned.adapter[k] - begin[k] for k in begin}
+            return tuned
+
+        client.tuner.tune = spy
+    tokens = np.tile(np.arange(16), 64)
+    data = ClientData("x", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    thread, out = _run_in_thread(server)
+    # Execute
+    threads = [
+        started(lambda n=n: clients[n].run(ClientText(n, ""), data=data), name=n) for n in clients
+    ]
+    for t in threads:
+        t.join(120)
+    for client in clients.values():
+        client.close()
+    thread.join(60)
+    final, init = dict(server.current), init_lora(SPEC, tiny_base)
+    server.close()
+    uploads = {}
+    while (msg := watcher.recv(timeout=0.1)) is not None:
+        update = Update.decode(msg.payload, Fleet(tiny_base, SPEC))
+        uploads[update.sender] = update
+    # Assert
+    senders = ["a", "b"] if drop else ["a", "b", "c"]
+    assert sorted(uploads) == senders and out["results"][0].version == 1
+    for k in init:
+        mean = sum(changes[n][k] for n in senders) / len(senders)
+        np.testing.assert_allclose(final[k] - init[k], mean, atol=1e-5)
+    layout = FlatLayout(SPEC, tiny_base)
+    for name, update in uploads.items():
+        change = layout.flatten(changes[name])
+        seen = update.masked.view(np.int32).astype(np.float64) / 2**20
+        assert abs(np.corrcoef(seen, change)[0, 1]) < 0.2 and np.abs(seen).mean() > 100
+        assert set(update.metrics) == {"steps"}
