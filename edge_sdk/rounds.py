@@ -236,66 +236,82 @@ def run_round(
         canary.served.name if served else "the global",
     )
     choice = canary.offer({"local": tuned.adapter}, current.version)
-    privacy = client.config.privacy
-    dp: dict[str, float] = {}
-    if privacy.on and tuned.delta is not None:
-        done = client.store.releases()
-        sigma, delta_ = privacy.noise_multiplier, privacy.delta
-        if not within_budget(sigma, done, delta_, privacy.epsilon_budget):
-            log.warning(
-                "%s round %d: privacy budget spent (epsilon %.2f of %.2f): this round's tuning "
-                "stays on the device",
-                client.device,
-                round_,
-                epsilon(sigma, done, delta_),
-                privacy.epsilon_budget,
-            )
-            return 0
-        clipped, _ = clip(tuned.delta, privacy.clip_norm)
-        noisy = gaussian(clipped, sigma * privacy.clip_norm, np.random.default_rng())
-        tuned = replace(tuned, delta=noisy)
-        dp = {"epsilon": epsilon(sigma, done + 1, delta_)}
+    private = privatize(client, tuned, round_)
+    if private is None:
+        return 0
+    tuned, dp = private
     if announcement.secagg is not None:
         if client.device not in announcement.secagg.cohort:
             log.warning("%s: not in round %d's secure cohort; not uploading", client.device, round_)
             return 0
         sent = upload_masked(client, announcement, current, tuned, start, len(data.train), masked)
-        if dp:
-            client.store.released()
-        return sent
+    else:
+        # under local DP only the noised delta speaks of the data: no losses or perplexities
+        metrics = (
+            {"steps": tuned.metrics["steps"], **dp}
+            if dp
+            else {
+                "ppl_local": report.ppl_local,
+                "ppl_global": ppl_global,
+                **tuned.metrics,
+                **choice.metrics(),
+            }
+        )
+        update = Update(
+            client.device,
+            round_,
+            current.version,
+            len(data.train),
+            delta=tuned.delta,
+            seeds=tuned.seeds,
+            metrics=metrics,
+            part=client.config.tuning.share,
+        )
+        sent = upload(client, update)
+    if dp:
+        client.store.released()
+    return sent
+
+
+def privatize(client: EdgeClient, tuned: Tuned, round_: int) -> tuple[Tuned, dict] | None:
+    """With ``[privacy]`` on: the update clipped and noised, and the epsilon it brings the
+    device to; ``None`` when one more upload would spend beyond the budget."""
+    privacy = client.config.privacy
+    if not privacy.on or tuned.delta is None:
+        return tuned, {}
+    done = client.store.releases()
+    sigma, delta = privacy.noise_multiplier, privacy.delta
+    if not within_budget(sigma, done, delta, privacy.epsilon_budget):
+        log.warning(
+            "%s round %d: privacy budget spent (epsilon %.2f of %.2f): this round's tuning "
+            "stays on the device",
+            client.device,
+            round_,
+            epsilon(sigma, done, delta),
+            privacy.epsilon_budget,
+        )
+        return None
+    clipped, _ = clip(tuned.delta, privacy.clip_norm)
+    noisy = gaussian(clipped, sigma * privacy.clip_norm, np.random.default_rng())
+    return replace(tuned, delta=noisy), {"epsilon": epsilon(sigma, done + 1, delta)}
+
+
+def upload(client: EdgeClient, update: Update) -> int:
+    """Queue ``update`` in the uplink encoding, with what earlier lossy uplinks dropped added
+    (error feedback), and send what the outbox holds; returns the bytes sent."""
     sync = client.config.sync
     feedback = None
     if (
-        tuned.delta is not None
+        update.delta is not None
         and sync.error_feedback
         and parse_encoding(sync.uplink_encoding).lossy
     ):
         feedback = ErrorFeedback(client.store.root / "residual.safetensors")
-    delta = feedback.add(tuned.delta) if feedback is not None and tuned.delta else tuned.delta
-    update = Update(
-        client.device,
-        round_,
-        current.version,
-        len(data.train),
-        delta=delta,
-        seeds=tuned.seeds,
-        # under local DP only the noised delta speaks of the data: no losses or perplexities
-        metrics={"steps": tuned.metrics["steps"], **dp}
-        if dp
-        else {
-            "ppl_local": report.ppl_local,
-            "ppl_global": ppl_global,
-            **tuned.metrics,
-            **choice.metrics(),
-        },
-        part=client.config.tuning.share,
-    )
+        update = replace(update, delta=feedback.add(update.delta))
     payload = update.encode(client.fleet, sync.uplink_encoding)
     client.store.put(client.topics.update(client.device), payload)
-    if dp:
-        client.store.released()
-    if feedback is not None and delta is not None:  # what the server decodes, it has
-        feedback.keep(delta, codec.decode(payload)[1])
+    if feedback is not None and update.delta is not None:  # what the server decodes, it has
+        feedback.keep(update.delta, codec.decode(payload)[1])
     return client.deliver()
 
 

@@ -728,30 +728,45 @@ def test_shared_a_personal_b_never_uploads_or_takes_b(tmp_path, tiny_base):
     assert any(np.abs(tuned_a[k]).max() > 0 for k in tuned_a if ".lora_B." in k)
 
 
+def _cycle_data():
+    """A learnable corpus for the tiny model: a repeated token cycle."""
+    from fleetune.edge_sdk.data import ClientData
+
+    tokens = np.tile(np.arange(16), 64)
+    return ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+
+
+def _device_a(tmp_path, server, steps, privacy=None, **sync):
+    """Device "a"'s config against ``server`` (its state in ``tmp_path/device``)."""
+    from fleetune.edge_sdk.config import (
+        DeviceConfig,
+        FleetuneConfig,
+        PrivacyConfig,
+        SyncConfig,
+        TuningConfig,
+    )
+
+    return FleetuneConfig(
+        device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
+        tuning=TuningConfig(steps=steps, lr=5e-2, lora_r=2, batch_size=4),
+        sync=SyncConfig(fleet="t", round_wait_s=60, fleet_key=server.signer.public_hex, **sync),
+        privacy=privacy or PrivacyConfig(),
+    )
+
+
 def test_the_served_adapter_survives_a_restart(tmp_path, tiny_base):
     """A device that restarts offers its canary the adapter it served before (kept on disk);
     the first round after the restart goes on from it."""
     from fleetune.edge_sdk.client import EdgeClient
-    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.data import ClientText
 
-    tokens = np.tile(np.arange(16), 64)
-    data = ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    data = _cycle_data()
     starts, ends = [], []
 
     def run_once(name: str) -> None:
         broker = MemoryBroker()
         server = _server(tmp_path / name, broker, rounds=1, quorum=1, downlink_encoding="f32")
-        config = FleetuneConfig(
-            device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
-            tuning=TuningConfig(steps=8, lr=5e-2, lora_r=2, batch_size=4),
-            sync=SyncConfig(
-                fleet="t",
-                round_wait_s=60,
-                fleet_key=server.signer.public_hex,
-                uplink_encoding="f32",
-            ),
-        )
+        config = _device_a(tmp_path, server, 8, uplink_encoding="f32")
         thread, _ = _run_in_thread(server)
         with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
             tune = client.tuner.tune
@@ -784,24 +799,13 @@ def test_a_sparse_uplink_loses_nothing_it_only_delays(tmp_path, tiny_base):
     equals the sum of what the device's rounds changed."""
     from fleetune.edge_sdk.client import EdgeClient
     from fleetune.edge_sdk.codec.feedback import ErrorFeedback
-    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
-    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.data import ClientText
 
     # Prepare
     broker = MemoryBroker()
     server = _server(tmp_path, broker, rounds=2, quorum=1, downlink_encoding="f32")
-    config = FleetuneConfig(
-        device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
-        tuning=TuningConfig(steps=6, lr=5e-2, lora_r=2, batch_size=4),
-        sync=SyncConfig(
-            fleet="t",
-            round_wait_s=60,
-            fleet_key=server.signer.public_hex,
-            uplink_encoding="topk:0.1+q8",
-        ),
-    )
-    tokens = np.tile(np.arange(16), 64)
-    data = ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    config = _device_a(tmp_path, server, 6, uplink_encoding="topk:0.1+q8")
+    data = _cycle_data()
     changes = []
     thread, out = _run_in_thread(server)
     # Execute
@@ -834,14 +838,8 @@ def test_local_dp_noises_each_upload_and_stops_when_the_budget_is_spent(tmp_path
     the device keeps tuning in round 3 but nothing leaves it; its uploads say only their steps
     and epsilon, no perplexity."""
     from fleetune.edge_sdk.client import EdgeClient
-    from fleetune.edge_sdk.config import (
-        DeviceConfig,
-        FleetuneConfig,
-        PrivacyConfig,
-        SyncConfig,
-        TuningConfig,
-    )
-    from fleetune.edge_sdk.data import ClientData, ClientText
+    from fleetune.edge_sdk.config import PrivacyConfig
+    from fleetune.edge_sdk.data import ClientText
     from fleetune.edge_sdk.protocol import Update
 
     # Prepare
@@ -850,14 +848,9 @@ def test_local_dp_noises_each_upload_and_stops_when_the_budget_is_spent(tmp_path
     watcher = broker.client("watcher")
     watcher.connect()
     watcher.subscribe(Topics("t").all_updates)
-    config = FleetuneConfig(
-        device=DeviceConfig(id="a", state_dir=str(tmp_path / "device")),
-        tuning=TuningConfig(steps=4, lr=5e-2, lora_r=2, batch_size=4),
-        sync=SyncConfig(fleet="t", round_wait_s=60, fleet_key=server.signer.public_hex),
-        privacy=PrivacyConfig(clip_norm=0.5, noise_multiplier=2.0, epsilon_budget=3.5),
-    )
-    tokens = np.tile(np.arange(16), 64)
-    data = ClientData("a", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
+    privacy = PrivacyConfig(clip_norm=0.5, noise_multiplier=2.0, epsilon_budget=3.5)
+    config = _device_a(tmp_path, server, 4, privacy)
+    data = _cycle_data()
     thread, out = _run_in_thread(server)
     # Execute
     with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
