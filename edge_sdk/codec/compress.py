@@ -142,7 +142,9 @@ MAX_LAYOUT_BYTES = 1 << 20  # the decompressed list of names and shapes
 def varint(values: np.ndarray) -> np.ndarray:
     """Unsigned integers < 2**35 as LEB128 bytes (7 bits a byte, high bit: more follows)."""
     v = np.asarray(values, np.int64)
-    length = 1 + sum((v >= 1 << (7 * j)).astype(np.int64) for j in range(1, 5))
+    length = np.ones(v.shape, np.int64)
+    for j in range(1, 5):
+        length += v >= 1 << (7 * j)
     starts = np.cumsum(length) - length
     out = np.zeros(int(length.sum()), np.uint8)
     for j in range(5):
@@ -177,9 +179,11 @@ def _encode_topk(tensors: Tensors, enc: Encoding, rng: np.random.Generator) -> T
     for name in names:
         flat = np.asarray(tensors[name], np.float32).reshape(-1)
         k = min(flat.size, math.ceil(enc.topk * flat.size))
-        top = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]) if k else []
-        keep.append(np.asarray(top, np.int64) + offset)
-        values.append(flat[np.asarray(top, np.int64)])
+        top = np.zeros(0, np.int64)
+        if k:
+            top = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
+        keep.append(top + offset)
+        values.append(flat[top])
         offset += flat.size
     positions = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     out = _encode_value(_VALUES, np.concatenate(values) if values else np.zeros(0), enc.value, rng)
