@@ -33,8 +33,11 @@ from fleetune.edge_sdk.protocol import (
     MixtureUpload,
     PersonalAdapter,
     Prior,
+    Reveal,
+    SecAggRound,
     SeedPool,
     SeedRun,
+    Unmask,
     Update,
     decode_global,
 )
@@ -108,6 +111,9 @@ JSON_DECODERS = {
     "announcement": Announcement.decode,
     "prior": Prior.decode,
     "status": DeviceStatus.decode,
+    "announcement-secagg": Announcement.decode,
+    "unmask": Unmask.decode,
+    "reveal": Reveal.decode,
 }
 ALL_DECODERS = {
     **{name: decode for name, (_, decode) in ENVELOPES.items()},
@@ -176,6 +182,13 @@ SEEDS: dict[str, Callable[[], bytes]] = {
         adapter=SPEC.to_dict(),
         zo=SeedPool(77, 4096),
     ).encode(),
+    "announcement-secagg": lambda: Announcement(
+        round=2,
+        adapter_version=1,
+        secagg=SecAggRound({"a": "ab" * 32, "b": "cd" * 32}, 1.0, 2.0**20),
+    ).encode(),
+    "unmask": lambda: Unmask(3, ("c",)).encode(),
+    "reveal": lambda: Reveal("a", 3, {"c": "ef" * 32}).encode(),
     "prior": lambda: Prior(2, np.array([0.2, 0.3, 0.5], np.float32), 3).encode(),
     "status": lambda: DeviceStatus("online", "adapter/global: bad signature").encode(),
     "update-header": lambda: _split(ENVELOPES["update"][0]())[0],

@@ -294,3 +294,23 @@ def test_the_messages_that_killed_the_server_are_payload_errors():
     deep = b'{"metrics": ' + b"[" * 30000 + b"]" * 30000 + b"}"
     with pytest.raises(PayloadError, match="not JSON"):
         Announcement.decode(deep)
+
+
+def test_secure_aggregation_messages_round_trip_and_refuse_by_name():
+    from fleetune.edge_sdk.protocol import Reveal, SecAggRound, Unmask
+
+    cohort = SecAggRound({"a": "ab" * 32, "b": "cd" * 32}, 1.0, 2.0**20)
+    sent = Announcement(2, 1, secagg=cohort)
+    assert Announcement.decode(sent.encode()).secagg == cohort
+    assert Unmask.decode(Unmask(3, ("c",)).encode()) == Unmask(3, ("c",))
+    assert Reveal.decode(Reveal("a", 3, {"c": "ef" * 32}).encode()).seeds == {"c": "ef" * 32}
+    for body, message in [
+        ({"cohort": {"a": "ab" * 32}, "bound": 1.0, "scale": 1.0}, "two devices"),
+        ({"cohort": {"a": "zz" * 32, "b": "ab" * 32}, "bound": 1.0, "scale": 1.0}, "64 hex"),
+        ({"cohort": {"a/b": "ab" * 32, "b": "ab" * 32}, "bound": 1.0, "scale": 1.0}, "device id"),
+        ({"cohort": {"a": "ab" * 32, "b": "ab" * 32}, "bound": 1.0, "scale": 1e12}, "overflows"),
+    ]:
+        with pytest.raises(PayloadError, match=message):
+            SecAggRound.from_dict(body)
+    with pytest.raises(PayloadError, match="masking_key"):
+        DeviceStatus.decode(b'{"state": "online", "masking_key": "xyz"}')
