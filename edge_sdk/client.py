@@ -207,7 +207,8 @@ class EdgeClient:
 
     def _chunked(self, transport: Transport) -> ChunkedTransport:
         """Whatever carries the messages, payloads above the limit go in chunks."""
-        return ChunkedTransport(transport, self.config.sync.max_message_bytes)
+        sync = self.config.sync
+        return ChunkedTransport(transport, sync.max_message_bytes, blob_url=sync.blob_url)
 
     def connect(self) -> Transport:
         if self._transport is None:

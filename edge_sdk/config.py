@@ -160,6 +160,7 @@ class SyncConfig:
     uplink_encoding: str = "q8"  # dense updates: f32 | f16 | q8 | q4 | sq8 | sq4 | topk:F+VALUE
     error_feedback: bool = True  # carry what a lossy uplink dropped into the next update
     max_message_bytes: int = 131072  # larger payloads travel in chunks (AWS IoT Core: 128 KB)
+    blob_url: str = ""  # where pushes by reference are fetched: http://server:port/blobs
     round_wait_s: float = 600.0  # how long a device waits for the next announcement
     fleet_key: str = ""  # the fleet's Ed25519 public key (64 hex digits): pushes must be signed
     tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,

@@ -48,6 +48,7 @@ from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.chunks import ChunkedTransport
 from fleetune.edge_sdk.transport.topics import Topics
+from fleetune.server.blobs import BlobServer
 from fleetune.server.clusters import cluster_adapters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.metrics import Metrics
@@ -92,6 +93,7 @@ class FleetServer:
         self.signer = Signer.load_or_create(key_path)
         self.key_list = key_path.parent / KEYS_SIGNED  # a rotation's list (``fleet rotate-key``)
         (root / "fleet-key.pub").write_text(self.signer.public_hex + "\n")
+        self.blobs: BlobServer | None = None
         self._transport = self._chunked(transport) if transport is not None else None
         self.version, self.first_round, self.current = self.state.resume()
         if self.version:
@@ -124,8 +126,14 @@ class FleetServer:
     def _chunked(self, transport: Transport) -> ChunkedTransport:
         """Payloads above the limit go in chunks; chunks received are on disk before they are
         acknowledged (``<state_dir>/chunks``)."""
-        limit = self.config.max_message_bytes
-        return ChunkedTransport(transport, limit, spool=self.state_dir / "chunks")
+        c = self.config
+        if c.blob_port and self.blobs is None:
+            self.blobs = BlobServer(self.state_dir / "blobs", c.blob_host, c.blob_port)
+            log.info(
+                "pushes above %d bytes go by reference: %s", c.max_message_bytes, self.blobs.url
+            )
+        spool = self.state_dir / "chunks"
+        return ChunkedTransport(transport, c.max_message_bytes, spool=spool, blobs=self.blobs)
 
     def connect(self) -> Transport:
         if self._transport is None:
@@ -544,5 +552,7 @@ class FleetServer:
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        if self.blobs is not None:
+            self.blobs.close()
         self.metrics.close()
         self.state.close()

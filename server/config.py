@@ -65,6 +65,8 @@ class ServerConfig:
     # (created on first start; devices pin its public key, <state_dir>/fleet-key.pub)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     max_message_bytes: int = 131072  # larger pushes travel in chunks (AWS IoT Core: 128 KB)
+    blob_port: int = 0  # instead, serve larger pushes over HTTP and send a reference (0 = off)
+    blob_host: str = "127.0.0.1"  # where the blob server listens
     metrics_host: str = "127.0.0.1"  # where /metrics listens
     tls_ca: str = ""  # mutual TLS (`fleetune fleet provision`): the fleet's CA certificate,
     tls_cert: str = ""  # the server's client certificate
@@ -118,6 +120,8 @@ class ServerConfig:
             raise ConfigError(f"[server] basis_encoding must be one of {DOWNLINK}")
         if self.max_message_bytes < MIN_CHUNK_LIMIT:
             raise ConfigError(f"[server] max_message_bytes must be >= {MIN_CHUNK_LIMIT}")
+        if not 0 <= self.blob_port < 65536:
+            raise ConfigError(f"[server] blob_port {self.blob_port} is out of range")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"[server] metrics_port {self.metrics_port} is out of range")
         if self.protocol not in ("3.1.1", "5"):

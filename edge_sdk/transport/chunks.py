@@ -11,6 +11,9 @@ payloads over 128 KB) travels as numbered chunks on ``{topic}/c/{i}`` and a smal
 - Retained: a device that connects late gets the manifest and every chunk from the broker. A
   sender that replaces a retained chunked message with a shorter one clears the chunk topics
   the new one does not use.
+- With ``blobs`` (the server with ``[server] blob_port``), a push above the limit goes by
+  reference instead: the bytes over HTTP, a sha256 over MQTT (``transport/blobs.py``); a
+  receiver with a ``blob_url`` fetches and checks them, retrying a failed fetch while it waits.
 - With ``spool`` (the server, which acknowledges messages by hand), each chunk is written to
   disk before it is acknowledged, and what a crash left there is read back at start; the spool
   of a transfer is deleted once its whole message is acknowledged.
@@ -25,10 +28,12 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from fleetune.edge_sdk.errors import ConfigError, PayloadError
+from fleetune.edge_sdk.errors import ConfigError, PayloadError, TransportError
 from fleetune.edge_sdk.store import atomic_write
 from fleetune.edge_sdk.transport.base import Message, Transport
+from fleetune.edge_sdk.transport.blobs import REFERENCE, fetch, read_reference
 
 log = logging.getLogger(__name__)
 CHUNK, MANIFEST = b"FLTC", b"FLTM"
@@ -37,6 +42,12 @@ MIN_LIMIT = 1024  # bytes a chunk message may be, at least
 MAX_CHUNKS = 4096  # per transfer (512 MB at 128 KB)
 MAX_TRANSFERS = 64  # incomplete transfers held at once; the oldest goes first
 MAX_MANIFEST_BYTES = 400_000
+
+
+class Blobs(Protocol):
+    """Where a sender keeps large payloads to be fetched by reference (``server/blobs.py``)."""
+
+    def put(self, payload: bytes) -> bytes: ...
 
 
 def chunk_topic(topic: str, index: int | str) -> str:
@@ -102,10 +113,14 @@ class ChunkedTransport:
         limit: int = 128 * 1024,
         timeout_s: float = 600.0,
         spool: str | Path | None = None,
+        blobs: Blobs | None = None,
+        blob_url: str = "",
     ) -> None:
         if limit < MIN_LIMIT:
             raise ConfigError(f"max_message_bytes must be at least {MIN_LIMIT}, got {limit}")
         self.inner, self.limit, self.timeout_s = inner, limit, timeout_s
+        self.blobs, self.blob_url = blobs, blob_url
+        self._fetches: list[tuple[Message, float]] = []  # references whose fetch failed, since
         self.spool = Path(spool) if spool is not None else None
         self._transfers: dict[bytes, _Transfer] = {}
         self._retained_chunks: dict[str, int] = {}  # topic -> chunk topics it holds retained
@@ -131,7 +146,9 @@ class ChunkedTransport:
         self, topic: str, payload: bytes, retain: bool = False, timeout: float = 60.0
     ) -> None:
         chunks: list[bytes] = []
-        if len(payload) > self.limit:
+        if len(payload) > self.limit and self.blobs is not None:
+            payload = self.blobs.put(payload)
+        elif len(payload) > self.limit:
             manifest, chunks = split(payload, self.limit)
             for i, chunk in enumerate(chunks):
                 self.inner.publish(chunk_topic(topic, i), chunk, retain, timeout)
@@ -146,6 +163,8 @@ class ChunkedTransport:
         """The next whole message within ``timeout`` seconds (chunks are gathered meanwhile)."""
         if self._ready:
             return self._ready.pop(0)
+        if (fetched := self._retry_fetches()) is not None:
+            return fetched
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -177,6 +196,9 @@ class ChunkedTransport:
     def _take(self, msg: Message) -> Message | None:
         """``msg`` itself, or the whole message it completes, or ``None`` (held)."""
         payload = msg.payload
+        if payload.startswith(REFERENCE):
+            self.inner.ack(msg)
+            return self._fetch(msg, time.monotonic())
         if payload.startswith(CHUNK) and "/c/" in msg.topic:
             if len(payload) < _HEAD.size:
                 raise PayloadError("a chunk shorter than its header")
@@ -201,6 +223,31 @@ class ChunkedTransport:
         except PayloadError as err:
             log.warning("dropped a transfer on %s: %s", msg.topic, err)
             return None
+
+    def _fetch(self, msg: Message, since: float) -> Message | None:
+        """The message a reference stands for; a failed fetch is tried again on later calls
+        to :meth:`recv` until ``timeout_s`` has passed."""
+        if not self.blob_url:
+            raise PayloadError("a push by reference, but no blob_url is configured to fetch it")
+        digest, size = read_reference(msg.payload)
+        try:
+            return Message(msg.topic, fetch(self.blob_url, digest, size), msg.retained)
+        except TransportError as err:
+            if time.monotonic() - since > self.timeout_s:
+                log.warning("gave up fetching the push on %s: %s", msg.topic, err)
+            else:
+                log.warning("fetching the push on %s failed (%s); trying again", msg.topic, err)
+                self._fetches.append((msg, since))
+            return None
+
+    def _retry_fetches(self) -> Message | None:
+        pending, self._fetches = self._fetches, []
+        for i, (msg, since) in enumerate(pending):
+            got = self._fetch(msg, since)
+            if got is not None:
+                self._fetches += pending[i + 1 :]
+                return got
+        return None
 
     def _transfer(self, digest: bytes, topic: str, retained: bool) -> _Transfer:
         if digest not in self._transfers:

@@ -1002,3 +1002,28 @@ def test_secure_aggregation_opens_only_the_sum_even_with_a_dropout(tmp_path, tin
         seen = update.masked.view(np.int32).astype(np.float64) / 2**20
         assert abs(np.corrcoef(seen, change)[0, 1]) < 0.2 and np.abs(seen).mean() > 100
         assert set(update.metrics) == {"steps"}
+
+
+def test_a_round_with_pushes_by_reference(tmp_path, tiny_base):
+    """``[server] blob_port``: every push above 1 KB goes over HTTP with its sha256 over MQTT;
+    the device (``[sync] blob_url``) fetches, checks and verifies it as any push."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.data import ClientText
+    from fleetune.server.broker import free_port
+
+    # Prepare
+    broker, port = MemoryBroker(), free_port()
+    server = _server(tmp_path, broker, rounds=2, quorum=1, blob_port=port, max_message_bytes=1024)
+    config = _device_a(tmp_path, server, 4, blob_url=f"http://127.0.0.1:{port}/blobs")
+    thread, out = _run_in_thread(server)
+    # Execute
+    with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
+        report = client.run(ClientText("a", ""), data=_cycle_data())
+    thread.join(30)
+    held = broker.retained(Topics("t").global_adapter)
+    server.close()
+    # Assert
+    assert [r.accepted for r in out["results"]] == [["a"], ["a"]]
+    assert held.startswith(b"FLTR") and len(held) < 200
+    assert report.ppl_final < report.ppl_base
+    assert len(list((tmp_path / "srv" / "blobs").iterdir())) >= 2

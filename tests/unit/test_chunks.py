@@ -158,3 +158,59 @@ def test_spooled_chunks_survive_a_restart_and_go_once_acknowledged(tmp_path):
     assert got.payload == payload
     assert len(spooled) == 4  # manifest + 3 chunks, until the whole is acknowledged
     assert list((tmp_path / "chunks").glob("*")) == []
+
+
+# -- pushes by reference (the AWS IoT Jobs pattern) ----------------------------------------------
+
+
+def test_a_push_by_reference_carries_a_sha256_and_the_device_fetches_and_checks_it(
+    tmp_path, caplog
+):
+    from fleetune.server.blobs import BlobServer
+
+    # Prepare
+    broker, topic = MemoryBroker(), "fleetune/t/adapter/global"
+    blobs = BlobServer(tmp_path / "blobs")
+    server = ChunkedTransport(broker.client("server"), LIMIT, blobs=blobs)
+    device = ChunkedTransport(broker.client("d1"), LIMIT, blob_url=blobs.url)
+    careless = ChunkedTransport(broker.client("d2"), LIMIT)  # no blob_url
+    payload = os.urandom(300_000)
+    try:
+        # Execute
+        server.publish(topic, payload, retain=True)
+        for end in (device, careless):
+            end.connect()
+            end.subscribe(topic)
+        got = device.recv(timeout=5)
+        with caplog.at_level(logging.WARNING):
+            missed = careless.recv(timeout=0.3)
+    finally:
+        blobs.close()
+    # Assert: MQTT held 78 bytes, not 300 KB
+    assert len(broker.retained(topic)) < 100
+    assert got is not None and got.payload == payload and got.retained
+    assert missed is None
+    assert any("no blob_url is configured" in r.getMessage() for r in caplog.records)
+
+
+def test_a_blob_that_does_not_match_is_refused_and_a_missing_one_is_fetched_again(tmp_path):
+    from fleetune.edge_sdk.transport.blobs import reference
+    from fleetune.server.blobs import BlobServer
+
+    blobs = BlobServer(tmp_path / "blobs")
+    try:
+        _, _, receiver = _pair(blob_url=blobs.url)
+        good, bad = os.urandom(5000), os.urandom(5000)
+        # a tampered blob: the server's file does not hash to the reference
+        (tmp_path / "blobs" / reference(good)[4:].split(b'"')[3].decode()).write_bytes(bad)
+        receiver.inner.deliver(Message(TOPIC, reference(good)))
+        assert receiver.recv(timeout=0.5) is None
+        # a blob not there yet: fetched again on a later recv, once it is
+        later = os.urandom(6000)
+        receiver.inner.deliver(Message(TOPIC, reference(later)))
+        assert receiver.recv(timeout=0.5) is None
+        blobs.put(later)
+        got = receiver.recv(timeout=0.5)
+    finally:
+        blobs.close()
+    assert got is not None and got.payload == later
