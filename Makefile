@@ -56,6 +56,7 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.personalize_mix --json results/bench_personalize_mix.json
 	$(BIN)/python -m benchmarks.byzantine --json results/bench_byzantine.json
 	$(BIN)/python -m benchmarks.personalization --json results/bench_personalization.json
+	$(BIN)/python -m benchmarks.compression --json results/bench_compression.json
 
 # Coverage-guided fuzzing (atheris) of everything a peer can send: the wire decoders, the server's
 # update check, the device's signature check (tests/fuzz/). `make test` runs the same targets on
