@@ -42,6 +42,7 @@ MIN_LIMIT = 1024  # bytes a chunk message may be, at least
 MAX_CHUNKS = 4096  # per transfer (512 MB at 128 KB)
 MAX_TRANSFERS = 64  # incomplete transfers held at once; the oldest goes first
 MAX_MANIFEST_BYTES = 400_000
+RETRY_FETCH_S = 2.0
 
 
 class Blobs(Protocol):
@@ -168,9 +169,15 @@ class ChunkedTransport:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._fetches:  # a failed fetch is tried again every RETRY_FETCH_S meanwhile
+                left = RETRY_FETCH_S if left is None else min(left, RETRY_FETCH_S)
             msg = self.inner.recv(left)
             if msg is None:
                 self._expire()
+                if (fetched := self._retry_fetches()) is not None:
+                    return fetched
+                if deadline is None or time.monotonic() < deadline:
+                    continue
                 return None
             try:
                 whole = self._take(msg)
