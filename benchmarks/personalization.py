@@ -357,7 +357,7 @@ def main() -> None:
         rows = merge(
             [json.loads(line) for f in args.from_rows for line in Path(f).read_text().splitlines()]
         )
-        write(args, rows, sorted({r["seed"] for r in rows}), seconds=float("nan"))
+        write(args, rows, sorted({r["seed"] for r in rows}), seconds=None)
         return
     from fleetune.edge_sdk.backends.torch import TorchBackend
     from fleetune.models.base import prepare_base
@@ -387,7 +387,7 @@ def main() -> None:
     write(args, rows, seeds, time.monotonic() - began)
 
 
-def write(args, rows: list[dict], seeds: list[int], seconds: float) -> None:
+def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> None:
     doc = {
         "clients": kinds_of(rows),
         "seeds": seeds,
