@@ -632,6 +632,19 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, 
         assert pushed.version == 2  # the last round's cluster adapter reached the device
 
 
+def _spy(client) -> list[tuple[dict, dict]]:
+    """Record each round the device tunes: (where it started, what it tuned), in order."""
+    rounds, tune = [], client.tuner.tune
+
+    def spy(backend, data, begin, job, progress=None):
+        tuned = tune(backend, data, begin, job, progress)
+        rounds.append(({k: v.copy() for k, v in begin.items()}, tuned.adapter))
+        return tuned
+
+    client.tuner.tune = spy
+    return rounds
+
+
 def _two_languages(tmp_path, tiny_base, **tuning):
     """Two devices that write different token languages, 2 rounds of 8 steps with ``tuning``;
     b has 10x a's training windows (40 and 400), so the FedAvg global leans to b. Returns each
@@ -664,15 +677,7 @@ def _two_languages(tmp_path, tiny_base, **tuning):
         )
         clients[name] = client = EdgeClient(config, base=tiny_base, transport=broker.client(name))
         client.open()
-        runs[name] = []
-
-        # a spy on the device's tuner records where every round started and ended
-        def spy(backend, data, begin, job, progress=None, tune=client.tuner.tune, log=runs[name]):
-            tuned = tune(backend, data, begin, job, progress)
-            log.append(({k: v.copy() for k, v in begin.items()}, tuned.adapter))
-            return tuned
-
-        client.tuner.tune = spy
+        runs[name] = _spy(client)
     thread, out = _run_in_thread(server)
     threads = [
         started(lambda n=n: clients[n].run(ClientText(n, ""), data=datasets[n]), name=n)
@@ -761,7 +766,7 @@ def test_the_served_adapter_survives_a_restart(tmp_path, tiny_base):
     from fleetune.edge_sdk.data import ClientText
 
     data = _cycle_data()
-    starts, ends = [], []
+    rounds = []
 
     def run_once(name: str) -> None:
         broker = MemoryBroker()
@@ -769,16 +774,9 @@ def test_the_served_adapter_survives_a_restart(tmp_path, tiny_base):
         config = _device_a(tmp_path, server, 8, uplink_encoding="f32")
         thread, _ = _run_in_thread(server)
         with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
-            tune = client.tuner.tune
-
-            def spy(backend, data, begin, job, progress=None):
-                starts.append({k: v.copy() for k, v in begin.items()})
-                tuned = tune(backend, data, begin, job, progress)
-                ends.append(tuned.adapter)
-                return tuned
-
-            client.tuner.tune = spy
+            seen = _spy(client)
             client.run(ClientText("a", ""), data=data)
+        rounds.extend(seen)
         thread.join(30)
         server.close()
 
@@ -788,9 +786,10 @@ def test_the_served_adapter_survives_a_restart(tmp_path, tiny_base):
     # Assert: the second run started from what the first served: its own tuning (or the global,
     # which with one device and an f32 uplink is the same up to rounding)
     init = init_lora(SPEC, tiny_base)
+    (first_start, first_end), (second_start, _) = rounds
     for k in init:
-        np.testing.assert_array_equal(starts[0][k], init[k])
-        np.testing.assert_allclose(starts[1][k], ends[0][k], atol=1e-6)
+        np.testing.assert_array_equal(first_start[k], init[k])
+        np.testing.assert_allclose(second_start[k], first_end[k], atol=1e-6)
 
 
 def test_a_sparse_uplink_loses_nothing_it_only_delays(tmp_path, tiny_base):
@@ -806,18 +805,10 @@ def test_a_sparse_uplink_loses_nothing_it_only_delays(tmp_path, tiny_base):
     server = _server(tmp_path, broker, rounds=2, quorum=1, downlink_encoding="f32")
     config = _device_a(tmp_path, server, 6, uplink_encoding="topk:0.1+q8")
     data = _cycle_data()
-    changes = []
     thread, out = _run_in_thread(server)
     # Execute
     with EdgeClient(config, base=tiny_base, transport=broker.client("a")) as client:
-        tune = client.tuner.tune
-
-        def spy(backend, data, begin, job, progress=None):
-            tuned = tune(backend, data, begin, job, progress)
-            changes.append(tuned.delta)
-            return tuned
-
-        client.tuner.tune = spy
+        rounds = _spy(client)
         client.run(ClientText("a", ""), data=data)
     thread.join(30)
     final = dict(server.current)
@@ -829,7 +820,9 @@ def test_a_sparse_uplink_loses_nothing_it_only_delays(tmp_path, tiny_base):
     assert any(np.abs(v).max() > 0 for v in residual.values())
     for k in init:
         np.testing.assert_allclose(
-            final[k] - init[k] + residual[k], changes[0][k] + changes[1][k], atol=1e-5
+            final[k] - init[k] + residual[k],
+            sum(end[k] - start[k] for start, end in rounds),
+            atol=1e-5,
         )
 
 
@@ -954,7 +947,7 @@ def test_secure_aggregation_opens_only_the_sum_even_with_a_dropout(tmp_path, tin
     watcher = broker.client("watcher")
     watcher.connect()
     watcher.subscribe(topics.all_updates)
-    changes, clients = {}, {}
+    spied, clients = {}, {}
     for i, name in enumerate("abc"):
         config = FleetuneConfig(
             device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
@@ -965,13 +958,7 @@ def test_secure_aggregation_opens_only_the_sum_even_with_a_dropout(tmp_path, tin
         transport = LosesUpdates(broker, name) if lossy else broker.client(name)
         clients[name] = client = EdgeClient(config, base=tiny_base, transport=transport)
         client.open()
-
-        def spy(backend, data, begin, job, progress=None, tune=client.tuner.tune, who=name):
-            tuned = tune(backend, data, begin, job, progress)
-            changes[who] = {k: tuned.adapter[k] - begin[k] for k in begin}
-            return tuned
-
-        client.tuner.tune = spy
+        spied[name] = _spy(client)
     tokens = np.tile(np.arange(16), 64)
     data = ClientData("x", tokens[:768].reshape(-1, 16), tokens[768:].reshape(-1, 16))
     thread, out = _run_in_thread(server)
@@ -986,6 +973,7 @@ def test_secure_aggregation_opens_only_the_sum_even_with_a_dropout(tmp_path, tin
     thread.join(60)
     final, init = dict(server.current), init_lora(SPEC, tiny_base)
     server.close()
+    changes = {n: {k: end[k] - start[k] for k in start} for n, [(start, end)] in spied.items()}
     uploads = {}
     while (msg := watcher.recv(timeout=0.1)) is not None:
         update = Update.decode(msg.payload, Fleet(tiny_base, SPEC))
