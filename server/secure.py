@@ -41,14 +41,14 @@ class SecureRounds:
         return cohort
 
     def check(self, round_: int, device: str, masked: np.ndarray | None) -> None:
-        """In a secure round only masked uploads of its cohort count, and masked ones nowhere
-        else."""
+        """Only masked uploads of the round's cohort count; a round without a cohort (fewer
+        than two devices with keys) takes nothing, so no update is ever seen alone."""
         cohort = self.cohorts.get(round_)
-        if cohort is None and masked is not None:
-            raise PayloadError(f"round {round_} is not securely aggregated", "round")
-        if cohort is not None and masked is None:
+        if cohort is None:
+            raise PayloadError(f"round {round_} has no secure cohort: nothing is accepted", "round")
+        if masked is None:
             raise PayloadError(f"round {round_} aggregates securely: upload masked", "round")
-        if cohort is not None and device not in cohort.cohort:
+        if device not in cohort.cohort:
             raise PayloadError(f"{device} is not in round {round_}'s secure cohort", "identity")
 
     def dropped(self, round_: int, senders: list[str]) -> list[str]:

@@ -62,3 +62,21 @@ def test_a_cohort_whose_sum_could_overflow_is_refused():
     cohort = {f"d{i}": MaskingKey().public for i in range(2100)} | {"me": key.public}
     with pytest.raises(ConfigError, match="overflows"):
         masked_update(np.zeros(4, np.float32), "me", key, cohort, "f", 1, BOUND, SCALE)
+
+
+def test_a_secure_fleet_takes_no_update_outside_a_cohort():
+    from fleetune.server.secure import SecureRounds
+
+    rounds = SecureRounds(1.0, 2.0**20)
+    rounds.note_key("a", "ab" * 32)
+    assert rounds.open(1, {"a"}) is None  # one device cannot hide in a sum
+    for masked in (None, np.zeros(4, np.uint32)):
+        with pytest.raises(PayloadError, match="no secure cohort"):
+            rounds.check(1, "a", masked)
+    rounds.note_key("b", "cd" * 32)
+    assert rounds.open(2, {"a", "b"}) is not None
+    with pytest.raises(PayloadError, match="upload masked"):
+        rounds.check(2, "a", None)
+    with pytest.raises(PayloadError, match="not in round 2"):
+        rounds.check(2, "c", np.zeros(4, np.uint32))
+    rounds.check(2, "b", np.zeros(4, np.uint32))
