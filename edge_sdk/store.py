@@ -82,15 +82,9 @@ class DeviceStore:
         and readable by its owner only."""
         path = self.root / "masking.key"
         if not path.exists():
-            from cryptography.hazmat.primitives import serialization
-            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+            from fleetune.edge_sdk.secagg import MaskingKey
 
-            raw = X25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.Raw,
-                serialization.PrivateFormat.Raw,
-                serialization.NoEncryption(),
-            )
-            atomic_write(path, raw)
+            atomic_write(path, MaskingKey().to_bytes())
             path.chmod(0o600)
         return path.read_bytes()
 
