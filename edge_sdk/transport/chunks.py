@@ -204,8 +204,9 @@ class ChunkedTransport:
         """``msg`` itself, or the whole message it completes, or ``None`` (held)."""
         payload = msg.payload
         if payload.startswith(REFERENCE):
+            whole = self._fetch(msg, time.monotonic())  # a PayloadError is acked by recv
             self.inner.ack(msg)
-            return self._fetch(msg, time.monotonic())
+            return whole
         if payload.startswith(CHUNK) and "/c/" in msg.topic:
             if len(payload) < _HEAD.size:
                 raise PayloadError("a chunk shorter than its header")
