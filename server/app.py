@@ -1,7 +1,8 @@
 """The aggregation service: announce a round, collect updates until a quorum or a timeout,
-aggregate, persist, and push the new global adapter (retained) to the fleet. Long because the
-round is one sequence (route, rate-limit, check, save, acknowledge, aggregate, push) that reads
-best in one place; each part's rules live in their own modules.
+aggregate, persist, and push the new global adapter (retained) to the fleet (in ``async`` mode,
+:mod:`~fleetune.server.buffered`, the quorum is a buffer that also takes stale updates).
+Long because the round is one sequence (route, rate-limit, check, save, acknowledge, aggregate,
+push) that reads best in one place; each part's rules live in their own modules.
 
 A bad update is refused with a logged reason (and a row in the registry); the round goes on.
 Update checks are in :mod:`~fleetune.server.validation`, the seed pools in
@@ -49,6 +50,7 @@ from fleetune.edge_sdk.transport.base import Message, Transport
 from fleetune.edge_sdk.transport.chunks import ChunkedTransport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.blobs import BlobServer
+from fleetune.server.buffered import discount
 from fleetune.server.clusters import cluster_adapters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.metrics import Metrics
@@ -222,9 +224,10 @@ class FleetServer:
             self.fleet,
             round_,
             self.version,
-            self.pool(round_),
+            self.pool,
             seen,
             shared_a=bool(self.config.basis_k),
+            max_staleness=self.config.max_staleness if self.config.mode == "async" else 0,
         )
         if self.secure is not None:
             self.secure.check(round_, device, update.masked)
@@ -420,14 +423,17 @@ class FleetServer:
         result.accepted.append(device)
         self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
         self.metrics.accepted(len(msg.payload), device, update.metrics)
+        self.metrics.staleness.observe(update.staleness)
         log.info(
-            "round %d: update %d/%d from %s (%d bytes, %d examples; it serves %s)",
+            "round %d: update %d/%d from %s (%d bytes, %d examples, %d versions behind; "
+            "it serves %s)",
             round_,
             len(updates),
             self.config.quorum,
             device,
             len(msg.payload),
             update.num_examples,
+            update.staleness,
             update.metrics.get("served", "?"),
         )
 
@@ -453,6 +459,8 @@ class FleetServer:
         current version instead of a state directory that cannot start again."""
         before = self.current
         timer = time.monotonic()
+        exponent = self.config.staleness_exponent
+        updates = [discount(u, round_, exponent, self.seeds.replay) for u in updates]
         try:
             merged = self.strategy.aggregate(
                 self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)

@@ -34,8 +34,11 @@ class ServerConfig:
     protocol: str = "3.1.1"  # "3.1.1" or "5"
     base: str = "smollm2-135m"  # named base or local HF checkpoint directory
     rounds: int = 3  # rounds to run, then announce the end
-    quorum: int = 2  # updates that close a round early
+    quorum: int = 2  # updates that close a round early (async: the buffer size)
     round_timeout_s: float = 600.0  # a round closes after this even without a quorum
+    mode: str = "sync"  # sync | async: fold every quorum updates, stale ones discounted
+    max_staleness: int = 4  # async: refuse updates more adapter versions behind than this
+    staleness_exponent: float = 0.5  # async: a stale update weighs (1 + staleness) ** -this
     strategy: str = "fedavg"  # fedavg | median | trimmed_mean | krum | dp_fedavg (strategy/)
     norm_bound: float = 0.0  # clip each update's delta to this L2 norm first (0 = off)
     max_examples: int = 100_000  # an update weighs as at most this many training windows
@@ -76,6 +79,14 @@ class ServerConfig:
         check_id("fleet", self.fleet)
         if self.rounds < 1 or self.quorum < 1 or self.round_timeout_s <= 0:
             raise ConfigError("[server] rounds >= 1, quorum >= 1 and round_timeout_s > 0 required")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"[server] mode must be 'sync' or 'async', got {self.mode!r}")
+        if self.max_staleness < 0 or self.staleness_exponent < 0:
+            raise ConfigError("[server] max_staleness >= 0 and staleness_exponent >= 0 required")
+        if self.mode == "async" and self.secagg:
+            raise ConfigError(
+                '[server] secagg masks within one round\'s cohort: it needs mode = "sync"'
+            )
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"[server] strategy {self.strategy!r} is not one of {STRATEGIES}")
         if not (self.norm_bound >= 0 and self.max_examples >= 1 and 0 <= self.trim < 0.5):

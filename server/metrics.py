@@ -41,6 +41,12 @@ class Metrics:
         self.aggregation = Histogram(
             "fleetune_aggregation_seconds", "time to aggregate a round and encode it", registry=r
         )
+        self.staleness = Histogram(
+            "fleetune_update_staleness",
+            "adapter versions an accepted update was behind (async rounds)",
+            buckets=(0, 1, 2, 4, 8, 16),
+            registry=r,
+        )
         self.perplexity = Gauge(
             "fleetune_device_perplexity",
             "a device's held-out perplexity after its last local tuning",

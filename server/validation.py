@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fleetune.edge_sdk.errors import PayloadError
@@ -16,26 +18,41 @@ def check_update(
     fleet: Fleet,
     round_: int,
     version: int,
-    pool: SeedPool,
+    pool_of: Callable[[int], SeedPool],
     seen: set[str],
     shared_a: bool = False,
+    max_staleness: int = 0,
 ) -> Contribution:
     """Decode and validate one update from ``device`` (the topic's) for the open ``round_``,
-    computed from adapter ``version``; ``PayloadError`` says why it is refused. ``shared_a``: the
-    fleet keeps a mixture basis, whose adapters must keep LoRA A at the shared init."""
+    computed from adapter ``version`` (or, with ``max_staleness``, from up to that many versions
+    before it, in an earlier round: buffered asynchronous rounds); ``PayloadError`` says why it
+    is refused. ``pool_of``: a round's seed pool. ``shared_a``: the fleet keeps a
+    mixture basis, whose adapters must keep LoRA A at the shared init."""
     update = Update.decode(payload, fleet)
     if update.sender != device:
         raise PayloadError(
             f"sender {update.sender!r} does not match topic device {device!r}", "identity"
         )
-    if update.round != round_:
+    if update.round > round_ or (update.round < round_ and not max_staleness):
         raise PayloadError(f"update is for round {update.round}, round {round_} is open", "round")
-    if update.from_version != version:
+    if update.from_version > version or (update.from_version < version and not max_staleness):
         raise PayloadError(
             f"update was computed from adapter v{update.from_version}, "
             f"the round's adapter is v{version}",
             "round",
         )
+    if version - update.from_version > max_staleness:
+        raise PayloadError(
+            f"update was computed from adapter v{update.from_version}, "
+            f"{version - update.from_version} versions behind v{version} "
+            f"(max_staleness = {max_staleness})",
+            "stale",
+        )
+    common = {
+        "metrics": update.metrics,
+        "round": update.round,
+        "staleness": version - update.from_version,
+    }
     if device in seen:
         raise PayloadError(f"a second update from {device} in round {round_}", "duplicate")
     if update.masked is not None:
@@ -49,8 +66,8 @@ def check_update(
                 'whose adapters share A: tune lora_b (backprop_params = "lora_b")',
                 "other_model",
             )
-        return Contribution(device, update.num_examples, delta=update.delta, metrics=update.metrics)
-    seeds = update.seeds
+        return Contribution(device, update.num_examples, delta=update.delta, **common)
+    seeds, pool = update.seeds, pool_of(update.round)
     assert seeds is not None  # an Update holds a delta or seeds
     if seeds.z_version != Z_VERSION:
         raise PayloadError(
@@ -60,7 +77,7 @@ def check_update(
     if seeds.pool_seed != pool.pool_seed:
         raise PayloadError(
             f"seeds were drawn from pool {seeds.pool_seed}, "
-            f"round {round_} announced pool {pool.pool_seed}",
+            f"round {update.round} announced pool {pool.pool_seed}",
             "seeds",
         )
     if seeds.params != pool.params:
@@ -69,4 +86,4 @@ def check_update(
         seeds.check(pool.pool_size)
     except PayloadError as err:
         raise PayloadError(str(err), "seeds") from err
-    return Contribution(device, update.num_examples, seeds=seeds.merged(), metrics=update.metrics)
+    return Contribution(device, update.num_examples, seeds=seeds.merged(), **common)

@@ -25,7 +25,9 @@ MAX_EXAMPLES = 100_000  # training windows one update may weigh as, at most
 @dataclass(frozen=True)
 class Update:
     """One accepted device update against the round's global adapter: a dense ``delta``, or
-    the ``seeds`` of a zeroth-order run (each seed index with its summed coefficient)."""
+    the ``seeds`` of a zeroth-order run (each seed index with its summed coefficient). In
+    buffered asynchronous rounds it may be ``staleness`` versions behind, from an earlier
+    ``round`` (whose seed pool replays its seeds)."""
 
     device: str
     num_examples: int
@@ -33,6 +35,8 @@ class Update:
     seeds: Seeds | None = None
     metrics: dict = field(default_factory=dict)
     masked: np.ndarray | None = None  # secure aggregation: opened only in sum (server/secure.py)
+    round: int = 0
+    staleness: int = 0
 
 
 @dataclass(frozen=True)

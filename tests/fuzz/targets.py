@@ -153,7 +153,7 @@ def _update_body(body: bytes, envelope: str = "update") -> None:
 def _server_check(payload: bytes) -> None:
     """The server's whole check of an update for round 2 from v1 (``FleetuneError`` refuses)."""
     try:
-        check_update(payload, "d1", FLEET, 2, 1, SeedPool(77, 4096), set())
+        check_update(payload, "d1", FLEET, 2, 1, lambda r: SeedPool(77, 4096), set())
     except FleetuneError as err:
         raise PayloadError(str(err)) from err
 

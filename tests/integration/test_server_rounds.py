@@ -185,6 +185,56 @@ def test_a_median_server_is_not_moved_by_one_scaled_update(tmp_path):
         np.testing.assert_allclose(value, init[name] + 0.02, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_async_rounds_fold_stale_updates_discounted_and_refuse_too_stale_ones(tmp_path, mode):
+    # Prepare: buffers of 2, updates up to 1 version behind, FedBuff's 1/sqrt(1 + staleness)
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, rounds=3, mode=mode, max_staleness=1, round_timeout_s=3)
+    device = broker.client("d")
+    device.connect()
+    thread, out = _run_in_thread(server)
+    topic = Topics("t").update
+    # Execute: round 1 from v0; round 2: a late round-1 update (1 behind) and a fresh one;
+    # round 3: one from v0 (2 behind) and two fresh ones
+    for name, value, round_, version, examples in (
+        ("d1", 1.0, 1, 0, 10),
+        ("d2", 3.0, 1, 0, 10),
+        ("d3", 4.0, 1, 0, 10),
+        ("d1", 1.0, 2, 1, 30),
+        ("d4", 9.0, 1, 0, 10),
+        ("d1", 2.0, 3, 2, 10),
+        ("d2", 2.0, 3, 2, 10),
+    ):
+        device.publish(
+            topic(name), _update(name, value, round_, version=version, examples=examples)
+        )
+    thread.join(30)
+    server.close()
+    # Assert: by the hand computation; the too-stale update refused by the rule, by name
+    assert not thread.is_alive()
+    first, second, third = out["results"]
+    init = init_lora(SPEC, tiny_manifest())
+    assert first.accepted == ["d1", "d2"]
+    if mode == "sync":  # round 2 waits out its timeout for a second update of its own and
+        # refuses the late ones and the next round's: round 3 gets nothing
+        assert second.accepted == ["d1"] and [d for d, _ in second.rejected] == [
+            "d3",
+            "d4",
+            "d1",
+            "d2",
+        ]
+        assert third.accepted == [] and third.version == 2
+        expected = 2.0 + 1.0
+    else:
+        assert second.accepted == ["d3", "d1"] and third.accepted == ["d1", "d2"]
+        ((who, why),) = third.rejected
+        assert who == "d4" and "2 versions behind v2 (max_staleness = 1)" in why
+        assert third.version == 3
+        expected = 2.0 + (10 * 4.0 / np.sqrt(2) + 30 * 1.0) / 40 + 2.0
+    for name, value in server.current.items():
+        np.testing.assert_allclose(value, init[name] + expected, rtol=1e-6)
+
+
 def test_a_flooding_device_is_cut_off_and_the_round_goes_on(tmp_path):
     # Prepare: one device sends 200 junk updates, then an honest device sends one
     broker = MemoryBroker()

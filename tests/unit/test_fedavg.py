@@ -65,3 +65,26 @@ def test_mixed_dense_and_seed_updates_have_no_seed_downlink():
     out = FedAvg().aggregate({"w": np.zeros(2, np.float32)}, updates, replay)
     assert out.seeds is None
     np.testing.assert_allclose(out.tensors["w"], [1.0, 1.0])  # 0.5 * 1 (seed) + 0.5 * 1 (dense)
+
+
+def test_a_stale_update_is_discounted_and_stale_seeds_replay_with_their_own_round():
+    # Prepare: FedBuff's weight 1/sqrt(1 + staleness); a replay that records its round
+    from fleetune.server.buffered import discount, staleness_weight
+
+    rounds = []
+
+    def replay(seeds, round_):
+        rounds.append(round_)
+        return {"w": np.full(2, sum(seeds.values()) * round_, np.float32)}
+
+    fresh = Update("a", 10, seeds={3: 1.0}, round=5)
+    late_seeds = Update("b", 10, seeds={3: 2.0}, round=4, staleness=3)
+    late_dense = Update("c", 10, delta={"w": np.ones(2, np.float32)}, round=4, staleness=1)
+    # Execute
+    out = [discount(u, 5, 0.5, replay) for u in (fresh, late_seeds, late_dense)]
+    # Assert: a fresh update unchanged; a late one scaled, its seeds replayed with round 4's pool
+    assert staleness_weight(3, 0.5) == 0.5 and staleness_weight(0, 0.5) == 1.0
+    assert out[0] is fresh
+    assert out[1].seeds is None and rounds == [4]
+    np.testing.assert_allclose(out[1].delta["w"], 0.5 * 2.0 * 4)
+    np.testing.assert_allclose(out[2].delta["w"], 1 / np.sqrt(2), rtol=1e-6)

@@ -87,3 +87,10 @@ def test_the_server_config_builds_each_strategy_and_refuses_bad_knobs():
     for bad in ({"strategy": "mean"}, {"norm_bound": -1.0}, {"trim": 0.5}, {"max_examples": 0}):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)
+    for bad, says in (
+        ({"mode": "later"}, "mode must be"),
+        ({"mode": "async", "secagg": True}, "needs mode"),
+        ({"max_staleness": -1}, "max_staleness"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            ServerConfig(**bad)
