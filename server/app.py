@@ -89,7 +89,7 @@ class FleetServer:
         self.seeds = SeedPools(config.fleet, self.layout, config.zo_pool_size, config.zo_params)
         root = Path(config.state_dir) if config.state_dir else cache_dir() / "server" / config.fleet
         self.state_dir = root
-        self.state = ServerState(root, self.fleet)
+        self.state = ServerState(root, self.fleet, config.database)
         self.registry = self.state.registry
         key_path = Path(config.signing_key) if config.signing_key else root / "signing-key.pem"
         self.signer = Signer.load_or_create(key_path)

@@ -64,6 +64,8 @@ class ServerConfig:
     basis_encoding: str = "q8"  # encoding of the pushed basis (K = 8: ~1.5 MB with q8)
     mix_quorum: int = 0  # after the rounds, serve this many mixture devices before stopping
     state_dir: str = ""  # SQLite registry and adapter versions; "" = <cache>/server/<fleet>
+    database: str = ""  # the registry's SQLAlchemy URL ("" = SQLite in state_dir), e.g.
+    # "postgresql+psycopg://fleetune@db.example/home" (pip install 'fleetune[postgres]')
     signing_key: str = ""  # Ed25519 PEM that signs every push; "" = <state_dir>/signing-key.pem
     # (created on first start; devices pin its public key, <state_dir>/fleet-key.pub)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)

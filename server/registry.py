@@ -1,56 +1,93 @@
-"""What the server remembers, in SQLite: devices, rounds, updates and adapter versions."""
+"""What the server remembers: devices, rounds, updates and adapter versions, through
+SQLAlchemy: a SQLite file in the state folder by default, or any database URL
+(``[server] database = "postgresql+psycopg://user@host/fleet"``: one database per fleet). The
+SQL is the subset SQLite and PostgreSQL share (``ON CONFLICT`` upserts, named parameters)."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from fleetune.edge_sdk.errors import ConfigError
+
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, last_seen REAL, state TEXT);
-CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, started REAL, closed REAL,
-    accepted INTEGER, rejected INTEGER, adapter_version INTEGER);
-CREATE TABLE IF NOT EXISTS updates (round INTEGER, device TEXT, received REAL, bytes INTEGER,
-    num_examples INTEGER, accepted INTEGER, reason TEXT);
-CREATE TABLE IF NOT EXISTS adapters (version INTEGER PRIMARY KEY, round INTEGER, created REAL,
-    sha256 TEXT, path TEXT);
-CREATE TABLE IF NOT EXISTS bases (version INTEGER PRIMARY KEY, round INTEGER, created REAL,
-    k INTEGER, members TEXT, path TEXT);
-CREATE TABLE IF NOT EXISTS mixtures (device TEXT, basis_version INTEGER, received REAL,
-    coef TEXT, heldout_loss REAL, cluster INTEGER, accepted INTEGER, reason TEXT);
-CREATE TABLE IF NOT EXISTS refused_pushes (device TEXT, received REAL, reason TEXT,
+CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, last_seen DOUBLE PRECISION, state TEXT);
+CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, started DOUBLE PRECISION,
+    closed DOUBLE PRECISION, accepted INTEGER, rejected INTEGER, adapter_version INTEGER);
+CREATE TABLE IF NOT EXISTS updates (round INTEGER, device TEXT, received DOUBLE PRECISION,
+    bytes INTEGER, num_examples INTEGER, accepted INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS adapters (version INTEGER PRIMARY KEY, round INTEGER,
+    created DOUBLE PRECISION, sha256 TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS bases (version INTEGER PRIMARY KEY, round INTEGER,
+    created DOUBLE PRECISION, k INTEGER, members TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS mixtures (device TEXT, basis_version INTEGER,
+    received DOUBLE PRECISION, coef TEXT, heldout_loss DOUBLE PRECISION, cluster INTEGER,
+    accepted INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS refused_pushes (device TEXT, received DOUBLE PRECISION, reason TEXT,
     UNIQUE (device, reason));
-CREATE TABLE IF NOT EXISTS privacy (who TEXT PRIMARY KEY, releases INTEGER, epsilon REAL,
-    delta REAL);
+CREATE TABLE IF NOT EXISTS privacy (who TEXT PRIMARY KEY, releases INTEGER,
+    epsilon DOUBLE PRECISION, delta DOUBLE PRECISION)
 """
 FLEET = "*fleet*"  # the privacy row of the whole fleet (device ids cannot contain '*')
 
 
-class Registry:
-    def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False)
-        self._lock = threading.Lock()
-        with self._lock, self._db:
-            self._db.executescript(SCHEMA)
+def database_url(where: str | Path) -> str:
+    """A database URL as it is, a file path as a SQLite URL (its folder made)."""
+    if "://" in str(where):
+        return str(where)
+    Path(where).parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(where).resolve()}"
 
-    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock, self._db:
-            return self._db.execute(sql, args).fetchall()
+
+class Registry:
+    def __init__(self, where: str | Path) -> None:
+        url = database_url(where)
+        sqlite = url.startswith("sqlite")
+        try:
+            self._engine = create_engine(
+                url,
+                connect_args={"check_same_thread": False} if sqlite else {},
+                pool_pre_ping=not sqlite,
+            )
+            with self._engine.begin() as conn:
+                for statement in SCHEMA.split(";"):
+                    conn.execute(text(statement))
+        except (SQLAlchemyError, ImportError) as err:
+            shown = self._engine.url.render_as_string() if hasattr(self, "_engine") else url
+            raise ConfigError(f"cannot open the registry database {shown}: {err}") from err
+        self._lock = threading.Lock()  # one writer at a time (SQLite's rule; harmless elsewhere)
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def _exec(self, sql: str, **args: object) -> list[tuple]:
+        with self._lock, self._engine.begin() as conn:
+            result = conn.execute(text(sql), args)
+            return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
 
     def seen(self, device: str, state: str = "online") -> None:
         self._exec(
-            "INSERT INTO devices VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "INSERT INTO devices VALUES (:id, :t, :state) ON CONFLICT (id) DO UPDATE SET "
             "last_seen = excluded.last_seen, state = excluded.state",
-            (device, time.time(), state),
+            id=device,
+            t=time.time(),
+            state=state,
         )
 
     def log_refused_push(self, device: str, reason: str) -> None:
         """A device reported a push it refused (bad signature, malformed, other base); once per
         device and reason (its retained status comes back on every reconnection)."""
         self._exec(
-            "INSERT OR IGNORE INTO refused_pushes VALUES (?, ?, ?)", (device, time.time(), reason)
+            "INSERT INTO refused_pushes VALUES (:device, :t, :reason) ON CONFLICT DO NOTHING",
+            device=device,
+            t=time.time(),
+            reason=reason,
         )
 
     def refused_pushes(self) -> list[tuple[str, str]]:
@@ -60,9 +97,12 @@ class Registry:
     def record_privacy(self, who: str, releases: int, epsilon: float, delta: float) -> None:
         """What differential privacy has spent for a device (or ``FLEET``) so far."""
         self._exec(
-            "INSERT INTO privacy VALUES (?, ?, ?, ?) ON CONFLICT(who) DO UPDATE SET "
-            "releases = excluded.releases, epsilon = excluded.epsilon, delta = excluded.delta",
-            (who, releases, epsilon, delta),
+            "INSERT INTO privacy VALUES (:who, :n, :eps, :delta) ON CONFLICT (who) DO UPDATE "
+            "SET releases = excluded.releases, epsilon = excluded.epsilon, delta = excluded.delta",
+            who=who,
+            n=releases,
+            eps=epsilon,
+            delta=delta,
         )
 
     def privacy(self) -> dict[str, tuple[int, float]]:
@@ -72,14 +112,22 @@ class Registry:
 
     def open_round(self, round_: int) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO rounds VALUES (?, ?, NULL, 0, 0, NULL)", (round_, time.time())
+            "INSERT INTO rounds VALUES (:r, :t, NULL, 0, 0, NULL) ON CONFLICT (round) DO UPDATE "
+            "SET started = excluded.started, closed = NULL, accepted = 0, rejected = 0, "
+            "adapter_version = NULL",
+            r=round_,
+            t=time.time(),
         )
 
     def close_round(self, round_: int, accepted: int, rejected: int, version: int) -> None:
         self._exec(
-            "UPDATE rounds SET closed = ?, accepted = ?, rejected = ?, adapter_version = ? "
-            "WHERE round = ?",
-            (time.time(), accepted, rejected, version, round_),
+            "UPDATE rounds SET closed = :t, accepted = :a, rejected = :n, adapter_version = :v "
+            "WHERE round = :r",
+            t=time.time(),
+            a=accepted,
+            n=rejected,
+            v=version,
+            r=round_,
         )
 
     def log_update(
@@ -92,20 +140,39 @@ class Registry:
         reason: str = "",
     ) -> None:
         self._exec(
-            "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (round_, device, time.time(), nbytes, num_examples, int(accepted), reason),
+            "INSERT INTO updates VALUES (:r, :device, :t, :nbytes, :n, :ok, :reason)",
+            r=round_,
+            device=device,
+            t=time.time(),
+            nbytes=nbytes,
+            n=num_examples,
+            ok=int(accepted),
+            reason=reason,
         )
 
     def add_adapter(self, version: int, round_: int, sha256: str, path: str) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
-            (version, round_, time.time(), sha256, path),
+            "INSERT INTO adapters VALUES (:v, :r, :t, :sha, :path) ON CONFLICT (version) DO "
+            "UPDATE SET round = excluded.round, created = excluded.created, "
+            "sha256 = excluded.sha256, path = excluded.path",
+            v=version,
+            r=round_,
+            t=time.time(),
+            sha=sha256,
+            path=path,
         )
 
     def add_basis(self, version: int, round_: int, k: int, members: str, path: str) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO bases VALUES (?, ?, ?, ?, ?, ?)",
-            (version, round_, time.time(), k, members, path),
+            "INSERT INTO bases VALUES (:v, :r, :t, :k, :members, :path) ON CONFLICT (version) "
+            "DO UPDATE SET round = excluded.round, created = excluded.created, k = excluded.k, "
+            "members = excluded.members, path = excluded.path",
+            v=version,
+            r=round_,
+            t=time.time(),
+            k=k,
+            members=members,
+            path=path,
         )
 
     def latest_basis(self) -> tuple[int, str] | None:
@@ -113,7 +180,7 @@ class Registry:
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
 
     def basis_path(self, version: int) -> str | None:
-        rows = self._exec("SELECT path FROM bases WHERE version = ?", (version,))
+        rows = self._exec("SELECT path FROM bases WHERE version = :v", v=version)
         return str(rows[0][0]) if rows else None
 
     def log_mixture(
@@ -128,17 +195,15 @@ class Registry:
         """A device's coefficients (JSON) over a basis, and the basis adapter it leans on most;
         or, with ``reason``, why its upload was refused."""
         self._exec(
-            "INSERT INTO mixtures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                device,
-                basis_version,
-                time.time(),
-                coef,
-                heldout_loss,
-                cluster,
-                int(not reason),
-                reason,
-            ),
+            "INSERT INTO mixtures VALUES (:device, :v, :t, :coef, :loss, :cluster, :ok, :reason)",
+            device=device,
+            v=basis_version,
+            t=time.time(),
+            coef=coef,
+            loss=heldout_loss,
+            cluster=cluster,
+            ok=int(not reason),
+            reason=reason,
         )
 
     def mixtures(self) -> list[tuple[str, int, str, float | None, int | None]]:
@@ -161,7 +226,7 @@ class Registry:
         return int(rows[0][0]) if rows else None
 
     def adapter_round(self, version: int) -> int | None:
-        rows = self._exec("SELECT round FROM adapters WHERE version = ?", (version,))
+        rows = self._exec("SELECT round FROM adapters WHERE version = :v", v=version)
         return int(rows[0][0]) if rows else None
 
     def last_round(self) -> int:
@@ -191,4 +256,4 @@ class Registry:
         return {d: (float(t), str(s)) for d, t, s in self._exec("SELECT * FROM devices")}
 
     def close(self) -> None:
-        self._db.close()
+        self._engine.dispose()

@@ -1,4 +1,5 @@
-"""What the server keeps on disk: adapter versions (PEFT folders), the registry (SQLite), the
+"""What the server keeps on disk: adapter versions (PEFT folders), the registry (SQLite, or the
+database ``[server] database`` names), the
 members a basis clusters and the bases offered. Everything a restarted server resumes from."""
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ MEMBERS = "members.safetensors"  # each device's latest adapter (B part): what t
 
 
 class ServerState:
-    def __init__(self, root: str | Path, fleet: Fleet) -> None:
+    def __init__(self, root: str | Path, fleet: Fleet, database: str = "") -> None:
         self.root, self.fleet = Path(root), fleet
-        self.registry = Registry(self.root / "registry.sqlite")
+        self.registry = Registry(database or self.root / "registry.sqlite")
 
     def save_adapter(self, version: int, tensors: Tensors, round_: int) -> Path:
         path = save_peft(

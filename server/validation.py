@@ -48,11 +48,7 @@ def check_update(
             f"(max_staleness = {max_staleness})",
             "stale",
         )
-    common = {
-        "metrics": update.metrics,
-        "round": update.round,
-        "staleness": version - update.from_version,
-    }
+    staleness = version - update.from_version
     if device in seen:
         raise PayloadError(f"a second update from {device} in round {round_}", "duplicate")
     if update.masked is not None:
@@ -66,7 +62,14 @@ def check_update(
                 'whose adapters share A: tune lora_b (backprop_params = "lora_b")',
                 "other_model",
             )
-        return Contribution(device, update.num_examples, delta=update.delta, **common)
+        return Contribution(
+            device,
+            update.num_examples,
+            delta=update.delta,
+            metrics=update.metrics,
+            round=update.round,
+            staleness=staleness,
+        )
     seeds, pool = update.seeds, pool_of(update.round)
     assert seeds is not None  # an Update holds a delta or seeds
     if seeds.z_version != Z_VERSION:
@@ -86,4 +89,11 @@ def check_update(
         seeds.check(pool.pool_size)
     except PayloadError as err:
         raise PayloadError(str(err), "seeds") from err
-    return Contribution(device, update.num_examples, seeds=seeds.merged(), **common)
+    return Contribution(
+        device,
+        update.num_examples,
+        seeds=seeds.merged(),
+        metrics=update.metrics,
+        round=update.round,
+        staleness=staleness,
+    )

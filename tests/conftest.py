@@ -71,6 +71,28 @@ def mosquitto():
         yield broker
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL (Debian's package) on a free loopback port, for the whole session."""
+    from fleetune.edge_sdk.errors import BackendUnavailable
+    from fleetune.server.postgres import PostgresServer
+
+    try:
+        with PostgresServer() as server:
+            yield server
+    except BackendUnavailable as err:
+        pytest.fail(f"{err}; .ci/run installs it")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    """A registry URL: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.sqlite")
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[-50:].lower()
+    return request.getfixturevalue("postgres").create_database(name)
+
+
 @pytest.fixture
 def embedded_broker():
     from fleetune.server.broker import EmbeddedBroker
