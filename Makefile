@@ -58,6 +58,7 @@ bench: setup setup-llamacpp
 	$(BIN)/python -m benchmarks.personalization --json results/bench_personalization.json
 	$(BIN)/python -m benchmarks.compression --json results/bench_compression.json
 	$(BIN)/python -m benchmarks.transfer --json results/bench_transfer.json
+	$(BIN)/python -m benchmarks.load --json results/bench_load.json
 
 # Coverage-guided fuzzing (atheris) of everything a peer can send: the wire decoders, the server's
 # update check, the device's signature check (tests/fuzz/). `make test` runs the same targets on

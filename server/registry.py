@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleetune.edge_sdk.errors import ConfigError
@@ -43,6 +43,13 @@ def database_url(where: str | Path) -> str:
     return f"sqlite:///{Path(where).resolve()}"
 
 
+def _sqlite_wal(connection, record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
 class Registry:
     def __init__(self, where: str | Path) -> None:
         url = database_url(where)
@@ -53,6 +60,9 @@ class Registry:
                 connect_args={"check_same_thread": False} if sqlite else {},
                 pool_pre_ping=not sqlite,
             )
+            if sqlite:  # a commit without a full fsync: the log survives a crash of the
+                # server (WAL); accepted updates themselves are synced files (state.py)
+                event.listen(self._engine, "connect", _sqlite_wal)
             with self._engine.begin() as conn:
                 for statement in SCHEMA.split(";"):
                     conn.execute(text(statement))

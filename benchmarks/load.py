@@ -1,0 +1,223 @@
+"""Fleet scale on one machine: N simulated devices against the real server over mosquitto on
+loopback, one round each, for ZO seed updates and dense q8 LoRA updates.
+
+Devices are light: paho clients driven by one selector loop in this process (one MQTT
+connection each, QoS 1, a real announcement triggers each upload), each sending a valid update
+of the real adapter's size (SmolLM2-135M, LoRA r=8 on q,v): a seed run of ``--zo-pairs``
+(seed, coefficient) pairs, or a q8 dense delta of random values (521 KB), encoded before the
+round. The server is the product's ``FleetServer`` in its own process (``quorum`` = N, one round):
+it checks, saves and acknowledges each update, aggregates (FedAvg) and pushes. Reported per run:
+the round's seconds (open to pushed), updates aggregated per second (N / round seconds), the
+server's peak RSS, and updates lost (published and acknowledged by the broker, but not counted
+by the server). Both sides share this machine's cores, as they would on one box.
+
+    python -m benchmarks.load --json results/bench_load.json
+    python -m benchmarks.load --runs zo:100,dense:20 --json /tmp/load.json   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.roundtrip import SMOLLM2
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.protocol import Fleet, SeedRun, Update
+from fleetune.edge_sdk.transport.topics import Topics
+from fleetune.server.broker import MosquittoBroker
+from fleetune.server.seeds import SeedPools
+
+FLEET = "load"
+SERVER = """
+import json, sys, dataclasses
+from benchmarks.roundtrip import SMOLLM2
+from fleetune.server.app import FleetServer
+from fleetune.server.config import ServerConfig
+config = ServerConfig(**json.loads(sys.argv[1]))
+server = FleetServer(config, SMOLLM2)
+(result,) = server.run()
+server.close()
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"seconds": result.seconds, "accepted": len(result.accepted),
+                  "rejected": len(result.rejected), "rss_mb": int(hwm) / 1024}))
+"""
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def payloads(kind: str, n: int, pairs: int) -> list[bytes]:
+    """One valid round-1 update per device, from adapter v0."""
+    spec = LoraSpec()
+    fleet, layout = Fleet(SMOLLM2, spec), FlatLayout(spec, SMOLLM2)
+    rng = np.random.default_rng(0)
+    out = []
+    if kind == "zo":
+        pool = SeedPools(FLEET, layout, 4096, "lora_b").pool(1)
+        for i in range(n):
+            picks = [
+                (int(s), float(c))
+                for s, c in zip(
+                    rng.integers(0, 4096, pairs), rng.normal(0, 1e-3, pairs), strict=True
+                )
+            ]
+            run = SeedRun.from_pairs(picks, pool.pool_seed, pool.params)
+            out.append(Update(f"d{i}", 1, 0, 100, seeds=run).encode(fleet))
+        return out
+    shapes = init_lora(spec, SMOLLM2)
+    for i in range(n):
+        delta = {k: rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in shapes.items()}
+        out.append(Update(f"d{i}", 1, 0, 100, delta=delta).encode(fleet, "q8"))
+    return out
+
+
+class Swarm:
+    """``len(bodies)`` MQTT clients in one thread: paho's external loop over a selector. Each
+    subscribes to the round announcement and publishes its body (QoS 1) when it arrives."""
+
+    def __init__(self, host: str, port: int, bodies: list[bytes]) -> None:
+        self.topics, self.bodies = Topics(FLEET), bodies
+        self.selector = selectors.DefaultSelector()
+        self.clients: list[paho.Client] = []
+        self.connected = self.sent = self.acked = 0
+        for i in range(len(bodies)):
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{FLEET}-d{i}")
+            client.max_inflight_messages_set(1)
+            client.user_data_set(i)
+            client.on_connect = self._on_connect
+            client.on_message = self._on_message
+            client.on_publish = self._on_publish
+            client.connect(host, port, keepalive=600)
+            self.selector.register(client.socket(), selectors.EVENT_READ, client)  # type: ignore[arg-type]
+            self.clients.append(client)
+            if i % 200 == 0:
+                self.pump(0)
+
+    def _on_connect(self, client, i, flags, reason_code, properties) -> None:
+        self.connected += 1
+        client.subscribe(self.topics.round, qos=1)
+
+    def _on_message(self, client, i, msg) -> None:
+        if msg.topic == self.topics.round and self.bodies[i]:
+            client.publish(self.topics.update(f"d{i}"), self.bodies[i], qos=1)
+            self.bodies[i] = b""  # once
+            self.sent += 1
+
+    def _on_publish(self, client, i, mid, reason_code, properties) -> None:
+        self.acked += 1
+
+    def pump(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            key.data.loop_read()
+        for client in self.clients:
+            if client.want_write():
+                client.loop_write()
+
+    def run_until(self, done, timeout: float) -> bool:
+        deadline, misc = time.monotonic() + timeout, 0.0
+        while not done() and time.monotonic() < deadline:
+            self.pump(0.05)
+            if time.monotonic() - misc > 5:
+                for client in self.clients:
+                    client.loop_misc()
+                misc = time.monotonic()
+        return done()
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.disconnect()
+            client.loop_write()
+        self.selector.close()
+
+
+def one_run(kind: str, n: int, pairs: int, timeout: float) -> dict:
+    log(f"{kind} x {n}: encoding updates")
+    bodies = payloads(kind, n, pairs)
+    size = len(bodies[0])
+    with MosquittoBroker() as broker, tempfile.TemporaryDirectory() as state:
+        config = {
+            "fleet": FLEET,
+            "port": broker.port,
+            "rounds": 1,
+            "quorum": n,
+            "round_timeout_s": timeout,
+            "state_dir": state,
+        }
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        swarm = Swarm(broker.host, broker.port, bodies)
+        swarm.run_until(lambda: swarm.connected == n, 120)
+        log(f"{kind} x {n}: {swarm.connected} devices connected; starting the server")
+        began = time.monotonic()
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER, json.dumps(config)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        swarm.run_until(lambda: server.poll() is not None, timeout + 120)
+        out, _ = server.communicate(timeout=60)
+        wall = time.monotonic() - began
+        sent, acked, connected = swarm.sent, swarm.acked, swarm.connected
+        swarm.close()
+    result = json.loads(out.strip().splitlines()[-1])
+    row = {
+        "kind": kind,
+        "devices": n,
+        "connected": connected,
+        "update_bytes": size,
+        "sent": sent,
+        "acked_by_broker": acked,
+        "accepted": result["accepted"],
+        "lost": acked - result["accepted"],
+        "round_s": result["seconds"],
+        "updates_per_s": result["accepted"] / result["seconds"],
+        "rss_server_mb": result["rss_mb"],
+        "wall_s": wall,
+    }
+    log(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--runs", default="zo:1000,dense:1000,zo:10000")
+    parser.add_argument("--zo-pairs", type=int, default=100, help="seed pairs per ZO update")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    rows = []
+    for spec in args.runs.split(","):
+        kind, n = spec.split(":")
+        rows.append(one_run(kind, int(n), args.zo_pairs, args.timeout))
+    doc: dict = {"runs": rows, "machine": platform.processor() or platform.machine()}
+    for row in rows:
+        doc.setdefault(f"updates_per_s_{row['kind']}", row["updates_per_s"])
+        doc[f"round_s_{row['devices']}"] = max(
+            doc.get(f"round_s_{row['devices']}", 0), row["round_s"]
+        )
+    doc["rss_server_mb"] = max(r["rss_server_mb"] for r in rows)
+    doc["lost"] = sum(r["lost"] for r in rows)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
