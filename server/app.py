@@ -53,6 +53,7 @@ from fleetune.server.blobs import BlobServer
 from fleetune.server.buffered import discount
 from fleetune.server.clusters import cluster_adapters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
+from fleetune.server.dashboard import Dashboard
 from fleetune.server.metrics import Metrics
 from fleetune.server.mixtures import MixtureService
 from fleetune.server.provision import KEYS_SIGNED
@@ -107,8 +108,13 @@ class FleetServer:
         self.reveals: dict[int, dict[str, Reveal]] = {}  # secure rounds: survivors' pair seeds
         self.metrics = Metrics()
         self.metrics.adapter_version.set(self.version)
-        if config.metrics_port:
-            self.metrics.serve(config.metrics_host, config.metrics_port)
+        self.dashboard = (
+            Dashboard(
+                config.metrics_host, config.metrics_port, self.metrics.registry, self.snapshot
+            )
+            if config.metrics_port
+            else None
+        )
         self.mixtures = MixtureService(
             self.state,
             self.topics,
@@ -424,6 +430,9 @@ class FleetServer:
         self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
         self.metrics.accepted(len(msg.payload), device, update.metrics)
         self.metrics.staleness.observe(update.staleness)
+        ppl = update.metrics.get("ppl_local")
+        if isinstance(ppl, (int, float)) and not isinstance(ppl, bool) and np.isfinite(ppl):
+            self.registry.log_perplexity(round_, device, float(ppl))
         log.info(
             "round %d: update %d/%d from %s (%d bytes, %d examples, %d versions behind; "
             "it serves %s)",
@@ -532,6 +541,25 @@ class FleetServer:
             self.serve_mixtures(self.config.mix_quorum, self.config.round_timeout_s)
         return results
 
+    def snapshot(self) -> dict:
+        """The fleet as the dashboard shows it (``/api/fleet``)."""
+        reg, columns = self.registry, ("round", "started", "closed", "accepted", "rejected")
+        return {
+            "fleet": self.config.fleet,
+            "mode": self.config.mode,
+            "adapter_version": self.version,
+            "devices": {d: {"last_seen": t, "state": s} for d, (t, s) in reg.devices().items()},
+            "rounds": [
+                {**dict(zip(columns, row[:5], strict=True)), "adapter_version": row[5]}
+                for row in reg.rounds()
+            ],
+            "perplexity": {d: [list(p) for p in ps] for d, ps in reg.perplexities().items()},
+            "refusals": [
+                {"round": r, "device": d, "reason": why} for r, d, why in reg.rejections(last=50)
+            ],
+            "refused_total": reg.refused_count(),
+        }
+
     # -- mixture personalization ------------------------------------------------------------------
     @property
     def members(self) -> dict[str, np.ndarray]:
@@ -562,5 +590,6 @@ class FleetServer:
             self._transport.close()
         if self.blobs is not None:
             self.blobs.close()
-        self.metrics.close()
+        if self.dashboard is not None:
+            self.dashboard.close()
         self.state.close()

@@ -1,4 +1,5 @@
-"""What the server counts, as Prometheus metrics (``[server] metrics_port`` serves ``/metrics``).
+"""What the server counts, as Prometheus metrics (``[server] metrics_port`` serves ``/metrics``,
+next to the dashboard: ``server/dashboard.py``).
 
 Refusals are counted by a short reason code (``PayloadError.reason``: malformed, other_model,
 identity, round, duplicate, seeds, rate_limit); the log and the registry keep the full message.
@@ -6,14 +7,8 @@ identity, round, duplicate, seeds, rate_limit); the log and the registry keep th
 
 from __future__ import annotations
 
-import logging
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from fleetune.edge_sdk.errors import ConfigError
-
-log = logging.getLogger(__name__)
 SERVED = ("base", "global", "local", "cluster", "kept")  # what a device's canary may serve
 
 
@@ -65,7 +60,6 @@ class Metrics:
             ["who"],
             registry=r,
         )
-        self._server: WSGIServer | None = None
 
     def accepted(self, nbytes: int, device: str, metrics: dict) -> None:
         self.updates.labels("accepted", "").inc()
@@ -84,17 +78,3 @@ class Metrics:
     def count_devices(self, states: dict[str, int]) -> None:
         for state in ("online", "offline"):
             self.devices.labels(state).set(states.get(state, 0))
-
-    def serve(self, host: str, port: int) -> None:
-        """``/metrics`` over HTTP on a daemon thread of prometheus_client."""
-        try:
-            self._server, _ = start_http_server(port, host, registry=self.registry)
-        except OSError as err:
-            raise ConfigError(f"[server] metrics_port {port} on {host}: {err}") from err
-        log.info("metrics on http://%s:%d/metrics", host, port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS mixtures (device TEXT, basis_version INTEGER,
 CREATE TABLE IF NOT EXISTS refused_pushes (device TEXT, received DOUBLE PRECISION, reason TEXT,
     UNIQUE (device, reason));
 CREATE TABLE IF NOT EXISTS privacy (who TEXT PRIMARY KEY, releases INTEGER,
-    epsilon DOUBLE PRECISION, delta DOUBLE PRECISION)
+    epsilon DOUBLE PRECISION, delta DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS perplexities (round INTEGER, device TEXT, ppl DOUBLE PRECISION)
 """
 FLEET = "*fleet*"  # the privacy row of the whole fleet (device ids cannot contain '*')
 
@@ -119,6 +120,23 @@ class Registry:
         """Releases and epsilon per device, and of the fleet under ``FLEET``."""
         rows = self._exec("SELECT who, releases, epsilon FROM privacy")
         return {str(w): (int(n), float(e)) for w, n, e in rows}
+
+    def log_perplexity(self, round_: int, device: str, ppl: float) -> None:
+        """The held-out perplexity a device reported with its update (after local tuning)."""
+        self._exec(
+            "INSERT INTO perplexities VALUES (:r, :device, :ppl)", r=round_, device=device, ppl=ppl
+        )
+
+    def perplexities(self) -> dict[str, list[tuple[int, float]]]:
+        """Per device, (round, perplexity) in round order."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for r, d, p in self._exec("SELECT round, device, ppl FROM perplexities ORDER BY round"):
+            out.setdefault(str(d), []).append((int(r), float(p)))
+        return out
+
+    def rounds(self) -> list[tuple[int, float, float | None, int, int, int | None]]:
+        """(round, started, closed, accepted, rejected, adapter version), in round order."""
+        return self._exec("SELECT * FROM rounds ORDER BY round")
 
     def open_round(self, round_: int) -> None:
         self._exec(
@@ -247,13 +265,16 @@ class Registry:
         rows = self._exec("SELECT version, path FROM adapters ORDER BY version DESC LIMIT 1")
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
 
-    def rejections(self) -> list[tuple[int, str, str]]:
-        return [
-            (int(r), str(d), str(why))
-            for r, d, why in self._exec(
-                "SELECT round, device, reason FROM updates WHERE accepted = 0"
-            )
-        ]
+    def rejections(self, last: int = 0) -> list[tuple[int, str, str]]:
+        """Refused updates as (round, device, reason), oldest first; ``last``: only the newest."""
+        sql = "SELECT round, device, reason, received FROM updates WHERE accepted = 0"
+        if last:
+            sql = f"SELECT * FROM ({sql} ORDER BY received DESC LIMIT {int(last)}) AS newest"
+        rows = self._exec(sql + " ORDER BY received")
+        return [(int(r), str(d), str(why)) for r, d, why, _ in rows]
+
+    def refused_count(self) -> int:
+        return int(self._exec("SELECT COUNT(*) FROM updates WHERE accepted = 0")[0][0])
 
     def device_states(self) -> dict[str, int]:
         """How many devices are in each last known state."""
