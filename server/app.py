@@ -62,8 +62,9 @@ from fleetune.server.secure import SecureRounds
 from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
 from fleetune.server.strategy import Update
-from fleetune.server.strategy.base import Tensors
+from fleetune.server.strategy.base import Aggregate, Tensors
 from fleetune.server.validation import check_update
+from fleetune.server.workers import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class FleetServer:
             SecureRounds(config.secagg_bound, config.secagg_scale) if config.secagg else None
         )
         self.reveals: dict[int, dict[str, Reveal]] = {}  # secure rounds: survivors' pair seeds
+        self.coordinator = Coordinator(self) if config.workers else None
         self.metrics = Metrics()
         self.metrics.adapter_version.set(self.version)
         self.dashboard = (
@@ -158,12 +160,17 @@ class FleetServer:
                     manual_ack=True,  # an update is acknowledged once it is on disk
                 )
             )
-        self._transport.subscribe(self.topics.all_updates)
+        if self.coordinator is None:
+            self._transport.subscribe(self.topics.all_updates)
+        else:
+            self._transport.subscribe(self.topics.all_partials)
         self._transport.subscribe(self.topics.all_status)
         self._transport.subscribe(self.topics.all_mixtures)
         if self.secure is not None:
             self._transport.subscribe(self.topics.all_reveals)
         self._transport.connect()
+        if self.coordinator is not None:  # a session of this client id as a plain server
+            self._transport.unsubscribe(self.topics.all_updates)  # subscribed to updates
         return self._transport
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
@@ -257,6 +264,9 @@ class FleetServer:
         if msg.topic.startswith(self.topics.reveal("x")[:-1]):
             self._keep_reveal(msg)
             return None
+        if self.coordinator is not None and msg.topic.startswith(self.topics.all_partials[:-1]):
+            self.coordinator.keep(msg)
+            return None
         try:
             device = self.topics.device_of(msg.topic)
         except ConfigError as err:
@@ -296,9 +306,14 @@ class FleetServer:
             self.config.quorum,
             self.config.round_timeout_s,
         )
+        deadline = start + self.config.round_timeout_s
+        if self.coordinator is not None:  # the workers collect (server/workers.py)
+            merged = self.coordinator.gather(round_, result, deadline)
+            if merged is not None:
+                self._aggregate(round_, [], merged)
+            return self._close_round(round_, result, start)
         updates = self._reload(round_, result)
         sent: dict[str, int] = {}  # update messages per device this round (rate limit)
-        deadline = start + self.config.round_timeout_s
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
             msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             if msg is None:
@@ -317,6 +332,9 @@ class FleetServer:
                 round_,
                 self.version,
             )
+        return self._close_round(round_, result, start)
+
+    def _close_round(self, round_: int, result: RoundResult, start: float) -> RoundResult:
         result.version, result.seconds = self.version, time.monotonic() - start
         self.registry.close_round(round_, len(result.accepted), len(result.rejected), self.version)
         self.state.close_round(round_)
@@ -462,18 +480,22 @@ class FleetServer:
             log.info("round %d resumed with %d accepted updates", round_, len(updates))
         return updates
 
-    def _aggregate(self, round_: int, updates: list[Update]) -> None:
-        """The next adapter, written to state only once its downlink encoding is known to work:
-        an aggregate that cannot be pushed (say, beyond f16's range) leaves the fleet on the
-        current version instead of a state directory that cannot start again."""
+    def _aggregate(
+        self, round_: int, updates: list[Update], merged: Aggregate | None = None
+    ) -> None:
+        """The next adapter (``merged``: the workers' fold, else the strategy's), written to
+        state only once its downlink encoding is known to work: an aggregate that cannot be
+        pushed (say, beyond f16's range) leaves the fleet on the current version instead of a
+        state directory that cannot start again."""
         before = self.current
         timer = time.monotonic()
         exponent = self.config.staleness_exponent
         updates = [discount(u, round_, exponent, self.seeds.replay) for u in updates]
         try:
-            merged = self.strategy.aggregate(
-                self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)
-            )
+            if merged is None:
+                merged = self.strategy.aggregate(
+                    self.current, updates, lambda seeds: self.seeds.replay(seeds, round_)
+                )
             pushed = GlobalAdapter(self.version + 1, merged.tensors, round_)
             payload = pushed.encode(self.fleet, self.config.downlink_encoding)
         except (AggregationError, PayloadError) as err:
@@ -529,6 +551,8 @@ class FleetServer:
     def run(self) -> list[RoundResult]:
         """Run the configured rounds, then announce the end with the final adapter."""
         self.connect()
+        if self.coordinator is not None:
+            self.coordinator.take_lead()
         self.publish_keys()
         self.publish_global(self.first_round - 1)
         results = []
@@ -592,4 +616,6 @@ class FleetServer:
             self.blobs.close()
         if self.dashboard is not None:
             self.dashboard.close()
+        if self.coordinator is not None:
+            self.coordinator.resign()
         self.state.close()

@@ -39,6 +39,8 @@ def _server(args: argparse.Namespace) -> int:
         if v is not None
     }
     config = replace(config, **overrides)
+    if args.worker:
+        return _worker(config, args.worker)
     embedded = None
     if args.embedded_broker:
         from fleetune.server.broker import EmbeddedBroker
@@ -52,6 +54,22 @@ def _server(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.close()
     print(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+    return 0
+
+
+def _worker(config, name: str) -> int:
+    """An aggregator worker (server/workers.py) until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from fleetune.server.workers import AggregatorWorker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker = AggregatorWorker(config, resolve_base(config.base), name)
+    worker.run(stop)
+    print(json.dumps({"worker": name, "accepted": worker.accepted}))
     return 0
 
 
@@ -116,4 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--quorum", type=int)
     srv.add_argument("--fleet")
     srv.add_argument("--base", help="a device bundle dir, a named base or an HF checkpoint dir")
+    srv.add_argument(
+        "--worker", metavar="NAME", help="run as aggregator worker NAME ([server] workers)"
+    )
     srv.set_defaults(func=_server)

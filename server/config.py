@@ -39,6 +39,9 @@ class ServerConfig:
     mode: str = "sync"  # sync | async: fold every quorum updates, stale ones discounted
     max_staleness: int = 4  # async: refuse updates more adapter versions behind than this
     staleness_exponent: float = 0.5  # async: a stale update weighs (1 + staleness) ** -this
+    workers: int = 0  # aggregator workers share the update stream (server/workers.py; 0 = none)
+    worker_group: str = "fleetune"  # their MQTT shared-subscription group
+    leader_lease_s: float = 30.0  # with workers: the coordinator's lease in the database
     strategy: str = "fedavg"  # fedavg | median | trimmed_mean | krum | dp_fedavg (strategy/)
     norm_bound: float = 0.0  # clip each update's delta to this L2 norm first (0 = off)
     max_examples: int = 100_000  # an update weighs as at most this many training windows
@@ -89,6 +92,21 @@ class ServerConfig:
             raise ConfigError(
                 '[server] secagg masks within one round\'s cohort: it needs mode = "sync"'
             )
+        if self.workers:
+            check_id("worker_group", self.worker_group)
+            if (
+                self.workers < 0
+                or self.strategy != "fedavg"
+                or self.norm_bound
+                or self.clusters
+                or self.basis_k
+                or self.secagg
+                or self.leader_lease_s <= 0
+            ):
+                raise ConfigError(
+                    '[server] workers sum updates as they come: they need strategy = "fedavg" '
+                    "without norm_bound, clusters, basis_k or secagg, and leader_lease_s > 0"
+                )
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"[server] strategy {self.strategy!r} is not one of {STRATEGIES}")
         if not (self.norm_bound >= 0 and self.max_examples >= 1 and 0 <= self.trim < 0.5):

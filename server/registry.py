@@ -31,7 +31,11 @@ CREATE TABLE IF NOT EXISTS refused_pushes (device TEXT, received DOUBLE PRECISIO
     UNIQUE (device, reason));
 CREATE TABLE IF NOT EXISTS privacy (who TEXT PRIMARY KEY, releases INTEGER,
     epsilon DOUBLE PRECISION, delta DOUBLE PRECISION);
-CREATE TABLE IF NOT EXISTS perplexities (round INTEGER, device TEXT, ppl DOUBLE PRECISION)
+CREATE TABLE IF NOT EXISTS perplexities (round INTEGER, device TEXT, ppl DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS claims (round INTEGER, device TEXT, worker TEXT,
+    PRIMARY KEY (round, device));
+CREATE TABLE IF NOT EXISTS leader (name TEXT PRIMARY KEY, holder TEXT,
+    expires DOUBLE PRECISION)
 """
 FLEET = "*fleet*"  # the privacy row of the whole fleet (device ids cannot contain '*')
 
@@ -120,6 +124,39 @@ class Registry:
         """Releases and epsilon per device, and of the fleet under ``FLEET``."""
         rows = self._exec("SELECT who, releases, epsilon FROM privacy")
         return {str(w): (int(n), float(e)) for w, n, e in rows}
+
+    def claim(self, round_: int, device: str, worker: str) -> bool:
+        """Whether ``worker`` is the first to take ``device``'s update of ``round_`` (aggregator
+        workers share the update stream: a device's second update may reach another worker)."""
+        rows = self._exec(
+            "INSERT INTO claims VALUES (:r, :device, :worker) ON CONFLICT DO NOTHING "
+            "RETURNING worker",
+            r=round_,
+            device=device,
+            worker=worker,
+        )
+        return bool(rows)
+
+    def claimed(self, round_: int) -> int:
+        """Updates the workers accepted in ``round_`` so far."""
+        return int(self._exec("SELECT COUNT(*) FROM claims WHERE round = :r", r=round_)[0][0])
+
+    def lead(self, holder: str, ttl_s: float) -> bool:
+        """Take or renew the coordinator's lease for ``ttl_s`` seconds; ``False`` while another
+        holder's lease is live (one coordinator folds, however many are started)."""
+        now = time.time()
+        rows = self._exec(
+            "INSERT INTO leader VALUES ('coordinator', :h, :until) ON CONFLICT (name) DO UPDATE "
+            "SET holder = excluded.holder, expires = excluded.expires "
+            "WHERE leader.expires < :now OR leader.holder = :h RETURNING holder",
+            h=holder,
+            until=now + ttl_s,
+            now=now,
+        )
+        return bool(rows)
+
+    def resign(self, holder: str) -> None:
+        self._exec("DELETE FROM leader WHERE name = 'coordinator' AND holder = :h", h=holder)
 
     def log_perplexity(self, round_: int, device: str, ppl: float) -> None:
         """The held-out perplexity a device reported with its update (after local tuning)."""

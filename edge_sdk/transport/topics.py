@@ -111,6 +111,19 @@ class Topics:
     def all_status(self) -> str:
         return f"{self.prefix}/status/+"
 
+    def partial(self, worker: str) -> str:
+        """An aggregator worker's partial sum for the coordinator (server side only)."""
+        return f"{self.prefix}/server/partial/{check_id('worker', worker)}"
+
+    @property
+    def all_partials(self) -> str:
+        return f"{self.prefix}/server/partial/+"
+
+    @property
+    def flush(self) -> str:
+        """The coordinator asks the workers for a round's partial sums (server side only)."""
+        return f"{self.prefix}/server/flush"
+
     def device_of(self, topic: str) -> str:
         """The device id at the end of an ``update/…``, ``mixture/…`` or ``status/…`` topic."""
         parts = topic.split("/")
