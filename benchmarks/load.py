@@ -13,11 +13,13 @@ by the server). Both sides share this machine's cores, as they would on one box.
 
     python -m benchmarks.load --json results/bench_load.json
     python -m benchmarks.load --runs zo:100,dense:20 --json /tmp/load.json   # a smoke run
+    python -m benchmarks.load --workers 2 --postgres --json results/bench_load_workers.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,8 +39,10 @@ from benchmarks.roundtrip import SMOLLM2
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.protocol import Fleet, SeedRun, Update
+from fleetune.edge_sdk.signing import Signer
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.broker import MosquittoBroker
+from fleetune.server.postgres import PostgresServer
 from fleetune.server.seeds import SeedPools
 
 FLEET = "load"
@@ -54,6 +58,18 @@ server.close()
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(json.dumps({"seconds": result.seconds, "accepted": len(result.accepted),
                   "rejected": len(result.rejected), "rss_mb": int(hwm) / 1024}))
+"""
+
+WORKER = """
+import json, signal, sys, threading
+from benchmarks.roundtrip import SMOLLM2
+from fleetune.server.config import ServerConfig
+from fleetune.server.workers import AggregatorWorker
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+worker = AggregatorWorker(ServerConfig(**json.loads(sys.argv[1])), SMOLLM2, sys.argv[2])
+worker.run(stop, lambda: print("ready", flush=True))
+print(worker.accepted)
 """
 
 
@@ -145,7 +161,7 @@ class Swarm:
         self.selector.close()
 
 
-def one_run(kind: str, n: int, pairs: int, timeout: float) -> dict:
+def one_run(kind: str, n: int, pairs: int, timeout: float, workers: int, database: str) -> dict:
     log(f"{kind} x {n}: encoding updates")
     bodies = payloads(kind, n, pairs)
     size = len(bodies[0])
@@ -157,8 +173,23 @@ def one_run(kind: str, n: int, pairs: int, timeout: float) -> dict:
             "quorum": n,
             "round_timeout_s": timeout,
             "state_dir": state,
+            "workers": workers,
+            "database": database,
         }
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        signer = Signer.load_or_create(Path(state) / "signing-key.pem")  # workers verify with it
+        (Path(state) / "fleet-key.pub").write_text(signer.public_hex + "\n")
+        crew = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, json.dumps(config), f"w{i}"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in range(workers)
+        ]
+        for worker in crew:  # connected and subscribed before updates flow
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
         swarm = Swarm(broker.host, broker.port, bodies)
         swarm.run_until(lambda: swarm.connected == n, 120)
         log(f"{kind} x {n}: {swarm.connected} devices connected; starting the server")
@@ -174,10 +205,16 @@ def one_run(kind: str, n: int, pairs: int, timeout: float) -> dict:
         wall = time.monotonic() - began
         sent, acked, connected = swarm.sent, swarm.acked, swarm.connected
         swarm.close()
+        for worker in crew:
+            worker.terminate()
+        shares = [int(w.communicate(timeout=60)[0].split()[-1]) for w in crew]
     result = json.loads(out.strip().splitlines()[-1])
     row = {
         "kind": kind,
         "devices": n,
+        "workers": workers,
+        "worker_shares": shares,
+        "database": database.split(":", 1)[0] if database else "sqlite",
         "connected": connected,
         "update_bytes": size,
         "sent": sent,
@@ -201,11 +238,19 @@ def main() -> None:
     parser.add_argument("--runs", default="zo:1000,dense:1000,zo:10000")
     parser.add_argument("--zo-pairs", type=int, default=100, help="seed pairs per ZO update")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--workers", type=int, default=0, help="aggregator worker processes")
+    parser.add_argument("--postgres", action="store_true", help="the registry on PostgreSQL")
     args = parser.parse_args()
     rows = []
-    for spec in args.runs.split(","):
-        kind, n = spec.split(":")
-        rows.append(one_run(kind, int(n), args.zo_pairs, args.timeout))
+    with contextlib.ExitStack() as stack:
+        database = ""
+        if args.postgres:
+            postgres = stack.enter_context(PostgresServer())
+        for i, spec in enumerate(args.runs.split(",")):
+            kind, n = spec.split(":")
+            if args.postgres:
+                database = postgres.create_database(f"load{i}")
+            rows.append(one_run(kind, int(n), args.zo_pairs, args.timeout, args.workers, database))
     doc: dict = {"runs": rows, "machine": platform.processor() or platform.machine()}
     for row in rows:
         doc.setdefault(f"updates_per_s_{row['kind']}", row["updates_per_s"])

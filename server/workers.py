@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,8 +166,10 @@ class AggregatorWorker:
         inner.subscribe(self.topics.flush)
         self.transport.connect()
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, ready: Callable[[], object] = lambda: None) -> None:
+        """Take messages until ``stop`` is set; ``ready`` is called once connected."""
         self.connect()
+        ready()
         try:
             while not stop.is_set():
                 msg = self.transport.recv(timeout=0.2)
