@@ -61,7 +61,7 @@ from fleetune.edge_sdk.transport.chunks import split  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, DpFedAvg  # noqa: E402
 from fleetune.server.strategy import Update as Contribution  # noqa: E402
 
-CODECS = ("f32", "q8", "q4", "topk:0.1+q8", "topk:0.05+q8", "topk:0.05+q4")
+CODECS = ("f32", "q8", "q4", "q1", "topk:0.1+q8", "topk:0.05+q8", "topk:0.05+q4")
 CLIPS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # the DP clip sweep's grid
 REPORT = (
     "richard-iii/GLOUCESTER",
@@ -239,6 +239,8 @@ def summarize(doc: dict) -> None:
         doc["codecs"] = []
         for name in dict.fromkeys(r["name"] for r in rows):
             mine = [r for r in rows if r["name"] == name and r["seed"] in f32]
+            if not mine:  # no f32 run of these seeds in this part: the merge has them
+                continue
             ratio = interval([r["ppl"] / f32[r["seed"]]["ppl"] for r in mine])
             ppl = interval([r["ppl"] for r in mine])
             size = float(np.mean([f32[r["seed"]]["bytes"] / r["bytes"] for r in mine]))
@@ -256,6 +258,7 @@ def summarize(doc: dict) -> None:
                 }
             )
         doc["max_message_bytes"] = max(r["max_message_bytes"] for r in rows)
+        doc["codecs"] = doc["codecs"] or None
     dp = doc.get("dp")
     if dp and dp.get("runs") and "ppl_no_dp" in dp:
         dp["by_epsilon"] = []
@@ -295,7 +298,7 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for row in doc.get("codecs", []):
+    for row in doc.get("codecs") or []:
         ci = row["ppl_ratio_ci95"] or [row["ppl_ratio"]] * 2
         err = np.array([[row["ppl_ratio"] - ci[0]], [ci[1] - row["ppl_ratio"]]])
         left.errorbar(row["size_ratio"], row["ppl_ratio"], yerr=err, fmt="o", capsize=3)

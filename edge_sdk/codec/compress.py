@@ -4,7 +4,12 @@ VALUE   ``f32`` exact; ``f16`` half the bytes; ``q8`` / ``q4``: int8 / int4 in b
         values, each block with one fp32 absmax scale (GGML's Q8_0 / Q4_0 layout), rounded to
         nearest; ``sq8`` / ``sq4``: the same with stochastic rounding, unbiased (the expected
         decoded value is the value: what averaging over a fleet wants; QSGD, Alistarh et al.,
-        NeurIPS 2017).
+        NeurIPS 2017); ``q1``: one sign bit per value and, per block of 128, the block's mean
+        magnitude as the fp32 scale (the L2-best scale for signs; 1.25 bits a value, 25x
+        below f32): biased and coarse alone, meant with error feedback, which carries what it
+        rounds away into the next update (EF-SignSGD: Karimireddy et al., ICML 2019). All
+        tensors go in one flat body, with the layout as in top-k: per-tensor entries would
+        cost as much as the bits.
 topk:F  keep the fraction F (0 < F <= 1) of each tensor's entries with the largest magnitude,
         encoded by VALUE; the rest decode as zero. All tensors share one body: the kept values,
         their positions in the concatenation as LEB128 gaps (one byte each at 5% density), and
@@ -30,15 +35,17 @@ import numpy as np
 from fleetune.edge_sdk.errors import PayloadError
 
 Tensors = dict[str, np.ndarray]
-VALUES = ("f32", "f16", "q8", "q4", "sq8", "sq4")
+VALUES = ("f32", "f16", "q8", "q4", "sq8", "sq4", "q1")
 ENCODINGS = (*VALUES, "seeds", "secagg")  # plain names; any VALUE may also follow "topk:F+"
 SEED_KEYS = ("seed_index", "coef")  # a zeroth-order run: int32 seed indices, float32 coefficients
-BLOCKS = {"q8": 64, "q4": 32}
+BLOCKS = {"q8": 64, "q4": 32, "q1": 128}
 LEVELS = {"q8": 127, "q4": 7}
 MAX_ELEMENTS = 1 << 27  # entries one tensor may declare (512 MB of float32)
 _Q8, _Q4, _Q4LEN = ".q8scale", ".q4scale", ".q4len"
+_Q1, _Q1LEN = ".q1scale", ".q1len"
 _SHAPE = ".shape"
-_EXTRA = (_Q8, _Q4, _Q4LEN, _SHAPE)
+_EXTRA = (_Q8, _Q4, _Q4LEN, _Q1, _Q1LEN, _SHAPE)
+PACKED = ("q4", "q1")  # values packed below a byte: the tensor's shape travels beside them
 _TOPK = re.compile(r"topk:(0\.\d{1,6}|1(\.0{1,6})?)\+(\w+)")
 
 
@@ -90,6 +97,17 @@ def _encode_value(name: str, v: np.ndarray, codec: str, rng: np.random.Generator
         if np.abs(v).max(initial=0.0) > 65504.0:
             raise PayloadError(f"tensor {name} exceeds the f16 range; use f32")
         return {name: v.astype(np.float16)}
+    if codec == "q1":
+        blocks = _blocks(np.asarray(v, np.float32).reshape(-1), BLOCKS["q1"])
+        bits = np.packbits(blocks.reshape(-1)[: v.size] >= 0)
+        scale = np.abs(blocks).sum(axis=1) / np.minimum(
+            BLOCKS["q1"], v.size - BLOCKS["q1"] * np.arange(len(blocks))
+        )
+        return {
+            name: bits,
+            name + _Q1: scale.astype(np.float32),
+            name + _Q1LEN: np.array([v.size], np.int64),
+        }
     kind = codec.removeprefix("s")
     q, scale = _quantize(v, kind, rng if codec.startswith("s") else None)
     if kind == "q8":
@@ -103,9 +121,11 @@ def _decode_value(name: str, body: Tensors, codec: str) -> np.ndarray:
     """The float32 values of ``name`` (for q4: 1-D; for the others: the stored shape)."""
     v = body[name]
     kind = codec.removeprefix("s")
-    expected = {"f32": np.float32, "f16": np.float16, "q8": np.int8, "q4": np.uint8}[kind]
-    if v.dtype != expected:
+    expected = {"f32": np.float32, "f16": np.float16, "q8": np.int8, "q4": np.uint8, "q1": np.uint8}
+    if v.dtype != expected[kind]:
         raise PayloadError(f"tensor {name} is {v.dtype}, but the header says {codec}")
+    if kind == "q1":
+        return _decode_q1(name, body)
     if kind in ("f32", "f16"):
         return v.astype(np.float32)
     scale = body.get(name + (_Q8 if kind == "q8" else _Q4))
@@ -132,10 +152,26 @@ def _decode_value(name: str, body: Tensors, codec: str) -> np.ndarray:
     return (_blocks(q.astype(np.float32), 32) * scale[:, None]).reshape(-1)[:n]
 
 
+def _decode_q1(name: str, body: Tensors) -> np.ndarray:
+    """Signs times their block's scale, 1-D."""
+    bits, scale, length = body[name], body.get(name + _Q1), body.get(name + _Q1LEN)
+    if bits.ndim != 1 or length is None or length.dtype != np.int64 or length.shape != (1,):
+        raise PayloadError(f"tensor {name} lacks a valid q1 length")
+    n = int(length[0])
+    if not 8 * bits.size - 7 <= n <= 8 * bits.size:
+        raise PayloadError(f"tensor {name}: {bits.size} bytes cannot hold {n} sign bits")
+    blocks = -(-n // BLOCKS["q1"])
+    if scale is None or scale.dtype != np.float32 or scale.shape != (blocks,):
+        raise PayloadError(f"tensor {name} lacks a valid q1 scale")
+    signs = np.unpackbits(bits)[:n].astype(np.float32) * 2 - 1
+    return signs * np.repeat(scale, BLOCKS["q1"])[:n]
+
+
 # -- top-k -----------------------------------------------------------------------------------------
 # One sparse body for all tensors: per-entry overhead (safetensors' header, one scale block per
 # tensor) would otherwise cost more than the values at 5% density.
 _VALUES, _GAPS, _LAYOUT = "topk.values", "topk.gaps", "topk.layout"
+_FLAT = "flat.values"  # q1: every tensor in one body, laid out by _LAYOUT
 MAX_LAYOUT_BYTES = 1 << 20  # the decompressed list of names and shapes
 
 
@@ -248,6 +284,24 @@ def _decode_topk(body: Tensors, enc: Encoding) -> Tensors:
     return out
 
 
+def _decode_flat(body: Tensors) -> Tensors:
+    """A q1 body: one run of signs for all tensors, split by the layout."""
+    if extra := sorted(set(body) - {_FLAT, _FLAT + _Q1, _FLAT + _Q1LEN, _LAYOUT}):
+        raise PayloadError(f"a q1 body holds {extra[0][:80]!r}, which it does not use")
+    layout = _layout(body)
+    if _FLAT not in body or body[_FLAT].dtype != np.uint8:
+        raise PayloadError("a q1 body needs its uint8 sign bits")
+    values = _decode_q1(_FLAT, body)
+    if values.size != sum(math.prod(shape) for _, shape in layout):
+        raise PayloadError(f"a q1 body: {values.size} values for its layout")
+    out, offset = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        out[name] = values[offset : offset + n].reshape(shape)
+        offset += n
+    return out
+
+
 def _shape(name: str, body: Tensors) -> tuple[int, ...]:
     """The declared shape of a q4 tensor (packed nibbles lose it), bounded."""
     shape = body.get(name + _SHAPE)
@@ -278,10 +332,17 @@ def encode_tensors(
         raise PayloadError(f"tensor name {bad[0]!r} ends like an encoding's own entries")
     if enc.topk is not None:
         return _encode_topk(tensors, enc, rng)
+    if enc.value == "q1":
+        names = sorted(tensors)
+        flat = [np.asarray(tensors[n], np.float32).reshape(-1) for n in names]
+        out = _encode_value(_FLAT, np.concatenate(flat) if flat else np.zeros(0), "q1", rng)
+        layout = [[name, list(np.shape(tensors[name]))] for name in names]
+        out[_LAYOUT] = np.frombuffer(zlib.compress(json.dumps(layout).encode(), 9), np.uint8)
+        return out
     out: Tensors = {}
     for name, value in tensors.items():
         out.update(_encode_value(name, value, enc.value, rng))
-        if enc.value.endswith("q4"):  # packed nibbles lose the shape
+        if enc.value.removeprefix("s") in PACKED:  # packed values lose the shape
             out[name + _SHAPE] = np.array(np.shape(value), np.int64)
     return out
 
@@ -324,6 +385,8 @@ def decode_tensors(body: Tensors, encoding: str) -> Tensors:
         return dict(body)
     if enc.topk is not None:
         return _decode_topk(body, enc)
+    if enc.value == "q1":
+        return _decode_flat(body)
     names = [k for k in body if not k.endswith(_EXTRA)]
     known = set(names)
     for key in body:
@@ -331,7 +394,7 @@ def decode_tensors(body: Tensors, encoding: str) -> Tensors:
             raise PayloadError(f"body entry {key[:80]!r} belongs to no tensor")
     out: Tensors = {}
     for name in names:
-        if enc.value.endswith("q4"):
+        if enc.value.removeprefix("s") in PACKED:
             shape, values = _shape(name, body), _decode_value(name, body, enc.value)
             if values.size != math.prod(shape):
                 raise PayloadError(f"tensor {name}: {values.size} values for shape {shape}")

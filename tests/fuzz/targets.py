@@ -79,6 +79,10 @@ ENVELOPES = {
         lambda: Update("d1", 2, 1, 10, delta=_adapter()).encode(FLEET, "q4"),
         lambda p: Update.decode(p, FLEET),
     ),
+    "update-q1": (
+        lambda: Update("d1", 2, 1, 10, delta=_adapter()).encode(FLEET, "q1"),
+        lambda p: Update.decode(p, FLEET),
+    ),
     "update-shared-a": (
         lambda: Update("d1", 2, 1, 10, delta=_adapter(), part="lora_a").encode(FLEET),
         lambda p: Update.decode(p, FLEET),

@@ -202,6 +202,26 @@ def test_stochastic_rounding_is_unbiased(encoding):
         assert nearest[0, 5] == 0.0  # q4 rounds 0.3 to 0: biased
 
 
+def test_q1_sends_signs_and_each_blocks_mean_magnitude():
+    # Prepare: a tensor that does not fill its last block of 128, and a block of zeros
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 100)).astype(np.float32)
+    w[2, 56:] = 0.0
+    tensors = {"w": w, "z": np.zeros(5, np.float32)}
+    # Execute
+    body = encode_tensors(tensors, "q1")
+    out = codec.decode_tensors(body, "q1")
+    # Assert: each entry's sign (zero counts as +) times its block's mean |value|; 1.25 bits
+    # (one flat body, the tensors in name order: w's 300 values, then z's 5)
+    flat = np.concatenate([w.reshape(-1), tensors["z"]])
+    got = np.concatenate([out["w"].reshape(-1), out["z"]])
+    assert out["w"].shape == (3, 100) and body["flat.values"].size == 39  # ceil(305 / 8)
+    for start in (0, 128, 256):
+        block = flat[start : start + 128]
+        want = np.where(block >= 0, 1.0, -1.0) * np.abs(block).mean()
+        np.testing.assert_allclose(got[start : start + 128], want, rtol=1e-6)
+
+
 def test_topk_keeps_the_largest_entries_and_zeroes_the_rest():
     # Prepare
     w = np.arange(1, 101, dtype=np.float32).reshape(10, 10) * np.where(
@@ -241,10 +261,12 @@ def test_a_lora_update_under_topk_is_twenty_times_smaller_than_f32():
             delta[f"{name}.lora_B.weight"] = rng.normal(size=(rows, 8)).astype(np.float32)
     # Execute
     sizes = {
-        e: len(codec.encode(_header(encoding=e), delta)) for e in ("f32", "q4", "topk:0.05+q8")
+        e: len(codec.encode(_header(encoding=e), delta))
+        for e in ("f32", "q4", "q1", "topk:0.05+q8")
     }
     # Assert
     assert sizes["f32"] / sizes["q4"] > 5
+    assert 24 < sizes["f32"] / sizes["q1"] < 26
     assert sizes["f32"] / sizes["topk:0.05+q8"] > 20
     assert sizes["topk:0.05+q8"] < 128 * 1024  # fits an AWS IoT Core message
 
@@ -301,6 +323,15 @@ BOMB = np.frombuffer(zlib.compress(b" " * (2 << 20)), np.uint8)
             "out of bounds",
         ),
         (lambda b: b.update({"x.q8scale": np.ones(1, np.float32)}), "q8", "belongs to no tensor"),
+        (
+            lambda b: b.update({"flat.values.q1len": np.array([10**9], np.int64)}),
+            "q1",
+            "cannot hold",
+        ),
+        (lambda b: b.update({"flat.values.q1scale": np.ones(3, np.float32)}), "q1", "q1 scale"),
+        (lambda b: b.update({"flat.values": np.zeros(512, np.int8)}), "q1", "uint8 sign bits"),
+        (lambda b: b.update({"q1.layout": _layout([["w", [9]]])}), "q1", "does not use"),
+        (lambda b: b.update({"topk.layout": _layout([["w", [9]]])}), "q1", "for its layout"),
     ],
 )
 def test_forged_sparse_and_packed_bodies_are_refused_by_name(edit, encoding, message):
