@@ -54,7 +54,7 @@ from fleetune.server.buffered import discount
 from fleetune.server.clusters import cluster_adapters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.dashboard import Dashboard
-from fleetune.server.metrics import Metrics
+from fleetune.server.metrics import Metrics, reported_perplexity
 from fleetune.server.mixtures import MixtureService
 from fleetune.server.provision import KEYS_SIGNED
 from fleetune.server.registry import FLEET
@@ -448,9 +448,8 @@ class FleetServer:
         self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
         self.metrics.accepted(len(msg.payload), device, update.metrics)
         self.metrics.staleness.observe(update.staleness)
-        ppl = update.metrics.get("ppl_local")
-        if isinstance(ppl, (int, float)) and not isinstance(ppl, bool) and np.isfinite(ppl):
-            self.registry.log_perplexity(round_, device, float(ppl))
+        if (ppl := reported_perplexity(update.metrics)) is not None:
+            self.registry.log_perplexity(round_, device, ppl)  # the dashboard's plot
         log.info(
             "round %d: update %d/%d from %s (%d bytes, %d examples, %d versions behind; "
             "it serves %s)",

@@ -7,9 +7,19 @@ identity, round, duplicate, seeds, rate_limit); the log and the registry keep th
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 SERVED = ("base", "global", "local", "cluster", "kept")  # what a device's canary may serve
+
+
+def reported_perplexity(metrics: dict) -> float | None:
+    """The held-out perplexity a device reported after local tuning, if it is a finite number."""
+    ppl = metrics.get("ppl_local")
+    if isinstance(ppl, (int, float)) and not isinstance(ppl, bool) and math.isfinite(ppl):
+        return float(ppl)
+    return None
 
 
 class Metrics:
@@ -64,9 +74,9 @@ class Metrics:
     def accepted(self, nbytes: int, device: str, metrics: dict) -> None:
         self.updates.labels("accepted", "").inc()
         self.update_bytes.inc(nbytes)
-        ppl = metrics.get("ppl_local")
-        if isinstance(ppl, (int, float)) and not isinstance(ppl, bool):
-            self.perplexity.labels(device).set(float(ppl))
+        ppl = reported_perplexity(metrics)
+        if ppl is not None:
+            self.perplexity.labels(device).set(ppl)
         served = metrics.get("served")
         if served is not None:  # a device's word: known names only, so the labels stay few
             self.served.labels(served if served in SERVED else "other").inc()

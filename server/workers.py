@@ -48,6 +48,7 @@ from fleetune.edge_sdk.transport.chunks import ChunkedTransport, chunk_topic
 from fleetune.edge_sdk.transport.topics import Topics, check_id
 from fleetune.server.buffered import discount
 from fleetune.server.config import ServerConfig
+from fleetune.server.metrics import reported_perplexity
 from fleetune.server.registry import Registry
 from fleetune.server.seeds import SeedPools
 from fleetune.server.strategy import Update
@@ -263,6 +264,8 @@ class AggregatorWorker:
         weight = float(min(max(update.num_examples, 0), self.config.max_examples))
         partial.add(update, weight, self.layout)
         self.registry.log_update(partial.round, device, len(msg.payload), update.num_examples, True)
+        if (ppl := reported_perplexity(update.metrics)) is not None:
+            self.registry.log_perplexity(partial.round, device, ppl)  # the dashboard's plot
         self.accepted += 1
         return False
 
