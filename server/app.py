@@ -147,19 +147,7 @@ class FleetServer:
 
     def connect(self) -> Transport:
         if self._transport is None:
-            from fleetune.edge_sdk.transport.mqtt import MqttTransport
-
-            c = self.config
-            self._transport = self._chunked(
-                MqttTransport(
-                    c.host,
-                    c.port,
-                    f"{c.fleet}-server",
-                    protocol=c.protocol,
-                    tls=c.tls(),
-                    manual_ack=True,  # an update is acknowledged once it is on disk
-                )
-            )
+            self._transport = self._chunked(self.config.mqtt(f"{self.config.fleet}-server"))
         if self.coordinator is None:
             self._transport.subscribe(self.topics.all_updates)
         else:

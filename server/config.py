@@ -160,6 +160,20 @@ class ServerConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.tls()
 
+    def mqtt(self, client_id: str):
+        """An MQTT connection to the fleet's broker as the server (or one of its workers): an
+        update is acknowledged by hand, once it is on disk."""
+        from fleetune.edge_sdk.transport.mqtt import MqttTransport
+
+        return MqttTransport(
+            self.host,
+            self.port,
+            client_id,
+            protocol=self.protocol,
+            tls=self.tls(),
+            manual_ack=True,
+        )
+
     def tls(self):
         """The TLS files, or ``None`` for plain TCP."""
         from fleetune.edge_sdk.transport.base import TlsFiles

@@ -141,16 +141,7 @@ class AggregatorWorker:
         self.registry = Registry(config.database or root / "registry.sqlite")
         self.folder = root / "workers" / self.name
         if transport is None:
-            from fleetune.edge_sdk.transport.mqtt import MqttTransport
-
-            transport = MqttTransport(
-                config.host,
-                config.port,
-                f"{config.fleet}-worker-{self.name}",
-                protocol=config.protocol,
-                tls=config.tls(),
-                manual_ack=True,  # an update is acknowledged once it is on disk
-            )
+            transport = config.mqtt(f"{config.fleet}-worker-{self.name}")
         self.transport = ChunkedTransport(
             transport, config.max_message_bytes, spool=self.folder / "chunks"
         )

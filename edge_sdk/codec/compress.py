@@ -224,8 +224,22 @@ def _encode_topk(tensors: Tensors, enc: Encoding, rng: np.random.Generator) -> T
     positions = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     out = _encode_value(_VALUES, np.concatenate(values) if values else np.zeros(0), enc.value, rng)
     out[_GAPS] = varint(np.diff(positions, prepend=-1) - 1)
+    out[_LAYOUT] = _pack_layout(tensors, names)
+    return out
+
+
+def _pack_layout(tensors: Tensors, names: list[str]) -> np.ndarray:
     layout = [[name, list(np.shape(tensors[name]))] for name in names]
-    out[_LAYOUT] = np.frombuffer(zlib.compress(json.dumps(layout).encode(), 9), np.uint8)
+    return np.frombuffer(zlib.compress(json.dumps(layout).encode(), 9), np.uint8)
+
+
+def _split(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> Tensors:
+    """A flat run of values back into the tensors of ``layout``."""
+    out, offset = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        out[name] = flat[offset : offset + n].reshape(shape)
+        offset += n
     return out
 
 
@@ -276,12 +290,7 @@ def _decode_topk(body: Tensors, enc: Encoding) -> Tensors:
         raise PayloadError(f"top-k positions run past the {size} entries of the layout")
     flat = np.zeros(size, np.float32)
     flat[positions] = values
-    out, offset = {}, 0
-    for name, shape in layout:
-        n = math.prod(shape)
-        out[name] = flat[offset : offset + n].reshape(shape)
-        offset += n
-    return out
+    return _split(flat, layout)
 
 
 def _decode_flat(body: Tensors) -> Tensors:
@@ -294,12 +303,7 @@ def _decode_flat(body: Tensors) -> Tensors:
     values = _decode_q1(_FLAT, body)
     if values.size != sum(math.prod(shape) for _, shape in layout):
         raise PayloadError(f"a q1 body: {values.size} values for its layout")
-    out, offset = {}, 0
-    for name, shape in layout:
-        n = math.prod(shape)
-        out[name] = values[offset : offset + n].reshape(shape)
-        offset += n
-    return out
+    return _split(values, layout)
 
 
 def _shape(name: str, body: Tensors) -> tuple[int, ...]:
@@ -336,8 +340,7 @@ def encode_tensors(
         names = sorted(tensors)
         flat = [np.asarray(tensors[n], np.float32).reshape(-1) for n in names]
         out = _encode_value(_FLAT, np.concatenate(flat) if flat else np.zeros(0), "q1", rng)
-        layout = [[name, list(np.shape(tensors[name]))] for name in names]
-        out[_LAYOUT] = np.frombuffer(zlib.compress(json.dumps(layout).encode(), 9), np.uint8)
+        out[_LAYOUT] = _pack_layout(tensors, names)
         return out
     out: Tensors = {}
     for name, value in tensors.items():
