@@ -40,12 +40,27 @@ def test_the_registry_keeps_what_the_server_asks_it_to(database):
     registry.record_privacy("d1", 1, 4.7, 1e-5)
     registry.record_privacy("d1", 2, 6.9, 1e-5)
     registry.record_privacy(FLEET, 2, 6.9, 1e-5)
+    registry.log_perplexity(1, "d1", 80.5)
+    registry.log_update(1, "d3", 7, 0, False, "duplicate")
+    claims = [
+        registry.claim(1, "d1", "w0"),
+        registry.claim(1, "d1", "w1"),
+        registry.claim(1, "d2", "w1"),
+    ]
+    leases = [registry.lead("c1", 30), registry.lead("c2", 30), registry.lead("c1", 30)]
     registry.close()
     again = Registry(database)  # and read it back from a new connection
     # Assert
     assert {d: s for d, (_, s) in again.devices().items()} == {"d1": "offline", "d2": "online"}
     assert again.device_states() == {"offline": 1, "online": 1}
-    assert again.rejections() == [(1, "d2", "malformed")]
+    assert again.rejections() == [(1, "d2", "malformed"), (1, "d3", "duplicate")]
+    assert again.rejections(last=1) == [(1, "d3", "duplicate")] and again.refused_count() == 2
+    assert again.perplexities() == {"d1": [(1, 80.5)]}
+    assert [r[0] for r in again.rounds()] == [1, 2] and again.rounds()[0][3:] == (1, 1, 1)
+    assert claims == [True, False, True] and again.claimed(1) == 2
+    assert leases == [True, False, True]
+    again.resign("c1")
+    assert again.lead("c2", 30)
     assert again.last_round() == 2 and again.open_round_number() == 2
     assert again.latest_adapter() == (1, "/a/v1b") and again.adapter_round(1) == 1
     assert again.latest_basis() == (1, "/b/v1") and again.basis_path(1) == "/b/v1"
