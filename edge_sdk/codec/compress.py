@@ -1,4 +1,5 @@
 """Tensor encodings for the wire, named in the envelope and composable as ``[topk:F+]VALUE``.
+Long because each decoder checks its body field by field, next to the encoder it inverts.
 
 VALUE   ``f32`` exact; ``f16`` half the bytes; ``q8`` / ``q4``: int8 / int4 in blocks of 64 / 32
         values, each block with one fp32 absmax scale (GGML's Q8_0 / Q4_0 layout), rounded to
