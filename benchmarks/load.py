@@ -8,7 +8,9 @@ of the real adapter's size (SmolLM2-135M, LoRA r=8 on q,v): a seed run of ``--zo
 round. The server is the product's ``FleetServer`` in its own process (``quorum`` = N, one round):
 it checks, saves and acknowledges each update, aggregates (FedAvg) and pushes. Reported per run:
 the round's seconds (open to pushed), updates aggregated per second (N / round seconds), the
-server's peak RSS, and updates lost (published and acknowledged by the broker, but not counted
+ingest rate alone (updates over the seconds from the first accepted one to the last, from the
+registry: the rest of a round is the devices' reaction and the fold), the server's peak RSS,
+and updates lost (published and acknowledged by the broker, but not counted
 by the server). Both sides share this machine's cores, as they would on one box.
 
     python -m benchmarks.load --json results/bench_load.json
@@ -54,10 +56,13 @@ from fleetune.server.config import ServerConfig
 config = ServerConfig(**json.loads(sys.argv[1]))
 server = FleetServer(config, SMOLLM2)
 (result,) = server.run()
+first, last = server.registry._exec(
+    "SELECT MIN(received), MAX(received) FROM updates WHERE accepted = 1")[0]
 server.close()
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(json.dumps({"seconds": result.seconds, "accepted": len(result.accepted),
-                  "rejected": len(result.rejected), "rss_mb": int(hwm) / 1024}))
+                  "rejected": len(result.rejected), "rss_mb": int(hwm) / 1024,
+                  "ingest_s": (last - first) if first is not None else None}))
 """
 
 WORKER = """
@@ -223,6 +228,8 @@ def one_run(kind: str, n: int, pairs: int, timeout: float, workers: int, databas
         "lost": acked - result["accepted"],
         "round_s": result["seconds"],
         "updates_per_s": result["accepted"] / result["seconds"],
+        "ingest_s": result["ingest_s"],  # first to last accepted update (workers: claimed)
+        "ingest_per_s": result["accepted"] / result["ingest_s"] if result["ingest_s"] else None,
         "rss_server_mb": result["rss_mb"],
         "wall_s": wall,
     }
