@@ -123,7 +123,7 @@ def test_a_second_update_of_a_device_counts_once_across_workers(tmp_path, mosqui
 
 def test_a_second_coordinator_waits_for_the_lease(tmp_path, mosquitto):
     # Prepare: the first coordinator holds the lease
-    config = _config(tmp_path, mosquitto, 1, leader_lease_s=1.0)
+    config = _config(tmp_path, mosquitto, 1, leader_lease_s=3.0)
     first = FleetServer(config, tiny_manifest())
     second = FleetServer(config, tiny_manifest())
     assert first.coordinator is not None and second.coordinator is not None
