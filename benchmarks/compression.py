@@ -298,7 +298,7 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for row in doc.get("codecs") or []:
+    for i, row in enumerate(doc.get("codecs") or []):
         ci = row["ppl_ratio_ci95"] or [row["ppl_ratio"]] * 2
         err = np.array([[row["ppl_ratio"] - ci[0]], [ci[1] - row["ppl_ratio"]]])
         left.errorbar(row["size_ratio"], row["ppl_ratio"], yerr=err, fmt="o", capsize=3)
@@ -306,7 +306,7 @@ def plot(doc: dict, path: Path) -> None:
             row["name"],
             (row["size_ratio"], row["ppl_ratio"]),
             fontsize=7,
-            xytext=(4, 4),
+            xytext=(4, 4 if i % 2 else -10),
             textcoords="offset points",
         )
     left.axhline(1.02, color="grey", ls="--", lw=0.8)
@@ -329,6 +329,8 @@ def plot(doc: dict, path: Path) -> None:
         if "ppl_base" in dp:
             right.axhline(dp["ppl_base"], color="grey", ls=":", label="base model")
         right.set_xscale("log")
+        right.set_xticks(eps, [f"{e:g}" for e in eps])
+        right.minorticks_off()
         right.set_xlabel("epsilon (delta 1e-5)")
         right.set_ylabel("held-out perplexity (geometric mean)")
         right.set_title(f"central DP, {dp['clients']} devices, {dp['rounds']} rounds")
