@@ -163,7 +163,6 @@ def mosquitto_conf(
         "max_queued_messages 1000000",  # a burst of updates for the server must all wait
         "max_queued_bytes 1073741824",  # for it; (0 = no limit makes mosquitto 2.0.11
         # disconnect a 3.1.1 client over message_size_limit instead of dropping the message)
-
         f"message_size_limit {message_size_limit}",
         "log_dest stderr",
         "log_type error",

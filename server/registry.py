@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS claims (round INTEGER, device TEXT, worker TEXT,
 CREATE TABLE IF NOT EXISTS leader (name TEXT PRIMARY KEY, holder TEXT,
     expires DOUBLE PRECISION)
 """
+SCHEMA_LOCK = 0x666C74  # the advisory lock that serializes creating the schema
 FLEET = "*fleet*"  # the privacy row of the whole fleet (device ids cannot contain '*')
 
 
@@ -69,6 +70,9 @@ class Registry:
                 # server (WAL); accepted updates themselves are synced files (state.py)
                 event.listen(self._engine, "connect", _sqlite_wal)
             with self._engine.begin() as conn:
+                if not sqlite:  # PostgreSQL's CREATE TABLE IF NOT EXISTS races with another
+                    # process's (workers start together): one at a time
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
                 for statement in SCHEMA.split(";"):
                     conn.execute(text(statement))
         except (SQLAlchemyError, ImportError) as err:

@@ -98,3 +98,28 @@ def test_a_database_that_cannot_be_reached_is_a_config_error(postgres):
     url = postgres.url("no_such_database")
     with pytest.raises(ConfigError, match=r"cannot open the registry database .*no_such_database"):
         Registry(url)
+
+
+def test_processes_that_open_a_new_postgresql_registry_together_do_not_collide(postgres):
+    # Prepare: a fresh database, as when the coordinator and its workers start at once
+    import threading
+
+    url = postgres.create_database("together")
+    errors: list[BaseException] = []
+    go = threading.Barrier(6)
+
+    def open_it() -> None:
+        go.wait()
+        try:
+            Registry(url).close()
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    # Execute
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # Assert
+    assert not errors, errors[0]
