@@ -340,9 +340,9 @@ def encode_tensors(
     if enc.value == "q1":
         names = sorted(tensors)
         flat = [np.asarray(tensors[n], np.float32).reshape(-1) for n in names]
-        out = _encode_value(_FLAT, np.concatenate(flat) if flat else np.zeros(0), "q1", rng)
-        out[_LAYOUT] = _pack_layout(tensors, names)
-        return out
+        body = _encode_value(_FLAT, np.concatenate(flat) if flat else np.zeros(0), "q1", rng)
+        body[_LAYOUT] = _pack_layout(tensors, names)
+        return body
     out: Tensors = {}
     for name, value in tensors.items():
         out.update(_encode_value(name, value, enc.value, rng))
