@@ -228,7 +228,7 @@ class FleetServer:
             self.pool,
             seen,
             shared_a=bool(self.config.basis_k),
-            max_staleness=self.config.max_staleness if self.config.mode == "async" else 0,
+            max_staleness=self.config.staleness_allowed,
         )
         if self.secure is not None:
             self.secure.check(round_, device, update.masked)

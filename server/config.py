@@ -160,6 +160,12 @@ class ServerConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.tls()
 
+    @property
+    def staleness_allowed(self) -> int:
+        """How many versions behind an update may be: ``max_staleness`` in async rounds, none
+        in sync ones."""
+        return self.max_staleness if self.mode == "async" else 0
+
     def mqtt(self, client_id: str):
         """An MQTT connection to the fleet's broker as the server (or one of its workers): an
         update is acknowledged by hand, once it is on disk."""

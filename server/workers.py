@@ -225,7 +225,6 @@ class AggregatorWorker:
                 return True
             if announcement is None or partial is None or partial.round != announcement.round:
                 raise PayloadError("no round is collecting updates", "round")
-            staleness = self.config.max_staleness if self.config.mode == "async" else 0
             update = check_update(
                 msg.payload,
                 device,
@@ -234,7 +233,7 @@ class AggregatorWorker:
                 announcement.adapter_version,
                 self.seeds.pool,
                 set(),
-                max_staleness=staleness,
+                max_staleness=self.config.staleness_allowed,
             )
             if not self.registry.claim(announcement.round, device, self.name):
                 raise PayloadError(
