@@ -46,9 +46,11 @@ Tensors = dict[str, np.ndarray]
 MAX_JSON_BYTES = 64 * 1024  # announcements, priors, statuses
 MAX_INT = 2**63 - 1  # what SQLite and numpy int64 hold
 # Bump Z_VERSION if the way zeroth-order perturbations are drawn changes (tuners/zo.py:
-# PCG64([pool_seed, index]), float32 standard_normal, the tuned entries' order): the server's
-# replay must stay bit-for-bit. Devices refuse a pool that names another version.
-Z_VERSION = 1
+# 2 = one float32 standard_normal vector per pool from PCG64(pool_seed) over the tuned entries
+# in their order, rotated by index * 7919; 1 drew PCG64([pool_seed, index]) per seed): the
+# server must replay the directions the device stepped along. Devices refuse a pool that names
+# another version.
+Z_VERSION = 2
 ZO_PARTS = ("lora_b", "all")  # what zeroth-order steps move
 UPDATE_PARTS = ("all", "lora_a")  # what a dense update sends (lora_a: shared A, personal B)
 BASIS_PART = "lora_b"  # what a basis spans; A is the fleet's shared init

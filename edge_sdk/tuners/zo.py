@@ -5,7 +5,8 @@ under 18 Kilobytes", ICML 2024).
 
 One step, for a seed ``s`` drawn from the pool::
 
-    z = N(0, 1) from PCG64(pool_seed, s), over the tuned entries in the manifest's order
+    z = g shifted circularly by s·STRIDE, g = N(0, 1) from PCG64(pool_seed) over the tuned
+        entries in the manifest's order (one vector per pool: see "Directions" below)
     g = (L(θ + εz) − L(θ − εz)) / 2ε            # the projected gradient: two forward passes
     θ ← θ − lr·g·z
 
@@ -24,10 +25,18 @@ same batch: direction ``z_i`` is evaluated at θ_i, which already includes the s
 For small ``lr`` the two agree to first order, but they are different algorithms. Replay only sums
 the uploaded ``(s_i, c_i)`` pairs, so it is exact either way; the rule is kept as is so that runs
 (and their recorded coefficients) stay reproducible.
+
+Directions (z version 2): every seed's direction is the pool's one Gaussian vector ``g`` rotated
+by ``s·STRIDE`` entries. Each direction is exactly N(0, I), and two seeds' directions are
+uncorrelated (E[z_s·z_t] = 0 for s ≠ t) as independent draws would be. What it buys is the
+replay: ``Σ c_s·z_s`` is a circular cross-correlation of ``g`` with the coefficients placed at
+their shifts, one FFT whatever the number of seeds (4,096 seeds of 184k entries: ~40 ms instead
+of ~9 s drawing each seed's vector, version 1), and a step's direction is a copy, not a draw.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -50,10 +59,26 @@ __all__ = ["Z_VERSION", "ZOConfig", "ZOTuner", "apply_run", "perturbation", "rep
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+STRIDE = 7919  # a prime: seeds below the tuned size get distinct rotations
+
+
+@functools.lru_cache(maxsize=4)
+def _pool_vector(pool_seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's Gaussian vector ``g`` (read-only) and its real FFT (the replay's half)."""
+    g = np.random.Generator(np.random.PCG64(pool_seed)).standard_normal(size, dtype=np.float32)
+    g.flags.writeable = False
+    return g, np.fft.rfft(g.astype(np.float64))
+
+
+def _shift(index: int, size: int) -> int:
+    return (index * STRIDE) % size
+
+
 def perturbation(pool_seed: int, index: int, size: int) -> np.ndarray:
-    """The direction of seed ``index`` of the pool: float32 N(0, 1) of length ``size``."""
-    rng = np.random.Generator(np.random.PCG64([pool_seed, index]))
-    return rng.standard_normal(size, dtype=np.float32)
+    """The direction of seed ``index`` of the pool: float32 N(0, 1) of length ``size``,
+    ``z[i] = g[(i + index·STRIDE) mod size]``."""
+    g, _ = _pool_vector(pool_seed, size)
+    return np.roll(g, -_shift(index, size))
 
 
 @dataclass(frozen=True)
@@ -139,13 +164,17 @@ def zo_tune(
 
 
 def replay(pairs: list[tuple[int, float]], pool_seed: int, size: int) -> np.ndarray:
-    """The delta that ``(seed index, coefficient)`` pairs stand for; each seed is drawn once."""
-    per_seed: dict[int, float] = {}
-    for index, coef in pairs:
-        per_seed[index] = per_seed.get(index, 0.0) + coef
+    """The delta that ``(seed index, coefficient)`` pairs stand for, ``Σ c·z(s)``: the
+    coefficients placed at their seeds' shifts ``h``, then ``Δ[i] = Σ_k h[k]·g[i + k]``, a
+    circular cross-correlation of ``g`` and ``h`` (one FFT each way, float64)."""
     delta = np.zeros(size, dtype=np.float32)
-    for index in sorted(per_seed):
-        delta += np.float32(per_seed[index]) * perturbation(pool_seed, index, size)
+    if not pairs or size == 0:
+        return delta
+    _, spectrum = _pool_vector(pool_seed, size)
+    h = np.zeros(size, dtype=np.float64)
+    for index, coef in pairs:
+        h[_shift(index, size)] += coef
+    delta[:] = np.fft.irfft(spectrum * np.conj(np.fft.rfft(h)), n=size)
     return delta
 
 
@@ -174,11 +203,23 @@ class ZOTuner(LocalTuner):
         t = self.config
         zo = t.zo(pool_seed=pool.pool_seed, pool_size=pool.pool_size)
         rng = np.random.default_rng(job.seed(t.seed))
-        batches = self.batches(data.train, t.steps, rng)
+        picks = self.picks(len(data.train), t.steps, rng)
         theta = self.layout.flatten(start)
         tuned = self.layout.indices(pool.params)
+        cache = self.prefix_cache(backend, data.train)
+        if cache is not None:  # forwards from the states entering the layer window
+
+            def loss(th: np.ndarray, step: int) -> float:
+                rows = np.sort(picks[step])
+                return backend.window_loss_flat(cache.hidden[rows], cache.ids[rows], th)  # type: ignore[attr-defined]
+
+        else:
+
+            def loss(th: np.ndarray, step: int) -> float:
+                return backend.loss_flat(data.train[picks[step]], th)
+
         pairs, metrics = zo_tune(
-            lambda th, step: backend.loss_flat(batches[step], th),
+            loss,
             theta,
             tuned,
             t.steps,

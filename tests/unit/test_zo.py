@@ -15,6 +15,25 @@ def test_perturbations_are_reproducible_and_distinct():
     assert abs(float(a.std()) - 1.0) < 0.1
 
 
+def test_directions_are_rotations_of_one_vector_and_replay_is_their_weighted_sum():
+    # Prepare: 300 pairs over 200 seeds (some repeated) of a 5,000-entry vector
+    rng = np.random.default_rng(0)
+    seeds, coefs = rng.integers(0, 200, 300), rng.normal(size=300)
+    pairs = [(int(s), float(c)) for s, c in zip(seeds, coefs, strict=True)]
+    z = {s: perturbation(9, s, 5000) for s, _ in pairs}
+    # Execute
+    delta = replay(pairs, 9, 5000)
+    # Assert: the FFT replay is the direct sum; directions are rotations, nearly orthogonal
+    direct = np.zeros(5000)
+    for s, c in pairs:
+        direct += c * z[s].astype(np.float64)
+    np.testing.assert_allclose(delta, direct, rtol=0, atol=1e-4)
+    assert np.array_equal(np.roll(z[pairs[0][0]], 7919 * pairs[0][0]), perturbation(9, 0, 5000))
+    a, b = perturbation(9, 1, 5000), perturbation(9, 2, 5000)
+    assert abs(float(a @ b)) / 5000 < 0.06  # |cos| of independent draws: ~1/sqrt(5000)
+    assert replay([], 9, 5000).sum() == 0
+
+
 def test_zo_lowers_a_quadratic_and_replay_rebuilds_the_run():
     # Prepare: loss = |theta[tuned] - target|^2, only half of theta is tuned
     rng = np.random.default_rng(0)
