@@ -16,12 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.bundle import cache_dir
 from fleetune.edge_sdk.errors import (
@@ -63,10 +62,25 @@ from fleetune.server.seeds import SeedPools
 from fleetune.server.state import ServerState
 from fleetune.server.strategy import Update
 from fleetune.server.strategy.base import Aggregate, Tensors
+from fleetune.server.strategy.fedavg import running_weight
 from fleetune.server.validation import check_update
-from fleetune.server.workers import Coordinator
+from fleetune.server.workers import Coordinator, Partial
 
 log = logging.getLogger(__name__)
+
+
+BATCH = 256  # messages taken at once: their accepted updates share one sync and one transaction
+
+
+@dataclass
+class _Batch:
+    """What a batch of messages brought, until its group commit."""
+
+    accepted: list[tuple[Message, Update]] = field(default_factory=list)
+    rows: list[tuple[str, int, int, bool, str]] = field(default_factory=list)  # registry rows
+
+    def refuse(self, device: str, nbytes: int, reason: str) -> None:
+        self.rows.append((device, nbytes, 0, False, reason))
 
 
 @dataclass
@@ -84,7 +98,7 @@ class FleetServer:
     ) -> None:
         self.config, self.base = config, base
         self.topics = Topics(config.fleet)
-        self.spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets)
+        self.spec = config.spec
         self.fleet = Fleet(base, self.spec)
         self.strategy = make_strategy(config)
         self.layout = FlatLayout(self.spec, base)
@@ -107,6 +121,7 @@ class FleetServer:
             SecureRounds(config.secagg_bound, config.secagg_scale) if config.secagg else None
         )
         self.reveals: dict[int, dict[str, Reveal]] = {}  # secure rounds: survivors' pair seeds
+        self._held: list[Message] = []  # received, not yet handled (past a round's quorum)
         self.coordinator = Coordinator(self) if config.workers else None
         self.metrics = Metrics()
         self.metrics.adapter_version.set(self.version)
@@ -275,11 +290,26 @@ class FleetServer:
                 self.registry.log_refused_push(device, status.refused)
                 self.metrics.refused_pushes.labels(device).inc()
             return None
+        if msg.topic == self.topics.update(device):
+            return device  # seen when its batch is committed
         self.registry.seen(device)
         if msg.topic == self.topics.mixture(device):
             self.handle_mixture(msg)
-            return None
-        return device if msg.topic == self.topics.update(device) else None
+        return None
+
+    def _recv(self, timeout: float) -> Message | None:
+        """The next message: those a batch held back first."""
+        if self._held:
+            return self._held.pop(0)
+        return self.transport.recv(timeout=timeout)
+
+    def _receive(self, deadline: float) -> list[Message]:
+        """What has arrived, up to ``BATCH`` messages (the first waits up to a second)."""
+        first = self._recv(min(1.0, max(0.0, deadline - time.monotonic())))
+        batch = [first] if first is not None else []
+        while batch and len(batch) < BATCH and (msg := self._recv(0)) is not None:
+            batch.append(msg)
+        return batch
 
     def run_round(self, round_: int) -> RoundResult:
         result = RoundResult(round_)
@@ -301,18 +331,29 @@ class FleetServer:
                 self._aggregate(round_, [], merged)
             return self._close_round(round_, result, start)
         updates = self._reload(round_, result)
+        # FedAvg as a running sum: each update is folded in as it is committed and its tensors
+        # dropped (memory stays flat however many devices report); None: kept for the end
+        total = Partial(round_, self.layout.size) if self.config.summable else None
+        updates = self._sum(round_, updates, total)
         sent: dict[str, int] = {}  # update messages per device this round (rate limit)
+        seen = {u.device for u in updates}  # devices whose update this round took
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
-            msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            if msg is None:
-                continue
-            try:
-                self._take(msg, round_, updates, sent, result)
-            finally:  # acknowledged only now: an accepted update is on disk first
+            batch, taken = self._receive(deadline), _Batch()
+            for i, msg in enumerate(batch):
+                if len(updates) + len(taken.accepted) >= self.config.quorum:
+                    self._held[:0] = batch[i:]  # the next round's (or refused then)
+                    batch = batch[:i]
+                    break
+                self._take(msg, round_, seen, taken, sent)
+            self._commit(round_, taken, updates, result, total)
+            for msg in batch:  # acknowledged only now: accepted updates are on disk first
                 self.transport.ack(msg)
         if cohort is not None and updates:
             updates = self._open_secure_sum(round_, updates, deadline)
-        if updates:
+        merged = total.fold(self.current, self.layout, self.seeds.replay) if total else None
+        if merged is not None:
+            self._aggregate(round_, updates, merged)
+        elif updates:
             self._aggregate(round_, updates)
         else:
             log.warning(
@@ -358,12 +399,13 @@ class FleetServer:
     def _idle(self, deadline: float) -> None:
         """Take one message outside the collection of updates: statuses, mixtures and reveals
         are handled; an update is refused (its round is not collecting)."""
-        msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        msg = self._recv(min(1.0, max(0.0, deadline - time.monotonic())))
         if msg is None:
             return
         try:
             device = self._route(msg)
             if device is not None:
+                self.registry.seen(device)
                 log.warning("ignored an update from %s outside a round's collection", device)
         finally:
             self.transport.ack(msg)
@@ -400,14 +442,9 @@ class FleetServer:
         return [Update("secure-sum", len(masked), delta=self.layout.unflatten(mean))]
 
     def _take(
-        self,
-        msg: Message,
-        round_: int,
-        updates: list[Update],
-        sent: dict[str, int],
-        result: RoundResult,
+        self, msg: Message, round_: int, seen: set[str], batch: _Batch, sent: dict[str, int]
     ) -> None:
-        """Route one message of an open round; an update is checked, then saved and counted."""
+        """Route one message of an open round; an update is checked and joins ``batch``."""
         device = self._route(msg)
         if device is None:
             return
@@ -417,39 +454,70 @@ class FleetServer:
             if sent[device] == limit + 1:  # said once per device and round
                 reason = f"over {limit} update messages in round {round_}: dropping the rest"
                 log.warning("round %d: %s: %s", round_, device, reason)
-                result.rejected.append((device, reason))
-                self.registry.log_update(round_, device, len(msg.payload), 0, False, reason)
+                batch.refuse(device, len(msg.payload), reason)
             self.metrics.refused(len(msg.payload), "rate_limit")
             return
         try:
-            update = self.check_update(msg, round_, {u.device for u in updates})
+            update = self.check_update(msg, round_, seen)
         except FleetuneError as err:
             log.warning("round %d: rejected update from %s: %s", round_, device, err)
-            result.rejected.append((device, str(err)))
-            self.registry.log_update(round_, device, len(msg.payload), 0, False, str(err))
+            batch.refuse(device, len(msg.payload), str(err))
             code = err.reason if isinstance(err, PayloadError) else "malformed"
             self.metrics.refused(len(msg.payload), code)
             return
-        self.state.save_accepted(round_, device, msg.payload)
-        updates.append(update)
-        result.accepted.append(device)
-        self.registry.log_update(round_, device, len(msg.payload), update.num_examples, True)
-        self.metrics.accepted(len(msg.payload), device, update.metrics)
-        self.metrics.staleness.observe(update.staleness)
-        if (ppl := reported_perplexity(update.metrics)) is not None:
-            self.registry.log_perplexity(round_, device, ppl)  # the dashboard's plot
-        log.info(
-            "round %d: update %d/%d from %s (%d bytes, %d examples, %d versions behind; "
-            "it serves %s)",
-            round_,
-            len(updates),
-            self.config.quorum,
-            device,
-            len(msg.payload),
-            update.num_examples,
-            update.staleness,
-            update.metrics.get("served", "?"),
-        )
+        seen.add(device)  # a second update from it this round is a duplicate
+        batch.accepted.append((msg, update))
+        batch.rows.append((device, len(msg.payload), update.num_examples, True, ""))
+
+    def _sum(self, round_: int, updates: list[Update], total: Partial | None) -> list[Update]:
+        """``updates`` added to the running sum ``total`` (discounted by staleness), returned
+        without their tensors; as they are when there is no running sum."""
+        if total is None:
+            return updates
+        exponent, cap = self.config.staleness_exponent, self.config.max_examples
+        for update in updates:
+            fresh = discount(update, round_, exponent, self.seeds.replay)
+            total.add(fresh, running_weight(update.num_examples, cap), self.layout)
+        return [replace(u, delta=None, seeds=None) for u in updates]
+
+    def _commit(
+        self,
+        round_: int,
+        batch: _Batch,
+        updates: list[Update],
+        result: RoundResult,
+        total: Partial | None = None,
+    ) -> None:
+        """A batch's accepted updates synced to disk in one file and its registry rows in one
+        transaction (a group commit); only then do they count."""
+        if batch.accepted:
+            self.state.save_accepted(round_, [(u.device, m.payload) for m, u in batch.accepted])
+        perplexities = [
+            (u.device, ppl)
+            for _, u in batch.accepted
+            if (ppl := reported_perplexity(u.metrics)) is not None  # the dashboard's plot
+        ]
+        if batch.rows:
+            self.registry.log_batch(round_, batch.rows, perplexities)
+        result.rejected += [(d, why) for d, _, _, ok, why in batch.rows if not ok]
+        kept = self._sum(round_, [u for _, u in batch.accepted], total)
+        for (msg, update), light in zip(batch.accepted, kept, strict=True):
+            updates.append(light)
+            result.accepted.append(update.device)
+            self.metrics.accepted(len(msg.payload), update.device, update.metrics)
+            self.metrics.staleness.observe(update.staleness)
+            log.info(
+                "round %d: update %d/%d from %s (%d bytes, %d examples, %d versions behind; "
+                "it serves %s)",
+                round_,
+                len(updates),
+                self.config.quorum,
+                update.device,
+                len(msg.payload),
+                update.num_examples,
+                update.staleness,
+                update.metrics.get("served", "?"),
+            )
 
     def _reload(self, round_: int, result: RoundResult) -> list[Update]:
         """The updates this round accepted before a crash (none for a new round)."""
@@ -588,7 +656,7 @@ class FleetServer:
         deadline = time.monotonic() + timeout_s
         log.info("serving mixtures: waiting for %d devices (timeout %.0f s)", count, timeout_s)
         while self.mixtures_served < count and time.monotonic() < deadline:
-            msg = self.transport.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            msg = self._recv(min(1.0, max(0.0, deadline - time.monotonic())))
             if msg is not None:
                 try:
                     self._route(msg)

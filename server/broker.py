@@ -140,14 +140,17 @@ def mosquitto_conf(
     data_dir: Path,
     tls: BrokerTls | None = None,
     message_size_limit: int = 0,
+    save_every_s: int = 0,
 ) -> str:
     """The mosquitto configuration fleetune runs and ships (``fleetune fleet provision``).
 
     Retained messages (announcement, adapters, keys) and the queued messages of persistent
-    sessions are saved on every change (``autosave_on_changes`` with an interval of 1), so a
-    broker killed by a signal restarts with what it had acknowledged; the cost is one write of
-    the broker's database per change, small next to a round of tuning (measured: a burst of
-    2,000 ZO updates takes 28% longer than with a save every 10 s). A client's queue holds up to
+    sessions are saved on every change with ``save_every_s = 0`` (``autosave_on_changes``), so a
+    broker killed by a signal restarts with everything it had acknowledged, or every
+    ``save_every_s`` seconds, losing in a broker crash what it acknowledged since its last save.
+    Saving per change writes the broker's whole database (mosquitto 2.0 saves snapshots) once
+    per message, a cost that grows with the fleet (``benchmarks/load.py``, README "Fleet
+    scale"). A client's queue holds up to
     1 GiB: mosquitto's default of 1,000 queued messages silently drops the rest of a burst of
     updates for the server after the broker acknowledged them to the devices
     (``benchmarks/load.py`` lost 8,879 of 10,000). ``message_size_limit``
@@ -158,8 +161,8 @@ def mosquitto_conf(
         f"listener {port} {host}",
         "persistence true",
         f"persistence_location {data_dir}/",
-        "autosave_on_changes true",
-        "autosave_interval 1",
+        f"autosave_on_changes {'false' if save_every_s else 'true'}",
+        f"autosave_interval {save_every_s or 1}",
         "max_queued_messages 1000000",  # a burst of updates for the server must all wait
         "max_queued_bytes 1073741824",  # for it; (0 = no limit makes mosquitto 2.0.11
         # disconnect a 3.1.1 client over message_size_limit instead of dropping the message)
@@ -198,9 +201,10 @@ class MosquittoBroker:
         binary: str | None = None,
         tls: BrokerTls | None = None,
         message_size_limit: int = 0,
+        save_every_s: int = 0,
     ) -> None:
         self.host, self.port, self.tls = host, port or free_port(host), tls
-        self.message_size_limit = message_size_limit
+        self.message_size_limit, self.save_every_s = message_size_limit, save_every_s
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
@@ -214,7 +218,12 @@ class MosquittoBroker:
         root = Path(self._dir.name)
         (root / "data").mkdir()
         conf = mosquitto_conf(
-            self.host, self.port, root / "data", self.tls, self.message_size_limit
+            self.host,
+            self.port,
+            root / "data",
+            self.tls,
+            self.message_size_limit,
+            self.save_every_s,
         )
         if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto unless told otherwise
             conf += "user root\n"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.config import section
 from fleetune.edge_sdk.errors import ConfigError
 from fleetune.edge_sdk.protocol import MAX_COHORT
@@ -58,6 +59,7 @@ class ServerConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_window: int = 0  # adapters on the top K decoder layers only (0: every layer)
     downlink_encoding: str = "f16"  # encoding of the pushed global adapter
     zo_pool_size: int = 4096  # seeds per round that zeroth-order devices draw from (FedKSeed)
     zo_params: str = "lora_b"  # what zeroth-order devices move: lora_b | all
@@ -94,15 +96,7 @@ class ServerConfig:
             )
         if self.workers:
             check_id("worker_group", self.worker_group)
-            if (
-                self.workers < 0
-                or self.strategy != "fedavg"
-                or self.norm_bound
-                or self.clusters
-                or self.basis_k
-                or self.secagg
-                or self.leader_lease_s <= 0
-            ):
+            if self.workers < 0 or not self.summable or self.leader_lease_s <= 0:
                 raise ConfigError(
                     '[server] workers sum updates as they come: they need strategy = "fedavg" '
                     "without norm_bound, clusters, basis_k or secagg, and leader_lease_s > 0"
@@ -158,7 +152,26 @@ class ServerConfig:
         if self.protocol not in ("3.1.1", "5"):
             raise ConfigError(f"[server] protocol must be '3.1.1' or '5', got {self.protocol!r}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        _ = self.spec  # validates the LoRA fields
         self.tls()
+
+    @property
+    def summable(self) -> bool:
+        """Whether a round is a running sum (FedAvg without clipping), folded as updates
+        arrive: nothing needs every update at the end (clusters, a basis, a secure sum)."""
+        return self.strategy == "fedavg" and not (
+            self.norm_bound or self.clusters or self.basis_k or self.secagg
+        )
+
+    @property
+    def spec(self) -> LoraSpec:
+        """The fleet's adapter."""
+        return LoraSpec(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            targets=self.lora_targets,
+            window=self.lora_window,
+        )
 
     @property
     def staleness_allowed(self) -> int:

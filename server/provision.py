@@ -94,6 +94,7 @@ def provision(
     host: str = "127.0.0.1",
     port: int = 8883,
     days: int = 3650,
+    broker_save_every_s: int = 0,
 ) -> Provisioned:
     check_id("fleet", fleet)
     for device in devices:
@@ -113,7 +114,9 @@ def provision(
     broker = root / "broker"
     issue.once(broker, "broker", host, server=True)
     (broker / "acl").write_text(acl(fleet))
-    conf = mosquitto_conf(host, port, broker / "data", broker_tls(root))
+    conf = mosquitto_conf(
+        host, port, broker / "data", broker_tls(root), save_every_s=broker_save_every_s
+    )
     (broker / "mosquitto.conf").write_text(conf)
 
     server = root / "server"

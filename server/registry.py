@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS claims (round INTEGER, device TEXT, worker TEXT,
 CREATE TABLE IF NOT EXISTS leader (name TEXT PRIMARY KEY, holder TEXT,
     expires DOUBLE PRECISION)
 """
+SEEN = (
+    "INSERT INTO devices VALUES (:id, :t, :state) ON CONFLICT (id) DO UPDATE SET "
+    "last_seen = excluded.last_seen, state = excluded.state"
+)
+UPDATE = "INSERT INTO updates VALUES (:r, :device, :t, :nbytes, :n, :ok, :reason)"
+PERPLEXITY = "INSERT INTO perplexities VALUES (:r, :device, :ppl)"
 SCHEMA_LOCK = 0x666C74  # the advisory lock that serializes creating the schema
 FLEET = "*fleet*"  # the privacy row of the whole fleet (device ids cannot contain '*')
 
@@ -90,14 +96,15 @@ class Registry:
             result = conn.execute(text(sql), args)
             return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
 
+    def _exec_many(self, *statements: tuple[str, list[dict]]) -> None:
+        """Each statement over its rows, all in one transaction (a group commit)."""
+        with self._lock, self._engine.begin() as conn:
+            for sql, rows in statements:
+                if rows:
+                    conn.execute(text(sql), rows)
+
     def seen(self, device: str, state: str = "online") -> None:
-        self._exec(
-            "INSERT INTO devices VALUES (:id, :t, :state) ON CONFLICT (id) DO UPDATE SET "
-            "last_seen = excluded.last_seen, state = excluded.state",
-            id=device,
-            t=time.time(),
-            state=state,
-        )
+        self._exec(SEEN, id=device, t=time.time(), state=state)
 
     def log_refused_push(self, device: str, reason: str) -> None:
         """A device reported a push it refused (bad signature, malformed, other base); once per
@@ -164,8 +171,28 @@ class Registry:
 
     def log_perplexity(self, round_: int, device: str, ppl: float) -> None:
         """The held-out perplexity a device reported with its update (after local tuning)."""
-        self._exec(
-            "INSERT INTO perplexities VALUES (:r, :device, :ppl)", r=round_, device=device, ppl=ppl
+        self._exec(PERPLEXITY, r=round_, device=device, ppl=ppl)
+
+    def log_batch(
+        self,
+        round_: int,
+        updates: list[tuple[str, int, int, bool, str]],
+        perplexities: list[tuple[str, float]],
+    ) -> None:
+        """A batch of updates in one transaction: each one's row (device, bytes, examples,
+        accepted, reason), its device seen online, and the perplexities they reported."""
+        now = time.time()
+        rows = [
+            {"r": round_, "device": d, "t": now, "nbytes": b, "n": n, "ok": int(ok), "reason": why}
+            for d, b, n, ok, why in updates
+        ]
+        self._exec_many(
+            (UPDATE, rows),
+            (
+                SEEN,
+                [{"id": d, "t": now, "state": "online"} for d in sorted({u[0] for u in updates})],
+            ),
+            (PERPLEXITY, [{"r": round_, "device": d, "ppl": p} for d, p in perplexities]),
         )
 
     def perplexities(self) -> dict[str, list[tuple[int, float]]]:
@@ -209,7 +236,7 @@ class Registry:
         reason: str = "",
     ) -> None:
         self._exec(
-            "INSERT INTO updates VALUES (:r, :device, :t, :nbytes, :n, :ok, :reason)",
+            UPDATE,
             r=round_,
             device=device,
             t=time.time(),

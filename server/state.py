@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +56,32 @@ class ServerState:
     def _round_dir(self, round_: int) -> Path:
         return self.root / "open-round" / f"r{round_:06d}"
 
-    def save_accepted(self, round_: int, device: str, payload: bytes) -> None:
-        """An accepted update, durable (written and synced) before the round counts it."""
+    def save_accepted(self, round_: int, accepted: list[tuple[str, bytes]]) -> None:
+        """Accepted updates ``(device, payload)``, durable before the round counts them: one
+        file per batch, written and synced once (a group commit), renamed into place."""
         folder = self._round_dir(round_)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / f"{device}.fltn", payload)
+        records = [
+            struct.pack(">H", len(d.encode())) + d.encode() + struct.pack(">I", len(p)) + p
+            for d, p in accepted
+        ]
+        atomic_write(folder / f"b{len(list(folder.glob('*.fltn*'))):06d}.fltns", b"".join(records))
 
     def accepted(self, round_: int) -> list[tuple[str, bytes]]:
-        """The updates a round had accepted before a crash, as (device, payload)."""
-        folder = self._round_dir(round_)
-        return [(p.stem, p.read_bytes()) for p in sorted(folder.glob("*.fltn"))]
+        """The updates a round had accepted before a crash, as (device, payload), in order."""
+        out = []
+        for path in sorted(self._round_dir(round_).glob("*.fltn*")):
+            data, at = path.read_bytes(), 0
+            if path.suffix == ".fltn":  # one update per file (written before group commits)
+                out.append((path.stem, data))
+                continue
+            while at < len(data):
+                (n,) = struct.unpack_from(">H", data, at)
+                device = data[at + 2 : at + 2 + n].decode()
+                (size,) = struct.unpack_from(">I", data, at + 2 + n)
+                at += 6 + n + size
+                out.append((device, data[at - size : at]))
+        return out
 
     def close_round(self, round_: int) -> None:
         shutil.rmtree(self._round_dir(round_), ignore_errors=True)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.errors import AggregationError, FleetuneError, PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -52,7 +51,8 @@ from fleetune.server.metrics import reported_perplexity
 from fleetune.server.registry import Registry
 from fleetune.server.seeds import SeedPools
 from fleetune.server.strategy import Update
-from fleetune.server.strategy.base import Aggregate
+from fleetune.server.strategy.base import Aggregate, Seeds, Tensors
+from fleetune.server.strategy.fedavg import fold, running_weight
 from fleetune.server.validation import check_update
 
 if TYPE_CHECKING:
@@ -85,6 +85,21 @@ class Partial:
             self.seeds[index] = self.seeds.get(index, 0.0) + weight * coef
         self.weight += weight
         self.devices.append(update.device)
+
+    def merge(self, other: Partial) -> None:
+        self.total += other.total
+        for index, coef in other.seeds.items():
+            self.seeds[index] = self.seeds.get(index, 0.0) + coef
+        self.weight += other.weight
+        self.devices += other.devices
+
+    def fold(
+        self, current: Tensors, layout: FlatLayout, replay: Callable[[Seeds, int], Tensors]
+    ) -> Aggregate | None:
+        """The round's FedAvg from this sum (``server/strategy/fedavg.py:fold``)."""
+        return fold(
+            current, layout, self.total, self.weight, self.seeds, lambda s: replay(s, self.round)
+        )
 
     def encode(self, worker: str) -> bytes:
         head = json.dumps(
@@ -132,7 +147,7 @@ class AggregatorWorker:
     ) -> None:
         self.config, self.name = config, check_id("worker", name)
         self.topics = Topics(config.fleet)
-        spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets)
+        spec = config.spec
         self.fleet, self.layout = Fleet(base, spec), FlatLayout(spec, base)
         self.seeds = SeedPools(config.fleet, self.layout, config.zo_pool_size, config.zo_params)
         root = Path(config.state_dir)
@@ -251,8 +266,9 @@ class AggregatorWorker:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / f"{device}.fltn", msg.payload)
         update = discount(update, partial.round, self.config.staleness_exponent, self.seeds.replay)
-        weight = float(min(max(update.num_examples, 0), self.config.max_examples))
-        partial.add(update, weight, self.layout)
+        partial.add(
+            update, running_weight(update.num_examples, self.config.max_examples), self.layout
+        )
         self.registry.log_update(partial.round, device, len(msg.payload), update.num_examples, True)
         if (ppl := reported_perplexity(update.metrics)) is not None:
             self.registry.log_perplexity(partial.round, device, ppl)  # the dashboard's plot
@@ -310,18 +326,7 @@ class Coordinator:
             log.error("round %d: %d of %d workers handed in", round_, len(got), config.workers)
         for partial in got.values():
             result.accepted += partial.devices
-        weight = sum(p.weight for p in got.values())
-        if weight <= 0:
-            return None
-        total = sum((p.total for p in got.values()), np.zeros(server.layout.size))
-        seeds: dict[int, float] = {}
+        merged = Partial(round_, server.layout.size)
         for partial in got.values():
-            for index, coef in partial.seeds.items():
-                seeds[index] = seeds.get(index, 0.0) + coef / weight
-        flat = server.layout.flatten(server.current).astype(np.float64) + total / weight
-        tensors = server.layout.unflatten(flat.astype(np.float32))
-        if seeds:
-            for name, value in server.seeds.replay(seeds, round_).items():
-                tensors[name] = tensors[name] + value
-        only_seeds = not np.any(total)
-        return Aggregate(tensors, seeds if seeds and only_seeds else None)
+            merged.merge(partial)
+        return merged.fold(server.current, server.layout, server.seeds.replay)

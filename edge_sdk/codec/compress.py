@@ -78,7 +78,9 @@ def parse_encoding(name: object) -> Encoding:
 
 # -- value codecs --------------------------------------------------------------------------------
 def _blocks(flat: np.ndarray, size: int) -> np.ndarray:
-    return np.pad(flat, (0, (-flat.size) % size)).reshape(-1, size)
+    if flat.size % size:  # a partial last block, padded with zeros
+        flat = np.pad(flat, (0, size - flat.size % size))
+    return flat.reshape(-1, size)
 
 
 def _quantize(v: np.ndarray, kind: str, rng: np.random.Generator | None) -> tuple:
@@ -133,7 +135,7 @@ def _decode_value(name: str, body: Tensors, codec: str) -> np.ndarray:
     if kind == "q8":
         if scale is None or scale.dtype != np.float32 or scale.shape != (-(-v.size // 64),):
             raise PayloadError(f"tensor {name} lacks a valid q8 scale")
-        if np.abs(v.astype(np.int16)).max(initial=0) > LEVELS["q8"]:
+        if v.min(initial=0) < -LEVELS["q8"]:  # int8 holds -128, never above +127
             raise PayloadError(f"tensor {name} holds int8 values beyond ±127")
         flat = (_blocks(v.reshape(-1).astype(np.float32), 64) * scale[:, None]).reshape(-1)
         return flat[: v.size].reshape(v.shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.errors import AggregationError
 from fleetune.server.strategy.base import (
     Aggregate,
@@ -19,6 +20,38 @@ from fleetune.server.strategy.base import (
     Tensors,
     Update,
 )
+
+# What an update that claims no examples weighs in a running sum: nothing next to any that claims
+# some, and all-zero rounds average equally (FedAvg's rule when every count is zero)
+ZERO_WEIGHT = 1e-9
+
+
+def running_weight(num_examples: int, max_examples: int) -> float:
+    """An update's FedAvg weight in a running sum: its example count, capped."""
+    return float(min(max(num_examples, 0), max_examples)) or ZERO_WEIGHT
+
+
+def fold(
+    current: Tensors,
+    layout: FlatLayout,
+    total: np.ndarray,
+    weight: float,
+    seeds: Seeds,
+    replay: Replay,
+) -> Aggregate | None:
+    """FedAvg from running sums: ``total`` = sum of weight x flat delta (float64), ``seeds`` =
+    sum of weight x coefficient per seed index; the seeds' mean replayed once. ``None`` when
+    nothing was summed."""
+    if weight <= 0:
+        return None
+    flat = layout.flatten(current).astype(np.float64) + total / weight
+    tensors = layout.unflatten(flat.astype(np.float32))
+    mean = {index: coef / weight for index, coef in seeds.items()}
+    if mean:
+        for name, value in replay(mean).items():
+            tensors[name] = tensors[name] + value
+    only_seeds = not np.any(total)
+    return Aggregate(tensors, mean if mean and only_seeds else None)
 
 
 class FedAvg(RobustStrategy):
@@ -39,8 +72,8 @@ class FedAvg(RobustStrategy):
         for weight, update in zip(weights, updates, strict=True):
             share = float(weight) / total
             if update.delta is not None:
-                for name in out:
-                    out[name] += (share * update.delta[name]).astype(out[name].dtype)
+                for name, value in out.items():  # in the adapter's dtype, without temporaries
+                    value += value.dtype.type(share) * update.delta[name]
             for index, coef in (update.seeds or {}).items():
                 seeds[index] = seeds.get(index, 0.0) + share * coef
         if seeds:

@@ -265,6 +265,40 @@ def test_a_round_without_updates_keeps_the_adapter(tmp_path):
     assert result.accepted == [] and result.version == 0
 
 
+def test_updates_that_arrive_together_are_synced_and_recorded_together(tmp_path):
+    # Prepare: updates, a duplicate and junk already waiting when the round opens
+    broker = MemoryBroker()
+    server = _server(tmp_path, broker, quorum=3)
+    syncs, save = [], server.state.save_accepted
+    server.state.save_accepted = lambda r, items: (
+        syncs.append([d for d, _ in items]),
+        save(r, items),
+    )
+    inbox, topics = server.transport.inner, Topics("t")
+    for device, payload in [
+        ("d1", _update("d1", 1.0)),
+        ("d2", _update("d2", 2.0)),
+        ("junk", b"junk"),
+        ("d1", _update("d1", 5.0)),
+        ("d3", _update("d3", 3.0)),
+        ("d4", _update("d4", 4.0)),  # past the quorum: left for the next round
+    ]:
+        inbox.deliver(Message(topics.update(device), payload))
+    # Execute
+    (result,) = server.run()
+    rows = server.registry._exec("SELECT device, accepted FROM updates")
+    seen = set(server.registry.devices())
+    server.close()
+    # Assert: one synced file for the three; every row and device recorded; d4 not taken
+    assert syncs == [["d1", "d2", "d3"]]
+    assert result.accepted == ["d1", "d2", "d3"]
+    assert [who for who, _ in result.rejected] == ["junk", "d1"]
+    assert sorted(rows) == [("d1", 0), ("d1", 1), ("d2", 1), ("d3", 1), ("junk", 0)]
+    assert {"d1", "d2", "d3"} <= seen and "d4" not in seen
+    for name, value in init_lora(SPEC, tiny_manifest()).items():  # the mean of 1, 2 and 3
+        np.testing.assert_allclose(server.current[name], value + 2.0, rtol=1e-6)
+
+
 def test_server_resumes_from_its_registry(tmp_path):
     broker = MemoryBroker()
     server = _server(tmp_path, broker, quorum=1)
@@ -506,11 +540,11 @@ def test_seed_updates_out_of_bounds_or_from_another_z_version_are_refused(tmp_pa
     # Prepare
     server = _server(tmp_path, MemoryBroker(), zo_pool_size=8)
     pool = server.pool(1)
-    ok = {"pool_seed": pool.pool_seed, "params": "lora_b", "z_version": 1}
+    ok = {"pool_seed": pool.pool_seed, "params": "lora_b", "z_version": 2}
     cases = {
         "a seed coefficient exceeds": ([1, 2], [0.01, 5.0], ok),
         "outside the pool of 8": ([8], [0.01], ok),
-        "z version 2": ([1], [0.01], {**ok, "z_version": 2}),
+        "z version 1": ([1], [0.01], {**ok, "z_version": 1}),
         "seeds move 'all'": ([1], [0.01], {**ok, "params": "all"}),
     }
     topic = Topics("t").update("d1")
@@ -567,8 +601,8 @@ def test_every_message_is_acknowledged_and_an_update_only_once_it_is_on_disk(tmp
     acks: list[tuple[str, bool]] = []
 
     def ack(msg):
-        saved = tmp_path / "srv" / "open-round" / "r000001" / f"{msg.topic.split('/')[-1]}.fltn"
-        acks.append((msg.topic, saved.exists()))
+        saved = [device for device, _ in server.state.accepted(1)]
+        acks.append((msg.topic, "/update/" in msg.topic and msg.topic.split("/")[-1] in saved))
 
     server.transport.ack = ack
     device = broker.client("d")
@@ -587,6 +621,50 @@ def test_every_message_is_acknowledged_and_an_update_only_once_it_is_on_disk(tmp
         (Topics("t").status("d1"), False),
         (Topics("t").update("d1"), True),
     ]
+
+
+@pytest.mark.parametrize("tuner", ["window", "zo"])
+def test_window_devices_tune_the_top_layers_in_a_round(tmp_path, tiny_base4, tuner):
+    """Backprop through a 2-layer window and ZO forwards from the cached prefix, each in a
+    real round: the server aggregates an adapter of the top two layers only."""
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+
+    broker = MemoryBroker()
+    config = ServerConfig(
+        fleet="t",
+        lora_r=2,
+        lora_window=2,
+        rounds=2,
+        quorum=1,
+        round_timeout_s=60,
+        state_dir=str(tmp_path / "srv"),
+    )
+    server = FleetServer(config, tiny_base4, transport=broker.client("server"))
+    cycle = np.tile(np.arange(16), 40)
+    data = ClientData("c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16))
+    tuning = TuningConfig(
+        tuner=tuner, steps=30, lr=5e-2, zo_lr=0.5, zo_eps=1e-2, lora_r=2, lora_window=2
+    )
+    client_cfg = FleetuneConfig(
+        device=DeviceConfig(id="d1", state_dir=str(tmp_path / "dev")),
+        tuning=tuning,
+        sync=SyncConfig(fleet="t", round_wait_s=60, fleet_key=server.signer.public_hex),
+    )
+    thread, out = _run_in_thread(server)
+    # Execute
+    with EdgeClient(client_cfg, base=tiny_base4, transport=broker.client("d1")) as client:
+        report = client.run(ClientText("c", ""), data=data)
+        cached = client.tuner._prefix
+    thread.join(60)
+    server.close()
+    # Assert: two rounds taken; only layers 2 and 3 adapted; the device improved on held-out text
+    assert [r.accepted for r in out["results"]] == [["d1"], ["d1"]]
+    assert all(".layers.2." in n or ".layers.3." in n for n in server.current)
+    train, cache = cached  # built once, over the training windows (validation held back)
+    assert cache.hidden.shape == (len(train), 16, 32) and len(train) < len(data.train)
+    assert report.ppl_final < report.ppl_base
 
 
 def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, caplog):

@@ -19,3 +19,12 @@ def test_mosquitto_that_fails_to_start_is_reported_with_its_log(tmp_path):
     # Assert
     assert "exited with code 3" in str(raised.value)
     assert "Error: Address already in use" in str(raised.value)
+
+
+def test_the_broker_saves_on_every_change_unless_told_to_save_every_n_seconds(tmp_path):
+    from fleetune.server.broker import mosquitto_conf
+
+    safe = mosquitto_conf("127.0.0.1", 1883, tmp_path).splitlines()
+    timed = mosquitto_conf("127.0.0.1", 1883, tmp_path, save_every_s=5).splitlines()
+    assert "autosave_on_changes true" in safe and "autosave_interval 1" in safe
+    assert "autosave_on_changes false" in timed and "autosave_interval 5" in timed
