@@ -58,7 +58,9 @@ class EdgeClient:
         self.device = config.device.id
         self.topics = Topics(config.sync.fleet)
         t = config.tuning
-        self.spec = LoraSpec(r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets)
+        self.spec = LoraSpec(
+            r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets, window=t.lora_window
+        )
         self._base = base
         self._bundle = bundle
         self._transport = self._chunked(transport) if transport is not None else None

@@ -28,7 +28,7 @@ PRECISIONS = {
     "onnx": ("", "fp32", "int8"),
     "llamacpp": ("", "q8_0", "q4_0", "q4_1", "f16"),
 }
-TUNERS = ("backprop", "zo", "mix")
+TUNERS = ("backprop", "zo", "mix", "window")
 BACKPROP_PARAMS = ("all", "lora_b")
 ZO_PARAMS = ("lora_b", "all")
 STARTS = ("served", "global")
@@ -74,6 +74,7 @@ class TuningConfig:
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # adapted projections
+    lora_window: int = 0  # adapt only the top K decoder layers (0: all; tuners/window.py)
     seed: int = 0  # batch sampling seed (mixed with device id and round)
     start: str = "served"  # each round tunes from: served (what the canary serves) | global
     share: str = "all"  # what a dense update sends: all | lora_a (shared A, B stays: FedSA-LoRA)
@@ -111,6 +112,11 @@ class TuningConfig:
             raise ConfigError(
                 '[tuning] share = "lora_a" (FedSA-LoRA) needs tuner = "backprop" moving A and B '
                 '(backprop_params = "all") and start = "served": B is the device\'s own'
+            )
+        if self.lora_window < 0 or (self.tuner == "window" and self.lora_window == 0):
+            raise ConfigError(
+                '[tuning] lora_window must be >= 0, and tuner = "window" (backprop through '
+                f"the top layers) needs lora_window = K > 0; got {self.lora_window}"
             )
         if self.zo_params not in ZO_PARAMS:
             raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")

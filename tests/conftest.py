@@ -30,26 +30,38 @@ def tiny_manifest(hf_dir: str = "", layers: int = 2) -> BaseManifest:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> BaseManifest:
-    """A 2-layer random llama saved as a HF checkpoint (no tokenizer: tests feed token ids)."""
+def _tiny_llama(tmp_path_factory, layers: int, seed: int) -> BaseManifest:
+    """A random llama of ``layers`` layers saved as a HF checkpoint (no tokenizer: tests feed
+    token ids)."""
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(seed)
+    path = tmp_path_factory.mktemp(f"tiny-llama-{layers}")
     config = LlamaConfig(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=128,
     )
     LlamaForCausalLM(config).save_pretrained(path)
-    return tiny_manifest(str(path))
+    return tiny_manifest(str(path), layers=layers)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> BaseManifest:
+    """A 2-layer random llama."""
+    return _tiny_llama(tmp_path_factory, 2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base4(tmp_path_factory) -> BaseManifest:
+    """A 4-layer random llama (layer windows)."""
+    return _tiny_llama(tmp_path_factory, 4, seed=1)
 
 
 @pytest.fixture(scope="session")

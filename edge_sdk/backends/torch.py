@@ -40,6 +40,7 @@ class TorchBackend:
             r=spec.r,
             lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r
             target_modules=list(spec.targets),
+            layers_to_transform=list(spec.layers(base)) if spec.window else None,
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
@@ -97,6 +98,61 @@ class TorchBackend:
         for name, value in self.layout.unflatten(flat).items():
             self._params[name].copy_(torch.from_numpy(value))
         return self.loss(input_ids)
+
+    # -- a layer window over cached prefix states (tuners/window.py) ----------------------------
+    @property
+    def _causal(self) -> Any:
+        """The causal LM inside PEFT's wrapper (``.model``: the decoder, ``.lm_head``)."""
+        return getattr(self.model, "base_model").model  # noqa: B009  # untyped for mypy
+
+    def _run_layers(self, hidden: torch.Tensor, layers: range) -> torch.Tensor:
+        """``hidden`` through decoder ``layers`` as the model runs them (causal, rotary)."""
+        from transformers.masking_utils import create_causal_mask
+
+        inner = self._causal.model
+        steps = torch.arange(hidden.shape[1])
+        positions = steps.unsqueeze(0)
+        mask = create_causal_mask(
+            config=inner.config,
+            input_embeds=hidden,
+            attention_mask=None,
+            cache_position=steps,
+            past_key_values=None,
+            position_ids=positions,
+        )
+        rotary = inner.rotary_emb(hidden, positions)
+        for i in layers:
+            hidden = inner.layers[i](
+                hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary
+            )
+        return hidden
+
+    @torch.no_grad()
+    def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray:
+        """The hidden states entering decoder layer ``start`` (float32 [batch, tokens, hidden]):
+        what a window tuner caches, since the layers below it never change."""
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        hidden = self._causal.model.embed_tokens(ids)
+        return self._run_layers(hidden, range(start)).numpy()
+
+    def window_loss_tensor(self, hidden: np.ndarray, input_ids: np.ndarray) -> torch.Tensor:
+        """The loss from cached states entering the adapter's window: its layers, the final
+        norm and the head (the full model's loss for the same tokens and adapter)."""
+        causal = self._causal
+        layers = self.spec.layers(self.base)
+        out = self._run_layers(torch.from_numpy(np.ascontiguousarray(hidden)), layers)
+        logits = causal.lm_head(causal.model.norm(out))
+        labels = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        return causal.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+
+    @torch.no_grad()
+    def window_loss_flat(
+        self, hidden: np.ndarray, input_ids: np.ndarray, flat: np.ndarray
+    ) -> float:
+        """:meth:`window_loss_tensor` with the adapter vector ``flat`` (a ZO step's forward)."""
+        for name, value in self.layout.unflatten(flat).items():
+            self._params[name].copy_(torch.from_numpy(value))
+        return float(self.window_loss_tensor(hidden, input_ids))
 
     def close(self) -> None:
         del self.model, self._params

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from fleetune.edge_sdk.config import TuningConfig
     from fleetune.edge_sdk.data import ClientData
     from fleetune.edge_sdk.protocol import Basis, SeedPool, SeedRun
+    from fleetune.edge_sdk.tuners.window import PrefixCache
 
 Tensors = dict[str, np.ndarray]
 Progress = Callable[[int, float], None]
@@ -59,6 +60,19 @@ class LocalTuner(ABC):
 
     def __init__(self, config: TuningConfig, layout: FlatLayout) -> None:
         self.config, self.layout = config, layout
+        self._prefix: tuple[np.ndarray, PrefixCache] | None = None
+
+    def prefix_cache(self, backend: Backend, train: np.ndarray) -> PrefixCache | None:
+        """The states entering the adapter's layer window for every training window, computed
+        once per dataset and kept across rounds (the layers below never change); ``None`` for
+        a full-depth adapter or an engine without windows (it runs whole forwards)."""
+        if not self.layout.spec.window or not hasattr(backend, "window_loss_flat"):
+            return None
+        if self._prefix is None or self._prefix[0] is not train:
+            from fleetune.edge_sdk.tuners.window import build_cache
+
+            self._prefix = (train, build_cache(backend, train))  # type: ignore[arg-type]
+        return self._prefix[1]
 
     @abstractmethod
     def tune(
@@ -73,15 +87,22 @@ class LocalTuner(ABC):
 
     def batches(self, train: np.ndarray, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
         """``steps`` batches of distinct training windows."""
-        size = min(self.config.batch_size, len(train))
-        return [train[rng.choice(len(train), size=size, replace=False)] for _ in range(steps)]
+        return [train[pick] for pick in self.picks(len(train), steps, rng)]
+
+    def picks(self, rows: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """The rows of :meth:`batches`' batches."""
+        size = min(self.config.batch_size, rows)
+        return [rng.choice(rows, size=size, replace=False) for _ in range(steps)]
 
 
 def make_tuner(config: TuningConfig, layout: FlatLayout) -> LocalTuner:
     """The tuner ``config.tuner`` names."""
     from fleetune.edge_sdk.tuners.backprop import BackpropTuner
     from fleetune.edge_sdk.tuners.mix import MixTuner
+    from fleetune.edge_sdk.tuners.window import WindowTuner
     from fleetune.edge_sdk.tuners.zo import ZOTuner
 
-    tuners: dict[str, type[LocalTuner]] = {t.name: t for t in (BackpropTuner, ZOTuner, MixTuner)}
+    tuners: dict[str, type[LocalTuner]] = {
+        t.name: t for t in (BackpropTuner, ZOTuner, MixTuner, WindowTuner)
+    }
     return tuners[config.tuner](config, layout)

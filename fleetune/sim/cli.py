@@ -27,7 +27,11 @@ def _demo(args: argparse.Namespace) -> int:
         mix_steps=args.mix_steps,
         basis_k=args.basis_k,
         clusters=args.clusters,
-        tuning=TuningConfig(start=args.start, share=args.share),
+        tuning=TuningConfig(
+            start=args.start,
+            share=args.share,
+            lora_window=args.window or (4 if args.tuner == "window" else 0),
+        ),
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
@@ -76,9 +80,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--tuner",
         default="backprop",
-        choices=("backprop", "zo", "mix"),
+        choices=("backprop", "zo", "mix", "window"),
         help="zo: forward-only steps, seed-only uploads; mix: --devices clients build a basis "
-        "of adapters, --mix-devices unseen clients personalize from it on --backend",
+        "of adapters, --mix-devices unseen clients personalize from it on --backend; window: "
+        "backprop through the top --window layers from cached prefix states (torch)",
+    )
+    demo.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="LoRA on the top K layers only (0: all; 4 with --tuner window); with --tuner zo on "
+        "torch, forwards start from cached prefix states",
     )
     demo.add_argument("--mix-devices", type=int, default=2, help="mix: unseen clients")
     demo.add_argument("--mix-steps", type=int, default=50, help="mix: search steps at most")

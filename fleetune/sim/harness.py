@@ -254,6 +254,7 @@ def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
         lora_r=tuning.lora_r,
         lora_alpha=tuning.lora_alpha,
         lora_targets=tuning.lora_targets,
+        lora_window=tuning.lora_window,
         state_dir=str(root / "server"),
         basis_k=mix.basis_k if mix else 0,
         mix_quorum=mix.devices if mix else 0,

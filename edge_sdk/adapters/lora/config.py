@@ -16,8 +16,11 @@ class LoraSpec:
     alpha: float = 16.0  # scale is alpha / r
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # decoder-layer projections to adapt
     init_seed: int = 0  # seed of the shared initial A matrices (B starts at zero)
+    window: int = 0  # adapt only the top `window` decoder layers (0: every layer)
 
     def __post_init__(self) -> None:
+        if self.window < 0:
+            raise ConfigError(f"lora window must be >= 0 (0: every layer), got {self.window}")
         if not 1 <= self.r <= 256:
             raise ConfigError(f"lora r must be in 1..256, got {self.r}")
         if self.alpha <= 0:
@@ -31,13 +34,22 @@ class LoraSpec:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "kind": "lora",
             "r": self.r,
             "alpha": self.alpha,
             "targets": list(self.targets),
             "init_seed": self.init_seed,
         }
+        return {**out, "window": self.window} if self.window else out
+
+    def layers(self, base: BaseManifest) -> range:
+        """The decoder layers this adapter adapts."""
+        if self.window > base.num_layers:
+            raise ConfigError(
+                f"lora window {self.window} exceeds the {base.num_layers} layers of {base.name}"
+            )
+        return range(base.num_layers - self.window if self.window else 0, base.num_layers)
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraSpec:
@@ -49,15 +61,16 @@ class LoraSpec:
                 alpha=float(data["alpha"]),
                 targets=tuple(str(t) for t in data["targets"]),
                 init_seed=int(data.get("init_seed", 0)),
+                window=int(data.get("window", 0)),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise PayloadError(f"bad LoRA spec {data!r:.200}: {err}") from err
 
     def layout(self, base: BaseManifest) -> list[tuple[str, tuple[int, ...]]]:
         """Parameter names (PEFT's safetensors keys) and shapes, in the fixed, versioned order:
-        layer by layer, target by target, A then B."""
+        layer by layer (the window's only), target by target, A then B."""
         out: list[tuple[str, tuple[int, ...]]] = []
-        for layer in range(base.num_layers):
+        for layer in self.layers(base):
             for module in self.targets:
                 fan_in, fan_out = base.linear_shape(module)
                 group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,19 @@ Tensors = dict[str, np.ndarray]
 def init_lora(spec: LoraSpec, base: BaseManifest) -> Tensors:
     """A fresh adapter: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from ``spec.init_seed`` (PEFT's
     kaiming-uniform bound), B = 0, so the adapted model starts equal to the base. Every device and
-    the server derive the same A from the seed."""
+    the server derive the same A from the seed, and a window adapter holds the same A as the
+    full-depth one on its layers (drawn in the full layout's order, then kept)."""
     rng = np.random.Generator(np.random.PCG64(spec.init_seed))
+    keep = dict(spec.layout(base))
     tensors: Tensors = {}
-    for name, shape in spec.layout(base):
+    for name, shape in replace(spec, window=0).layout(base):
         if name.endswith("lora_A.weight"):
             bound = 1.0 / np.sqrt(shape[1])
-            tensors[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            value = rng.uniform(-bound, bound, size=shape).astype(np.float32)
         else:
-            tensors[name] = np.zeros(shape, dtype=np.float32)
+            value = np.zeros(shape, dtype=np.float32)
+        if name in keep:
+            tensors[name] = value
     return tensors
 
 
@@ -62,6 +67,7 @@ def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: Bas
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "target_modules": list(spec.targets),
+        "layers_to_transform": list(spec.layers(base)) if spec.window else None,
         "lora_dropout": 0.0,
         "bias": "none",
         "base_model_name_or_path": base.hf_dir or base.name,
@@ -80,6 +86,20 @@ def save_peft(directory: str | Path, tensors: Tensors, spec: LoraSpec, base: Bas
         metadata=meta,
     )
     return directory
+
+
+def _window(layers: object, base: BaseManifest) -> int:
+    """A window from PEFT's ``layers_to_transform``: none, or the top layers in order."""
+    if layers is None:
+        return 0
+    if isinstance(layers, int):
+        layers = [layers]
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"layers_to_transform {layers!r} is not a list of layers")
+    window = len(layers)
+    if layers != list(range(base.num_layers - window, base.num_layers)):
+        raise ValueError(f"layers_to_transform {layers} are not the top layers of {base.name}")
+    return window
 
 
 def load_peft(directory: str | Path, base: BaseManifest) -> tuple[Tensors, LoraSpec]:
@@ -105,6 +125,7 @@ def load_peft(directory: str | Path, base: BaseManifest) -> tuple[Tensors, LoraS
             alpha=float(config["lora_alpha"]),
             targets=tuple(config["target_modules"]),
             init_seed=int(meta.get("fleetune_init_seed", 0)),
+            window=_window(config.get("layers_to_transform"), base),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PayloadError(

@@ -1,0 +1,127 @@
+"""Layer-window adapters on a random 4-layer llama: the window's loss from cached prefix states
+is the full model's loss, gradients reach only the window, and a window adapter is a PEFT
+adapter of the top layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora, load_peft, save_peft
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.tuners.window import build_cache, window_backprop, window_zo
+from fleetune.edge_sdk.tuners.zo import ZOConfig
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def four_layers(tiny_base4):
+    return tiny_base4
+
+
+def _adapter(spec, base, seed=0):
+    """An adapter with every B non-zero, so the window changes the loss."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: v + rng.normal(0, 0.05, v.shape).astype(np.float32)
+        for k, v in init_lora(spec, base).items()
+    }
+
+
+def test_a_window_adapts_only_the_top_layers_and_keeps_the_full_adapters_a(four_layers):
+    full, window = LoraSpec(r=2), LoraSpec(r=2, window=2)
+    names = [n for n, _ in window.layout(four_layers)]
+    assert all(".layers.2." in n or ".layers.3." in n for n in names) and len(names) == 8
+    a_full, a_window = init_lora(full, four_layers), init_lora(window, four_layers)
+    for name, value in a_window.items():  # the same A as the full-depth adapter's layers
+        np.testing.assert_array_equal(value, a_full[name])
+    with pytest.raises(ConfigError, match="window 5 exceeds the 4 layers"):
+        LoraSpec(window=5).layout(four_layers)
+    assert LoraSpec.from_dict(window.to_dict()) == window and "window" not in full.to_dict()
+
+
+def test_the_window_loss_from_cached_states_is_the_full_models_loss(four_layers, tmp_path):
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+
+    # Prepare: the same adapter on a full-depth engine (B zero below the window) and a window one
+    spec = LoraSpec(r=2, window=2)
+    tensors = _adapter(spec, four_layers)
+    full_spec = LoraSpec(r=2)
+    full_tensors = {**init_lora(full_spec, four_layers), **tensors}
+    ids = np.random.default_rng(0).integers(0, 128, size=(6, 16))
+    window, full = TorchBackend(four_layers, spec), TorchBackend(four_layers, full_spec)
+    window.set_adapter(tensors)
+    full.set_adapter(full_tensors)
+    # Execute: the cache in RAM and on disk
+    ram = build_cache(window, ids, batch=4)
+    disk = build_cache(window, ids, path=tmp_path / "cache.npy", batch=4)
+    # Assert: same loss (float32 tolerance), same cache either way, its size stated
+    expected = full.loss(ids)
+    got = float(window.window_loss_tensor(ram.hidden, ids).detach())
+    assert got == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(disk.hidden), ram.hidden)
+    assert ram.nbytes == 6 * 16 * 32 * 4 and disk.where.endswith("cache.npy")
+
+
+def test_gradients_reach_only_the_window_and_tuning_lowers_the_loss(four_layers):
+    import torch
+
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+
+    spec = LoraSpec(r=2, window=1)
+    backend = TorchBackend(four_layers, spec)
+    backend.set_adapter(_adapter(spec, four_layers))
+    cycle = np.tile(np.arange(16), 40)[:512].reshape(-1, 16)
+    cache = build_cache(backend, cycle)
+    params = backend.trainable("all")
+    loss = backend.window_loss_tensor(cache.hidden[:4], cache.ids[:4])
+    loss.backward()
+    # Assert: LoRA weights get gradients, nothing else in the model does (it is all frozen)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
+    others = [p for p in backend.model.parameters() if all(p is not q for q in params)]
+    assert others and all(p.grad is None for p in others)
+    before = float(loss.detach())
+    backend.model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    metrics = window_backprop(backend, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
+    after = float(backend.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    assert metrics["steps"] == 30 and after < 0.95 * before
+
+
+def test_zo_in_the_window_moves_only_the_window_and_replays(four_layers):
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.tuners.zo import replay
+
+    spec = LoraSpec(r=2, window=2)
+    backend = TorchBackend(four_layers, spec)
+    start = _adapter(spec, four_layers)
+    cache = build_cache(backend, np.tile(np.arange(16), 40)[:256].reshape(-1, 16))
+    theta = backend.layout.flatten(start)
+    tuned = backend.layout.indices("lora_b")
+    before = theta.copy()
+    pairs, metrics = window_zo(
+        backend, cache, theta, tuned, 20, ZOConfig(lr=1e-2, pool_seed=3), np.random.default_rng(0)
+    )
+    assert metrics["forward_passes"] == 40 and theta.size == backend.layout.size
+    untouched = np.setdiff1d(np.arange(theta.size), tuned)
+    np.testing.assert_array_equal(theta[untouched], before[untouched])
+    np.testing.assert_allclose(
+        theta[tuned] - before[tuned], replay(pairs, 3, tuned.size), atol=1e-5
+    )
+
+
+def test_a_window_adapter_is_a_peft_adapter_of_the_top_layers(four_layers, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    spec = LoraSpec(r=2, window=2)
+    tensors = _adapter(spec, four_layers)
+    folder = save_peft(tmp_path / "a", tensors, spec, four_layers)
+    again, spec_again = load_peft(folder, four_layers)
+    assert spec_again == spec and set(again) == set(tensors)
+    model = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(four_layers.hf_dir), folder
+    )
+    adapted = {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted and all(".layers.2." in n or ".layers.3." in n for n in adapted)
