@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -79,8 +80,10 @@ class Partial:
         self.total = np.zeros(self.size, dtype=np.float64)
 
     def add(self, update: Update, weight: float, layout: FlatLayout) -> None:
-        if update.delta is not None:
-            self.total += weight * layout.flatten(update.delta).astype(np.float64)
+        if update.delta is not None:  # tensor by tensor into the sum: no flat temporaries
+            for name, shape, offset in layout.entries:
+                part = self.total[offset : offset + math.prod(shape)]
+                part += weight * update.delta[name].reshape(-1)
         for index, coef in (update.seeds or {}).items():
             self.seeds[index] = self.seeds.get(index, 0.0) + weight * coef
         self.weight += weight
