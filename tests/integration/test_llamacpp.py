@@ -226,3 +226,46 @@ def test_packaged_q4_1_base_is_used_as_is_and_runs(smollm2, ggufs, batch):
     # Assert: the packaged file itself, as good as q8_0 (held-out ppl 127.0 vs 126.5)
     assert str(path) == smollm2.source
     assert abs(q4_loss - q8_loss) < Q8_LOSS_TOL
+
+
+def test_a_window_adapter_loads_in_stock_llama_cpp_and_matches_torch(
+    smollm2, ggufs, adapter, batch, tmp_path
+):
+    """LoRA on the top 4 layers only: the GGUF holds those layers' tensors, stock llama.cpp
+    applies them, and its logits match torch + PEFT with the same window adapter."""
+    import llama_cpp
+    import torch
+
+    from fleetune.edge_sdk.adapters.lora.gguf import write_lora_gguf
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+
+    # Prepare: the window's part of the shared test adapter
+    spec = LoraSpec(window=4)
+    window = {name: adapter[name] for name, _ in spec.layout(smollm2)}
+    path = write_lora_gguf(window, spec, smollm2, tmp_path / "window.gguf")
+    reference = TorchBackend(smollm2, spec, threads=1)
+    reference.set_adapter(window)
+    with torch.no_grad():
+        ref = reference.model(input_ids=torch.from_numpy(batch[:1])).logits[0].numpy()
+        with reference.model.disable_adapter():
+            base = reference.model(input_ids=torch.from_numpy(batch[:1])).logits[0].numpy()
+    # Execute
+    llm = llama_cpp.Llama(
+        model_path=str(ggufs["f16"]),
+        lora_path=str(path),
+        n_ctx=128,
+        n_threads=1,
+        n_threads_batch=1,
+        logits_all=True,
+        flash_attn=True,
+        verbose=False,
+    )
+    try:
+        llm.eval(batch[0].tolist())
+        stock = np.array(llm.scores[: batch.shape[1]])
+    finally:
+        llm.close()
+    # Assert: A and B of q and v on 4 layers; the same logits as torch with the window
+    assert len(window) == 16
+    assert np.abs(stock - ref).max() < F16_LOGIT_TOL
+    assert np.abs(ref - base).max() > 0.1  # the window adapter is live

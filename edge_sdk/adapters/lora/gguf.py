@@ -33,7 +33,8 @@ def lora_gguf_tensors(
     tensors: Tensors, spec: LoraSpec, base: BaseManifest, layers: range | None = None
 ) -> Tensors:
     """PEFT-named LoRA tensors → llama.cpp names (``blk.{i}.attn_q.weight.lora_a``), float32,
-    for all layers or only ``layers`` (llama.cpp leaves the others unadapted).
+    for the adapter's layers (its window, if it has one) or only ``layers`` (llama.cpp
+    leaves the others unadapted).
 
     Shapes stay as PEFT's (numpy order is GGUF's reversed: lora_a [r, in] is ne = {in, r}). The
     rows of q/k's B are permuted the way ``convert_hf_to_gguf.py`` permutes q/k weights for RoPE.
@@ -41,7 +42,7 @@ def lora_gguf_tensors(
     if base.architecture != "llama":
         raise ConfigError(f"GGUF LoRA export supports llama bases, not {base.architecture!r}")
     out: Tensors = {}
-    for layer in range(base.num_layers) if layers is None else layers:
+    for layer in spec.layers(base) if layers is None else layers:
         for module in spec.targets:
             gguf_name, heads_field = GGUF_MODULES[module]
             group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
