@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -29,10 +29,12 @@ def tune_backprop(
     progress: Callable[[int, float], None] | None = None,
     params: str = "all",
     seconds: float | None = None,
+    loss_of: Callable[[np.ndarray], Any] | None = None,
 ) -> dict:
     """``steps`` AdamW steps on batches drawn from ``train`` windows (fewer if ``seconds`` of
     wall-clock run out first); returns metrics. ``params="lora_b"`` keeps A at the fleet's
-    shared init, so the adapters of such devices mix exactly (``edge_sdk.tuners.mix``)."""
+    shared init, so the adapters of such devices mix exactly (``edge_sdk.tuners.mix``).
+    ``loss_of(rows)`` is a batch's loss tensor (default: the engine's, on ``train[rows]``)."""
     import torch
 
     rng = np.random.default_rng(seed)
@@ -44,8 +46,8 @@ def tune_backprop(
         for step in range(steps):
             if seconds is not None and time.monotonic() - start >= seconds:
                 break
-            batch = train[rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
-            loss = backend.loss_tensor(batch)
+            rows = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
+            loss = loss_of(rows) if loss_of is not None else backend.loss_tensor(train[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

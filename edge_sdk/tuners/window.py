@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.tuners.backprop import tune_backprop
 from fleetune.edge_sdk.tuners.base import Job, LocalTuner, Progress, Tensors, Tuned
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 
@@ -109,28 +110,18 @@ def window_backprop(
 ) -> dict:
     """AdamW on the window's LoRA weights (``params``: all, or lora_b), gradients through the
     window only (``steps``, or fewer when ``seconds`` of wall-clock run out)."""
-    import torch
-
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(backend.trainable(params), lr=lr, weight_decay=0.0)
-    losses: list[float] = []
-    began = time.monotonic()
-    for step in range(steps):
-        if seconds is not None and time.monotonic() - began >= seconds:
-            break
-        pick = np.sort(rng.choice(len(cache.ids), min(batch_size, len(cache.ids)), replace=False))
-        loss = backend.window_loss_tensor(cache.hidden[pick], cache.ids[pick])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step + 1, losses[-1])
-    return {
-        "steps": len(losses),
-        "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
-        "seconds": time.monotonic() - began,
-    }
+    return tune_backprop(
+        backend,
+        cache.ids,
+        steps,
+        lr,
+        batch_size,
+        seed,
+        progress,
+        params,
+        seconds,
+        loss_of=lambda rows: backend.window_loss_tensor(cache.hidden[rows], cache.ids[rows]),
+    )
 
 
 class WindowTuner(LocalTuner):

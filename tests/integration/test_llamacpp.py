@@ -38,6 +38,27 @@ def batch(f16):
     return np.asarray(f16.tokenize(text)[: 4 * 64], dtype=np.int64).reshape(4, 64)
 
 
+def _stock_scores(model, lora, tokens) -> np.ndarray:
+    """Every position's logits from stock llama.cpp (llama-cpp-python) with a GGUF LoRA."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(model),
+        lora_path=str(lora),
+        n_ctx=128,
+        n_threads=1,
+        n_threads_batch=1,
+        logits_all=True,
+        flash_attn=True,  # what our context's "auto" picks on the CPU
+        verbose=False,
+    )
+    try:
+        llm.eval(tokens.tolist())
+        return np.array(llm.scores[: len(tokens)])
+    finally:
+        llm.close()
+
+
 def test_llamacpp_loss_and_logits_match_torch_peft(smollm2, ggufs, f16, adapter, batch):
     import torch
 
@@ -66,7 +87,6 @@ def test_llamacpp_loss_and_logits_match_torch_peft(smollm2, ggufs, f16, adapter,
 
 
 def test_written_adapter_loads_in_stock_llama_cpp(smollm2, ggufs, f16, adapter, batch, tmp_path):
-    import llama_cpp
 
     from fleetune.edge_sdk.adapters.lora.gguf import write_lora_gguf
 
@@ -77,21 +97,7 @@ def test_written_adapter_loads_in_stock_llama_cpp(smollm2, ggufs, f16, adapter, 
     f16.set_adapter(adapter)
     ours = f16.logits(batch[0])
     # Execute
-    llm = llama_cpp.Llama(
-        model_path=str(ggufs["f16"]),
-        lora_path=str(path),
-        n_ctx=128,
-        n_threads=1,
-        n_threads_batch=1,
-        logits_all=True,
-        flash_attn=True,  # what our context's "auto" picks on the CPU
-        verbose=False,
-    )
-    try:
-        llm.eval(batch[0].tolist())
-        stock = np.array(llm.scores[: batch.shape[1]])
-    finally:
-        llm.close()
+    stock = _stock_scores(ggufs["f16"], path, batch[0])
     # Assert
     assert stock.shape == ours.shape
     assert np.abs(stock - ours).max() < 1e-3
@@ -233,7 +239,6 @@ def test_a_window_adapter_loads_in_stock_llama_cpp_and_matches_torch(
 ):
     """LoRA on the top 4 layers only: the GGUF holds those layers' tensors, stock llama.cpp
     applies them, and its logits match torch + PEFT with the same window adapter."""
-    import llama_cpp
     import torch
 
     from fleetune.edge_sdk.adapters.lora.gguf import write_lora_gguf
@@ -250,21 +255,7 @@ def test_a_window_adapter_loads_in_stock_llama_cpp_and_matches_torch(
         with reference.model.disable_adapter():
             base = reference.model(input_ids=torch.from_numpy(batch[:1])).logits[0].numpy()
     # Execute
-    llm = llama_cpp.Llama(
-        model_path=str(ggufs["f16"]),
-        lora_path=str(path),
-        n_ctx=128,
-        n_threads=1,
-        n_threads_batch=1,
-        logits_all=True,
-        flash_attn=True,
-        verbose=False,
-    )
-    try:
-        llm.eval(batch[0].tolist())
-        stock = np.array(llm.scores[: batch.shape[1]])
-    finally:
-        llm.close()
+    stock = _stock_scores(ggufs["f16"], path, batch[0])
     # Assert: A and B of q and v on 4 layers; the same logits as torch with the window
     assert len(window) == 16
     assert np.abs(stock - ref).max() < F16_LOGIT_TOL
