@@ -337,11 +337,10 @@ class FleetServer:
             if merged is not None:
                 self._aggregate(round_, [], merged)
             return self._close_round(round_, result, start)
-        updates = self._reload(round_, result)
         # FedAvg as a running sum: each update is folded in as it is committed and its tensors
         # dropped (memory stays flat however many devices report); None: kept for the end
         total = Partial(round_, self.layout.size) if self.config.summable else None
-        updates = self._sum(round_, updates, total)
+        updates = self._reload(round_, result, total)
         sent: dict[str, int] = {}  # update messages per device this round (rate limit)
         seen = {u.device for u in updates}  # devices whose update this round took
         while len(updates) < self.config.quorum and time.monotonic() < deadline:
@@ -495,10 +494,15 @@ class FleetServer:
         result: RoundResult,
         total: Partial | None = None,
     ) -> None:
-        """A batch's accepted updates synced to disk in one file and its registry rows in one
-        transaction (a group commit); only then do they count."""
-        if batch.accepted:
-            self.state.save_accepted(round_, [(u.device, m.payload) for m, u in batch.accepted])
+        """A batch's accepted updates synced to disk in one file (the updates, or the round's
+        running sum when that is smaller) and its registry rows in one transaction (a group
+        commit); only then do they count."""
+        kept = self._sum(round_, [u for _, u in batch.accepted], total)
+        payloads = [(u.device, m.payload) for m, u in batch.accepted]
+        if total is not None and sum(len(p) for _, p in payloads) > total.total.nbytes:
+            self.state.save_sum(round_, total.encode("server"))  # fewer bytes to sync
+        elif payloads:
+            self.state.save_accepted(round_, payloads)
         perplexities = [
             (u.device, ppl)
             for _, u in batch.accepted
@@ -507,7 +511,6 @@ class FleetServer:
         if batch.rows:
             self.registry.log_batch(round_, batch.rows, perplexities)
         result.rejected += [(d, why) for d, _, _, ok, why in batch.rows if not ok]
-        kept = self._sum(round_, [u for _, u in batch.accepted], total)
         for (msg, update), light in zip(batch.accepted, kept, strict=True):
             updates.append(light)
             result.accepted.append(update.device)
@@ -526,10 +529,23 @@ class FleetServer:
                 update.metrics.get("served", "?"),
             )
 
-    def _reload(self, round_: int, result: RoundResult) -> list[Update]:
-        """The updates this round accepted before a crash (none for a new round)."""
+    def _reload(self, round_: int, result: RoundResult, total: Partial | None) -> list[Update]:
+        """The updates this round accepted before a crash (none for a new round): a saved
+        running sum goes into ``total``, saved updates after it are checked again."""
+        summed, saved = self.state.accepted(round_)
+        light: list[Update] = []
+        if summed is not None:
+            if total is None:
+                raise ConfigError(
+                    f"round {round_} was saved as a running FedAvg sum; resume it with "
+                    'strategy = "fedavg" (no norm_bound, clusters, basis or secagg)'
+                )
+            _, before = Partial.decode(summed, self.layout.size)
+            total.merge(before)
+            light = [Update(device, 0) for device in before.devices]
+            result.accepted += before.devices
         updates: list[Update] = []
-        for device, payload in self.state.accepted(round_):
+        for device, payload in saved:
             try:
                 updates.append(self.check_update(Message("", payload), round_, set(), device))
             except FleetuneError as err:  # written by another version of the state: say so
@@ -538,9 +554,9 @@ class FleetServer:
                 )
                 continue
             result.accepted.append(device)
-        if updates:
-            log.info("round %d resumed with %d accepted updates", round_, len(updates))
-        return updates
+        if updates or light:
+            log.info("round %d resumed with %d accepted updates", round_, len(light + updates))
+        return light + self._sum(round_, updates, total)
 
     def _aggregate(
         self, round_: int, updates: list[Update], merged: Aggregate | None = None

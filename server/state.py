@@ -56,6 +56,11 @@ class ServerState:
     def _round_dir(self, round_: int) -> Path:
         return self.root / "open-round" / f"r{round_:06d}"
 
+    def _next(self, folder: Path) -> int:
+        """The next number in a round's folder (batches and sums share one sequence)."""
+        numbers = [int(p.stem[1:]) for p in folder.glob("[bs]*.fltn[sp]") if p.stem[1:].isdigit()]
+        return max(numbers, default=-1) + 1
+
     def save_accepted(self, round_: int, accepted: list[tuple[str, bytes]]) -> None:
         """Accepted updates ``(device, payload)``, durable before the round counts them: one
         file per batch, written and synced once (a group commit), renamed into place."""
@@ -65,15 +70,34 @@ class ServerState:
             struct.pack(">H", len(d.encode())) + d.encode() + struct.pack(">I", len(p)) + p
             for d, p in accepted
         ]
-        atomic_write(folder / f"b{len(list(folder.glob('*.fltn*'))):06d}.fltns", b"".join(records))
+        atomic_write(folder / f"b{self._next(folder):06d}.fltns", b"".join(records))
 
-    def accepted(self, round_: int) -> list[tuple[str, bytes]]:
-        """The updates a round had accepted before a crash, as (device, payload), in order."""
+    def save_sum(self, round_: int, encoded: bytes) -> None:
+        """The round's running sum so far (``workers.Partial``, with its devices), in place of
+        the batches before it: a batch of large updates is durable as the sum it changed, one
+        adapter's worth of bytes instead of every update's."""
+        folder = self._round_dir(round_)
+        folder.mkdir(parents=True, exist_ok=True)
+        at = self._next(folder)
+        atomic_write(folder / f"s{at:06d}.fltnp", encoded)
+        for older in folder.glob("[bs]*.fltn[sp]"):  # covered by the sum (a crash before
+            if older.stem[1:].isdigit() and int(older.stem[1:]) < at:  # this leaves them
+                older.unlink(missing_ok=True)  # for the sum to outrank: see accepted())
+
+    def accepted(self, round_: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        """What a round had accepted before a crash: its latest saved running sum (or None)
+        and the updates saved after it, as (device, payload), in order."""
+        folder = self._round_dir(round_)
+        sums = sorted(folder.glob("s*.fltnp"))
+        since = int(sums[-1].stem[1:]) if sums else -1
         out = []
-        for path in sorted(self._round_dir(round_).glob("*.fltn*")):
+        for path in sorted(folder.glob("*.fltn*")):
             data, at = path.read_bytes(), 0
-            if path.suffix == ".fltn":  # one update per file (written before group commits)
-                out.append((path.stem, data))
+            if path.suffix == ".fltn":  # one update per file (written before group commits),
+                if not sums:  # in the sum if there is one
+                    out.append((path.stem, data))
+                continue
+            if path.suffix != ".fltns" or int(path.stem[1:]) < since:
                 continue
             while at < len(data):
                 (n,) = struct.unpack_from(">H", data, at)
@@ -81,7 +105,7 @@ class ServerState:
                 (size,) = struct.unpack_from(">I", data, at + 2 + n)
                 at += 6 + n + size
                 out.append((device, data[at - size : at]))
-        return out
+        return (sums[-1].read_bytes() if sums else None), out
 
     def close_round(self, round_: int) -> None:
         shutil.rmtree(self._round_dir(round_), ignore_errors=True)

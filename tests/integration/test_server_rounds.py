@@ -18,6 +18,7 @@ from fleetune.edge_sdk.transport.memory import MemoryBroker
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.app import FleetServer
 from fleetune.server.config import ServerConfig
+from fleetune.server.workers import Partial
 from tests.conftest import started, tiny_manifest
 
 pytestmark = pytest.mark.integration
@@ -269,11 +270,17 @@ def test_updates_that_arrive_together_are_synced_and_recorded_together(tmp_path)
     # Prepare: updates, a duplicate and junk already waiting when the round opens
     broker = MemoryBroker()
     server = _server(tmp_path, broker, quorum=3)
-    syncs, save = [], server.state.save_accepted
-    server.state.save_accepted = lambda r, items: (
-        syncs.append([d for d, _ in items]),
-        save(r, items),
-    )
+    syncs, save_updates, save_sum = [], server.state.save_accepted, server.state.save_sum
+
+    def updates(round_, items):
+        syncs.append(("updates", [device for device, _ in items]))
+        save_updates(round_, items)
+
+    def running_sum(round_, encoded):
+        syncs.append(("sum", Partial.decode(encoded, server.layout.size)[1].devices))
+        save_sum(round_, encoded)
+
+    server.state.save_accepted, server.state.save_sum = updates, running_sum
     inbox, topics = server.transport.inner, Topics("t")
     for device, payload in [
         ("d1", _update("d1", 1.0)),
@@ -289,14 +296,45 @@ def test_updates_that_arrive_together_are_synced_and_recorded_together(tmp_path)
     rows = server.registry._exec("SELECT device, accepted FROM updates")
     seen = set(server.registry.devices())
     server.close()
-    # Assert: one synced file for the three; every row and device recorded; d4 not taken
-    assert syncs == [["d1", "d2", "d3"]]
+    # Assert: one synced file for the three (their sum: fewer bytes than the three here);
+    # every row and device recorded; d4 not taken
+    assert syncs == [("sum", ["d1", "d2", "d3"])]
     assert result.accepted == ["d1", "d2", "d3"]
     assert [who for who, _ in result.rejected] == ["junk", "d1"]
     assert sorted(rows) == [("d1", 0), ("d1", 1), ("d2", 1), ("d3", 1), ("junk", 0)]
     assert {"d1", "d2", "d3"} <= seen and "d4" not in seen
     for name, value in init_lora(SPEC, tiny_manifest()).items():  # the mean of 1, 2 and 3
         np.testing.assert_allclose(server.current[name], value + 2.0, rtol=1e-6)
+
+
+def test_a_round_saved_as_its_running_sum_resumes_from_it(tmp_path):
+    """Updates larger together than the adapter are made durable as the round's running sum
+    (one adapter's bytes); a server that dies before folding resumes from that sum."""
+    # Prepare: three updates waiting; the first server dies after collecting them
+    broker, topics = MemoryBroker(), Topics("t")
+    first = _server(tmp_path, broker, quorum=3)
+    for device, value in (("d1", 1.0), ("d2", 2.0), ("d3", 3.0)):
+        first.transport.inner.deliver(Message(topics.update(device), _update(device, value)))
+
+    def die(*args, **kw):
+        raise RuntimeError("killed before the fold")
+
+    first._aggregate = die
+    with pytest.raises(RuntimeError, match="killed before the fold"):
+        first.run()
+    first.close()
+    folder = tmp_path / "srv" / "open-round" / "r000001"
+    saved = sorted(p.name for p in folder.iterdir())
+    # Execute: a new server on the same state; a fourth update completes the round
+    again = _server(tmp_path, broker, quorum=4)
+    again.transport.inner.deliver(Message(topics.update("d4"), _update("d4", 6.0)))
+    (result,) = again.run()
+    again.close()
+    # Assert: one synced sum, no update files; the fold counts all four once each
+    assert saved == ["s000000.fltnp"]
+    assert sorted(result.accepted) == ["d1", "d2", "d3", "d4"]
+    for name, value in init_lora(SPEC, tiny_manifest()).items():  # the mean of 1, 2, 3, 6
+        np.testing.assert_allclose(again.current[name], value + 3.0, rtol=1e-6)
 
 
 def test_server_resumes_from_its_registry(tmp_path):
@@ -601,7 +639,7 @@ def test_every_message_is_acknowledged_and_an_update_only_once_it_is_on_disk(tmp
     acks: list[tuple[str, bool]] = []
 
     def ack(msg):
-        saved = [device for device, _ in server.state.accepted(1)]
+        saved = [device for device, _ in server.state.accepted(1)[1]]
         acks.append((msg.topic, "/update/" in msg.topic and msg.topic.split("/")[-1] in saved))
 
     server.transport.ack = ack
