@@ -88,3 +88,34 @@ def test_a_stale_update_is_discounted_and_stale_seeds_replay_with_their_own_roun
     assert out[1].seeds is None and rounds == [4]
     np.testing.assert_allclose(out[1].delta["w"], 0.5 * 2.0 * 4)
     np.testing.assert_allclose(out[2].delta["w"], 1 / np.sqrt(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("examples", [(30, 10, 0), (0, 0, 0)])
+def test_a_running_sum_folds_what_fedavg_does(examples):
+    """The running sum (plain server, workers) against FedAvg over the same updates,
+    including updates that claim no examples: equal weights when none claims any."""
+    from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+    from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+    from fleetune.server.strategy.fedavg import running_weight
+    from fleetune.server.workers import Partial
+    from tests.conftest import tiny_manifest
+
+    spec, base = LoraSpec(r=2), tiny_manifest()
+    layout, current = FlatLayout(spec, base), init_lora(spec, base)
+    rng = np.random.default_rng(0)
+    updates = [
+        Update(
+            f"d{i}",
+            n,
+            delta={k: rng.normal(size=v.shape).astype(np.float32) for k, v in current.items()},
+        )
+        for i, n in enumerate(examples)
+    ]
+    total = Partial(1, layout.size)
+    for update in updates:
+        total.add(update, running_weight(update.num_examples, 100_000), layout)
+    folded = total.fold(current, layout, lambda seeds, round_: {})
+    expected = FedAvg().aggregate(current, updates, _no_seeds).tensors
+    assert folded is not None and folded.seeds is None
+    for name, value in expected.items():
+        np.testing.assert_allclose(folded.tensors[name], value, rtol=1e-5, atol=1e-6)
