@@ -197,6 +197,39 @@ def summarize(rows: list[dict], args) -> dict:
     return doc
 
 
+def plot(doc: dict, path: Path) -> None:
+    """Held-out perplexity per arm at equal wall-clock, with each arm's step time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [
+        ("base", "ppl_base", None),
+        ("MeZO, all layers", "ppl_zo_full", doc["step_ms_torch_mezo_full"]),
+        (f"MeZO, top {doc['window']}", "ppl_zo_window", doc["step_ms_zo_window_torch"]),
+        ("PEFT backprop, all", "ppl_peft_full", None),
+        (f"backprop, top {doc['window']}", "ppl_window_backprop", None),
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for i, (_, key, ms) in enumerate(arms):
+        mean, ci = doc[key]["mean"], doc[key]["ci95"] or [doc[key]["mean"]] * 2
+        ax.bar(i, mean, yerr=[[mean - ci[0]], [ci[1] - mean]], color=f"C{i}", capsize=3)
+        if ms:
+            ax.text(i, mean + 2, f"{ms:.0f} ms/step", ha="center", fontsize=8)
+    ax.set_xticks(range(len(arms)), [a[0] for a in arms], fontsize=8)
+    ax.set_ylabel("held-out perplexity (geometric mean)")
+    ax.set_title(
+        f"layer window vs full depth, SmolLM2-135M, {doc['seconds_per_arm']:.0f} s per arm, "
+        f"{len(doc['clients'])} clients x {len(doc['seeds'])} seeds, 95% CI",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -223,6 +256,7 @@ def main() -> None:
         for key in ("rss_peft_full_mb", "rss_window_backprop_mb", "rss_ratio"):
             doc[key] = next((run[key] for run in runs if run.get(key)), None)
         Path(args.json).write_text(json.dumps(doc, indent=2))
+        plot(doc, Path(args.json).with_suffix(".png"))
         print(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2))
         return
 
@@ -254,6 +288,7 @@ def main() -> None:
         doc["rss_ratio"] = doc["rss_window_backprop_mb"] / doc["rss_peft_full_mb"]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2))
+    plot(doc, Path(args.json).with_suffix(".png"))
     print(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2))
 
 
