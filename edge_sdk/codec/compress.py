@@ -160,20 +160,22 @@ def _decode_q8_blocks(body: Tensors, names: list[str]) -> Tensors | None:
     (LoRA shapes do): ``_decode_value``'s checks, vectorized (a server decodes thousands of
     these a round). ``None`` sends the body down the per-tensor path, which names a problem."""
     block = BLOCKS["q8"]
-    values, scales = [body[n] for n in names], [body.get(n + _Q8) for n in names]
-    for v, s in zip(values, scales, strict=True):
+    values, scales = [body[n] for n in names], []
+    for name, v in zip(names, values, strict=True):
+        s = body.get(name + _Q8)
         if v.dtype != np.int8 or v.size % block or s is None or s.dtype != np.float32:
             return None
         if s.shape != (v.size // block,):
             return None
+        scales.append(s)
     if not values:
         return None
     q = np.concatenate([v.reshape(-1) for v in values])
     if q.min() < -LEVELS["q8"]:
         return None
-    flat = q.astype(np.float32).reshape(-1, block)
-    flat *= np.concatenate(scales)[:, None]
-    flat = flat.reshape(-1)
+    blocks = q.astype(np.float32).reshape(-1, block)
+    blocks *= np.concatenate(scales)[:, None]
+    flat = blocks.reshape(-1)
     out, at = {}, 0
     for name, v in zip(names, values, strict=True):
         out[name] = flat[at : at + v.size].reshape(v.shape)
