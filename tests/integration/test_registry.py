@@ -42,6 +42,9 @@ def test_the_registry_keeps_what_the_server_asks_it_to(database):
     registry.record_privacy(FLEET, 2, 6.9, 1e-5)
     registry.log_perplexity(1, "d1", 80.5)
     registry.log_update(1, "d3", 7, 0, False, "duplicate")
+    registry.log_batch(
+        2, [("d4", 9, 3, True, ""), ("d4", 9, 0, False, "duplicate")], [("d4", 70.0)]
+    )
     claims = [
         registry.claim(1, "d1", "w0"),
         registry.claim(1, "d1", "w1"),
@@ -51,11 +54,16 @@ def test_the_registry_keeps_what_the_server_asks_it_to(database):
     registry.close()
     again = Registry(database)  # and read it back from a new connection
     # Assert
-    assert {d: s for d, (_, s) in again.devices().items()} == {"d1": "offline", "d2": "online"}
-    assert again.device_states() == {"offline": 1, "online": 1}
-    assert again.rejections() == [(1, "d2", "malformed"), (1, "d3", "duplicate")]
-    assert again.rejections(last=1) == [(1, "d3", "duplicate")] and again.refused_count() == 2
-    assert again.perplexities() == {"d1": [(1, 80.5)]}
+    devices = {d: s for d, (_, s) in again.devices().items()}
+    assert devices == {"d1": "offline", "d2": "online", "d4": "online"}
+    assert again.device_states() == {"offline": 1, "online": 2}
+    assert again.rejections() == [
+        (1, "d2", "malformed"),
+        (1, "d3", "duplicate"),
+        (2, "d4", "duplicate"),
+    ]
+    assert again.rejections(last=1) == [(2, "d4", "duplicate")] and again.refused_count() == 3
+    assert again.perplexities() == {"d1": [(1, 80.5)], "d4": [(2, 70.0)]}
     assert [r[0] for r in again.rounds()] == [1, 2] and again.rounds()[0][3:] == (1, 1, 1)
     assert claims == [True, False, True] and again.claimed(1) == 2
     assert leases == [True, False, True]
