@@ -13,8 +13,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="atheris ships x86-64 wheels only")
 def test_the_atheris_harness_runs_every_target_without_a_crash(tmp_path):
+    # libFuzzer's RSS limit reads ru_maxrss, which Linux carries from the forking process
+    # through fork + exec: the limit counts this pytest session's own peak (over 2 GB after
+    # the engine tests), so it is set as `make fuzz` sets it
     done = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.run", "-runs=5000", f"-artifact_prefix={tmp_path}/"],
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz.run",
+            "-runs=5000",
+            "-rss_limit_mb=8192",
+            f"-artifact_prefix={tmp_path}/",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
