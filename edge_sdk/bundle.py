@@ -52,6 +52,7 @@ def default_bundle_dir(base: str, fmt: str, spec: LoraSpec | None = None, quant:
     if fmt == "onnx":
         spec = spec or LoraSpec()
         name += f"-r{spec.r}-a{spec.alpha:g}-{'.'.join(spec.targets)}"
+        name += f"-w{spec.window}" if spec.window else ""
     return cache_dir() / "bundles" / Path(base).name / name
 
 

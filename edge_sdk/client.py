@@ -71,6 +71,40 @@ class EdgeClient:
         self._keyring: Keyring | None = None
         self.tuned_adapter: Tensors | None = None  # the last round's tuned adapter
         self.refusals = 0  # pushes this device refused (bad signature, malformed, other base)
+        if config.device.memory_budget_mb:
+            self._fit_budget()
+
+    def _fit_budget(self) -> None:
+        """Batch and window length fitted to ``[device] memory_budget_mb`` (edge_sdk/memory.py);
+        a ConfigError naming what would fit when nothing does."""
+        from dataclasses import replace
+
+        from fleetune.edge_sdk.memory import fit_budget
+
+        dev, t = self.config.device, self.config.tuning
+        plan = fit_budget(
+            dev.memory_budget_mb,
+            self.base,
+            dev.backend,
+            dev.precision,
+            t.tuner,
+            t.lora_window,
+            t.batch_size,
+            t.seq_len,
+        )
+        if (plan.batch_size, plan.seq_len) != (t.batch_size, t.seq_len):
+            log.info(
+                "%s: memory_budget_mb = %g fits batch %d x %d (configured %d x %d), ~%.0f MB",
+                self.device,
+                dev.memory_budget_mb,
+                plan.batch_size,
+                plan.seq_len,
+                t.batch_size,
+                t.seq_len,
+                plan.estimate_mb,
+            )
+        tuning = replace(t, batch_size=plan.batch_size, seq_len=plan.seq_len)
+        self.config = replace(self.config, tuning=tuning)
 
     # -- what the device runs ---------------------------------------------------------------------
     @property

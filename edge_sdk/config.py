@@ -46,6 +46,8 @@ class DeviceConfig:
     precision: str = ""  # onnx: fp32 | int8 (weight-only); llamacpp: q8_0 | q4_0 | q4_1 | f16
     # ("" = the engine's default: onnx fp32, llamacpp q8_0)
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
+    memory_budget_mb: float = 0  # a tuning step's peak RSS bound: batch and window length are
+    # fitted to it from measured footprints (edge_sdk/memory.py); 0 = no bound
 
     def __post_init__(self) -> None:
         try:
@@ -61,6 +63,10 @@ class DeviceConfig:
             )
         if not 1 <= self.threads <= 256:
             raise ConfigError(f"[device] threads must be in 1..256, got {self.threads}")
+        if not self.memory_budget_mb >= 0:
+            raise ConfigError(
+                f"[device] memory_budget_mb must be >= 0 (0: no bound), got {self.memory_budget_mb}"
+            )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from fleetune.edge_sdk.canary import Canary
 from fleetune.edge_sdk.data import ClientData, split_validation
 from fleetune.edge_sdk.errors import PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
+from fleetune.edge_sdk.memory import peak_rss_mb
 from fleetune.edge_sdk.protocol import (
     Announcement,
     GlobalAdapter,
@@ -216,6 +217,17 @@ def run_round(
     job = Job(client.device, round_, pool=announcement.zo)
     tuned = client.tuner.tune(client.backend, data, start, job, client.progress(round_))
     client.tuned_adapter = tuned.adapter
+    tuned.metrics["peak_rss_mb"] = peak = peak_rss_mb()
+    budget = client.config.device.memory_budget_mb
+    if budget and peak > budget:
+        log.warning(
+            "%s round %d: peak RSS %.0f MB is over memory_budget_mb = %g (the footprint "
+            "estimate was low for this device: lower batch_size or seq_len)",
+            client.device,
+            round_,
+            peak,
+            budget,
+        )
     report.ppl_local = client.evaluate(data.heldout)
     report.history.append(
         {"round": round_, "ppl_global": ppl_global, "ppl_local": report.ppl_local}

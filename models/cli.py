@@ -29,7 +29,8 @@ def _export(args: argparse.Namespace) -> int:
     else:
         from fleetune.models.onnx import export_onnx
 
-        spec = LoraSpec(r=args.r, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+        targets = tuple(args.targets.split(","))
+        spec = LoraSpec(r=args.r, alpha=args.alpha, targets=targets, window=args.window)
         print(export_onnx(base, spec, out_dir=args.out, force=args.force))
     return 0
 
@@ -70,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--r", type=int, default=8, help="onnx: LoRA rank of the adapter input")
     export.add_argument("--alpha", type=float, default=16.0)
     export.add_argument("--targets", default="q_proj,v_proj")
+    export.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="onnx: LoRA on the top K layers only, with the prefix and window graphs (0: all)",
+    )
     export.add_argument(
         "--adapter",
         metavar="DIR",

@@ -134,6 +134,16 @@ def onnx_artifacts(smollm2):
 
 
 @pytest.fixture(scope="session")
+def onnx_window_artifacts(smollm2):
+    """SmolLM2 with LoRA on the top 4 layers: prefix and window graphs, fp32 and int8 (cached)."""
+    from fleetune.edge_sdk.adapters.lora import LoraSpec
+    from fleetune.models.onnx import export_onnx
+    from fleetune.models.onnx.bundle import WINDOW_GRAPHS
+
+    return export_onnx(smollm2, LoraSpec(window=4), graphs=WINDOW_GRAPHS)
+
+
+@pytest.fixture(scope="session")
 def adapter(smollm2):
     """A non-trivial default LoRA for SmolLM2: the shared init plus N(0, 0.02) on A and B."""
     import numpy as np

@@ -32,6 +32,7 @@ class Capabilities:
     )
     adapter_scales: bool = False  # K adapters loaded once, mixed by their scales (ScaledBackend)
     generate: bool = False  # greedy text generation
+    window: bool = False  # a layer window over cached prefix states (WindowBackend)
 
 
 @runtime_checkable
@@ -63,6 +64,16 @@ class TrainableBackend(Backend, Protocol):
 
     def trainable(self, part: str = "all") -> list[Any]: ...
     def loss_tensor(self, input_ids: np.ndarray) -> Any: ...
+
+
+class WindowBackend(Backend, Protocol):
+    """``capabilities.window``: the states entering the adapter's layer window, and the loss
+    from them (``tuners/window.py``); torch, and ONNX bundles exported with a window."""
+
+    def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray: ...
+    def window_loss_flat(
+        self, hidden: np.ndarray, input_ids: np.ndarray, flat: np.ndarray
+    ) -> float: ...
 
 
 class ScaledBackend(Backend, Protocol):

@@ -1,6 +1,10 @@
 """ONNX Runtime engine: the base (int8 weights) with the LoRA adapter as one flat fp32 graph
-input, the loss computed inside the graph. Imports neither torch nor transformers: tokenization
-uses ``tokenizers``. The graphs come in a bundle that ``fleetune export onnx`` wrote.
+input, the loss computed inside the graph. A bundle exported for a layer window
+(``fleetune export onnx --window K``) also holds a prefix graph (``input_ids -> hidden`` below
+the window, int8 weights) and a window graph (``hidden, labels, adapter -> loss``): such an
+engine caches the prefix's states and runs every step in the window alone. Imports neither
+torch nor transformers: tokenization uses ``tokenizers``. The graphs come in a bundle that
+``fleetune export onnx`` wrote.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ except ImportError as err:  # pragma: no cover - depends on the extra
     raise BackendUnavailable("the onnx backend needs: pip install 'fleetune[onnx]'") from err
 
 Tensors = dict[str, np.ndarray]
+STATES_MB = 64  # a window engine keeps the prefix states of windows it scored, up to this much
 
 
 class OnnxBackend:
@@ -48,26 +53,26 @@ class OnnxBackend:
             raise ConfigError(f"the ONNX bundle in {self.bundle.root} names no adapter input")
         if precision not in ("fp32", "int8"):
             raise ConfigError(f"ONNX precision {precision!r} is not fp32 or int8")
-        graph = self.bundle.path(precision)
         self.base, self.spec = self.bundle.base, self.bundle.adapter
         self.layout = FlatLayout(self.spec, self.base)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session: ort.InferenceSession | None = None
+        self._options, self.precision, self._closed = options, precision, False
+        window = f"window_{precision}" in self.bundle.files and self.spec.window > 0
+        self.capabilities = Capabilities(generate=True, window=window)
+        # graphs load on first use; a window engine scores through its prefix and window graphs
+        # and never loads the full loss graph
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        # prefix states of the windows loss_flat scored (held-out, validation: fixed per dataset)
+        self._states: dict[bytes, np.ndarray] = {}
         try:
-            self.session = ort.InferenceSession(
-                str(graph),
-                options,
-                providers=["CPUExecutionProvider"],
-            )
             self._tokenizer = Tokenizer.from_file(str(self.bundle.root / self.bundle.tokenizer))
-        except Exception as err:  # onnxruntime raises its own untyped errors
+        except Exception as err:
             raise BackendError(f"cannot load the ONNX bundle in {self.bundle.root}: {err}") from err
+        self._session("window" if window else "loss")  # a broken bundle fails here, not later
         self.flat = np.zeros(self.layout.size, dtype=np.float32)
-        self._options = options
-        self._generator: ort.InferenceSession | None = None  # logits graph, on first generate()
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
@@ -88,16 +93,38 @@ class OnnxBackend:
                 f"adapter vector must be float32 of length {self.layout.size}, got {got}"
             )
 
-    def _live_session(self) -> ort.InferenceSession:
-        if self.session is None:
+    def _session(self, kind: str) -> ort.InferenceSession:
+        """The bundle's ``loss`` graph (in this engine's precision), ``decoder``, ``window`` (in
+        this precision) or ``prefix`` (int8 weights when the bundle has them: it runs once per
+        dataset, so memory matters more than its speed), loaded on first use."""
+        if self._closed:
             raise BackendError(f"the ONNX backend on {self.bundle.root} is closed")
-        return self.session
+        if kind not in self._sessions:
+            if kind in ("prefix", "window") and not self.capabilities.window:
+                raise ConfigError(
+                    f"the ONNX bundle in {self.bundle.root} has no {kind} graph for "
+                    f"{self.precision}: export it with `fleetune export onnx --window K`"
+                )
+            role = {"loss": self.precision, "window": f"window_{self.precision}"}.get(kind, kind)
+            if kind == "prefix":
+                role = "prefix_int8" if "prefix_int8" in self.bundle.files else "prefix_fp32"
+            path = str(self.bundle.path(role))
+            try:
+                self._sessions[kind] = ort.InferenceSession(
+                    path, self._options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as err:  # onnxruntime raises its own untyped errors
+                raise BackendError(f"cannot load the {kind} graph {path}: {err}") from err
+        return self._sessions[kind]
 
     def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
-        """Mean next-token loss of ``input_ids`` [batch, seq] with the adapter vector ``flat``."""
+        """Mean next-token loss of ``input_ids`` [batch, seq] with the adapter vector ``flat``
+        (a window engine: the prefix graph, then the window graph)."""
         self._check_flat(flat)
-        session = self._live_session()
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if self.capabilities.window:
+            return self._window_loss(self._prefix_states(ids), ids, flat)
+        session = self._session("loss")
         try:
             (loss,) = session.run(
                 ["loss"],
@@ -115,6 +142,58 @@ class OnnxBackend:
     def loss(self, input_ids: np.ndarray) -> float:
         return self.loss_flat(input_ids, self.flat)
 
+    # -- a layer window over cached prefix states (tuners/window.py) ----------------------------
+    def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray:
+        """The states entering the adapter's window (float32 [batch, tokens, hidden]); the
+        prefix graph was exported for one window, so ``start`` must be its first layer."""
+        if start != self.spec.layers(self.base).start:
+            raise ConfigError(
+                f"this bundle's prefix graph ends at layer {self.spec.layers(self.base).start}, "
+                f"not {start}"
+            )
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        try:
+            (hidden,) = self._session("prefix").run(["hidden"], {"input_ids": ids})
+        except Exception as err:
+            raise BackendError(f"onnxruntime failed on a {ids.shape} prefix: {err}") from err
+        return np.asarray(hidden)
+
+    def _prefix_states(self, ids: np.ndarray) -> np.ndarray:
+        """The states entering the window for ``ids``, from the prefix graph the first time."""
+        key = str(ids.shape).encode() + ids.tobytes()
+        hidden = self._states.get(key)
+        if hidden is None:
+            hidden = self.prefix(ids, self.spec.layers(self.base).start)
+            held = sum(h.nbytes for h in self._states.values())
+            if held + hidden.nbytes <= STATES_MB * 2**20:
+                self._states[key] = hidden
+        return hidden
+
+    def window_loss_flat(
+        self, hidden: np.ndarray, input_ids: np.ndarray, flat: np.ndarray
+    ) -> float:
+        """The loss from cached states entering the window (its layers, norm and head) with
+        the adapter vector ``flat``: the full model's loss for the same tokens and adapter.
+
+        A tuner steps from cached states, so the prefix graph leaves memory here (it loads
+        again if a window not scored before needs it): the device then holds the window's
+        weights and activations, not the prefix's as well."""
+        self._sessions.pop("prefix", None)
+        return self._window_loss(hidden, input_ids, flat)
+
+    def _window_loss(self, hidden: np.ndarray, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        self._check_flat(flat)
+        feeds = {
+            "hidden": np.ascontiguousarray(hidden, dtype=np.float32),
+            "labels": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "adapter": flat,
+        }
+        try:
+            (loss,) = self._session("window").run(["loss"], feeds)
+        except Exception as err:
+            raise BackendError(f"onnxruntime failed on a {hidden.shape} window: {err}") from err
+        return float(loss)
+
     def generate(
         self, prompt: str, max_new_tokens: int = 32, adapter: np.ndarray | None = None
     ) -> str:
@@ -125,24 +204,19 @@ class OnnxBackend:
         without it the current adapter (:meth:`set_adapter`) is used."""
         flat = self.flat if adapter is None else adapter
         self._check_flat(flat)
-        self._live_session()
-        if self._generator is None:
-            path = str(self.bundle.path("decoder"))
-            try:
-                self._generator = ort.InferenceSession(
-                    path, self._options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as err:
-                raise BackendError(f"cannot load the decoder graph {path}: {err}") from err
         new = greedy(
-            self._generator, self.tokenize(prompt), flat, max_new_tokens, self.bundle.eos_token_id
+            self._session("decoder"),
+            self.tokenize(prompt),
+            flat,
+            max_new_tokens,
+            self.bundle.eos_token_id,
         )
         return self._tokenizer.decode(new, skip_special_tokens=True)
 
     def close(self) -> None:
         """Release the ORT sessions (safe to call twice); later calls raise ``BackendError``."""
-        self.session = None
-        self._generator = None
+        self._closed = True
+        self._sessions, self._states = {}, {}
 
     def __enter__(self) -> OnnxBackend:
         return self

@@ -20,7 +20,7 @@ Tensors = dict[str, np.ndarray]
 class TorchBackend:
     """A base model wrapped with a PEFT LoRA adapter whose weights come and go as numpy."""
 
-    capabilities = Capabilities(backprop=True)
+    capabilities = Capabilities(backprop=True, window=True)
 
     def __init__(self, base: BaseManifest, spec: LoraSpec, threads: int = 1) -> None:
         from peft import LoraConfig, get_peft_model
@@ -105,42 +105,20 @@ class TorchBackend:
         """The causal LM inside PEFT's wrapper (``.model``: the decoder, ``.lm_head``)."""
         return getattr(self.model, "base_model").model  # noqa: B009  # untyped for mypy
 
-    def _run_layers(self, hidden: torch.Tensor, layers: range) -> torch.Tensor:
-        """``hidden`` through decoder ``layers`` as the model runs them (causal, rotary)."""
-        from transformers.masking_utils import create_causal_mask
-
-        inner = self._causal.model
-        steps = torch.arange(hidden.shape[1])
-        positions = steps.unsqueeze(0)
-        mask = create_causal_mask(
-            config=inner.config,
-            input_embeds=hidden,
-            attention_mask=None,
-            cache_position=steps,
-            past_key_values=None,
-            position_ids=positions,
-        )
-        rotary = inner.rotary_emb(hidden, positions)
-        for i in layers:
-            hidden = inner.layers[i](
-                hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary
-            )
-        return hidden
-
     @torch.no_grad()
     def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray:
         """The hidden states entering decoder layer ``start`` (float32 [batch, tokens, hidden]):
         what a window tuner caches, since the layers below it never change."""
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
         hidden = self._causal.model.embed_tokens(ids)
-        return self._run_layers(hidden, range(start)).numpy()
+        return run_layers(self._causal.model, hidden, range(start)).numpy()
 
     def window_loss_tensor(self, hidden: np.ndarray, input_ids: np.ndarray) -> torch.Tensor:
         """The loss from cached states entering the adapter's window: its layers, the final
         norm and the head (the full model's loss for the same tokens and adapter)."""
         causal = self._causal
         layers = self.spec.layers(self.base)
-        out = self._run_layers(torch.from_numpy(np.ascontiguousarray(hidden)), layers)
+        out = run_layers(causal.model, torch.from_numpy(np.ascontiguousarray(hidden)), layers)
         logits = causal.lm_head(causal.model.norm(out))
         labels = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
         return causal.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
@@ -156,3 +134,27 @@ class TorchBackend:
 
     def close(self) -> None:
         del self.model, self._params
+
+
+def run_layers(inner: Any, hidden: torch.Tensor, layers: range) -> torch.Tensor:
+    """``hidden`` through the decoder ``inner``'s ``layers`` as the model runs them (causal
+    attention over every position, rotary positions from 0): a layer window's forward, here and
+    in the exported window graph (``models/onnx/graphs.py``)."""
+    from transformers.masking_utils import create_causal_mask
+
+    steps = torch.arange(hidden.shape[1])
+    positions = steps.unsqueeze(0)
+    mask = create_causal_mask(
+        config=inner.config,
+        input_embeds=hidden,
+        attention_mask=None,
+        cache_position=steps,
+        past_key_values=None,
+        position_ids=positions,
+    )
+    rotary = inner.rotary_emb(hidden, positions)
+    for i in layers:
+        hidden = inner.layers[i](
+            hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary
+        )
+    return hidden

@@ -66,7 +66,7 @@ class LocalTuner(ABC):
         """The states entering the adapter's layer window for every training window, computed
         once per dataset and kept across rounds (the layers below never change); ``None`` for
         a full-depth adapter or an engine without windows (it runs whole forwards)."""
-        if not self.layout.spec.window or not hasattr(backend, "window_loss_flat"):
+        if not self.layout.spec.window or not backend.capabilities.window:
             return None
         if self._prefix is None or self._prefix[0] is not train:
             from fleetune.edge_sdk.tuners.window import build_cache

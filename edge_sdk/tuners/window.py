@@ -8,6 +8,11 @@ step after that runs only the window's layers, the final norm and the head, forw
 (:func:`window_backprop`). A step then costs the window's share of the layers plus the head
 (SmolLM2-135M: 30 layers and a 49,152-token head, ~21% of a forward's FLOPs).
 
+Engines with ``capabilities.window`` run it: torch (the prefix under ``no_grad``), and ONNX
+Runtime on a bundle exported with the window (``fleetune export onnx --window K``: an int8
+prefix graph builds the cache, an fp32 or int8 window graph runs the steps, no torch).
+Backprop in the window is torch's alone.
+
 The cache holds ``windows x tokens x hidden`` float32 values (SmolLM2, 64 tokens: 147 KB per
 window of text); :class:`PrefixCache` keeps it in RAM or in a file on disk (``np.memmap``) and
 says how large it is.
@@ -29,7 +34,7 @@ from fleetune.edge_sdk.tuners.base import Job, LocalTuner, Progress, Tensors, Tu
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 
 if TYPE_CHECKING:
-    from fleetune.edge_sdk.backends import Backend
+    from fleetune.edge_sdk.backends import Backend, WindowBackend
     from fleetune.edge_sdk.backends.torch import TorchBackend
     from fleetune.edge_sdk.data import ClientData
 
@@ -49,7 +54,7 @@ class PrefixCache:
 
 
 def build_cache(
-    backend: TorchBackend,
+    backend: WindowBackend,
     ids: np.ndarray,
     path: str | Path | None = None,
     batch: int = 8,
@@ -76,7 +81,7 @@ def build_cache(
 
 
 def window_zo(
-    backend: TorchBackend,
+    backend: WindowBackend,
     cache: PrefixCache,
     theta: np.ndarray,
     tuned: np.ndarray,
@@ -139,11 +144,12 @@ class WindowTuner(LocalTuner):
         job: Job,
         progress: Progress | None = None,
     ) -> Tuned:
-        cache = self.prefix_cache(backend, data.train)
+        cache = self.prefix_cache(backend, data.train) if backend.capabilities.backprop else None
         if cache is None:
             raise ConfigError(
-                f'tuner = "window" needs a torch engine and lora_window = K > 0; '
-                f"{type(backend).__name__} runs no layer window"
+                f'tuner = "window" (backprop in the window) needs the torch engine and '
+                f"lora_window = K > 0; {type(backend).__name__} does not backprop: use "
+                'tuner = "zo" with lora_window = K for forward-only steps in the window'
             )
         t = self.config
         backend.set_adapter(start)

@@ -31,11 +31,16 @@ def _demo(args: argparse.Namespace) -> int:
             start=args.start,
             share=args.share,
             lora_window=args.window or (4 if args.tuner == "window" else 0),
+            # MeZO in a window: the step benchmarks/window_sweep.py picked (clients off-report)
+            zo_lr=WINDOW_ZO_LR if args.window and args.tuner == "zo" else TuningConfig.zo_lr,
         ),
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
     return 0
+
+
+WINDOW_ZO_LR = 0.3  # results/bench_window_sweep.json: best of 0.03-1 for a window of 4
 
 
 def broker_address(value: str) -> tuple[str, int]:
@@ -90,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="LoRA on the top K layers only (0: all; 4 with --tuner window); with --tuner zo on "
-        "torch, forwards start from cached prefix states",
+        "torch or onnx, forwards start from cached prefix states",
     )
     demo.add_argument("--mix-devices", type=int, default=2, help="mix: unseen clients")
     demo.add_argument("--mix-steps", type=int, default=50, help="mix: search steps at most")

@@ -62,7 +62,12 @@ def _prepare_main(base: str, backend: str, tuning: TuningConfig, results: mp.Que
             from fleetune.edge_sdk.adapters.lora import LoraSpec
             from fleetune.models.onnx import export_onnx
 
-            spec = LoraSpec(r=tuning.lora_r, alpha=tuning.lora_alpha, targets=tuning.lora_targets)
+            spec = LoraSpec(
+                r=tuning.lora_r,
+                alpha=tuning.lora_alpha,
+                targets=tuning.lora_targets,
+                window=tuning.lora_window,
+            )
             bundles["onnx"] = str(export_onnx(manifest, spec))
         results.put(("prepare", "ok", (manifest, bundles)))
     except BaseException as err:

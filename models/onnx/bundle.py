@@ -18,8 +18,18 @@ from fleetune.edge_sdk.errors import ConfigError
 from fleetune.edge_sdk.manifest import BaseManifest
 
 log = logging.getLogger(__name__)
-GRAPH_FILES = {"fp32": "loss_fp32.onnx", "int8": "loss_int8.onnx", "decoder": "decoder_fp32.onnx"}
-QUANTIZATION = {"fp32": "fp32", "int8": "int8 weight-only (MatMulNBits)", "decoder": "fp32"}
+GRAPH_FILES = {
+    "fp32": "loss_fp32.onnx",
+    "int8": "loss_int8.onnx",
+    "decoder": "decoder_fp32.onnx",
+    "prefix_fp32": "prefix_fp32.onnx",  # a layer window's adapter only (LoraSpec.window)
+    "window_fp32": "window_fp32.onnx",
+    "prefix_int8": "prefix_int8.onnx",
+    "window_int8": "window_int8.onnx",
+}
+INT8 = "int8 weight-only (MatMulNBits)"
+QUANTIZATION = {g: INT8 if g.endswith("int8") else "fp32" for g in GRAPH_FILES}
+WINDOW_GRAPHS = ("prefix_fp32", "window_fp32", "prefix_int8", "window_int8")
 
 
 def _built(root: Path, base: BaseManifest, spec: LoraSpec) -> dict[str, str]:
@@ -39,14 +49,29 @@ def export_onnx(
     base: BaseManifest,
     spec: LoraSpec,
     out_dir: str | os.PathLike[str] | None = None,
-    graphs: Sequence[str] = ("fp32", "int8", "decoder"),
+    graphs: Sequence[str] | None = None,
     force: bool = False,
 ) -> Path:
     """Write the ONNX bundle for ``base`` + ``spec`` into ``out_dir`` (default:
-    :func:`~fleetune.edge_sdk.bundle.default_bundle_dir`); returns its directory."""
-    from fleetune.models.onnx.graphs import export_decoder_graph, export_loss_graph
+    :func:`~fleetune.edge_sdk.bundle.default_bundle_dir`); returns its directory. ``graphs``
+    are roles of ``GRAPH_FILES``; by default the loss graphs and the decoder, or for an adapter
+    on a layer window the decoder and the prefix and window graphs (a window engine scores
+    through those and never loads a full loss graph)."""
+    from fleetune.models.onnx.graphs import (
+        export_decoder_graph,
+        export_loss_graph,
+        export_window_graphs,
+    )
     from fleetune.models.onnx.quantize import quantize_int8
 
+    if graphs is None:
+        graphs = ("decoder", *WINDOW_GRAPHS) if spec.window else ("fp32", "int8", "decoder")
+    unknown = sorted(set(graphs) - set(GRAPH_FILES))
+    if unknown or (not spec.window and set(graphs) & set(WINDOW_GRAPHS)):
+        raise ConfigError(
+            f"ONNX graphs {sorted(graphs)}: known are {sorted(GRAPH_FILES)}, the prefix and "
+            "window graphs only for an adapter with lora_window = K"
+        )
     root = Path(out_dir) if out_dir else default_bundle_dir(base.name, "onnx", spec)
     done = {} if force else _built(root, base, spec)
     missing = [g for g in graphs if g not in done]
@@ -69,6 +94,21 @@ def export_onnx(
         log.info("exporting the KV-cache decoder graph for generation")
         export_decoder_graph(base.hf_dir, root / GRAPH_FILES["decoder"], layout)
         done["decoder"] = GRAPH_FILES["decoder"]
+    if {"prefix_fp32", "window_fp32"} & set(missing) or (
+        {"prefix_int8", "window_int8"} & set(missing) and "window_fp32" not in done
+    ):
+        log.info("exporting the prefix and window graphs of the top %d layers", spec.window)
+        export_window_graphs(
+            base.hf_dir,
+            root / GRAPH_FILES["prefix_fp32"],
+            root / GRAPH_FILES["window_fp32"],
+            layout,
+        )
+        done.update({g: GRAPH_FILES[g] for g in ("prefix_fp32", "window_fp32")})
+    for graph in ("prefix", "window"):
+        if f"{graph}_int8" in missing:
+            quantize_int8(root / GRAPH_FILES[f"{graph}_fp32"], root / GRAPH_FILES[f"{graph}_int8"])
+            done[f"{graph}_int8"] = GRAPH_FILES[f"{graph}_int8"]
     shutil.copy(Path(base.hf_dir) / "tokenizer.json", root / "tokenizer.json")
     Bundle(
         root=root,

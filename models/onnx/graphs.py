@@ -3,6 +3,10 @@
 - loss graph: ``(input_ids, attention_mask, labels, adapter) -> loss`` (what tuning evaluates)
 - decoder graph: ``(input_ids, attention_mask, position_ids, past.*, adapter) -> (logits,
   present.*)``, one graph for prefill (``P = 0``) and decoding (``T = 1``)
+- for an adapter on a layer window (``LoraSpec.window``): the prefix graph ``input_ids ->
+  hidden`` (the frozen layers below the window, run once per dataset) and the window graph
+  ``(hidden, labels, adapter) -> loss`` (the window's layers, the final norm and the head). Both
+  attend causally over every position: the windows a tuner caches are full, never padded.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.backends.torch import run_layers
 from fleetune.models.onnx.hooks import LoraHooks
 
 IGNORE_INDEX = -100
@@ -52,6 +57,33 @@ class LossGraph(nn.Module):
             adapter, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )
         return causal_lm_loss(out.logits, labels)
+
+
+class PrefixGraph(nn.Module):
+    """The hidden states entering decoder layer ``start``."""
+
+    def __init__(self, model: nn.Module, start: int) -> None:
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, input_ids):
+        inner = self.model.model
+        return run_layers(inner, inner.embed_tokens(input_ids), range(self.start))
+
+
+class WindowGraph(nn.Module):
+    """The loss from the states entering the adapter's window (``lora.layout``'s layers)."""
+
+    def __init__(self, lora: LoraHooks) -> None:
+        super().__init__()
+        self.lora = lora
+        self.layers = lora.layout.spec.layers(lora.layout.base)
+
+    def forward(self, hidden, labels, adapter) -> torch.Tensor:
+        model: Any = self.lora.model
+        with self.lora.active(adapter):
+            out = run_layers(model.model, hidden, self.layers)
+        return causal_lm_loss(model.lm_head(model.model.norm(out)), labels)
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -167,3 +199,35 @@ def export_decoder_graph(hf_dir: str, out_path: str | os.PathLike[str], layout: 
     )
     example = (ids, mask, pos, tuple(past), adapter)
     return export(graph, example, decoder_io_names(n_layers), dims, out_path)
+
+
+def export_window_graphs(
+    hf_dir: str,
+    prefix_path: str | os.PathLike[str],
+    window_path: str | os.PathLike[str],
+    layout: FlatLayout,
+) -> tuple[Path, Path]:
+    """The prefix graph (``input_ids`` int64 ``[B, T]`` -> ``hidden`` float32 ``[B, T, H]``) and
+    the window graph (``hidden``, ``labels`` int64 ``[B, T]``, ``adapter`` float32 ``[N]`` ->
+    ``loss``) of ``layout``'s window."""
+    model = load_base(hf_dir)
+    start = layout.spec.layers(layout.base).start
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    tokens = {0: batch, 1: seq}
+    prefix = export(
+        PrefixGraph(model, start).eval(),
+        (ids,),
+        (["input_ids"], ["hidden"]),
+        {"input_ids": tokens},
+        prefix_path,
+    )
+    with torch.no_grad():
+        hidden = PrefixGraph(model, start)(ids)
+    adapter = torch.randn(layout.size, generator=g) * 0.02
+    names = (["hidden", "labels", "adapter"], ["loss"])
+    dims = {"hidden": tokens, "labels": tokens, "adapter": None}
+    graph = WindowGraph(LoraHooks(model, layout)).eval()
+    window = export(graph, (hidden, ids, adapter), names, dims, window_path)
+    return prefix, window

@@ -4,6 +4,8 @@ tensor: no PEFT at export time, and the traced graph sees the adapter as a graph
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +49,16 @@ class LoraHooks(nn.Module):
 
         return hook
 
-    def run(self, adapter: torch.Tensor, **inputs):
-        """The wrapped model's forward with the LoRA path taken from ``adapter``."""
+    @contextmanager
+    def active(self, adapter: torch.Tensor) -> Iterator[None]:
+        """The hooked projections take their LoRA path from ``adapter`` inside the block."""
         self._current = unflatten(adapter, self.layout)
         try:
-            return self.model(**inputs)
+            yield
         finally:
             self._current = {}
+
+    def run(self, adapter: torch.Tensor, **inputs):
+        """The wrapped model's forward with the LoRA path taken from ``adapter``."""
+        with self.active(adapter):
+            return self.model(**inputs)

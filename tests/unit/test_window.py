@@ -125,3 +125,46 @@ def test_a_window_adapter_is_a_peft_adapter_of_the_top_layers(four_layers, tmp_p
     )
     adapted = {n for n, _ in model.named_parameters() if "lora_" in n}
     assert adapted and all(".layers.2." in n or ".layers.3." in n for n in adapted)
+
+
+def test_onnx_prefix_and_window_graphs_give_the_full_models_loss(four_layers, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import dataclasses
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    from fleetune.edge_sdk.backends.onnx import OnnxBackend
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.models.onnx import export_onnx
+
+    # Prepare: the tiny base with a word-level tokenizer (an ONNX bundle carries one)
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(four_layers.hf_dir, hf_dir)
+    vocab = {f"t{i}": i for i in range(128)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(hf_dir / "tokenizer.json"))
+    base = dataclasses.replace(four_layers, hf_dir=str(hf_dir))
+    spec = LoraSpec(r=2, window=2)
+    tensors = _adapter(spec, base)
+    ids = np.random.default_rng(0).integers(0, 128, size=(6, 16))
+    # Execute: the window graphs from the ONNX bundle, the full model in torch
+    root = export_onnx(
+        base, spec, tmp_path / "bundle", graphs=("prefix_fp32", "window_fp32")
+    )
+    engine = OnnxBackend(root)
+    engine.set_adapter(tensors)
+    cache = build_cache(engine, ids, batch=4)
+    torch_engine = TorchBackend(base, spec)
+    torch_engine.set_adapter(tensors)
+    # Assert: the cached states and the loss from them match torch (float32 tolerance)
+    assert engine.capabilities.window and cache.nbytes == 6 * 16 * 32 * 4
+    np.testing.assert_allclose(cache.hidden, build_cache(torch_engine, ids).hidden, atol=1e-5)
+    expected = torch_engine.loss(ids)
+    assert engine.window_loss_flat(cache.hidden, ids, engine.flat) == pytest.approx(
+        expected, rel=1e-5
+    )
+    assert engine.loss(ids) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="ends at layer 2, not 1"):
+        engine.prefix(ids, 1)
+    with pytest.raises(ConfigError, match="only for an adapter with lora_window"):
+        export_onnx(base, LoraSpec(r=2), tmp_path / "b2", graphs=("fp32", "window_fp32"))

@@ -1,0 +1,143 @@
+"""A device's memory budget: the batch and window length a tuning step fits in, from measured
+footprints.
+
+``[device] memory_budget_mb`` bounds a tuning step's peak resident memory. The step's peak is
+modelled as ``runtime + weights + tokens x per_token`` (tokens = batch x sequence length):
+``runtime`` is what importing the engine costs, ``weights`` what it holds of the model,
+``per_token`` the activations of one token (on SmolLM2 mostly its 49,152 logits, and for
+backprop their gradients). The numbers in :data:`FOOTPRINTS` were fitted on SmolLM2-135M from
+the peak RSS of fresh processes (``benchmarks/memory.py``, which also reports the fit's error at
+a point it was not fitted on); for another base the weights scale with its parameter count and
+``per_token`` with its vocabulary.
+
+:func:`fit_budget` keeps the configured batch and window length when they fit and otherwise
+picks the largest step (most tokens, then the longest windows) that does; the layer window
+itself is the fleet's adapter layout and stays as configured. When nothing fits it refuses
+with a :class:`ConfigError` that names the smallest step's need and the engines and tuners
+that would fit. A device also reads its own peak after each round (:func:`peak_rss_mb`), so a
+wrong estimate shows in its metrics and its log.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.manifest import BaseManifest
+
+MIN_SEQ = 16  # the shortest windows a budget may pick
+
+
+@dataclass(frozen=True)
+class Footprint:
+    weights_mb: float  # what the engine holds of SmolLM2-135M beyond its runtime
+    per_token_mb: float  # activations per token in a step's batch
+
+
+# Imports alone (fresh interpreter, VmHWM): torch + transformers + PEFT, onnxruntime + tokenizers.
+RUNTIME_MB = {"torch": 387.0, "onnx": 67.0}
+# engine-precision/tuner/depth, fitted on SmolLM2-135M with LoRA r 8 on q,v, a window of 4 layers
+# and a cache of 64 windows (benchmarks/memory.py, 2026-12-02); the comment: the fit's error at
+# batch 2 x 128 tokens, which it was not fitted on
+FOOTPRINTS: dict[str, Footprint] = {
+    "torch-fp32/backprop/full": Footprint(574, 2.498),  # -1.3%
+    "torch-fp32/backprop/window": Footprint(608, 0.752),  # -1.0%
+    "torch-fp32/zo/full": Footprint(577, 0.488),  # -1.4%
+    "torch-fp32/zo/window": Footprint(597, 0.364),  # -3.0%
+    "onnx-fp32/zo/full": Footprint(616, 0.824),  # +1.6%
+    "onnx-int8/zo/full": Footprint(446, 0.837),  # +0.1%
+    "onnx-fp32/zo/window": Footprint(522, 0.535),  # +3.8%
+    "onnx-int8/zo/window": Footprint(381, 0.839),  # +3.2%
+}
+MARGIN = 1.05  # on every estimate: the fits' largest underestimate at the check point was 3%
+SMOLLM2 = {"params": 134_515_008, "vocab": 49_152}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a tuning step runs with under the budget."""
+
+    mode: str
+    batch_size: int
+    seq_len: int
+    estimate_mb: float
+
+
+def base_params(base: BaseManifest) -> int:
+    """Parameters of a llama-style base from its manifest (tied embedding counted once)."""
+    h, kv = base.hidden_size, base.num_kv_heads * base.head_dim
+    attention = 2 * h * base.num_heads * base.head_dim + 2 * h * kv
+    layer = attention + 3 * h * base.intermediate_size + 2 * h
+    return base.vocab_size * h + base.num_layers * layer + h
+
+
+def mode(engine: str, precision: str, tuner: str, window: int) -> str:
+    """The :data:`FOOTPRINTS` key of a device's engine and tuner."""
+    kind = {"window": "backprop", "backprop": "backprop", "zo": "zo"}.get(tuner, tuner)
+    depth = "window" if window and tuner in ("window", "zo") else "full"
+    return f"{engine}-{precision or 'fp32'}/{kind}/{depth}"
+
+
+def estimate_mb(key: str, base: BaseManifest, tokens: int) -> float:
+    """Modelled peak RSS of a step of ``tokens`` tokens in mode ``key`` (with :data:`MARGIN`)."""
+    fp = FOOTPRINTS[key]
+    weights = fp.weights_mb * base_params(base) / SMOLLM2["params"]
+    per_token = fp.per_token_mb * base.vocab_size / SMOLLM2["vocab"]
+    return MARGIN * (RUNTIME_MB[key.split("-")[0]] + weights + tokens * per_token)
+
+
+def fit_budget(
+    budget_mb: float,
+    base: BaseManifest,
+    engine: str,
+    precision: str,
+    tuner: str,
+    window: int,
+    batch_size: int,
+    seq_len: int,
+) -> Plan:
+    """The largest ``batch x seq_len`` step (at most the configured one) whose modelled peak
+    is within ``budget_mb``; a :class:`ConfigError` naming what would fit when none is."""
+    key = mode(engine, precision, tuner, window)
+    if key not in FOOTPRINTS:
+        raise ConfigError(
+            f"[device] memory_budget_mb: no measured footprint for {key} (measured: "
+            f"{', '.join(sorted(FOOTPRINTS))}); set memory_budget_mb = 0 or pick one of those"
+        )
+    seqs = [s for s in (seq_len >> i for i in range(8)) if s >= MIN_SEQ] or [seq_len]
+    fits = [
+        (b * s, s, b)
+        for s in seqs
+        for b in range(batch_size, 0, -1)
+        if estimate_mb(key, base, b * s) <= budget_mb
+    ]
+    if fits:
+        _, seq, batch = max(fits)
+        return Plan(key, batch, seq, estimate_mb(key, base, batch * seq))
+    least = estimate_mb(key, base, seqs[-1])
+    others = sorted(
+        (estimate_mb(k, base, batch_size * seq_len), k)
+        for k in FOOTPRINTS
+        if k != key and estimate_mb(k, base, batch_size * seq_len) <= budget_mb
+    )
+    offer = ", ".join(f"{k} (~{mb:.0f} MB)" for mb, k in others) or "nothing measured"
+    raise ConfigError(
+        f"[device] memory_budget_mb = {budget_mb:g} is too small for {key} on {base.name}: even "
+        f"batch 1 x {seqs[-1]} tokens needs ~{least:.0f} MB. What fits {budget_mb:g} MB at "
+        f"batch {batch_size} x {seq_len}: {offer}"
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM on Linux, else ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,91 @@
+"""The memory budget: batch and window length fitted from the measured footprints, and a clear
+refusal naming what would fit when nothing does."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetune.edge_sdk import memory
+from fleetune.edge_sdk.errors import ConfigError
+from fleetune.edge_sdk.manifest import BaseManifest
+
+pytestmark = pytest.mark.unit
+
+SMOLLM2 = BaseManifest(
+    name="smollm2-135m",
+    sha256="ab" * 32,
+    architecture="llama",
+    num_layers=30,
+    hidden_size=576,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+)
+
+
+def test_the_parameter_count_of_smollm2_from_its_manifest():
+    assert memory.base_params(SMOLLM2) == memory.SMOLLM2["params"] == 134_515_008
+
+
+def test_the_configured_step_is_kept_when_it_fits_and_shrunk_when_it_does_not():
+    key = memory.mode("torch", "", "backprop", 0)
+    full = memory.estimate_mb(key, SMOLLM2, 4 * 64)
+    # Execute: a budget above the configured step, and one between batch 1 and batch 4
+    kept = memory.fit_budget(full + 1, SMOLLM2, "torch", "", "backprop", 0, 4, 64)
+    shrunk = memory.fit_budget(full - 1, SMOLLM2, "torch", "", "backprop", 0, 4, 64)
+    # Assert: the most tokens that fit, longer windows first; never over the budget
+    assert (kept.batch_size, kept.seq_len) == (4, 64) and kept.estimate_mb == full
+    assert shrunk.batch_size * shrunk.seq_len < 256 and shrunk.estimate_mb <= full - 1
+    assert shrunk.seq_len == 64 and shrunk.batch_size == 3
+
+
+def test_a_budget_nothing_fits_is_refused_naming_the_need_and_what_would_fit():
+    zo_ort = memory.estimate_mb("onnx-int8/zo/window", SMOLLM2, 4 * 64)
+    backprop = memory.estimate_mb("torch-fp32/backprop/full", SMOLLM2, 16)
+    assert zo_ort < backprop  # the measured footprints: forward-only int8 in a window is smaller
+    with pytest.raises(ConfigError) as err:
+        memory.fit_budget(zo_ort + 1, SMOLLM2, "torch", "", "backprop", 0, 4, 64)
+    text = str(err.value)
+    assert f"memory_budget_mb = {zo_ort + 1:g} is too small for torch-fp32/backprop/full" in text
+    assert "batch 1 x 16 tokens" in text and "onnx-int8/zo/window" in text
+    with pytest.raises(ConfigError, match="no measured footprint for llamacpp-q8_0/zo/full"):
+        memory.fit_budget(500, SMOLLM2, "llamacpp", "q8_0", "zo", 0, 4, 64)
+
+
+def test_another_base_scales_weights_by_parameters_and_activations_by_vocabulary():
+    import dataclasses
+
+    double = dataclasses.replace(SMOLLM2, num_layers=60, vocab_size=2 * 49152)
+    key = "torch-fp32/zo/full"
+    small, large = (memory.estimate_mb(key, b, 256) for b in (SMOLLM2, double))
+    fp = memory.FOOTPRINTS[key]
+    ratio = memory.base_params(double) / memory.SMOLLM2["params"]
+    expected = fp.weights_mb * (ratio - 1) + 256 * fp.per_token_mb
+    assert large - small == pytest.approx(memory.MARGIN * expected)
+
+
+def test_the_device_config_refuses_a_negative_budget_and_reads_its_own_peak():
+    from fleetune.edge_sdk.config import DeviceConfig
+
+    with pytest.raises(ConfigError, match="memory_budget_mb must be >= 0"):
+        DeviceConfig(memory_budget_mb=-1)
+    assert 1 < memory.peak_rss_mb() < 100_000
+
+
+def test_a_device_fits_its_step_to_the_budget_or_refuses_at_start():
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, TuningConfig
+
+    def device(budget: float) -> EdgeClient:
+        config = FleetuneConfig(
+            device=DeviceConfig(memory_budget_mb=budget), tuning=TuningConfig(batch_size=8)
+        )
+        return EdgeClient(config, base=SMOLLM2)
+
+    key = "torch-fp32/backprop/full"
+    with pytest.raises(ConfigError, match=f"too small for {key} on smollm2-135m"):
+        device(memory.estimate_mb(key, SMOLLM2, 16) - 1)
+    fitted = device(memory.estimate_mb(key, SMOLLM2, 2 * 64) + 1).config.tuning
+    assert (fitted.batch_size, fitted.seq_len) == (2, 64)
