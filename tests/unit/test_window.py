@@ -148,9 +148,7 @@ def test_onnx_prefix_and_window_graphs_give_the_full_models_loss(four_layers, tm
     tensors = _adapter(spec, base)
     ids = np.random.default_rng(0).integers(0, 128, size=(6, 16))
     # Execute: the window graphs from the ONNX bundle, the full model in torch
-    root = export_onnx(
-        base, spec, tmp_path / "bundle", graphs=("prefix_fp32", "window_fp32")
-    )
+    root = export_onnx(base, spec, tmp_path / "bundle", graphs=("prefix_fp32", "window_fp32"))
     engine = OnnxBackend(root)
     engine.set_adapter(tensors)
     cache = build_cache(engine, ids, batch=4)
