@@ -13,7 +13,8 @@ perplexity by less than 0.2, so the grid starts at 0.03.)
 
 ``--shapes``: backprop in the window at ``--lr-window`` for each window size and set of target
 projections in ``SHAPES`` instead (what holds the window back against PEFT at full depth:
-too few layers, or too few projections?).
+too few layers, or too few projections?). A window of all 30 layers (backprop from the cached
+embeddings) is the full-depth reference on the same clients and clock.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ QV, ALL = (
     ("q_proj", "v_proj"),
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
-SHAPES = ((4, QV), (8, QV), (12, QV), (4, ALL), (8, ALL))
+SHAPES = ((4, QV), (8, QV), (12, QV), (4, ALL), (8, ALL), (30, QV))  # 30: every layer (PEFT's)
+
+
+def shape_name(targets: tuple[str, ...]) -> str:
+    return "all" if targets == ALL else "q,v"
 
 
 def shapes(args, base, texts) -> list[dict]:
@@ -46,7 +51,8 @@ def shapes(args, base, texts) -> list[dict]:
     from fleetune.edge_sdk.backends.torch import TorchBackend
 
     runs = []
-    for window, targets in SHAPES:
+    picked = [s for s in SHAPES if args.shape is None or f"{s[0]}:{shape_name(s[1])}" in args.shape]
+    for window, targets in picked:
         engine = TorchBackend(base, LoraSpec(window=window, targets=targets))
         for name in args.clients.split(","):
             data = prepare_client(texts[name], engine.tokenize, max_eval_windows=24)
@@ -54,7 +60,7 @@ def shapes(args, base, texts) -> list[dict]:
             record, ppl = window_backprop_arm(
                 engine, data, train, args.seed, args.seconds, args.lr_window
             )
-            shape = f"{window}:{'all' if targets == ALL else 'q,v'}"
+            shape = f"{window}:{shape_name(targets)}"
             runs.append(
                 {"client": name, "arm": "window_backprop", "shape": shape, "ppl": ppl, **record}
             )
@@ -76,6 +82,7 @@ def main() -> None:
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--shapes", action="store_true", help="sweep window size and targets")
     parser.add_argument("--lr-window", type=float, default=3e-3, help="--shapes: AdamW lr")
+    parser.add_argument("--shape", action="append", help="--shapes: only K:q,v or K:all")
     args = parser.parse_args()
 
     import torch
