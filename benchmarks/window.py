@@ -288,10 +288,10 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, PEFT full")
     parser.add_argument(
-        "--lr-window", type=float, default=1e-3, help="AdamW in the window (window_sweep.py)"
+        "--lr-window", type=float, default=3e-3, help="AdamW in the window (window_sweep.py)"
     )
     parser.add_argument(
-        "--zo-lr-window", type=float, default=ZOConfig().lr, help="MeZO in the window (sweep)"
+        "--zo-lr-window", type=float, default=0.3, help="MeZO in the window (window_sweep.py)"
     )
     parser.add_argument(
         "--ort", default="fp32", choices=("fp32", "int8", "none"), help="the ORT window arm"
