@@ -1,7 +1,7 @@
 """Learning rates for tuning in a layer window, swept on clients that ``benchmarks/window.py``
 does not report (one per kind), at its wall-clock per arm (torch, 1 thread).
 
-MeZO in the window moves far fewer values than at full depth (LoRA B of 4 layers: 18k vs 138k
+MeZO in the window moves far fewer values than at full depth (LoRA B of 4 layers: 25k vs 184k
 on SmolLM2), so its SPSA estimate is less noisy and may take a larger step; AdamW in the window
 may too. For each lr the arm runs from the same init on the same windows; the pick per arm is
 the lr with the lowest geometric-mean held-out perplexity, and goes to ``window.py`` as
