@@ -62,6 +62,7 @@ class OnnxBackend:
         self._options, self.precision, self._closed = options, precision, False
         window = f"window_{precision}" in self.bundle.files and self.spec.window > 0
         self.capabilities = Capabilities(generate=True, window=window)
+        self._start = self.spec.layers(self.base).start  # the first layer of the window
         # graphs load on first use; a window engine scores through its prefix and window graphs
         # and never loads the full loss graph
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -146,10 +147,9 @@ class OnnxBackend:
     def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray:
         """The states entering the adapter's window (float32 [batch, tokens, hidden]); the
         prefix graph was exported for one window, so ``start`` must be its first layer."""
-        if start != self.spec.layers(self.base).start:
+        if start != self._start:
             raise ConfigError(
-                f"this bundle's prefix graph ends at layer {self.spec.layers(self.base).start}, "
-                f"not {start}"
+                f"this bundle's prefix graph ends at layer {self._start}, not {start}"
             )
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         try:
@@ -163,7 +163,7 @@ class OnnxBackend:
         key = str(ids.shape).encode() + ids.tobytes()
         hidden = self._states.get(key)
         if hidden is None:
-            hidden = self.prefix(ids, self.spec.layers(self.base).start)
+            hidden = self.prefix(ids, self._start)
             held = sum(h.nbytes for h in self._states.values())
             if held + hidden.nbytes <= STATES_MB * 2**20:
                 self._states[key] = hidden

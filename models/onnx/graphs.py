@@ -216,15 +216,16 @@ def export_window_graphs(
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     tokens = {0: batch, 1: seq}
+    prefix_graph = PrefixGraph(model, start).eval()
     prefix = export(
-        PrefixGraph(model, start).eval(),
+        prefix_graph,
         (ids,),
         (["input_ids"], ["hidden"]),
         {"input_ids": tokens},
         prefix_path,
     )
     with torch.no_grad():
-        hidden = PrefixGraph(model, start)(ids)
+        hidden = prefix_graph(ids)
     adapter = torch.randn(layout.size, generator=g) * 0.02
     names = (["hidden", "labels", "adapter"], ["loss"])
     dims = {"hidden": tokens, "labels": tokens, "adapter": None}
