@@ -6,7 +6,8 @@ q,v; a window of the top ``--window`` layers where the arm has one), builds the 
 peak is VmHWM. Per arm, ``fixed + tokens x per_token`` is fitted through two points (batch 1 and
 ``--batch-hi`` at ``--seq`` tokens) and checked at a third it was not fitted on (``--check``):
 ``error_pct`` is that prediction's error. ``runtime_mb``: a fresh interpreter that only imports
-the engine; ``weights_mb = fixed - runtime``. ``edge_sdk/memory.py`` holds the fitted numbers.
+the engine (torch with a window: the lean engine, plain torch); ``weights_mb = fixed -
+runtime``. ``edge_sdk/memory.py`` holds the fitted numbers.
 
     python -m benchmarks.memory --json results/bench_memory.json
     python -m benchmarks.memory --arms torch:fp32:zo:0 --json /tmp/m.json
@@ -30,6 +31,7 @@ from benchmarks.common import peak_rss_mb  # noqa: E402
 ARMS = (
     "torch:fp32:backprop:0",
     "torch:fp32:backprop:4",
+    "torch:bf16:backprop:4",
     "torch:fp32:zo:0",
     "torch:fp32:zo:4",
     "onnx:fp32:zo:0",
@@ -47,7 +49,10 @@ from fleetune.edge_sdk.tuners.window import build_cache, window_backprop, window
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 from fleetune.models.base import prepare_base
 base, spec = prepare_base("smollm2-135m"), LoraSpec(window=window)
-if engine == "torch":
+if engine == "torch" and window:  # what a device under a budget opens: the lean window engine
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+    backend = TorchWindowBackend(base, spec, 1, precision, recompute=True)
+elif engine == "torch":
     import torch
     torch.set_num_threads(1)
     from fleetune.edge_sdk.backends.torch import TorchBackend
@@ -73,8 +78,15 @@ else:
 
 RUNTIME_CHILD = {  # what importing the engine costs
     "torch": "from fleetune.edge_sdk.backends.torch import TorchBackend\nimport peft",
+    "torch-window": "from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend",
     "onnx": "from fleetune.edge_sdk.backends.onnx import OnnxBackend",
 }
+
+
+def runtime(arm: str) -> str:
+    """The :data:`RUNTIME_CHILD` an arm's engine is: torch with a window is the lean engine."""
+    engine, _, _, window = arm.split(":")
+    return "torch-window" if engine == "torch" and int(window) else engine
 
 
 def log(text: str) -> None:
@@ -113,9 +125,7 @@ def main() -> None:
         "lora": {"r": 8, "targets": ["q_proj", "v_proj"]},
         "cache_windows": 64,
         "arms": {},
-        "runtime_mb": {
-            e: peak_rss_mb(RUNTIME_CHILD[e]) for e in sorted({a.split(":")[0] for a in arms})
-        },
+        "runtime_mb": {e: peak_rss_mb(RUNTIME_CHILD[e]) for e in sorted(set(map(runtime, arms)))},
     }
     log(f"runtime: {doc['runtime_mb']}")
     for i, arm in enumerate(arms):
@@ -133,7 +143,7 @@ def main() -> None:
                 args.check: measured,
             },
             "fixed_mb": fixed,
-            "weights_mb": fixed - doc["runtime_mb"][arm.split(":")[0]],
+            "weights_mb": fixed - doc["runtime_mb"][runtime(arm)],
             "per_token_mb": per_token,
             "check_predicted_mb": predicted,
             "error_pct": 100 * (predicted - measured) / measured,

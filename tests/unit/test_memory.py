@@ -89,3 +89,13 @@ def test_a_device_fits_its_step_to_the_budget_or_refuses_at_start():
         device(memory.estimate_mb(key, SMOLLM2, 16) - 1)
     fitted = device(memory.estimate_mb(key, SMOLLM2, 2 * 64) + 1).config.tuning
     assert (fitted.batch_size, fitted.seq_len) == (2, 64)
+
+
+def test_a_torch_window_is_planned_on_the_lean_engines_runtime():
+    # the lean window engine imports plain torch: its runtime is not transformers + PEFT's
+    assert memory.runtime("torch-bf16/backprop/window") == "torch-window"
+    assert memory.runtime("torch-fp32/backprop/full") == "torch"
+    assert memory.runtime("onnx-int8/zo/window") == "onnx"
+    assert memory.RUNTIME_MB["torch-window"] < memory.RUNTIME_MB["torch"]
+    lean = memory.estimate_mb("torch-bf16/backprop/window", SMOLLM2, 256)
+    assert lean < memory.estimate_mb("torch-fp32/backprop/full", SMOLLM2, 256) / 2

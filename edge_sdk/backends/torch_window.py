@@ -1,0 +1,406 @@
+"""A lean torch engine for layer windows: it holds only the adapter's window of decoder layers,
+the final norm and the head, in plain torch (no transformers, no PEFT). Long because it carries
+what those libraries would: the Llama layer, a checkpoint reader, a fused head loss and
+activation checkpointing.
+
+The layers below the window never change while a window adapter tunes, so nothing needs them
+in memory between cache builds: :meth:`TorchWindowBackend.prefix_into` streams them from the
+base's safetensors checkpoint one layer at a time, runs every cached row through that layer and
+lets it go. What stays resident is the window (SmolLM2, 4 layers: 14M parameters), the
+embedding table the head shares (28M) and the cache. ``precision = "bf16"`` keeps the frozen
+weights in bfloat16 and runs their matmuls there (the LoRA weights, norms, attention scores and
+the loss stay float32): about 3x faster matmuls on CPUs with native bf16 (AVX512-BF16, AMX)
+and half the memory; for backprop in the window, not for zeroth-order steps, whose loss
+differences bf16's rounding would drown.
+
+The layer is the Llama decoder layer as transformers runs it (RMSNorm, rotary positions,
+grouped-query causal attention, SwiGLU), with PEFT's LoRA on the target projections
+(``y = W x + alpha / r * B A x``); its loss matches the transformers + PEFT engine
+(``tests/unit/test_torch_window.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+from fleetune.edge_sdk.backends import Capabilities
+from fleetune.edge_sdk.backends.torch import LoraWeights
+from fleetune.edge_sdk.errors import BackendError, ConfigError
+from fleetune.edge_sdk.manifest import BaseManifest
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, np.ndarray]
+STORED = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # safetensors dtypes read
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROJECTIONS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+ROWS = 8  # rows per chunk while a prefix layer streams over the cache
+SLAB = 16 * 2**20  # bytes read per slab while a tensor loads
+# tokens per slab of logits in the head's loss: 128 (matmuls ~20% faster than at 64), 64 under
+# a memory budget (recompute: half the slab, ~25 MB less at SmolLM2's vocabulary)
+HEAD_ROWS = {False: 128, True: 64}
+STATES_MB = 64  # prefix states of scored windows kept, as the ONNX engine does
+
+
+def bf16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN: AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Checkpoint:
+    """The base's safetensors checkpoint, read tensor by tensor with plain file reads (a
+    memory map would leave every page it touched in the process's resident set)."""
+
+    def __init__(self, hf_dir: str) -> None:
+        root = Path(hf_dir)
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise BackendError(f"no safetensors checkpoint in {root}: `fleetune export hf`")
+        self.config = json.loads((root / "config.json").read_text())
+        self._where: dict[str, tuple[Path, int, dict]] = {}
+        for path in files:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self._where.update({name: (path, 8 + size, meta) for name, meta in header.items()})
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self._where:
+            raise BackendError(f"the checkpoint has no tensor {name}")
+        path, body, meta = self._where[name]
+        if meta["dtype"] not in STORED:
+            raise BackendError(f"{name} is {meta['dtype']}, not one of {sorted(STORED)}")
+        begin, _ = meta["data_offsets"]
+        kind, shape = np.dtype(STORED[meta["dtype"]]), meta["shape"]
+        out = torch.empty(shape, dtype=dtype)
+        flat, row = out.view(-1), math.prod(shape[1:])
+        step = max(1, SLAB // (row * kind.itemsize)) * row  # whole rows, about SLAB bytes
+        with path.open("rb") as f:
+            f.seek(body + begin)
+            for i in range(0, flat.numel(), step):  # a slab at a time: no second full copy
+                count = min(step, flat.numel() - i)
+                raw = torch.from_numpy(np.fromfile(f, dtype=kind, count=count))
+                if len(raw) != count:
+                    raise BackendError(f"{path} ends inside tensor {name}: truncated")
+                flat[i : i + count] = raw.view(torch.bfloat16) if meta["dtype"] == "BF16" else raw
+        return out
+
+
+class Layer(torch.nn.Module):
+    """One Llama decoder layer: frozen weights in ``dtype``, LoRA A and B on ``targets``."""
+
+    def __init__(
+        self, ckpt: Checkpoint, index: int, dtype: torch.dtype, targets: tuple[str, ...], r: int
+    ) -> None:
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.weights = {
+            name: ckpt.get(f"{prefix}.{part}.{name}.weight", dtype)
+            for name, part in PROJECTIONS.items()
+        }
+        self.norms = {
+            name: ckpt.get(f"{prefix}.{name}.weight", torch.float32)
+            for name in ("input_layernorm", "post_attention_layernorm")
+        }
+        self.lora = torch.nn.ParameterDict()
+        for name in targets:
+            out_dim, in_dim = self.weights[name].shape
+            self.lora[f"{name}_A"] = torch.nn.Parameter(torch.zeros(r, in_dim))
+            self.lora[f"{name}_B"] = torch.nn.Parameter(torch.zeros(out_dim, r))
+
+    def project(self, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
+        weight = self.weights[name]
+        y = F.linear(x.to(weight.dtype), weight).float()
+        if f"{name}_A" in self.lora:
+            y = y + scale * F.linear(F.linear(x, self.lora[f"{name}_A"]), self.lora[f"{name}_B"])
+        return y
+
+
+class Llama:
+    """What every layer shares: shapes, the norm's epsilon and the rotary tables."""
+
+    def __init__(self, config: dict, lora_scale: float) -> None:
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads", self.heads)
+        self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
+        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.theta = float(config.get("rope_theta", 10000.0))
+        self.scale = lora_scale
+        unsupported = {
+            "model_type": config.get("model_type", "llama") != "llama",
+            "rope_scaling": bool(config.get("rope_scaling")),
+            "attention_bias": bool(config.get("attention_bias")),
+            "mlp_bias": bool(config.get("mlp_bias")),
+            "hidden_act": config.get("hidden_act", "silu") != "silu",
+        }
+        if bad := [key for key, on in unsupported.items() if on]:
+            raise BackendError(
+                f"the lean window engine runs plain llama layers; this checkpoint sets "
+                f"{', '.join(f'{k} = {config[k]!r}' for k in bad)}: use the transformers engine"
+            )
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def rotary(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        freqs = torch.outer(torch.arange(tokens).float(), inv)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos(), angles.sin()
+
+    def layer(self, layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        h = self.norm(x, layer.norms["input_layernorm"])
+
+        def heads(name: str, count: int) -> torch.Tensor:
+            y = layer.project(name, h, self.scale)
+            return y.view(batch, tokens, count, self.head_dim).transpose(1, 2)
+
+        q, k, v = (
+            heads("q_proj", self.heads),
+            heads("k_proj", self.kv_heads),
+            heads("v_proj", self.kv_heads),
+        )
+        cos, sin = rope
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + layer.project("o_proj", attn.transpose(1, 2).reshape(batch, tokens, -1), self.scale)
+        h = self.norm(x, layer.norms["post_attention_layernorm"])
+        gated = F.silu(layer.project("gate_proj", h, self.scale)) * layer.project(
+            "up_proj", h, self.scale
+        )
+        return x + layer.project("down_proj", gated, self.scale)
+
+
+class HeadLoss(torch.autograd.Function):
+    """Mean next-token cross-entropy of ``x @ head.T`` computed ``rows`` tokens at a
+    time, with the gradient for ``x`` worked out in the same pass when one is needed: the
+    [tokens, vocabulary] logits (SmolLM2: 49,152 per token) never exist whole, neither for the
+    forward nor for the backward (the fused linear cross-entropy of Liger-Kernel)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, rows: int
+    ) -> torch.Tensor:
+        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(0, len(x), rows):
+            picked = labels[i : i + rows]
+            logits = F.linear(x[i : i + rows].to(head.dtype), head).float()
+            top = logits.max(dim=-1, keepdim=True).values
+            target = logits.gather(1, picked[:, None]) - top
+            # in place, one [rows, vocabulary] buffer; exp below -80 (< 2e-35 each) is clamped:
+            # torch's exp is ~20x slower where it underflows, and the sum does not see it
+            probs = logits.sub_(top).clamp_(min=-80.0).exp_()
+            sums = probs.sum(dim=-1, keepdim=True)
+            total += (sums.log() - target).sum()
+            if grad is not None:  # softmax - one-hot
+                probs.div_(sums)[torch.arange(len(picked)), picked] -= 1.0
+                grad[i : i + rows] = (probs.to(head.dtype) @ head).float()
+        ctx.save_for_backward(grad.div_(len(x)) if grad is not None else None)
+        return (total / len(x)).float()
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * upstream if grad is not None else None), None, None, None
+
+
+class Recompute(torch.autograd.Function):
+    """Activation checkpointing of one layer (``run``): the forward keeps only its input, the
+    backward runs it again with gradients and back-propagates through that. Written here
+    because ``torch.utils.checkpoint`` imports ``torch._dynamo`` (about 70 MB resident)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        ctx.run = run
+        ctx.save_for_backward(x)
+        return run(x)  # autograd is off inside forward: nothing of the layer is kept
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = ctx.run(x)
+        torch.autograd.backward(y, upstream)  # the LoRA weights' gradients accumulate here
+        return x.grad, None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class TorchWindowBackend(LoraWeights):
+    """A window adapter's engine: the window's layers, the final norm and the head in memory;
+    the layers below streamed from the checkpoint when states are needed."""
+
+    capabilities = Capabilities(backprop=True, window=True, streamed_prefix=True)
+
+    def __init__(
+        self,
+        base: BaseManifest,
+        spec: LoraSpec,
+        threads: int = 1,
+        precision: str = "fp32",
+        recompute: bool = False,
+    ) -> None:
+        """``recompute`` (devices under a memory budget): keep only each window layer's input
+        for backprop and run the layer again in the backward pass (activation checkpointing:
+        SmolLM2, ~15 MB less per layer at 4 x 64 tokens, for one more forward of the window per
+        step), and score the head 64 tokens at a time instead of 128."""
+        if not spec.window:
+            raise ConfigError("the lean window engine needs lora_window = K > 0")
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"torch window precision {precision!r} is not one of {sorted(PRECISIONS)}"
+            )
+        if not base.hf_dir:
+            raise BackendError(f"base {base.name} has no Hugging Face copy: `fleetune export hf`")
+        torch.set_num_threads(threads)
+        self.base, self.spec, self.precision, self.recompute = base, spec, precision, recompute
+        self.dtype = PRECISIONS[precision]
+        if precision == "bf16" and not bf16_native():
+            log.warning("bf16 on a CPU without native bf16 matmuls: expect it slower than fp32")
+        self.ckpt = Checkpoint(base.hf_dir)
+        self.llama = Llama(self.ckpt.config, spec.alpha / spec.r)
+        self.window = spec.layers(base)
+        self.embed = self.ckpt.get("model.embed_tokens.weight", self.dtype)
+        tied = self.ckpt.config.get("tie_word_embeddings", not self.ckpt.has("lm_head.weight"))
+        self.head = self.embed if tied else self.ckpt.get("lm_head.weight", self.dtype)
+        self.final_norm = self.ckpt.get("model.norm.weight", torch.float32)
+        self.layers = {
+            i: Layer(self.ckpt, i, self.dtype, tuple(spec.targets), spec.r) for i in self.window
+        }
+        self.model = torch.nn.ModuleDict({str(i): layer for i, layer in self.layers.items()})
+        self.model.requires_grad_(False)
+        self.layout = FlatLayout(spec, base)
+        self._params: dict[str, torch.nn.Parameter] = {
+            f"base_model.model.model.layers.{i}.{PROJECTIONS[t]}.{t}.lora_{ab}.weight": getattr(
+                layer.lora, f"{t}_{ab}"
+            )
+            for i, layer in self.layers.items()
+            for t in spec.targets
+            for ab in ("A", "B")
+        }
+        self.set_adapter(init_lora(spec, base))  # the fleet's shared A, B zero
+        self._states: dict[bytes, np.ndarray] = {}
+        self._tokenizer: Any = None
+
+    def tokenize(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = Path(self.base.hf_dir or "") / "tokenizer.json"
+            try:
+                self._tokenizer = Tokenizer.from_file(str(path))
+            except Exception as err:
+                raise BackendError(f"no tokenizer for {self.base.name} at {path}: {err}") from err
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    # -- the prefix, streamed ---------------------------------------------------------------
+    @torch.no_grad()
+    def prefix_into(
+        self,
+        input_ids: np.ndarray,
+        start: int,
+        out: np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Write the states entering layer ``start`` for every row of ``input_ids`` into
+        ``out`` ([rows, tokens, hidden] float32, in RAM or a memory map): layer after layer,
+        each read from the checkpoint, run over all rows in chunks and dropped."""
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        states = torch.from_numpy(out)
+        for i in range(0, len(ids), ROWS):
+            states[i : i + ROWS] = F.embedding(ids[i : i + ROWS], self.embed).float()
+        rope = self.llama.rotary(ids.shape[1])
+        for index in range(start):
+            layer = Layer(self.ckpt, index, self.dtype, (), self.spec.r)
+            for i in range(0, len(ids), ROWS):
+                states[i : i + ROWS] = self.llama.layer(layer, states[i : i + ROWS], rope)
+            del layer
+            if progress is not None:
+                progress(index + 1, start)
+
+    def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        out = np.empty((*ids.shape, self.base.hidden_size), dtype=np.float32)
+        self.prefix_into(ids, start, out)
+        return out
+
+    # -- the window ---------------------------------------------------------------------------
+    def window_loss_tensor(self, hidden: np.ndarray, input_ids: np.ndarray) -> torch.Tensor:
+        """The loss from cached states entering the window: its layers, the final norm and the
+        head (the full model's loss for the same tokens and adapter)."""
+        x = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
+        rope = self.llama.rotary(x.shape[1])
+        recompute = self.recompute and torch.is_grad_enabled()
+        if recompute:
+            x.requires_grad_(True)  # so that the first layer's Recompute is differentiated
+        for i in self.window:
+            layer = self.layers[i]
+            if recompute:
+                x = Recompute.apply(x, lambda h, layer=layer: self.llama.layer(layer, h, rope))
+            else:
+                x = self.llama.layer(layer, x, rope)
+        x = self.llama.norm(x[:, :-1], self.final_norm).reshape(-1, x.shape[-1])
+        labels = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[:, 1:].reshape(-1)
+        return HeadLoss.apply(x, self.head, labels, HEAD_ROWS[self.recompute])
+
+    @torch.no_grad()
+    def window_loss_flat(
+        self, hidden: np.ndarray, input_ids: np.ndarray, flat: np.ndarray
+    ) -> float:
+        self.set_adapter(self.layout.unflatten(flat))
+        return float(self.window_loss_tensor(hidden, input_ids))
+
+    def _prefix_states(self, ids: np.ndarray) -> np.ndarray:
+        key = str(ids.shape).encode() + ids.tobytes()
+        hidden = self._states.get(key)
+        if hidden is None:
+            hidden = self.prefix(ids, self.window.start)
+            held = sum(h.nbytes for h in self._states.values())
+            if held + hidden.nbytes <= STATES_MB * 2**20:
+                self._states[key] = hidden
+        return hidden
+
+    def loss_tensor(self, input_ids: np.ndarray) -> torch.Tensor:
+        ids = np.asarray(input_ids)
+        return self.window_loss_tensor(self._prefix_states(ids), ids)
+
+    @torch.no_grad()
+    def loss(self, input_ids: np.ndarray) -> float:
+        return float(self.loss_tensor(input_ids))
+
+    @torch.no_grad()
+    def loss_flat(self, input_ids: np.ndarray, flat: np.ndarray) -> float:
+        self.set_adapter(self.layout.unflatten(flat))
+        return self.loss(input_ids)
+
+    def close(self) -> None:
+        self._states.clear()
+        del self.model, self._params, self.embed, self.head

@@ -1,0 +1,174 @@
+"""The lean torch window engine (plain torch, the window and the head only) against the
+transformers + PEFT engine on a random 4-layer llama: the same prefix states, losses and
+gradients; bf16 close; its AdamW is torch's; it imports neither transformers nor torch.optim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.errors import BackendError, ConfigError
+from fleetune.edge_sdk.tuners.window import build_cache, window_backprop
+
+pytestmark = pytest.mark.unit
+torch = pytest.importorskip("torch")
+
+
+def _adapter(spec, base, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        k: v + rng.normal(0, 0.05, v.shape).astype(np.float32)
+        for k, v in init_lora(spec, base).items()
+    }
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_base4):
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    spec = LoraSpec(r=2, window=2, targets=("q_proj", "v_proj", "down_proj"))
+    tensors = _adapter(spec, tiny_base4)
+    reference, lean = TorchBackend(tiny_base4, spec), TorchWindowBackend(tiny_base4, spec)
+    reference.set_adapter(tensors)
+    lean.set_adapter(tensors)
+    return spec, tensors, reference, lean
+
+
+def test_streamed_prefix_window_loss_and_full_loss_match_transformers(engines, tmp_path):
+    _, _, reference, lean = engines
+    ids = np.random.default_rng(0).integers(0, 128, size=(11, 16))  # 11 rows: a partial chunk
+    # Execute: the lean engine streams the two layers below the window into a disk cache
+    cache = build_cache(lean, ids, path=tmp_path / "states.npy")
+    expected = reference.prefix(ids, 2)
+    # Assert: float32 tolerance everywhere (the same math, other kernels)
+    np.testing.assert_allclose(np.asarray(cache.hidden), expected, rtol=1e-5, atol=1e-5)
+    got = float(lean.window_loss_tensor(cache.hidden[:4], ids[:4]).detach())
+    assert got == pytest.approx(reference.loss(ids[:4]), rel=1e-5)
+    assert lean.loss(ids[4:]) == pytest.approx(reference.loss(ids[4:]), rel=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradients_match_peft_and_reach_only_the_window(engines, recompute):
+    _, tensors, reference, lean = engines
+    lean.recompute = recompute  # activation checkpointing: the same gradients
+    ids = np.random.default_rng(1).integers(0, 128, size=(4, 16))
+    hidden = reference.prefix(ids, 2)
+    grads = {}
+    for engine in (reference, lean):
+        engine.set_adapter(tensors)
+        params = engine.trainable("all")
+        for p in params:
+            p.grad = None
+        engine.window_loss_tensor(hidden, ids).backward()
+        grads[engine] = {n: p.grad.numpy().copy() for n, p in engine._params.items()}
+    assert set(grads[lean]) == set(grads[reference]) == set(tensors)
+    for name, grad in grads[reference].items():  # the fused head's hand-written gradient too
+        np.testing.assert_allclose(grads[lean][name], grad, rtol=1e-4, atol=1e-7)
+    frozen = [*lean.model.parameters()]
+    assert all(p.grad is None for p in frozen if all(p is not q for q in lean._params.values()))
+
+
+def test_bf16_is_close_and_tuning_lowers_the_loss(tiny_base4):
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    spec = LoraSpec(r=2, window=1)
+    fp32, bf16 = (
+        TorchWindowBackend(tiny_base4, spec),
+        TorchWindowBackend(tiny_base4, spec, precision="bf16"),
+    )
+    cycle = np.tile(np.arange(16), 40)[:512].reshape(-1, 16)
+    assert bf16.loss(cycle[:4]) == pytest.approx(fp32.loss(cycle[:4]), rel=2e-2)
+    cache = build_cache(bf16, cycle)
+    before = float(bf16.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    metrics = window_backprop(bf16, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
+    after = float(bf16.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    assert metrics["steps"] == 30 and after < 0.95 * before
+    assert (
+        bf16.head.dtype == torch.bfloat16
+        and bf16._params[next(iter(bf16._params))].dtype == torch.float32
+    )
+
+
+def test_refusals_name_the_problem(tiny_base4, tmp_path):
+    from fleetune.edge_sdk.backends import load_backend
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    with pytest.raises(ConfigError, match="needs lora_window"):
+        TorchWindowBackend(tiny_base4, LoraSpec(r=2))
+    with pytest.raises(ConfigError, match="'int8' is not one of"):
+        TorchWindowBackend(tiny_base4, LoraSpec(r=2, window=1), precision="int8")
+    with pytest.raises(ConfigError, match="for layer windows only"):
+        load_backend("torch", LoraSpec(r=2), base=tiny_base4, precision="bf16")
+    assert isinstance(
+        load_backend("torch", LoraSpec(r=2, window=1), base=tiny_base4), TorchWindowBackend
+    )
+    from dataclasses import replace
+
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, TuningConfig
+
+    with pytest.raises(ConfigError, match=r'bf16.*not tuner = "zo"'):
+        FleetuneConfig(
+            device=DeviceConfig(precision="bf16"), tuning=TuningConfig(tuner="zo", lora_window=2)
+        )
+    with pytest.raises(BackendError, match="no safetensors checkpoint"):
+        TorchWindowBackend(replace(tiny_base4, hf_dir=str(tmp_path)), LoraSpec(r=2, window=1))
+    # a checkpoint cut short, and one whose layers are not plain llama layers
+    import json
+    import shutil
+    from pathlib import Path
+
+    source = Path(tiny_base4.hf_dir)
+    for name in ("short", "biased"):
+        shutil.copytree(source, tmp_path / name)
+    weights = (tmp_path / "short" / "model.safetensors").read_bytes()
+    (tmp_path / "short" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(BackendError, match="truncated"):
+        TorchWindowBackend(
+            replace(tiny_base4, hf_dir=str(tmp_path / "short")), LoraSpec(r=2, window=1)
+        )
+    config = json.loads((source / "config.json").read_text())
+    (tmp_path / "biased" / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
+    with pytest.raises(BackendError, match="mlp_bias = True: use the transformers engine"):
+        TorchWindowBackend(
+            replace(tiny_base4, hf_dir=str(tmp_path / "biased")), LoraSpec(r=2, window=1)
+        )
+
+
+def test_adamw_is_torchs_update():
+    from fleetune.edge_sdk.tuners.backprop import AdamW
+
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(64))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    mine, reference = (
+        AdamW([ours], lr=1e-2, weight_decay=0.1),
+        torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1),
+    )
+    for _ in range(25):
+        grad = torch.randn(64)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        mine.step()
+        reference.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+
+
+def test_the_lean_engine_imports_neither_transformers_nor_torch_optim(tiny_base4):
+    code = (
+        "import sys, numpy as np\n"
+        "from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend\n"
+        "from fleetune.edge_sdk.adapters.lora import LoraSpec\n"
+        "from fleetune.edge_sdk.manifest import BaseManifest\n"
+        "from fleetune.edge_sdk.tuners.window import build_cache, window_backprop\n"
+        f"base = BaseManifest(**{tiny_base4.__dict__!r})\n"
+        "engine = TorchWindowBackend(base, LoraSpec(r=2, window=1))\n"
+        "ids = np.random.default_rng(0).integers(0, 128, size=(8, 16))\n"
+        "window_backprop(engine, build_cache(engine, ids), 2, 1e-3, 4, 0)\n"
+        "print(sorted(m for m in ('transformers', 'peft', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
