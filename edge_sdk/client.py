@@ -267,11 +267,11 @@ class EdgeClient:
         transport.subscribe(self.topics.keys)
         transport.subscribe(self.topics.round)
         transport.connect()
-        transport.publish(
-            self.topics.status(self.device),
-            DeviceStatus("online", masking_key=self.masking_key.public.hex()).encode(),
-            retain=True,
-        )
+        online = DeviceStatus("online", masking_key=self.masking_key.public.hex())
+        try:
+            transport.publish(self.topics.status(self.device), online.encode(), retain=True)
+        except TransportError as err:  # informational: the round's messages retry on their own
+            log.warning("%s: could not publish online status: %s", self.device, err)
         return transport
 
     def flush_outbox(self) -> int:
