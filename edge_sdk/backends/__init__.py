@@ -8,6 +8,7 @@ reference engine runs on a Hugging Face copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -16,8 +17,6 @@ import numpy as np
 from fleetune.edge_sdk.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from fleetune.edge_sdk.adapters.lora import LoraSpec
     from fleetune.edge_sdk.bundle import Bundle
     from fleetune.edge_sdk.manifest import BaseManifest
@@ -90,6 +89,27 @@ class StreamedBackend(WindowBackend, Protocol):
         out: np.ndarray,
         progress: Callable[[int, int], None] | None = None,
     ) -> None: ...
+
+
+class StatesMemo:
+    """The prefix states of windows a window engine scored through its full loss (held-out and
+    validation text comes back every round), kept up to ``limit_mb``; beyond that, recomputed."""
+
+    def __init__(self, limit_mb: float = 64) -> None:
+        self.limit = limit_mb * 2**20
+        self._held: dict[bytes, np.ndarray] = {}
+
+    def get(self, ids: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        key = str(ids.shape).encode() + ids.tobytes()
+        hidden = self._held.get(key)
+        if hidden is None:
+            hidden = compute(ids)
+            if sum(h.nbytes for h in self._held.values()) + hidden.nbytes <= self.limit:
+                self._held[key] = hidden
+        return hidden
+
+    def clear(self) -> None:
+        self._held.clear()
 
 
 class ScaledBackend(Backend, Protocol):

@@ -17,7 +17,7 @@ import numpy as np
 from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.adapters.lora.io import check_layout
-from fleetune.edge_sdk.backends import Capabilities
+from fleetune.edge_sdk.backends import Capabilities, StatesMemo
 from fleetune.edge_sdk.bundle import Bundle
 from fleetune.edge_sdk.errors import BackendError, BackendUnavailable, ConfigError, PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -29,7 +29,6 @@ except ImportError as err:  # pragma: no cover - depends on the extra
     raise BackendUnavailable("the onnx backend needs: pip install 'fleetune[onnx]'") from err
 
 Tensors = dict[str, np.ndarray]
-STATES_MB = 64  # a window engine keeps the prefix states of windows it scored, up to this much
 
 
 class OnnxBackend:
@@ -67,7 +66,7 @@ class OnnxBackend:
         # and never loads the full loss graph
         self._sessions: dict[str, ort.InferenceSession] = {}
         # prefix states of the windows loss_flat scored (held-out, validation: fixed per dataset)
-        self._states: dict[bytes, np.ndarray] = {}
+        self._states = StatesMemo()  # prefix states of scored windows (window bundles)
         try:
             self._tokenizer = Tokenizer.from_file(str(self.bundle.root / self.bundle.tokenizer))
         except Exception as err:
@@ -160,14 +159,7 @@ class OnnxBackend:
 
     def _prefix_states(self, ids: np.ndarray) -> np.ndarray:
         """The states entering the window for ``ids``, from the prefix graph the first time."""
-        key = str(ids.shape).encode() + ids.tobytes()
-        hidden = self._states.get(key)
-        if hidden is None:
-            hidden = self.prefix(ids, self._start)
-            held = sum(h.nbytes for h in self._states.values())
-            if held + hidden.nbytes <= STATES_MB * 2**20:
-                self._states[key] = hidden
-        return hidden
+        return self._states.get(ids, lambda rows: self.prefix(rows, self._start))
 
     def window_loss_flat(
         self, hidden: np.ndarray, input_ids: np.ndarray, flat: np.ndarray
@@ -216,7 +208,8 @@ class OnnxBackend:
     def close(self) -> None:
         """Release the ORT sessions (safe to call twice); later calls raise ``BackendError``."""
         self._closed = True
-        self._sessions, self._states = {}, {}
+        self._sessions = {}
+        self._states.clear()
 
     def __enter__(self) -> OnnxBackend:
         return self

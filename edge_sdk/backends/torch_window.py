@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
-from fleetune.edge_sdk.backends import Capabilities
+from fleetune.edge_sdk.backends import Capabilities, StatesMemo
 from fleetune.edge_sdk.backends.torch import LoraWeights
 from fleetune.edge_sdk.errors import BackendError, ConfigError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -57,7 +57,6 @@ SLAB = 16 * 2**20  # bytes read per slab while a tensor loads
 # tokens per slab of logits in the head's loss: 128 (matmuls ~20% faster than at 64), 64 under
 # a memory budget (recompute: half the slab, ~25 MB less at SmolLM2's vocabulary)
 HEAD_ROWS = {False: 128, True: 64}
-STATES_MB = 64  # prefix states of scored windows kept, as the ONNX engine does
 
 
 def bf16_native() -> bool:
@@ -307,7 +306,7 @@ class TorchWindowBackend(LoraWeights):
             for ab in ("A", "B")
         }
         self.set_adapter(init_lora(spec, base))  # the fleet's shared A, B zero
-        self._states: dict[bytes, np.ndarray] = {}
+        self._states = StatesMemo()
         self._tokenizer: Any = None
 
     def tokenize(self, text: str) -> list[int]:
@@ -378,19 +377,10 @@ class TorchWindowBackend(LoraWeights):
         self.set_adapter(self.layout.unflatten(flat))
         return float(self.window_loss_tensor(hidden, input_ids))
 
-    def _prefix_states(self, ids: np.ndarray) -> np.ndarray:
-        key = str(ids.shape).encode() + ids.tobytes()
-        hidden = self._states.get(key)
-        if hidden is None:
-            hidden = self.prefix(ids, self.window.start)
-            held = sum(h.nbytes for h in self._states.values())
-            if held + hidden.nbytes <= STATES_MB * 2**20:
-                self._states[key] = hidden
-        return hidden
-
     def loss_tensor(self, input_ids: np.ndarray) -> torch.Tensor:
         ids = np.asarray(input_ids)
-        return self.window_loss_tensor(self._prefix_states(ids), ids)
+        hidden = self._states.get(ids, lambda rows: self.prefix(rows, self.window.start))
+        return self.window_loss_tensor(hidden, ids)
 
     @torch.no_grad()
     def loss(self, input_ids: np.ndarray) -> float:
