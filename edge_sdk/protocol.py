@@ -93,8 +93,11 @@ def number(value: object, name: str, low: float = -math.inf, high: float = math.
     return float(value)  # type: ignore[arg-type]
 
 
-def check_envelope(header: codec.Header, kind: str, spec: LoraSpec, base: BaseManifest) -> None:
-    """An envelope must be of ``kind`` and for this base and adapter spec."""
+def check_envelope(header: codec.Header, kind: str, spec: LoraSpec, base: BaseManifest) -> LoraSpec:
+    """An envelope must be of ``kind`` and for this base and adapter spec; returns the spec it
+    names. Windows nest: an ``update`` may hold a sub-window of the fleet's layers (a window
+    device in a fleet that tunes deeper), and an ``adapter`` pushed to such a device holds the
+    fleet's wider one (``LoraSpec.within``)."""
     if header.kind != kind:
         raise PayloadError(f"expected kind {kind!r}, got {header.kind!r}")
     if header.base_sha256 != base.sha256:
@@ -102,10 +105,15 @@ def check_envelope(header: codec.Header, kind: str, spec: LoraSpec, base: BaseMa
             f"{kind} is for base {header.base_sha256[:12]}, not {base.name} ({base.short_hash})",
             "other_model",
         )
-    if LoraSpec.from_dict(header.adapter) != spec:
+    theirs = LoraSpec.from_dict(header.adapter)
+    nested = (kind == "update" and theirs.within(spec)) or (
+        kind == "adapter" and spec.within(theirs)
+    )
+    if theirs != spec and (not nested or theirs.window > base.num_layers):
         raise PayloadError(
             f"{kind} adapter spec {header.adapter} is not {spec.to_dict()}", "other_model"
         )
+    return theirs
 
 
 @dataclass(frozen=True)
@@ -126,17 +134,26 @@ class Fleet:
         )
 
     def open(self, payload: bytes, kind: str) -> tuple[codec.Header, Tensors]:
-        """Decode an envelope of ``kind`` for this fleet."""
+        """Decode an envelope of ``kind`` for this fleet (or a nested window of it)."""
         header, tensors = codec.decode(payload)
         check_envelope(header, kind, self.spec, self.base)
         return header, tensors
 
+    @staticmethod
+    def spec_of(header: codec.Header) -> LoraSpec:
+        """The adapter spec an opened envelope names (this fleet's, or a nested window)."""
+        return LoraSpec.from_dict(header.adapter)
+
     def check_dense(self, header: codec.Header, tensors: Tensors) -> Tensors:
-        """Dense adapter tensors (not seeds) in this fleet's LoRA layout."""
+        """Dense adapter tensors (not seeds) in the LoRA layout the envelope names."""
         if header.encoding == "seeds":
             raise PayloadError(f"a dense {header.kind} was expected, got seeds")
-        check_layout(tensors, self.spec, self.base)
+        check_layout(tensors, self.spec_of(header), self.base)
         return tensors
+
+    def narrow(self, tensors: Tensors) -> Tensors:
+        """This fleet's tensors of an adapter that may hold more layers (a nested window)."""
+        return {name: tensors[name] for name, _ in self.spec.layout(self.base)}
 
     def open_dense(self, payload: bytes, kind: str) -> tuple[codec.Header, Tensors]:
         header, tensors = self.open(payload, kind)
@@ -339,8 +356,12 @@ class Announcement:
                 f"the fleet runs base {self.base_sha256[:12]}, this device "
                 f"{fleet.base.name} ({fleet.base.short_hash})"
             )
-        if self.adapter is not None and LoraSpec.from_dict(self.adapter) != fleet.spec:
-            raise ConfigError(f"the fleet tunes {self.adapter}, this device {fleet.spec}")
+        if self.adapter is not None and not fleet.spec.within(LoraSpec.from_dict(self.adapter)):
+            raise ConfigError(
+                f"the fleet tunes {self.adapter}, this device {fleet.spec.to_dict()}: a device "
+                "may tune the fleet's adapter or its top layers (a window within the fleet's, "
+                "same r, alpha, targets and init), not another one"
+            )
 
 
 # -- device → server ----------------------------------------------------------------------------
@@ -348,7 +369,9 @@ class Announcement:
 class Update:
     """A device's round result against adapter ``from_version``: a dense delta or a seed run.
     ``part="lora_a"`` (shared A, personal B: FedSA-LoRA) sends the A matrices only; B never
-    leaves the device, and the decoded delta holds zeros there."""
+    leaves the device, and the decoded delta holds zeros there. A window device in a fleet
+    that tunes deeper sends its window's layers only: decoded, ``spec`` names that window and
+    the delta holds its tensors alone (``None``: the fleet's whole adapter)."""
 
     sender: str
     round: int
@@ -359,6 +382,7 @@ class Update:
     metrics: dict = field(default_factory=dict)
     part: str = "all"
     masked: np.ndarray | None = None  # secure aggregation: the masked flat update (uint32)
+    spec: LoraSpec | None = None  # decoded: the window it holds, when narrower than the fleet's
 
     def encode(self, fleet: Fleet, encoding: str = "q8") -> bytes:
         if self.masked is not None:
@@ -399,19 +423,25 @@ class Update:
     def decode(cls, payload: bytes, fleet: Fleet) -> Update:
         header, body = fleet.open(payload, "update")
         seeds, delta, masked, part = None, None, None, header.metrics.get("part", "all")
+        spec = fleet.spec_of(header)
         if header.encoding == "secagg":
             masked = body["masked"]
             if masked.shape != (FlatLayout(fleet.spec, fleet.base).size,) or part != "all":
                 raise PayloadError(f"a masked update of {masked.shape} does not fit the adapter")
+            if spec != fleet.spec:
+                raise PayloadError(
+                    f"a masked update must cover the fleet's whole adapter, not a window of "
+                    f"{spec.window} layers (the secure sum adds every device's vector as one)"
+                )
         elif header.encoding == "seeds":
             seeds = SeedRun.from_body(header.metrics, body)
         elif part == "all":
             delta = fleet.check_dense(header, body)
         elif part in UPDATE_PARTS:
-            check_layout(body, fleet.spec, fleet.base, part)
+            check_layout(body, spec, fleet.base, part)
             delta = {
                 name: body[name] if name in body else np.zeros(shape, np.float32)
-                for name, shape in fleet.spec.layout(fleet.base)
+                for name, shape in spec.layout(fleet.base)
             }
         if part not in UPDATE_PARTS or (part != "all" and seeds is not None):
             raise PayloadError(f"update part {str(part)!r:.40} is not one of {UPDATE_PARTS}")
@@ -425,6 +455,7 @@ class Update:
             header.metrics,
             part,
             masked,
+            None if spec == fleet.spec else spec,
         )
 
 
@@ -522,7 +553,8 @@ class DeviceStatus:
 # -- server → devices ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GlobalAdapter:
-    """The fleet's adapter, version ``version``, as dense tensors."""
+    """The fleet's adapter, version ``version``, as dense tensors (decoded on a window device in
+    a fleet that tunes deeper: all of the fleet's layers, ``rounds.use`` splits them)."""
 
     version: int
     tensors: Tensors
@@ -546,6 +578,7 @@ class GlobalSeeds:
     version: int
     seeds: SeedRun
     round: int = 0
+    spec: LoraSpec | None = None  # decoded: the fleet's adapter the seeds move (its layout)
 
     @property
     def from_version(self) -> int:
@@ -570,7 +603,8 @@ class GlobalSeeds:
         start = integer(header.metrics.get("from_version"), "from_version")
         if header.version != start + 1:
             raise PayloadError(f"seeds of v{header.version} must start from v{header.version - 1}")
-        return cls(header.version, SeedRun.from_body(header.metrics, body), header.round)
+        seeds = SeedRun.from_body(header.metrics, body)
+        return cls(header.version, seeds, header.round, fleet.spec_of(header))
 
 
 def decode_global(payload: bytes, fleet: Fleet) -> GlobalAdapter | GlobalSeeds:
@@ -606,6 +640,7 @@ class PersonalAdapter:
     @classmethod
     def decode(cls, payload: bytes, fleet: Fleet) -> PersonalAdapter:
         header, tensors = fleet.open_dense(payload, "adapter")
+        tensors = fleet.narrow(tensors)  # a window device's share of the fleet's adapter
         m = header.metrics
         sha = m.get("mixture_sha256", "")
         if not isinstance(sha, str) or len(sha) not in (0, 64):

@@ -13,6 +13,11 @@ A zeroth-order device starts from v0, which it derives from the seed, and follow
 through their seeds (``adapter/global/seeds``); it fetches the dense adapter only when it falls
 behind. Other devices take the dense adapter (``adapter/global``). What leaves the device
 (privacy, codecs, secure masks) is ``edge_sdk/uplink.py``'s.
+
+A window device (``lora_window = K``) may join a fleet whose adapter reaches deeper: it tunes
+and uploads its window's layers (the server averages each tensor over the devices that hold
+it), and runs the layers below under the fleet's adapter (:func:`use`), which needs an engine
+that applies an adapter in its prefix (the lean torch engine).
 """
 
 from __future__ import annotations
@@ -20,15 +25,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from fleetune.edge_sdk.adapters.lora import init_lora
-from fleetune.edge_sdk.adapters.lora.flat import PARTS
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+from fleetune.edge_sdk.adapters.lora.flat import PARTS, FlatLayout
 from fleetune.edge_sdk.canary import Canary
 from fleetune.edge_sdk.data import ClientData, split_validation
-from fleetune.edge_sdk.errors import PayloadError, TransportError
+from fleetune.edge_sdk.errors import ConfigError, PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
 from fleetune.edge_sdk.memory import peak_rss_mb
 from fleetune.edge_sdk.protocol import (
@@ -46,6 +51,7 @@ from fleetune.edge_sdk.tuners.zo import apply_run
 from fleetune.edge_sdk.uplink import privatize, reveal, upload, upload_masked
 
 if TYPE_CHECKING:
+    from fleetune.edge_sdk.backends import PrefixAdapted
     from fleetune.edge_sdk.client import EdgeClient
     from fleetune.edge_sdk.data import ClientText
 
@@ -69,9 +75,41 @@ def advance(
         return Current(pushed.version, pushed.tensors)
     if held is None or held.version != pushed.from_version:
         return None
-    tuned = client.layout.indices(pushed.seeds.params)
-    theta = apply_run(client.layout.flatten(held.tensors), tuned, pushed.seeds)
-    return Current(pushed.version, client.layout.unflatten(theta))
+    spec = pushed.spec or client.spec
+    layout = client.layout if spec == client.spec else FlatLayout(spec, client.base)
+    if any(name not in held.tensors for name, _, _ in layout.entries):
+        return None  # held in the window's layout only (v0): the dense adapter is needed
+    tuned = layout.indices(pushed.seeds.params)
+    theta = apply_run(layout.flatten(held.tensors), tuned, pushed.seeds)
+    return Current(pushed.version, layout.unflatten(theta))
+
+
+def join(client: EdgeClient, announcement: Announcement) -> None:
+    """A fleet that runs another base or adapter is a ``ConfigError`` (the run ends); so is a
+    fleet that tunes layers below this device's window when its engine cannot run them under
+    the fleet's adapter."""
+    announcement.check(client.fleet)
+    fleet = LoraSpec.from_dict(announcement.adapter) if announcement.adapter else client.spec
+    if fleet != client.spec and not client.backend.capabilities.prefix_adapter:
+        raise ConfigError(
+            f"{client.device} tunes the top {client.spec.window} layers, and the fleet's "
+            f"adapter reaches below them ({announcement.adapter}): the layers below must run "
+            f"under the fleet's adapter, which {type(client.backend).__name__} cannot do (its "
+            'prefix is the frozen base). Use the torch engine (backend = "torch"), or a '
+            f"fleet with lora_window = {client.spec.window}"
+        )
+
+
+def use(client: EdgeClient, tensors: Tensors) -> Tensors:
+    """Set a fleet adapter in the engine and return this device's share of it: all of it, or,
+    on a window device in a fleet that tunes deeper, its window's tensors, the layers below
+    going to the engine's prefix (so the states entering the window are the fleet model's)."""
+    mine = client.fleet.narrow(tensors)
+    if client.backend.capabilities.prefix_adapter:
+        below = {k: v for k, v in tensors.items() if k not in mine}
+        cast("PrefixAdapted", client.backend).set_prefix_adapter(below)
+    client.backend.set_adapter(mine)
+    return mine
 
 
 def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> DeviceReport:
@@ -124,7 +162,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 continue
             if msg.topic == topics.round:
                 announcement = Announcement.decode(payload)
-                announcement.check(client.fleet)  # another base or adapter ends the run
+                join(client, announcement)  # another base or adapter ends the run
                 # a round may stay open for the server's timeout: wait at least that long
                 wait = max(client.config.sync.round_wait_s, announcement.timeout_s + 60)
             elif msg.topic in (topics.global_adapter, topics.global_seeds):
@@ -161,10 +199,10 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             transport.unsubscribe(topics.global_adapter)
             dense = False
         if announcement.done:
-            backend.set_adapter(current.tensors)
+            mine = use(client, current.tensors)
             report.ppl_final = client.evaluate(data.heldout)
             report.history.append({"round": announcement.round, "ppl_global": report.ppl_final})
-            offered = {"global": own_b(client, current.tensors, canary.served.tensors)}
+            offered = {"global": own_b(client, mine, canary.served.tensors)}
             serve(client, canary, offered, current.version, data, report)
             log.info(
                 "%s: final global adapter v%d, perplexity %.1f; serving %s, perplexity %.1f",
@@ -207,13 +245,13 @@ def run_round(
     """Tune from the served (or the round's) adapter, let the canary weigh the result against
     what is served, and queue the change; returns the bytes sent."""
     round_ = announcement.round
-    client.backend.set_adapter(current.tensors)
+    mine = use(client, current.tensors)
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
-    canary.offer({"global": own_b(client, current.tensors, canary.served.tensors)}, current.version)
+    canary.offer({"global": own_b(client, mine, canary.served.tensors)}, current.version)
     served = client.config.tuning.start == "served"
-    start = canary.served.tensors if served else current.tensors
+    start = canary.served.tensors if served else mine
     if client.config.tuning.share == "lora_a":  # FedSA: the fleet's A, this device's B
-        start = with_a(current.tensors, start)
+        start = with_a(mine, start)
     job = Job(client.device, round_, pool=announcement.zo)
     tuned = client.tuner.tune(client.backend, data, start, job, client.progress(round_))
     client.tuned_adapter = tuned.adapter

@@ -245,6 +245,7 @@ class FleetServer:
             seen,
             shared_a=bool(self.config.basis_k),
             max_staleness=self.config.staleness_allowed,
+            windows=self.seeds.replay if self.config.summable else None,
         )
         if self.secure is not None:
             self.secure.check(round_, device, update.masked)

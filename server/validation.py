@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fleetune.edge_sdk.adapters.lora.config import LoraSpec
 from fleetune.edge_sdk.errors import PayloadError
 from fleetune.edge_sdk.protocol import Z_VERSION, Fleet, SeedPool, Update
 from fleetune.server.strategy import Update as Contribution
+from fleetune.server.strategy.base import Tensors
 
 
 def check_update(
@@ -22,12 +24,16 @@ def check_update(
     seen: set[str],
     shared_a: bool = False,
     max_staleness: int = 0,
+    windows: Callable[[dict[int, float], int, LoraSpec], Tensors] | None = None,
 ) -> Contribution:
     """Decode and validate one update from ``device`` (the topic's) for the open ``round_``,
     computed from adapter ``version`` (or, with ``max_staleness``, from up to that many versions
     before it, in an earlier round: buffered asynchronous rounds); ``PayloadError`` says why it
     is refused. ``pool_of``: a round's seed pool. ``shared_a``: the fleet keeps a
-    mixture basis, whose adapters must keep LoRA A at the shared init."""
+    mixture basis, whose adapters must keep LoRA A at the shared init. ``windows``: how seeds
+    drawn in a window's layout replay (a round's running FedAvg sum averages each tensor over
+    the devices that hold it); ``None``: updates of a window narrower than the fleet's are
+    refused (every other aggregation sees whole adapters)."""
     update = Update.decode(payload, fleet)
     if update.sender != device:
         raise PayloadError(
@@ -51,6 +57,13 @@ def check_update(
     staleness = version - update.from_version
     if device in seen:
         raise PayloadError(f"a second update from {device} in round {round_}", "duplicate")
+    if update.spec is not None and windows is None:
+        raise PayloadError(
+            f"update tunes the top {update.spec.window} layers of the fleet's adapter; only "
+            'running FedAvg sums average such windows per tensor (strategy = "fedavg" without '
+            "norm_bound, clusters, basis_k or secagg)",
+            "other_model",
+        )
     if update.masked is not None:
         return Contribution(
             device, update.num_examples, metrics=update.metrics, masked=update.masked
@@ -89,6 +102,16 @@ def check_update(
         seeds.check(pool.pool_size)
     except PayloadError as err:
         raise PayloadError(str(err), "seeds") from err
+    if update.spec is not None:  # drawn in the window's layout: summed as its dense delta
+        assert windows is not None  # refused above
+        return Contribution(
+            device,
+            update.num_examples,
+            delta=windows(seeds.merged(), update.round, update.spec),
+            metrics=update.metrics,
+            round=update.round,
+            staleness=staleness,
+        )
     return Contribution(
         device,
         update.num_examples,

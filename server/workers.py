@@ -67,7 +67,10 @@ _HEAD = struct.Struct(">4sI")
 
 @dataclass
 class Partial:
-    """One worker's running FedAvg sum for one round."""
+    """One worker's running FedAvg sum for one round. Each tensor is averaged over the updates
+    that hold it: a window device's update holds its window's layers only, so ``cover`` keeps
+    the weight summed per layout entry (``None`` while every update held every entry: then each
+    entry's weight is ``weight``)."""
 
     round: int
     size: int
@@ -75,21 +78,34 @@ class Partial:
     weight: float = 0.0
     seeds: dict[int, float] = field(default_factory=dict)  # sum of weight x coefficient
     devices: list[str] = field(default_factory=list)
+    cover: np.ndarray | None = None  # [layout entries] float64 summed weight, or None (uniform)
 
     def __post_init__(self) -> None:
         self.total = np.zeros(self.size, dtype=np.float64)
 
     def add(self, update: Update, weight: float, layout: FlatLayout) -> None:
+        held = np.ones(len(layout.entries), dtype=bool)
         if update.delta is not None:  # tensor by tensor into the sum: no flat temporaries
-            for name, shape, offset in layout.entries:
+            for k, (name, shape, offset) in enumerate(layout.entries):
+                if name not in update.delta:  # below a window device's window
+                    held[k] = False
+                    continue
                 part = self.total[offset : offset + math.prod(shape)]
                 part += weight * update.delta[name].reshape(-1)
         for index, coef in (update.seeds or {}).items():
             self.seeds[index] = self.seeds.get(index, 0.0) + weight * coef
+        if self.cover is not None or not held.all():
+            self.cover = self._covered(len(held)) + weight * held
         self.weight += weight
         self.devices.append(update.device)
 
+    def _covered(self, entries: int) -> np.ndarray:
+        return self.cover if self.cover is not None else np.full(entries, self.weight)
+
     def merge(self, other: Partial) -> None:
+        if self.cover is not None or other.cover is not None:
+            entries = len(self.cover if self.cover is not None else other.cover)  # type: ignore[arg-type]
+            self.cover = self._covered(entries) + other._covered(entries)
         self.total += other.total
         for index, coef in other.seeds.items():
             self.seeds[index] = self.seeds.get(index, 0.0) + coef
@@ -101,7 +117,13 @@ class Partial:
     ) -> Aggregate | None:
         """The round's FedAvg from this sum (``server/strategy/fedavg.py:fold``)."""
         return fold(
-            current, layout, self.total, self.weight, self.seeds, lambda s: replay(s, self.round)
+            current,
+            layout,
+            self.total,
+            self.weight,
+            self.seeds,
+            lambda s: replay(s, self.round),
+            self.cover,
         )
 
     def encode(self, worker: str) -> bytes:
@@ -113,6 +135,7 @@ class Partial:
                 "devices": self.devices,
                 "seeds": [[i, c] for i, c in sorted(self.seeds.items())],
                 "size": self.size,
+                "cover": None if self.cover is None else self.cover.tolist(),
             }
         ).encode()
         return _HEAD.pack(PARTIAL, len(head)) + head + self.total.tobytes()
@@ -133,6 +156,8 @@ class Partial:
             out.weight = float(head["weight"])
             out.seeds = {int(i): float(c) for i, c in head["seeds"]}
             out.devices = [str(d) for d in head["devices"]]
+            if head.get("cover") is not None:  # absent in sums saved before windows mixed
+                out.cover = np.array(head["cover"], dtype=np.float64)
             return str(head["worker"]), out
         except (ValueError, KeyError, TypeError) as err:
             raise PayloadError(f"a malformed partial sum: {err}") from err
@@ -252,6 +277,7 @@ class AggregatorWorker:
                 self.seeds.pool,
                 set(),
                 max_staleness=self.config.staleness_allowed,
+                windows=self.seeds.replay,
             )
             if not self.registry.claim(announcement.round, device, self.name):
                 raise PayloadError(

@@ -35,6 +35,7 @@ class Capabilities:
     generate: bool = False  # greedy text generation
     window: bool = False  # a layer window over cached prefix states (WindowBackend)
     streamed_prefix: bool = False  # builds a whole cache layer by layer (prefix_into)
+    prefix_adapter: bool = False  # runs the prefix under the fleet's adapter (PrefixAdapted)
 
 
 @runtime_checkable
@@ -89,6 +90,17 @@ class StreamedBackend(WindowBackend, Protocol):
         out: np.ndarray,
         progress: Callable[[int, int], None] | None = None,
     ) -> None: ...
+
+
+class PrefixAdapted(WindowBackend, Protocol):
+    """``capabilities.prefix_adapter``: a window device in a fleet whose adapter reaches below
+    its window runs the layers below under the fleet's adapter, so the states entering its
+    window are the fleet model's (``rounds.use``). ``prefix_version`` changes with them: a
+    cache of prefix states is rebuilt when it does."""
+
+    prefix_version: int
+
+    def set_prefix_adapter(self, tensors: Tensors) -> None: ...
 
 
 class StatesMemo:

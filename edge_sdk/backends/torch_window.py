@@ -59,6 +59,11 @@ SLAB = 16 * 2**20  # bytes read per slab while a tensor loads
 HEAD_ROWS = {False: 128, True: 64}
 
 
+def lora_name(layer: int, target: str, ab: str) -> str:
+    """PEFT's name of a LoRA tensor (``LoraSpec.layout``'s keys)."""
+    return f"base_model.model.model.layers.{layer}.{PROJECTIONS[target]}.{target}.lora_{ab}.weight"
+
+
 def bf16_native() -> bool:
     """Whether this CPU multiplies bfloat16 natively (oneDNN: AVX512-BF16 or AMX)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -257,7 +262,9 @@ class TorchWindowBackend(LoraWeights):
     """A window adapter's engine: the window's layers, the final norm and the head in memory;
     the layers below streamed from the checkpoint when states are needed."""
 
-    capabilities = Capabilities(backprop=True, window=True, streamed_prefix=True)
+    capabilities = Capabilities(
+        backprop=True, window=True, streamed_prefix=True, prefix_adapter=True
+    )
 
     def __init__(
         self,
@@ -298,14 +305,14 @@ class TorchWindowBackend(LoraWeights):
         self.model.requires_grad_(False)
         self.layout = FlatLayout(spec, base)
         self._params: dict[str, torch.nn.Parameter] = {
-            f"base_model.model.model.layers.{i}.{PROJECTIONS[t]}.{t}.lora_{ab}.weight": getattr(
-                layer.lora, f"{t}_{ab}"
-            )
+            lora_name(i, t, ab): getattr(layer.lora, f"{t}_{ab}")
             for i, layer in self.layers.items()
             for t in spec.targets
             for ab in ("A", "B")
         }
         self.set_adapter(init_lora(spec, base))  # the fleet's shared A, B zero
+        self._below: Tensors = {}  # the fleet's LoRA tensors of layers below the window
+        self.prefix_version = 0  # changes with them (a cache of prefix states is then stale)
         self._states = StatesMemo()
         self._tokenizer: Any = None
 
@@ -338,12 +345,38 @@ class TorchWindowBackend(LoraWeights):
             states[i : i + ROWS] = F.embedding(ids[i : i + ROWS], self.embed).float()
         rope = self.llama.rotary(ids.shape[1])
         for index in range(start):
-            layer = Layer(self.ckpt, index, self.dtype, (), self.spec.r)
+            layer = self._prefix_layer(index)
             for i in range(0, len(ids), ROWS):
                 states[i : i + ROWS] = self.llama.layer(layer, states[i : i + ROWS], rope)
             del layer
             if progress is not None:
                 progress(index + 1, start)
+
+    def _prefix_layer(self, index: int) -> Layer:
+        """Layer ``index`` below the window, under the fleet's adapter where it has one."""
+        targets = tuple(t for t in self.spec.targets if lora_name(index, t, "B") in self._below)
+        layer = Layer(self.ckpt, index, self.dtype, targets, self.spec.r)
+        for t in targets:
+            for ab in ("A", "B"):
+                layer.lora[f"{t}_{ab}"].data = torch.from_numpy(
+                    self._below[lora_name(index, t, ab)]
+                )
+        return layer
+
+    def set_prefix_adapter(self, tensors: Tensors) -> None:
+        """The fleet's LoRA tensors of layers below the window (``PrefixAdapted``); a pair
+        whose B is zero changes nothing and is left out. New ones drop the memo of states."""
+        below: Tensors = {}
+        for b, value in tensors.items():
+            if ".lora_B." in b and np.any(value):
+                a = b.replace(".lora_B.", ".lora_A.")
+                below[a], below[b] = tensors[a].astype(np.float32), value.astype(np.float32)
+        same = below.keys() == self._below.keys() and all(
+            np.array_equal(v, self._below[k]) for k, v in below.items()
+        )
+        if not same:
+            self._below, self.prefix_version = below, self.prefix_version + 1
+            self._states.clear()
 
     def prefix(self, input_ids: np.ndarray, start: int) -> np.ndarray:
         ids = np.asarray(input_ids)

@@ -60,19 +60,22 @@ class LocalTuner(ABC):
 
     def __init__(self, config: TuningConfig, layout: FlatLayout) -> None:
         self.config, self.layout = config, layout
-        self._prefix: tuple[np.ndarray, PrefixCache] | None = None
+        self._prefix: tuple[np.ndarray, int, PrefixCache] | None = None  # train, prefix version
 
     def prefix_cache(self, backend: Backend, train: np.ndarray) -> PrefixCache | None:
         """The states entering the adapter's layer window for every training window, computed
-        once per dataset and kept across rounds (the layers below never change); ``None`` for
-        a full-depth adapter or an engine without windows (it runs whole forwards)."""
+        once per dataset and kept across rounds (the layers below never change, unless the
+        fleet's adapter reaches below the window: ``prefix_version``); ``None`` for a
+        full-depth adapter or an engine without windows (it runs whole forwards)."""
         if not self.layout.spec.window or not backend.capabilities.window:
             return None
-        if self._prefix is None or self._prefix[0] is not train:
+        version = getattr(backend, "prefix_version", 0)
+        if self._prefix is None or self._prefix[0] is not train or self._prefix[1] != version:
             from fleetune.edge_sdk.tuners.window import build_cache
 
-            self._prefix = (train, build_cache(backend, train))  # type: ignore[arg-type]
-        return self._prefix[1]
+            self._prefix = None  # the old cache leaves memory before the new one is built
+            self._prefix = (train, version, build_cache(backend, train))  # type: ignore[arg-type]
+        return self._prefix[2]
 
     @abstractmethod
     def tune(

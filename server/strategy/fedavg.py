@@ -4,9 +4,14 @@ Data", AISTATS 2017. The new global is the current one plus the example-weighted
 Zeroth-order updates arrive as seeds (FedKSeed, Qin et al., ICML 2024): their weighted mean is a
 weighted sum of coefficients per seed, replayed once, so the cost does not grow with the fleet.
 With a norm bound the updates are replayed one by one and clipped first (dense downlink).
+A window device's update holds only the top layers of the fleet's adapter: the running sum
+(``fold``) averages each tensor over the updates that hold it, so a layer only full-depth
+devices tune moves by their mean, not by half of it.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -38,12 +43,17 @@ def fold(
     weight: float,
     seeds: Seeds,
     replay: Replay,
+    cover: np.ndarray | None = None,
 ) -> Aggregate | None:
     """FedAvg from running sums: ``total`` = sum of weight x flat delta (float64), ``seeds`` =
-    sum of weight x coefficient per seed index; the seeds' mean replayed once. ``None`` when
-    nothing was summed."""
+    sum of weight x coefficient per seed index; the seeds' mean replayed once. ``cover``: the
+    weight summed per layout entry when some updates held only some entries (window devices):
+    each tensor is then the mean over the updates that hold it, and a tensor none holds stays.
+    ``None`` when nothing was summed."""
     if weight <= 0:
         return None
+    if cover is not None and np.any(cover != weight):
+        return _fold_per_tensor(current, layout, total, cover, seeds, replay)
     flat = layout.flatten(current).astype(np.float64) + total / weight
     tensors = layout.unflatten(flat.astype(np.float32))
     mean = {index: coef / weight for index, coef in seeds.items()}
@@ -52,6 +62,28 @@ def fold(
             tensors[name] = tensors[name] + value
     only_seeds = not np.any(total)
     return Aggregate(tensors, mean if mean and only_seeds else None)
+
+
+def _fold_per_tensor(
+    current: Tensors,
+    layout: FlatLayout,
+    total: np.ndarray,
+    cover: np.ndarray,
+    seeds: Seeds,
+    replay: Replay,
+) -> Aggregate:
+    """``fold`` where entries were summed over different updates: the seeds' sums replay as a
+    dense delta (replay is linear) and every entry divides by its own weight (dense downlink)."""
+    if cover.shape != (len(layout.entries),) or not np.all(np.isfinite(cover) & (cover >= 0)):
+        raise AggregationError(
+            f"a running sum's weights per tensor are {cover.shape}, not "
+            f"{len(layout.entries)} non-negative numbers"
+        )
+    summed = total + layout.flatten(replay(seeds)).astype(np.float64) if seeds else total
+    per = np.repeat(cover, [math.prod(shape) for _, shape, _ in layout.entries])
+    step = np.divide(summed, per, out=np.zeros_like(summed), where=per > 0)
+    flat = layout.flatten(current).astype(np.float64) + step
+    return Aggregate(layout.unflatten(flat.astype(np.float32)))
 
 
 class FedAvg(RobustStrategy):

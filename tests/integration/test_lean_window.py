@@ -51,3 +51,26 @@ def test_the_lean_engine_gives_the_full_models_loss(smollm2, adapter, batch):
     assert losses["fp32_loss"] == pytest.approx(expected, abs=1e-4)
     assert losses["bf16"] == pytest.approx(expected, abs=0.02)
     assert abs(losses["bf16"] - expected) > 1e-6  # bf16 really ran
+
+
+def test_under_the_fleets_adapter_below_the_window_the_lean_engine_is_the_full_model(
+    smollm2, adapter, batch
+):
+    """A window device in a full-depth fleet: the window's tensors as its adapter, the 26
+    layers below streamed under the fleet's = transformers + PEFT with the whole adapter."""
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    reference = TorchBackend(smollm2, LoraSpec())
+    reference.set_adapter(adapter)
+    expected = reference.loss(batch)
+    reference.close()
+    engine = TorchWindowBackend(smollm2, LoraSpec(window=4))
+    window = {k: adapter[k] for k in init_lora(engine.spec, smollm2)}
+    engine.set_adapter(window)
+    alone = engine.loss(batch)
+    # Execute
+    engine.set_prefix_adapter({k: v for k, v in adapter.items() if k not in window})
+    # Assert: the fleet model's loss, which the frozen prefix alone does not give
+    assert engine.loss(batch) == pytest.approx(expected, abs=1e-4)
+    assert abs(alone - expected) > 1e-3

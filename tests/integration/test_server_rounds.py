@@ -700,9 +700,77 @@ def test_window_devices_tune_the_top_layers_in_a_round(tmp_path, tiny_base4, tun
     # Assert: two rounds taken; only layers 2 and 3 adapted; the device improved on held-out text
     assert [r.accepted for r in out["results"]] == [["d1"], ["d1"]]
     assert all(".layers.2." in n or ".layers.3." in n for n in server.current)
-    train, cache = cached  # built once, over the training windows (validation held back)
+    train, _, cache = cached  # built once, over the training windows (validation held back)
     assert cache.hidden.shape == (len(train), 16, 32) and len(train) < len(data.train)
     assert report.ppl_final < report.ppl_base
+
+
+def test_a_round_mixes_full_depth_and_window_devices(tmp_path, tiny_base4):
+    """A full-depth backprop device and a device tuning the top 2 of 4 layers in one fleet:
+    each tensor is the mean over the devices that tuned it, the window device runs the layers
+    below under the fleet's adapter, and rebuilds its prefix cache when they change."""
+    from fleetune.edge_sdk.adapters.lora.io import load_peft
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
+    from fleetune.edge_sdk.data import ClientData, ClientText
+
+    broker = MemoryBroker()
+    config = ServerConfig(
+        fleet="t",
+        lora_r=2,
+        rounds=2,
+        quorum=2,
+        round_timeout_s=120,
+        downlink_encoding="f32",
+        state_dir=str(tmp_path / "srv"),
+    )
+    server = FleetServer(config, tiny_base4, transport=broker.client("server"))
+    cycle = np.tile(np.arange(16), 40)
+    data = ClientData("c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16))
+    clients, runs = {}, {}
+    for name, tuner, window in (("full", "backprop", 0), ("top2", "window", 2)):
+        tuning = TuningConfig(tuner=tuner, steps=8, lr=5e-2, lora_r=2, lora_window=window)
+        client_cfg = FleetuneConfig(
+            device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
+            tuning=tuning,
+            sync=SyncConfig(
+                fleet="t",
+                round_wait_s=120,
+                fleet_key=server.signer.public_hex,
+                uplink_encoding="f32",
+            ),
+        )
+        clients[name] = EdgeClient(client_cfg, base=tiny_base4, transport=broker.client(name))
+        clients[name].open()
+        runs[name] = _spy(clients[name])
+    thread, out = _run_in_thread(server)
+    # Execute: two rounds, both devices in each
+    threads = [
+        started(lambda n=n: clients[n].run(ClientText(n, ""), data=data), name=n) for n in clients
+    ]
+    for t in threads:
+        t.join(300)
+    window = clients["top2"]
+    cached, version = window.tuner._prefix[1], window.backend.prefix_version
+    for client in clients.values():
+        client.close()
+    thread.join(60)
+    server.close()
+    # Assert: v1 = v0 + the full device's change below the window, the mean change in it
+    assert [sorted(r.accepted) for r in out["results"]] == [["full", "top2"]] * 2
+    v0 = init_lora(SPEC, tiny_base4)
+    v1 = load_peft(tmp_path / "srv" / "adapters" / "v0001", tiny_base4)[0]
+    (start_f, tuned_f), _ = runs["full"]
+    (start_w, tuned_w), _ = runs["top2"]
+    assert set(tuned_w) == {n for n in v0 if ".layers.2." in n or ".layers.3." in n}
+    for name in v0:
+        change_f = tuned_f[name] - start_f[name]
+        expected = (change_f + tuned_w[name] - start_w[name]) / 2 if name in tuned_w else change_f
+        np.testing.assert_allclose(v1[name] - v0[name], expected, rtol=1e-4, atol=1e-6)
+    assert any(np.any(v1[n] != v0[n]) for n in v0 if ".layers.0." in n)
+    # the window device's round-2 cache was built under v1's lower layers (version 1 of them;
+    # the final adapter's are version 2)
+    assert (cached, version) == (1, 2)
 
 
 def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, caplog):

@@ -119,3 +119,37 @@ def test_a_running_sum_folds_what_fedavg_does(examples):
     assert folded is not None and folded.seeds is None
     for name, value in expected.items():
         np.testing.assert_allclose(folded.tensors[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_running_sum_averages_each_tensor_over_the_updates_that_hold_it():
+    """A full-depth update and a window update (the top layer of two): the window's tensors
+    are their mean, the layer below moves by the full update alone; encoded, decoded and
+    merged from two workers' sums, the same."""
+    from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
+    from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+    from fleetune.server.workers import Partial
+    from tests.conftest import tiny_manifest
+
+    spec, base = LoraSpec(r=2), tiny_manifest()
+    layout, current = FlatLayout(spec, base), init_lora(spec, base)
+    top = {n for n in current if ".layers.1." in n}
+    full = Update("full", 30, delta={k: np.full_like(v, 2.0) for k, v in current.items()})
+    window = Update("top", 10, delta={k: np.full_like(current[k], -2.0) for k in top})
+    # Execute: one sum, and two workers' sums through the wire
+    one = Partial(1, layout.size)
+    for update in (full, window):
+        one.add(update, float(update.num_examples), layout)
+    merged = Partial(1, layout.size)
+    for update in (full, window):
+        part = Partial(1, layout.size)
+        part.add(update, float(update.num_examples), layout)
+        merged.merge(Partial.decode(part.encode("w"), layout.size)[1])
+    # Assert: (30 x 2 - 10 x 2) / 40 = 1 in the window, 2 below it; a dense downlink
+    for total in (one, merged):
+        folded = total.fold(current, layout, lambda seeds, round_: {})
+        assert folded is not None and folded.seeds is None
+        for name, value in folded.tensors.items():
+            np.testing.assert_allclose(
+                value - current[name], 1.0 if name in top else 2.0, rtol=1e-6
+            )
+    assert one.cover is not None and Partial(1, layout.size).cover is None

@@ -43,6 +43,7 @@ from tests.fuzz.targets import (
 
 pytestmark = pytest.mark.unit
 
+FLEET_SIZE = sum(int(np.prod(shape)) for _, shape in SPEC.layout(BASE))
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -137,6 +138,62 @@ def test_an_announcement_for_another_fleet_is_a_config_error():
         other_base.check(FLEET)
     with pytest.raises(ConfigError, match="the fleet tunes"):
         other_spec.check(FLEET)
+
+
+def test_windows_nest_a_device_in_a_fleet_that_tunes_deeper():
+    """A window device (the top layer of two) in a full-depth fleet: its update holds its
+    window, the fleet's pushes hold every layer; nothing else nests."""
+    from fleetune.edge_sdk.adapters.lora import init_lora
+    from fleetune.edge_sdk.protocol import Fleet
+
+    top = Fleet(BASE, replace(SPEC, window=1))
+    mine = init_lora(top.spec, BASE)
+    # Execute: a window device's update at the fleet; the fleet's adapter at the device
+    update = Update.decode(Update("d1", 1, 0, 5, delta=mine).encode(top, "f32"), FLEET)
+    pushed = GlobalAdapter.decode(GlobalAdapter(2, init_lora(SPEC, BASE)).encode(FLEET), top)
+    # Assert
+    assert update.spec == top.spec and set(update.delta or {}) == set(mine)
+    assert (
+        set(pushed.tensors) == set(init_lora(SPEC, BASE))
+        and top.narrow(pushed.tensors).keys() == mine.keys()
+    )
+    Announcement(1, 0, BASE.sha256, SPEC.to_dict()).check(top)  # the device joins
+    with pytest.raises(ConfigError, match="top layers"):  # a deeper device, a window fleet
+        Announcement(1, 0, BASE.sha256, top.spec.to_dict()).check(FLEET)
+    with pytest.raises(ConfigError, match="the fleet tunes"):  # another rank
+        Announcement(1, 0, BASE.sha256, replace(SPEC, r=4, window=1).to_dict()).check(top)
+    with pytest.raises(PayloadError, match="adapter spec"):  # a full update at a window fleet
+        Update.decode(Update("d1", 1, 0, 5, delta=init_lora(SPEC, BASE)).encode(FLEET), top)
+    with pytest.raises(PayloadError, match="adapter spec"):  # a window pushed to a full device
+        GlobalAdapter.decode(GlobalAdapter(2, mine).encode(top), FLEET)
+    masked = Update("d1", 1, 0, 5, masked=np.zeros(FLEET_SIZE, np.uint32)).encode(top)
+    with pytest.raises(PayloadError, match="whole adapter"):
+        Update.decode(masked, FLEET)
+
+
+def test_the_server_sums_window_updates_tensor_by_tensor_only():
+    """A window device's seeds: refused where the round is not a running FedAvg sum; taken as
+    the dense delta of its window, the same the device's own replay gives."""
+    from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
+    from fleetune.edge_sdk.protocol import Fleet
+    from fleetune.edge_sdk.tuners.zo import apply_run
+    from fleetune.server.seeds import SeedPools
+    from fleetune.server.validation import check_update
+
+    top = Fleet(BASE, replace(SPEC, window=1))
+    pools = SeedPools("t", FlatLayout(SPEC, BASE), 4096, "lora_b")
+    run = SeedRun.from_pairs([(3, 0.5), (9, -0.25)], pools.pool(1).pool_seed)
+    payload = Update("d1", 1, 0, 5, seeds=run).encode(top)
+    with pytest.raises(PayloadError, match="only running FedAvg sums"):
+        check_update(payload, "d1", FLEET, 1, 0, pools.pool, set())
+    taken = check_update(payload, "d1", FLEET, 1, 0, pools.pool, set(), windows=pools.replay)
+    layout = FlatLayout(top.spec, BASE)
+    own = layout.unflatten(
+        apply_run(np.zeros(layout.size, np.float32), layout.indices("lora_b"), run)
+    )
+    assert taken.seeds is None and taken.delta is not None and taken.delta.keys() == own.keys()
+    for name, value in own.items():
+        np.testing.assert_allclose(taken.delta[name], value, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,31 @@ def test_gradients_match_peft_and_reach_only_the_window(engines, recompute):
     assert all(p.grad is None for p in frozen if all(p is not q for q in lean._params.values()))
 
 
+def test_a_prefix_under_the_fleets_adapter_gives_the_full_models_loss(tiny_base4):
+    """A window device in a full-depth fleet: its window's tensors as the adapter, the layers
+    below under the fleet's (``set_prefix_adapter``) = the whole adapter at full depth."""
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    fleet, mine = LoraSpec(r=2), LoraSpec(r=2, window=2)
+    tensors = _adapter(fleet, tiny_base4, seed=3)
+    reference, lean = TorchBackend(tiny_base4, fleet), TorchWindowBackend(tiny_base4, mine)
+    reference.set_adapter(tensors)
+    window = {k: v for k, v in tensors.items() if ".layers.2." in k or ".layers.3." in k}
+    lean.set_adapter(window)
+    ids = np.random.default_rng(2).integers(0, 128, size=(4, 16))
+    without = lean.loss(ids)  # the frozen base below the window
+    # Execute
+    lean.set_prefix_adapter({k: v for k, v in tensors.items() if k not in window})
+    # Assert: the memo of prefix states was dropped; the fleet model's loss; B = 0 is no change
+    assert lean.prefix_version == 1 and without != pytest.approx(reference.loss(ids), rel=1e-3)
+    assert lean.loss(ids) == pytest.approx(reference.loss(ids), rel=1e-5)
+    lean.set_prefix_adapter({k: v for k, v in tensors.items() if k not in window})
+    assert lean.prefix_version == 1  # the same tensors again: the states stand
+    lean.set_prefix_adapter({k: np.zeros_like(v) for k, v in tensors.items() if k not in window})
+    assert lean.prefix_version == 2 and lean.loss(ids) == pytest.approx(without, rel=1e-6)
+
+
 def test_bf16_is_close_and_tuning_lowers_the_loss(tiny_base4):
     from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
 

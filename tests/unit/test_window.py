@@ -166,3 +166,28 @@ def test_onnx_prefix_and_window_graphs_give_the_full_models_loss(four_layers, tm
         engine.prefix(ids, 1)
     with pytest.raises(ConfigError, match="only for an adapter with lora_window"):
         export_onnx(base, LoraSpec(r=2), tmp_path / "b2", graphs=("fp32", "window_fp32"))
+
+
+def test_a_window_device_whose_prefix_is_the_frozen_base_refuses_a_deeper_fleet():
+    """An engine that cannot run the layers below its window under the fleet's adapter (the
+    ONNX window bundle's prefix graph has no adapter input) ends the run with a clear error."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from fleetune.edge_sdk.backends import Capabilities
+    from fleetune.edge_sdk.protocol import Announcement, Fleet
+    from fleetune.edge_sdk.rounds import join
+    from tests.fuzz.targets import BASE, SPEC
+
+    spec = replace(SPEC, window=1)
+    client = SimpleNamespace(
+        device="pi-1",
+        spec=spec,
+        fleet=Fleet(BASE, spec),
+        backend=SimpleNamespace(capabilities=Capabilities(window=True)),
+    )
+    join(client, Announcement(1, 0, BASE.sha256, spec.to_dict()))  # its own layers: fine
+    with pytest.raises(ConfigError, match=r"reaches below them.*SimpleNamespace cannot"):
+        join(client, Announcement(1, 0, BASE.sha256, SPEC.to_dict()))
+    client.backend.capabilities = Capabilities(window=True, prefix_adapter=True)
+    join(client, Announcement(1, 0, BASE.sha256, SPEC.to_dict()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fleetune.edge_sdk.errors import ConfigError, PayloadError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -50,6 +50,13 @@ class LoraSpec:
                 f"lora window {self.window} exceeds the {base.num_layers} layers of {base.name}"
             )
         return range(base.num_layers - self.window if self.window else 0, base.num_layers)
+
+    def within(self, other: LoraSpec) -> bool:
+        """Whether this adapter is ``other`` on a sub-window of its layers (the top ``window``
+        of them): same rank, scale, targets and init, every adapted layer also adapted by
+        ``other``. A window device takes part in a fleet whose adapter it is ``within``."""
+        same = replace(self, window=0) == replace(other, window=0)
+        return same and (other.window == 0 or 0 < self.window <= other.window)
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraSpec:
