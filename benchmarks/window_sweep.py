@@ -10,10 +10,16 @@ perplexity by less than 0.2, so the grid starts at 0.03.)
 
     python -m benchmarks.window_sweep --json results/bench_window_sweep.json
     python -m benchmarks.window_sweep --shapes --json results/bench_window_shapes.json
+    python -m benchmarks.window_sweep --llamacpp q8_0 --clients hamlet/HAMLET --json a.json
+    python -m benchmarks.window_sweep --merge a.json b.json --json results/sweep.json
 
 ``--lean PRECISION``: AdamW in the window on the lean torch window engine (bf16 or fp32) over
 ``LEAN_LRS`` instead: it runs two to three times the steps of the transformers engine in the
 same wall-clock, so its lr is swept on its own (``window.py --lr-lean``).
+
+``--llamacpp QUANT``: MeZO in the llama.cpp window engine on a QUANT GGUF over ``ZO_LRS``
+instead, perturbing by ``--llamacpp-eps`` (its quantized matmuls drown a 1e-3 difference), so
+its lr is its own (``window.py --zo-lr-llamacpp``).
 
 ``--shapes``: backprop in the window at ``--lr-window`` for each window size and set of target
 projections in ``SHAPES`` instead (what holds the window back against PEFT at full depth:
@@ -87,9 +93,21 @@ def main() -> None:
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--shapes", action="store_true", help="sweep window size and targets")
     parser.add_argument("--lean", choices=("fp32", "bf16"), help="sweep the lean engine's AdamW")
+    parser.add_argument("--llamacpp", help="sweep MeZO in the llama.cpp window on this GGUF")
+    parser.add_argument("--llamacpp-eps", type=float, default=1e-2)
     parser.add_argument("--lr-window", type=float, default=3e-3, help="--shapes: AdamW lr")
     parser.add_argument("--shape", action="append", help="--shapes: only K:q,v or K:all")
+    parser.add_argument("--merge", nargs="*", help="join these runs (other clients) instead")
     args = parser.parse_args()
+    if args.merge:  # runs of the same sweep on other clients, e.g. two processes
+        docs = [json.loads(Path(path).read_text()) for path in args.merge]
+        runs = [r for doc in docs for r in doc["runs"]]
+        for key in ("window", "lean", "llamacpp", "llamacpp_eps", "seconds", "seed"):
+            setattr(args, key, docs[0].get("lean_precision" if key == "lean" else key))
+        names = sorted({r["arm"] for r in runs})
+        grids = {"zo_window": ZO_LRS, "zo_window_llamacpp": ZO_LRS, "window_lean": LEAN_LRS}
+        write(args, [(n, grids.get(n, BACKPROP_LRS)) for n in names], runs)
+        return
 
     import torch
 
@@ -126,6 +144,14 @@ def main() -> None:
 
         lean = TorchWindowBackend(base, LoraSpec(window=args.window), 1, args.lean)
         arms = (("window_lean", LEAN_LRS),)
+    llama = None
+    if args.llamacpp:
+        from fleetune.edge_sdk.backends.llamacpp_window import LlamaCppWindowBackend
+        from fleetune.models.gguf_export import export_base_gguf
+
+        gguf = export_base_gguf(base, args.llamacpp)
+        llama = LlamaCppWindowBackend(gguf, base, LoraSpec(window=args.window), 1)
+        arms = (("zo_window_llamacpp", ZO_LRS),)
     runs: list[dict] = []
     for name in args.clients.split(","):
         data = prepare_client(texts[name], window.tokenize, max_eval_windows=24)
@@ -138,29 +164,43 @@ def main() -> None:
             log(
                 f"{name}: window_lean {args.lean} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}"
             )
-        for lr in ZO_LRS if lean is None else ():
+        for lr in ZO_LRS if llama is not None else ():
+            cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr, eps=args.llamacpp_eps)
+            record, ppl = zo_window(llama, data, train, args.seed, args.seconds, cfg, window)
+            arm = "zo_window_llamacpp"
+            runs.append({"client": name, "arm": arm, "lr": lr, "ppl": ppl, **record})
+            log(f"{name}: {arm} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
+        for lr in ZO_LRS if lean is None and llama is None else ():
             cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr)
             record, ppl = zo_window(window, data, train, args.seed, args.seconds, cfg)
             runs.append({"client": name, "arm": "zo_window", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: zo_window lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in BACKPROP_LRS if lean is None else ():
+        for lr in BACKPROP_LRS if lean is None and llama is None else ():
             record, ppl = window_backprop_arm(window, data, train, args.seed, args.seconds, lr)
             runs.append({"client": name, "arm": "window_backprop", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: window_backprop lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
+    write(args, arms, runs)
+
+
+def write(args, arms, runs: list[dict]) -> None:
+    """The sweep's document: per arm and lr the geometric-mean held-out perplexity, and the
+    best lr."""
     doc: dict = {
         "benchmark": "window_sweep",
         "window": args.window,
         "lean_precision": args.lean,
+        "llamacpp": args.llamacpp,
+        "llamacpp_eps": args.llamacpp_eps,
         "seconds": args.seconds,
         "seed": args.seed,
-        "clients": args.clients.split(","),
+        "clients": sorted({r["client"] for r in runs}),
         "runs": [{k: v for k, v in r.items() if k != "step_s"} for r in runs],
     }
     for arm, lrs in arms:
         logs = {
             lr: [np.log(r["ppl"]) for r in runs if (r["arm"], r["lr"]) == (arm, lr)] for lr in lrs
         }
-        geo = {lr: float(np.exp(np.mean(v))) for lr, v in logs.items()}
+        geo = {lr: float(np.exp(np.mean(v))) for lr, v in logs.items() if v}
         doc[f"ppl_{arm}"] = {f"{lr:g}": v for lr, v in geo.items()}
         doc[f"best_lr_{arm}"] = min(geo, key=lambda lr: geo[lr])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ The round loop lives in :mod:`~fleetune.edge_sdk.rounds`, the mixture session in
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class EdgeClient:
         self._keyring: Keyring | None = None
         self.tuned_adapter: Tensors | None = None  # the last round's tuned adapter
         self.refusals = 0  # pushes this device refused (bad signature, malformed, other base)
+        self._cache_ram_mb = math.inf  # RAM a window's prefix cache may take (memory budget)
         if config.device.memory_budget_mb:
             self._fit_budget()
 
@@ -105,6 +107,7 @@ class EdgeClient:
             )
         tuning = replace(t, batch_size=plan.batch_size, seq_len=plan.seq_len)
         self.config = replace(self.config, tuning=tuning)
+        self._cache_ram_mb = dev.memory_budget_mb - plan.estimate_mb  # a window's prefix cache
 
     # -- what the device runs ---------------------------------------------------------------------
     @property
@@ -140,6 +143,9 @@ class EdgeClient:
     def tuner(self) -> LocalTuner:
         if self._tuner is None:
             self._tuner = make_tuner(self.config.tuning, self.layout)
+            if self.config.device.memory_budget_mb:  # a larger prefix cache goes to disk
+                self._tuner.cache_ram_mb = self._cache_ram_mb
+                self._tuner.cache_dir = self.store.root / "prefix"
         return self._tuner
 
     @property
@@ -241,6 +247,8 @@ class EdgeClient:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if self._tuner is not None:
+            self._tuner.close()
 
     def _chunked(self, transport: Transport) -> ChunkedTransport:
         """Whatever carries the messages, payloads above the limit go in chunks."""

@@ -160,6 +160,10 @@ def load_backend(
         if bundle is None:
             raise ConfigError("the llamacpp backend runs a GGUF bundle: `fleetune export gguf`")
         bundle.check(base)
+        if spec.window:  # the prefix from the base, the window as a GGUF of its own
+            from fleetune.edge_sdk.backends.llamacpp_window import LlamaCppWindowBackend
+
+            return LlamaCppWindowBackend(bundle.path("model"), bundle.base, spec, threads)
         return LlamaCppBackend(bundle.path("model"), bundle.base, spec, threads=threads)
     if name == "torch":
         try:

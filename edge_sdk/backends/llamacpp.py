@@ -49,6 +49,15 @@ def init_llama() -> ModuleType:
     return llama_cpp
 
 
+def row_loss(logits: np.ndarray, row: np.ndarray) -> float:
+    """Summed next-token cross-entropy of one sequence from its [seq, vocab] logits (float32
+    logits, the normalizer summed in float64)."""
+    logits = logits[:-1]
+    peak = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
+    return float(np.sum(lse - logits[np.arange(len(row) - 1), row[1:]]))
+
+
 def _ram_dir() -> str:
     """Where adapter files go: /dev/shm where it exists (never touches flash), else tmp."""
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -177,8 +186,11 @@ class LlamaCppBackend:
 
     # adapters
 
-    def _load_lora(self, tensors: Tensors, layers: range | None = None) -> Any:
-        """Write ``tensors`` (only ``layers``, if given) as a GGUF adapter in RAM and load it."""
+    def _load_lora(
+        self, tensors: Tensors, layers: range | None = None, model: Any = None, first: int = 0
+    ) -> Any:
+        """Write ``tensors`` (only ``layers``, if given) as a GGUF adapter in RAM and load it
+        for ``model`` (the base's, or a window's whose ``blk.0`` is layer ``first``)."""
         self._check_open()
         directory = _ram_dir()
         try:
@@ -187,8 +199,8 @@ class LlamaCppBackend:
         except OSError as err:
             raise BackendError(f"cannot create an adapter file in {directory}: {err}") from err
         try:
-            write_lora_gguf(tensors, self.spec, self.base, name, check=False, layers=layers)
-            adapter = self.lib.llama_adapter_lora_init(self.model, name.encode())
+            write_lora_gguf(tensors, self.spec, self.base, name, False, layers, first)
+            adapter = self.lib.llama_adapter_lora_init(model or self.model, name.encode())
         except OSError as err:  # e.g. /dev/shm is full
             raise BackendError(f"cannot write the GGUF adapter {name}: {err}") from err
         finally:
@@ -218,13 +230,14 @@ class LlamaCppBackend:
     def _activate(self, adapter: Any, scale: float) -> None:
         self._set_loras([adapter], [scale])
 
-    def _set_loras(self, adapters: list[Any], scales: list[float]) -> None:
-        """Make exactly ``adapters`` active, each with its scale (one native call)."""
+    def _set_loras(self, adapters: list[Any], scales: list[float], ctx: Any = None) -> None:
+        """Make exactly ``adapters`` active in ``ctx`` (the main context by default), each with
+        its scale (one native call)."""
         self._check_open()
         n = len(adapters)
         arr = (self.lib.llama_adapter_lora_p_ctypes * n)(*adapters)
         values = (ctypes.c_float * n)(*scales)
-        rc = self.lib.llama_set_adapters_lora(self.ctx, arr, n, values)
+        rc = self.lib.llama_set_adapters_lora(ctx or self.ctx, arr, n, values)
         if rc != 0:
             raise BackendError(f"llama_set_adapters_lora returned {rc} for {n} adapters")
 
@@ -337,11 +350,7 @@ class LlamaCppBackend:
             raise ConfigError(f"loss needs windows of at least 2 tokens, got {ids.shape}")
         total, count = 0.0, 0
         for row in ids:
-            logits = self.logits(row)[:-1]
-            peak = logits.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
-            picked = logits[np.arange(len(row) - 1), row[1:]]
-            total += float(np.sum(lse - picked))
+            total += row_loss(self.logits(row), row)
             count += len(row) - 1
         return total / count
 

@@ -8,10 +8,13 @@ tuner they drive.
 
 from __future__ import annotations
 
+import logging
+import math
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from fleetune.edge_sdk.protocol import Basis, SeedPool, SeedRun
     from fleetune.edge_sdk.tuners.window import PrefixCache
 
+log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 Progress = Callable[[int, float], None]
 
@@ -61,21 +65,39 @@ class LocalTuner(ABC):
     def __init__(self, config: TuningConfig, layout: FlatLayout) -> None:
         self.config, self.layout = config, layout
         self._prefix: tuple[np.ndarray, int, PrefixCache] | None = None  # train, prefix version
+        # a device under a memory budget: RAM its prefix cache may take beyond the step's
+        # estimate, and where a larger one goes (``EdgeClient`` sets them)
+        self.cache_ram_mb = math.inf
+        self.cache_dir: Path | None = None
 
     def prefix_cache(self, backend: Backend, train: np.ndarray) -> PrefixCache | None:
         """The states entering the adapter's layer window for every training window, computed
         once per dataset and kept across rounds (the layers below never change, unless the
-        fleet's adapter reaches below the window: ``prefix_version``); ``None`` for a
-        full-depth adapter or an engine without windows (it runs whole forwards)."""
+        fleet's adapter reaches below the window: ``prefix_version``), in RAM or, when larger
+        than ``cache_ram_mb``, in a file in ``cache_dir``; ``None`` for a full-depth adapter or
+        an engine without windows (it runs whole forwards)."""
         if not self.layout.spec.window or not backend.capabilities.window:
             return None
         version = getattr(backend, "prefix_version", 0)
         if self._prefix is None or self._prefix[0] is not train or self._prefix[1] != version:
-            from fleetune.edge_sdk.tuners.window import build_cache
+            from fleetune.edge_sdk.tuners.window import build_cache, cache_mb
 
-            self._prefix = None  # the old cache leaves memory before the new one is built
-            self._prefix = (train, version, build_cache(backend, train))  # type: ignore[arg-type]
+            if self._prefix is not None:  # the old cache leaves before the new one is built
+                self._prefix[2].close()
+                self._prefix = None
+            size = cache_mb(backend, *train.shape)  # type: ignore[arg-type]
+            disk = size > self.cache_ram_mb and self.cache_dir is not None
+            path = self.cache_dir / "prefix-states.f32" if disk and self.cache_dir else None
+            cache = build_cache(backend, train, path)  # type: ignore[arg-type]
+            log.info("prefix cache of %d windows: %.1f MB in %s", len(train), size, cache.where)
+            self._prefix = (train, version, cache)
         return self._prefix[2]
+
+    def close(self) -> None:
+        """Drop the prefix cache (a file on disk goes)."""
+        if self._prefix is not None:
+            self._prefix[2].close()
+            self._prefix = None
 
     @abstractmethod
     def tune(

@@ -16,12 +16,16 @@ builds the cache, an fp32 or int8 window graph runs the steps, no torch). Backpr
 window is torch's alone.
 
 The cache holds ``windows x tokens x hidden`` float32 values (SmolLM2, 64 tokens: 147 KB per
-window of text); :class:`PrefixCache` keeps it in RAM or in a file on disk (``np.memmap``) and
-says how large it is.
+window of text); :class:`PrefixCache` keeps it in RAM or in a file on disk and says how large it
+is and where. On disk it is written a chunk of rows at a time and read back a step's rows at a
+time (:class:`DiskStates`), so it never enters the resident set whole; a device under a memory
+budget puts it there when its step's estimate and the cache together would not fit
+(``LocalTuner.prefix_cache``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,18 +46,78 @@ if TYPE_CHECKING:
     from fleetune.edge_sdk.data import ClientData
 
 
+CHUNK_ROWS = 64  # rows a streamed prefix runs at once into a file (9 MB of SmolLM2 states)
+
+
+class DiskStates:
+    """Prefix states ``[rows, tokens, hidden]`` float32 in a file, read a few rows at a time
+    with ``os.pread``: nothing is mapped, so what a step reads is all of the file that enters
+    the resident set (a memory map keeps every page a step has touched resident)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: str | Path, shape: tuple[int, int, int]) -> None:
+        self.path, self.shape = Path(path), shape
+        self._row = shape[1] * shape[2] * 4
+        if self.path.stat().st_size != shape[0] * self._row:
+            raise OSError(f"{self.path} holds {self.path.stat().st_size} bytes, not {shape}")
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._row
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | slice | np.ndarray) -> np.ndarray:
+        """Rows by index, slice or index array (numpy's rules), copied out."""
+        if self._fd is None:
+            raise OSError(f"the prefix states in {self.path} are closed")
+        index = np.arange(self.shape[0])[rows]
+        flat = np.atleast_1d(index)
+        out = np.empty((len(flat), *self.shape[1:]), dtype=np.float32)
+        for i, row in enumerate(flat.tolist()):
+            data = os.pread(self._fd, self._row, row * self._row)
+            out[i] = np.frombuffer(data, dtype=np.float32).reshape(self.shape[1:])
+        return out.reshape(*np.shape(index), *self.shape[1:])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 @dataclass
 class PrefixCache:
     """The states entering the window for each row of ``ids`` (``[rows, tokens, hidden]``)."""
 
     ids: np.ndarray
-    hidden: np.ndarray
+    hidden: np.ndarray | DiskStates
     where: str  # "ram" or the file that holds it
     seconds: float  # to compute it
 
     @property
     def nbytes(self) -> int:
         return int(self.hidden.nbytes)
+
+    def metrics(self) -> dict:
+        """Its size and where it lives, for the round's report."""
+        return {"cache_mb": self.nbytes / 2**20, "cache_on_disk": self.where != "ram"}
+
+    def close(self) -> None:
+        """Drop a cache on disk: its file goes."""
+        if isinstance(self.hidden, DiskStates):
+            self.hidden.close()
+            self.hidden.path.unlink(missing_ok=True)
+
+
+def cache_mb(backend: WindowBackend, rows: int, tokens: int) -> float:
+    """What a cache of ``rows`` windows of ``tokens`` takes (float32 states)."""
+    return rows * tokens * backend.base.hidden_size * 4 / 2**20
 
 
 def build_cache(
@@ -64,27 +128,43 @@ def build_cache(
     progress: Callable[[int, int], None] | None = None,
 ) -> PrefixCache:
     """Run the frozen layers below the adapter's window over every row of ``ids`` once; in RAM,
-    or in the file ``path`` (a memory map: the OS pages it in and out). ``progress(done,
-    total)`` counts rows, or layers where the engine streams its prefix."""
+    or in the file ``path`` (written a chunk at a time, read back by :class:`DiskStates`).
+    ``progress(done, total)`` counts rows, or layers where the engine streams its prefix into
+    RAM."""
     start = backend.spec.layers(backend.base).start
     began = time.monotonic()
     shape = (len(ids), ids.shape[1], backend.base.hidden_size)
+    streamed = backend.capabilities.streamed_prefix  # the lean torch engine: a layer at a time
     if path is None:
         hidden = np.empty(shape, dtype=np.float32)
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        hidden = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    if backend.capabilities.streamed_prefix:  # the lean torch engine: a layer at a time
-        cast("StreamedBackend", backend).prefix_into(ids, start, hidden, progress)
-    else:
-        for i in range(0, len(ids), batch):
-            hidden[i : i + batch] = backend.prefix(ids[i : i + batch], start)
-            if progress is not None:
-                progress(min(i + batch, len(ids)), len(ids))
-    if path is not None:
-        hidden.flush()  # type: ignore[attr-defined]
-    where = "ram" if path is None else str(path)
-    return PrefixCache(ids, hidden, where, time.monotonic() - began)
+        if streamed:
+            cast("StreamedBackend", backend).prefix_into(ids, start, hidden, progress)
+        else:
+            for i in range(0, len(ids), batch):
+                hidden[i : i + batch] = backend.prefix(ids[i : i + batch], start)
+                if progress is not None:
+                    progress(min(i + batch, len(ids)), len(ids))
+        return PrefixCache(ids, hidden, "ram", time.monotonic() - began)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    step = CHUNK_ROWS if streamed else batch  # streamed: every prefix layer read once per chunk
+    try:
+        with open(part, "wb") as f:
+            for i in range(0, len(ids), step):
+                rows = ids[i : i + step]
+                if streamed:
+                    chunk = np.empty((len(rows), *shape[1:]), dtype=np.float32)
+                    cast("StreamedBackend", backend).prefix_into(rows, start, chunk)
+                else:
+                    chunk = np.ascontiguousarray(backend.prefix(rows, start), dtype=np.float32)
+                f.write(chunk.tobytes())
+                if progress is not None:
+                    progress(min(i + step, len(ids)), len(ids))
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return PrefixCache(ids, DiskStates(path, shape), str(path), time.monotonic() - began)
 
 
 def window_zo(
@@ -170,6 +250,6 @@ class WindowTuner(LocalTuner):
             progress=progress,
             params=t.backprop_params,
         )
-        metrics["cache_mb"] = cache.nbytes / 2**20
+        metrics.update(cache.metrics())
         local = backend.get_adapter()
         return Tuned(local, metrics, delta={k: local[k] - start[k] for k in local})

@@ -227,6 +227,8 @@ class ZOTuner(LocalTuner):
             rng,
             progress,
         )
+        if cache is not None:
+            metrics.update(cache.metrics())
         run = SeedRun.from_pairs(pairs, pool.pool_seed, pool.params)
         adapter = self.layout.unflatten(apply_run(self.layout.flatten(start), tuned, run))
         backend.set_adapter(adapter)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-WINDOW_ZO_LR = 0.3  # MeZO in a window of 4: best of 0.03-1 in benchmarks/window_sweep.py
-WINDOW_LR = 3e-3  # AdamW in a window of 4: best of 1e-3-1e-2 in benchmarks/window_sweep.py
-
 
 def _demo(args: argparse.Namespace) -> int:
     from fleetune.edge_sdk.config import TuningConfig
     from fleetune.sim.harness import run_demo
     from fleetune.sim.report import is_improved
+
+    windows = tuple(args.window) or ((4,) if args.tuner == "window" else (0,))
 
     doc = run_demo(
         devices=args.devices,
@@ -30,18 +29,23 @@ def _demo(args: argparse.Namespace) -> int:
         mix_steps=args.mix_steps,
         basis_k=args.basis_k,
         clusters=args.clusters,
-        tuning=TuningConfig(
-            start=args.start,
-            share=args.share,
-            lora_window=args.window or (4 if args.tuner == "window" else 0),
-            # MeZO in a window: the step benchmarks/window_sweep.py picked (clients off-report)
-            zo_lr=WINDOW_ZO_LR if args.window and args.tuner == "zo" else TuningConfig.zo_lr,
-            lr=WINDOW_LR if args.tuner == "window" else TuningConfig.lr,
-        ),
+        tuning=TuningConfig(start=args.start, share=args.share),
+        windows=windows,
     )
     if not is_improved(doc):
         print("warning: some device ended no better than the base model", file=sys.stderr)
     return 0
+
+
+def windows_list(value: str) -> tuple[int, ...]:
+    """``K`` or ``K1,K2,...`` → layer windows (0: every layer)."""
+    try:
+        windows = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        windows = (-1,)
+    if any(w < 0 for w in windows):
+        raise argparse.ArgumentTypeError(f"--window {value!r}: whole numbers >= 0, comma-separated")
+    return windows
 
 
 def broker_address(value: str) -> tuple[str, int]:
@@ -93,10 +97,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--window",
-        type=int,
-        default=0,
-        help="LoRA on the top K layers only (0: all; 4 with --tuner window); with --tuner zo on "
-        "torch or onnx, forwards start from cached prefix states",
+        type=windows_list,
+        default=(),
+        help="LoRA on the top K layers only (0: all; 4 with --tuner window); with --tuner zo, "
+        "forwards start from cached prefix states. A comma list is given to devices in turn "
+        "(e.g. 0,4: full-depth and window devices in one fleet, which tunes every layer)",
     )
     demo.add_argument("--mix-devices", type=int, default=2, help="mix: unseen clients")
     demo.add_argument("--mix-steps", type=int, default=50, help="mix: search steps at most")

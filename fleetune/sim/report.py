@@ -13,8 +13,9 @@ def format_table(doc: dict) -> str:
     ]
     for d in doc["devices"]:
         served = d.get("ppl_served", math.nan)
+        role = f"top {d['window']}" if d.get("window") else d.get("role", "fleet")
         rows.append(
-            f"{d['device']:<10} {d.get('role', 'fleet'):<7} {d['client'][:26]:<26} "
+            f"{d['device']:<10} {role:<7} {d['client'][:26]:<26} "
             f"{d['ppl_base']:>9.1f} {d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} "
             f"{served:>10.1f} {d.get('served', '') or '-':<7} "
             f"{d['bytes_up'] / 1e3:>8.1f} "

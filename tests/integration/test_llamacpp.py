@@ -260,3 +260,39 @@ def test_a_window_adapter_loads_in_stock_llama_cpp_and_matches_torch(
     assert len(window) == 16
     assert np.abs(stock - ref).max() < F16_LOGIT_TOL
     assert np.abs(ref - base).max() > 0.1  # the window adapter is live
+
+
+def test_a_window_engine_gives_the_base_models_loss(smollm2, ggufs, adapter, batch):
+    """The llama.cpp window: prefix states read out of the base model's graph (stopped after
+    the layer below the window), then the window GGUF fed them as input embeddings, gives the
+    base model's loss with the same adapter; and with the fleet's adapter below the window,
+    the loss of the whole adapter."""
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.llamacpp_window import LlamaCppWindowBackend
+    from fleetune.edge_sdk.tuners.window import build_cache
+
+    spec = LoraSpec(window=4)
+    window = {k: adapter[k] for k in init_lora(spec, smollm2)}
+    with LlamaCppBackend(ggufs["q8_0"], smollm2, LoraSpec(), threads=1) as full:
+        full.set_adapter({**init_lora(LoraSpec(), smollm2), **window})
+        expected = full.loss(batch)
+        text = full.generate("To be, or not to be", 8)
+        full.set_adapter(adapter)
+        expected_fleet = full.loss(batch)
+    # Execute
+    with LlamaCppWindowBackend(ggufs["q8_0"], smollm2, spec, threads=1) as engine:
+        engine.set_adapter(window)
+        cache = build_cache(engine, batch)
+        from_cache = engine.window_loss_flat(cache.hidden, batch, engine.layout.flatten(window))
+        whole = engine.loss(batch)
+        generated = engine.generate("To be, or not to be", 8)
+        engine.set_prefix_adapter({k: v for k, v in adapter.items() if k not in window})
+        fleet = engine.loss(batch)
+        version = engine.prefix_version
+    # Assert: the same kernels on the same states (seen: equal to 1e-5)
+    assert cache.hidden.shape == (4, 64, smollm2.hidden_size)
+    assert from_cache == pytest.approx(expected, abs=1e-4)
+    assert whole == pytest.approx(expected, abs=1e-4)
+    assert generated == text  # generation runs the base model with the window's adapter
+    assert version == 1 and fleet == pytest.approx(expected_fleet, abs=1e-4)
+    assert abs(expected_fleet - expected) > 1e-3

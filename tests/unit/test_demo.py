@@ -48,3 +48,25 @@ def test_ok_results_are_returned():
     values = wait_for_results(results, {"device-0": done}, poll_s=0.1)
     # Assert
     assert values == [{"device": "device-0"}]
+
+
+def test_a_demo_of_mixed_windows_gives_each_device_its_window_tuner_and_step():
+    """``--window 0,4``: devices take the windows in turn; with ``--tuner window`` the
+    full-depth one backprops through every layer at the product's step, the window one through
+    its window at the swept one; junk windows are refused by name."""
+    import argparse
+    from pathlib import Path
+
+    from fleetune.edge_sdk.config import TuningConfig
+    from fleetune.sim.cli import windows_list
+    from fleetune.sim.harness import WINDOW_LR, Sim
+
+    fleet = TuningConfig()  # the fleet tunes every layer; the demo asked for tuner "window"
+    sim = Sim(None, {}, fleet, "torch", ("h", 1), "3.1.1", "f", Path("."), 1.0, 0, (0, 4), "window")
+    full, top = (sim.device_tuning(i, fleet) for i in (2, 3))
+    assert (full.tuner, full.lora_window, full.lr) == ("backprop", 0, TuningConfig.lr)
+    assert (top.tuner, top.lora_window, top.lr) == ("window", 4, WINDOW_LR)
+    assert windows_list("0,4") == (0, 4) and windows_list("4") == (4,)
+    for junk in ("x", "4,-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="whole numbers"):
+            windows_list(junk)

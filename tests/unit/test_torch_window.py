@@ -39,11 +39,14 @@ def engines(tiny_base4):
     return spec, tensors, reference, lean
 
 
-def test_streamed_prefix_window_loss_and_full_loss_match_transformers(engines, tmp_path):
+def test_streamed_prefix_window_loss_and_full_loss_match_transformers(
+    engines, tmp_path, monkeypatch
+):
     _, _, reference, lean = engines
     ids = np.random.default_rng(0).integers(0, 128, size=(11, 16))  # 11 rows: a partial chunk
+    monkeypatch.setattr("fleetune.edge_sdk.tuners.window.CHUNK_ROWS", 4)  # 3 chunks to a file
     # Execute: the lean engine streams the two layers below the window into a disk cache
-    cache = build_cache(lean, ids, path=tmp_path / "states.npy")
+    cache = build_cache(lean, ids, path=tmp_path / "states.f32")
     expected = reference.prefix(ids, 2)
     # Assert: float32 tolerance everywhere (the same math, other kernels)
     np.testing.assert_allclose(np.asarray(cache.hidden), expected, rtol=1e-5, atol=1e-5)

@@ -55,13 +55,15 @@ def test_the_window_loss_from_cached_states_is_the_full_models_loss(four_layers,
     full.set_adapter(full_tensors)
     # Execute: the cache in RAM and on disk
     ram = build_cache(window, ids, batch=4)
-    disk = build_cache(window, ids, path=tmp_path / "cache.npy", batch=4)
+    disk = build_cache(window, ids, path=tmp_path / "cache.f32", batch=4)
     # Assert: same loss (float32 tolerance), same cache either way, its size stated
     expected = full.loss(ids)
     got = float(window.window_loss_tensor(ram.hidden, ids).detach())
     assert got == pytest.approx(expected, rel=1e-5)
     np.testing.assert_array_equal(np.asarray(disk.hidden), ram.hidden)
-    assert ram.nbytes == 6 * 16 * 32 * 4 and disk.where.endswith("cache.npy")
+    assert ram.nbytes == disk.nbytes == 6 * 16 * 32 * 4 and disk.where.endswith("cache.f32")
+    np.testing.assert_array_equal(disk.hidden[[5, 1]], ram.hidden[[5, 1]])  # a step's rows
+    np.testing.assert_array_equal(disk.hidden[2], ram.hidden[2])
 
 
 def test_gradients_reach_only_the_window_and_tuning_lowers_the_loss(four_layers):
@@ -191,3 +193,36 @@ def test_a_window_device_whose_prefix_is_the_frozen_base_refuses_a_deeper_fleet(
         join(client, Announcement(1, 0, BASE.sha256, SPEC.to_dict()))
     client.backend.capabilities = Capabilities(window=True, prefix_adapter=True)
     join(client, Announcement(1, 0, BASE.sha256, SPEC.to_dict()))
+
+
+def test_a_device_under_a_budget_keeps_a_large_prefix_cache_on_disk(four_layers, tmp_path):
+    """A cache larger than the RAM the budget leaves it goes to a file in the device's state
+    dir; tuning from it gives what tuning from RAM gives; a new prefix replaces the file, and
+    closing the tuner removes it."""
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+    from fleetune.edge_sdk.config import TuningConfig
+    from fleetune.edge_sdk.data import ClientData
+    from fleetune.edge_sdk.tuners import make_tuner
+    from fleetune.edge_sdk.tuners.base import Job
+
+    spec = LoraSpec(r=2, window=2)
+    engine = TorchWindowBackend(four_layers, spec)
+    cycle = np.tile(np.arange(16), 40)[:512].reshape(-1, 16)
+    data = ClientData("c", train=cycle, heldout=cycle[:4])
+    tuned = {}
+    for where, ram_mb in (("ram", float("inf")), ("disk", 0.01)):  # the cache is 0.06 MB
+        config = TuningConfig(tuner="window", steps=5, lr=5e-2, lora_r=2, lora_window=2)
+        tuner = make_tuner(config, engine.layout)
+        tuner.cache_ram_mb, tuner.cache_dir = ram_mb, tmp_path / where
+        result = tuner.tune(engine, data, init_lora(spec, four_layers), Job("d", 1))
+        tuned[where] = (result.adapter, result.metrics)
+        if where == "disk":
+            files = sorted(p.name for p in (tmp_path / where).iterdir())
+            engine.set_prefix_adapter({})  # nothing new below: the same cache stands
+            assert tuner.prefix_cache(engine, data.train) is tuner._prefix[2]
+            tuner.close()
+            assert not any((tmp_path / where).iterdir())
+    assert files == ["prefix-states.f32"]
+    assert tuned["ram"][1]["cache_on_disk"] is False and tuned["disk"][1]["cache_on_disk"]
+    for name, value in tuned["ram"][0].items():
+        np.testing.assert_array_equal(tuned["disk"][0][name], value)

@@ -30,11 +30,16 @@ GGUF_MODULES = {
 
 
 def lora_gguf_tensors(
-    tensors: Tensors, spec: LoraSpec, base: BaseManifest, layers: range | None = None
+    tensors: Tensors,
+    spec: LoraSpec,
+    base: BaseManifest,
+    layers: range | None = None,
+    first: int = 0,
 ) -> Tensors:
     """PEFT-named LoRA tensors → llama.cpp names (``blk.{i}.attn_q.weight.lora_a``), float32,
     for the adapter's layers (its window, if it has one) or only ``layers`` (llama.cpp
-    leaves the others unadapted).
+    leaves the others unadapted); layer ``first`` becomes ``blk.0`` (a GGUF of the window's
+    layers alone, ``backends/llamacpp_window.py``).
 
     Shapes stay as PEFT's (numpy order is GGUF's reversed: lora_a [r, in] is ne = {in, r}). The
     rows of q/k's B are permuted the way ``convert_hf_to_gguf.py`` permutes q/k weights for RoPE.
@@ -52,8 +57,8 @@ def lora_gguf_tensors(
             if heads_field is not None:
                 heads = getattr(base, heads_field)
                 b = b.reshape(heads, 2, b.shape[0] // heads // 2, b.shape[1]).swapaxes(1, 2)
-            out[f"blk.{layer}.{gguf_name}.weight.lora_a"] = a
-            out[f"blk.{layer}.{gguf_name}.weight.lora_b"] = np.ascontiguousarray(
+            out[f"blk.{layer - first}.{gguf_name}.weight.lora_a"] = a
+            out[f"blk.{layer - first}.{gguf_name}.weight.lora_b"] = np.ascontiguousarray(
                 b.reshape(-1, spec.r)
             )
     return out
@@ -66,6 +71,7 @@ def write_lora_gguf(
     path: str | Path,
     check: bool = True,
     layers: range | None = None,
+    first: int = 0,
 ) -> Path:
     """Write a LoRA adapter (all layers, or only ``layers``) as a GGUF file stock llama.cpp
     loads (``--lora``, ``lora_path``).
@@ -86,7 +92,7 @@ def write_lora_gguf(
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(spec.alpha))
         writer.add_string("fleetune.base_sha256", base.sha256)
-        for name, value in lora_gguf_tensors(tensors, spec, base, layers).items():
+        for name, value in lora_gguf_tensors(tensors, spec, base, layers, first).items():
             writer.add_tensor(name, value)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
