@@ -17,7 +17,7 @@ behind. Other devices take the dense adapter (``adapter/global``). What leaves t
 A window device (``lora_window = K``) may join a fleet whose adapter reaches deeper: it tunes
 and uploads its window's layers (the server averages each tensor over the devices that hold
 it), and runs the layers below under the fleet's adapter (:func:`use`), which needs an engine
-that applies an adapter in its prefix (the lean torch engine).
+that applies an adapter in its prefix (the lean torch engine, llama.cpp's window engine).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def join(client: EdgeClient, announcement: Announcement) -> None:
             f"{client.device} tunes the top {client.spec.window} layers, and the fleet's "
             f"adapter reaches below them ({announcement.adapter}): the layers below must run "
             f"under the fleet's adapter, which {type(client.backend).__name__} cannot do (its "
-            'prefix is the frozen base). Use the torch engine (backend = "torch"), or a '
-            f"fleet with lora_window = {client.spec.window}"
+            'prefix is the frozen base). Use backend = "torch" or "llamacpp", or a fleet '
+            f"with lora_window = {client.spec.window}"
         )
 
 
