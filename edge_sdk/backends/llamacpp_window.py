@@ -197,6 +197,11 @@ class LlamaCppWindowBackend(LlamaCppBackend):
         self._states.clear()
         self._full_stale = True
 
+    def set_scale(self, scale: float) -> None:
+        super().set_scale(scale)
+        if self._window_adapter:  # every loss runs in the window model
+            self._set_loras([self._window_adapter], [self._scale], self.window_ctx)
+
     def _activate(self, adapter: Any, scale: float) -> None:
         below = [self._below_adapter] if self._below_adapter else []
         self._set_loras([adapter, *below], [scale, *[1.0] * len(below)])

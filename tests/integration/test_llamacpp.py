@@ -279,6 +279,8 @@ def test_a_window_engine_gives_the_base_models_loss(smollm2, ggufs, adapter, bat
         text = full.generate("To be, or not to be", 8)
         full.set_adapter(adapter)
         expected_fleet = full.loss(batch)
+        full.set_adapter(init_lora(LoraSpec(), smollm2))
+        base_loss = full.loss(batch)
     # Execute
     with LlamaCppWindowBackend(ggufs["q8_0"], smollm2, spec, threads=1) as engine:
         engine.set_adapter(window)
@@ -286,6 +288,9 @@ def test_a_window_engine_gives_the_base_models_loss(smollm2, ggufs, adapter, bat
         from_cache = engine.window_loss_flat(cache.hidden, batch, engine.layout.flatten(window))
         whole = engine.loss(batch)
         generated = engine.generate("To be, or not to be", 8)
+        engine.set_scale(0.0)  # the base model: the window's adapter scaled away
+        scaled_away = engine.loss(batch)
+        engine.set_scale(1.0)
         engine.set_prefix_adapter({k: v for k, v in adapter.items() if k not in window})
         fleet = engine.loss(batch)
         version = engine.prefix_version
@@ -294,5 +299,6 @@ def test_a_window_engine_gives_the_base_models_loss(smollm2, ggufs, adapter, bat
     assert from_cache == pytest.approx(expected, abs=1e-4)
     assert whole == pytest.approx(expected, abs=1e-4)
     assert generated == text  # generation runs the base model with the window's adapter
+    assert scaled_away == pytest.approx(base_loss, abs=1e-4)
     assert version == 1 and fleet == pytest.approx(expected_fleet, abs=1e-4)
     assert abs(expected_fleet - expected) > 1e-3
