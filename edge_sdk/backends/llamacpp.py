@@ -130,17 +130,7 @@ class LlamaCppBackend:
         if not self.vocab:
             raise BackendError(f"llama_model_get_vocab returned NULL for {self.path.name}")
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
-        params = lib.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_ctx
-        params.n_ubatch = n_ctx
-        params.n_seq_max = 1
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.no_perf = True
-        self.ctx = lib.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            raise BackendError(f"llama_init_from_model failed for {self.path.name} (n_ctx={n_ctx})")
+        self.ctx = self._context(self.model, threads, n_ctx)
         self.n_ctx = n_ctx
         self.batch = lib.llama_batch_init(n_ctx, 0, 1)  # a struct of malloc'd arrays
         if not (self.batch.token and self.batch.pos and self.batch.seq_id and self.batch.logits):
@@ -148,6 +138,21 @@ class LlamaCppBackend:
         self._memory = lib.llama_get_memory(self.ctx)
         if not self._memory:
             raise BackendError(f"llama_get_memory returned NULL for {self.path.name}")
+
+    def _context(self, model: Any, threads: int, n_ctx: int, callback: Any = None) -> Any:
+        """A context on ``model``: one sequence of up to ``n_ctx`` tokens in one batch,
+        ``callback`` as its eval callback (``cb_eval``) if given."""
+        params = self.lib.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        if callback is not None:
+            params.cb_eval = callback
+        ctx = self.lib.llama_init_from_model(model, params)
+        if not ctx:
+            raise BackendError(f"llama_init_from_model failed for {self.path.name} (n_ctx={n_ctx})")
+        return ctx
 
     def _check_open(self) -> None:
         """Native calls on freed handles crash the process: refuse them after :meth:`close`."""

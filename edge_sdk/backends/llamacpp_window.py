@@ -109,19 +109,6 @@ class LlamaCppWindowBackend(LlamaCppBackend):
             self.close()
             raise
 
-    def _context(self, model: Any, threads: int, n_ctx: int, callback: Any = None) -> Any:
-        params = self.lib.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-        params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = threads
-        params.no_perf = True
-        if callback is not None:
-            params.cb_eval = callback
-        ctx = self.lib.llama_init_from_model(model, params)
-        if not ctx:
-            raise BackendError(f"llama_init_from_model failed for a window of {self.path.name}")
-        return ctx
-
     def _open_window(self, threads: int, n_ctx: int) -> None:
         lib, start = self.lib, self.window.start
         ggml = _ggml()
