@@ -10,10 +10,11 @@ step after that runs only the window's layers, the final norm and the head, forw
 
 Engines with ``capabilities.window`` run it: torch (what a device with a window opens is the
 lean engine, ``backends/torch_window.py``: it holds only the window and the head and streams
-the layers below from the checkpoint, one at a time, into the cache), and ONNX Runtime on a
+the layers below from the checkpoint, one at a time, into the cache), ONNX Runtime on a
 bundle exported with the window (``fleetune export onnx --window K``: an int8 prefix graph
-builds the cache, an fp32 or int8 window graph runs the steps, no torch). Backprop in the
-window is torch's alone.
+builds the cache, an fp32 or int8 window graph runs the steps, no torch), and llama.cpp
+(``backends/llamacpp_window.py``: the base GGUF's graph stopped below the window builds the
+cache, a GGUF of the window's layers runs the steps). Backprop in the window is torch's alone.
 
 The cache holds ``windows x tokens x hidden`` float32 values (SmolLM2, 64 tokens: 147 KB per
 window of text); :class:`PrefixCache` keeps it in RAM or in a file on disk and says how large it
