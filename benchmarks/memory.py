@@ -7,7 +7,9 @@ peak is VmHWM. Per arm, ``fixed + tokens x per_token`` is fitted through two poi
 ``--batch-hi`` at ``--seq`` tokens) and checked at a third it was not fitted on (``--check``):
 ``error_pct`` is that prediction's error. ``runtime_mb``: a fresh interpreter that only imports
 the engine (torch with a window: the lean engine, plain torch); ``weights_mb = fixed -
-runtime``. ``edge_sdk/memory.py`` holds the fitted numbers.
+runtime``. ``edge_sdk/memory.py`` holds the fitted numbers. The llama.cpp arms decode a row at a
+time, so their peak follows the sequence length rather than batch x length and the fit does not
+hold for them (README: memory budget); they are measured, not planned with.
 
     python -m benchmarks.memory --json results/bench_memory.json
     python -m benchmarks.memory --arms torch:fp32:zo:0 --json /tmp/m.json
@@ -38,6 +40,8 @@ ARMS = (
     "onnx:int8:zo:0",
     "onnx:fp32:zo:4",
     "onnx:int8:zo:4",
+    "llamacpp:q8_0:zo:0",
+    "llamacpp:q8_0:zo:4",
 )
 
 CHILD = """
@@ -57,6 +61,12 @@ elif engine == "torch":
     torch.set_num_threads(1)
     from fleetune.edge_sdk.backends.torch import TorchBackend
     backend = TorchBackend(base, spec)
+elif engine == "llamacpp":  # the base as a GGUF of `precision`; a window: its window engine
+    from fleetune.models.gguf_export import export_base_gguf
+    from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
+    from fleetune.edge_sdk.backends.llamacpp_window import LlamaCppWindowBackend
+    kind = LlamaCppWindowBackend if window else LlamaCppBackend
+    backend = kind(export_base_gguf(base, precision), base, spec, 1, max(512, seq))
 else:
     from fleetune.edge_sdk.backends.onnx import OnnxBackend
     backend = OnnxBackend(bundle, precision=precision)
@@ -80,6 +90,7 @@ RUNTIME_CHILD = {  # what importing the engine costs
     "torch": "from fleetune.edge_sdk.backends.torch import TorchBackend\nimport peft",
     "torch-window": "from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend",
     "onnx": "from fleetune.edge_sdk.backends.onnx import OnnxBackend",
+    "llamacpp": "from fleetune.edge_sdk.backends.llamacpp import init_llama\ninit_llama()",
 }
 
 
