@@ -103,6 +103,23 @@ class PrefixAdapted(WindowBackend, Protocol):
     def set_prefix_adapter(self, tensors: Tensors) -> None: ...
 
 
+def pairs_in_use(tensors: Tensors) -> Tensors:
+    """The LoRA pairs of ``tensors`` whose B is not zero (the others change nothing), as
+    float32 copies: what a ``PrefixAdapted`` engine keeps and compares."""
+    out: Tensors = {}
+    for b, value in tensors.items():
+        if ".lora_B." in b and np.any(value):
+            a = b.replace(".lora_B.", ".lora_A.")
+            out[a], out[b] = tensors[a].astype(np.float32), value.astype(np.float32)
+    return out
+
+
+def same_tensors(first: Tensors, second: Tensors) -> bool:
+    return first.keys() == second.keys() and all(
+        np.array_equal(v, second[k]) for k, v in first.items()
+    )
+
+
 class StatesMemo:
     """The prefix states of windows a window engine scored through its full loss (held-out and
     validation text comes back every round), kept up to ``limit_mb``; beyond that, recomputed."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.adapters.lora.io import check_layout
-from fleetune.edge_sdk.backends import Capabilities, StatesMemo
+from fleetune.edge_sdk.backends import Capabilities, StatesMemo, pairs_in_use, same_tensors
 from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend, _ram_dir, row_loss
 from fleetune.edge_sdk.errors import BackendError, BackendUnavailable, ConfigError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -98,7 +98,7 @@ class LlamaCppWindowBackend(LlamaCppBackend):
         self.embd_batch: Any = None
         self._window_adapter: Any = None
         self._below_adapter: Any = None
-        self._below_tensors: Tensors = {}  # what set_prefix_adapter was last given
+        self._below_tensors: Tensors = {}  # the pairs in use below the window (pairs_in_use)
         self._full_stale = False  # the main context's adapter lags set_adapter (generate only)
         self._states = StatesMemo()
         self.prefix_version = 0
@@ -166,18 +166,16 @@ class LlamaCppWindowBackend(LlamaCppBackend):
     def set_prefix_adapter(self, tensors: Tensors) -> None:
         """The fleet's LoRA tensors of layers below the window (``PrefixAdapted``): active in
         the prefix context (and in generation); new ones drop the memo of prefix states."""
-        held = self._below_tensors
-        if held.keys() == tensors.keys() and all(
-            np.array_equal(v, held[k]) for k, v in tensors.items()
-        ):
+        below = pairs_in_use(tensors)
+        if same_tensors(below, self._below_tensors):
             return
         adapter = None
-        if any(np.any(v) for k, v in tensors.items() if ".lora_B." in k):
-            layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in tensors})
+        if below:  # every pair of the layers it spans goes into the GGUF adapter
+            layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in below})
             adapter = self._load_lora(tensors, range(layers[0], layers[-1] + 1))
         self._set_loras([adapter] if adapter else [], [1.0] if adapter else [], self.prefix_ctx)
         old, self._below_adapter = self._below_adapter, adapter
-        self._below_tensors = {k: np.array(v) for k, v in tensors.items()}
+        self._below_tensors = below
         if old:
             self.lib.llama_adapter_lora_free(old)
         self.prefix_version += 1

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
-from fleetune.edge_sdk.backends import Capabilities, StatesMemo
+from fleetune.edge_sdk.backends import Capabilities, StatesMemo, pairs_in_use, same_tensors
 from fleetune.edge_sdk.backends.torch import LoraWeights
 from fleetune.edge_sdk.errors import BackendError, ConfigError
 from fleetune.edge_sdk.manifest import BaseManifest
@@ -366,15 +366,8 @@ class TorchWindowBackend(LoraWeights):
     def set_prefix_adapter(self, tensors: Tensors) -> None:
         """The fleet's LoRA tensors of layers below the window (``PrefixAdapted``); a pair
         whose B is zero changes nothing and is left out. New ones drop the memo of states."""
-        below: Tensors = {}
-        for b, value in tensors.items():
-            if ".lora_B." in b and np.any(value):
-                a = b.replace(".lora_B.", ".lora_A.")
-                below[a], below[b] = tensors[a].astype(np.float32), value.astype(np.float32)
-        same = below.keys() == self._below.keys() and all(
-            np.array_equal(v, self._below[k]) for k, v in below.items()
-        )
-        if not same:
+        below = pairs_in_use(tensors)
+        if not same_tensors(below, self._below):
             self._below, self.prefix_version = below, self.prefix_version + 1
             self._states.clear()
 

@@ -86,8 +86,9 @@ class LocalTuner(ABC):
                 self._prefix[2].close()
                 self._prefix = None
             size = cache_mb(backend, *train.shape)  # type: ignore[arg-type]
-            disk = size > self.cache_ram_mb and self.cache_dir is not None
-            path = self.cache_dir / "prefix-states.f32" if disk and self.cache_dir else None
+            path = None  # in RAM, unless a budget leaves it less than it needs
+            if size > self.cache_ram_mb and self.cache_dir is not None:
+                path = self.cache_dir / "prefix-states.f32"
             cache = build_cache(backend, train, path)  # type: ignore[arg-type]
             log.info("prefix cache of %d windows: %.1f MB in %s", len(train), size, cache.where)
             self._prefix = (train, version, cache)
