@@ -8,8 +8,8 @@ peak is VmHWM. Per arm, ``fixed + tokens x per_token`` is fitted through two poi
 ``error_pct`` is that prediction's error. ``runtime_mb``: a fresh interpreter that only imports
 the engine (torch with a window: the lean engine, plain torch); ``weights_mb = fixed -
 runtime``. ``edge_sdk/memory.py`` holds the fitted numbers. The llama.cpp arms decode a row at a
-time, so their peak follows the sequence length rather than batch x length and the fit does not
-hold for them (README: memory budget); they are measured, not planned with.
+time, so their peak follows the sequence length rather than batch x length: they are fitted
+through 1 x ``--seq`` and 1 x 3``--seq`` tokens (``per_row``) and checked at the same point.
 
     python -m benchmarks.memory --json results/bench_memory.json
     python -m benchmarks.memory --arms torch:fp32:zo:0 --json /tmp/m.json
@@ -42,6 +42,8 @@ ARMS = (
     "onnx:int8:zo:4",
     "llamacpp:q8_0:zo:0",
     "llamacpp:q8_0:zo:4",
+    "llamacpp:q4_0:zo:0",
+    "llamacpp:q4_0:zo:4",
 )
 
 CHILD = """
@@ -61,12 +63,11 @@ elif engine == "torch":
     torch.set_num_threads(1)
     from fleetune.edge_sdk.backends.torch import TorchBackend
     backend = TorchBackend(base, spec)
-elif engine == "llamacpp":  # the base as a GGUF of `precision`; a window: its window engine
-    from fleetune.models.gguf_export import export_base_gguf
+elif engine == "llamacpp":  # `bundle`: the base's GGUF; a window: its window engine
     from fleetune.edge_sdk.backends.llamacpp import LlamaCppBackend
     from fleetune.edge_sdk.backends.llamacpp_window import LlamaCppWindowBackend
     kind = LlamaCppWindowBackend if window else LlamaCppBackend
-    backend = kind(export_base_gguf(base, precision), base, spec, 1, max(512, seq))
+    backend = kind(bundle, base, spec, 1, max(512, seq))  # a device's n_ctx: 512
 else:
     from fleetune.edge_sdk.backends.onnx import OnnxBackend
     backend = OnnxBackend(bundle, precision=precision)
@@ -104,9 +105,9 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def measure(arm: str, batch: int, seq: int, bundles: dict[int, str]) -> float:
+def measure(arm: str, batch: int, seq: int, bundles: dict) -> float:
     engine, precision, tuner, window = arm.split(":")
-    bundle = bundles.get(int(window), "") if engine == "onnx" else ""
+    bundle = bundles.get(int(window) if engine == "onnx" else precision, "")
     return peak_rss_mb(CHILD, engine, precision, tuner, window, str(batch), str(seq), bundle)
 
 
@@ -123,12 +124,15 @@ def main() -> None:
 
     from fleetune.edge_sdk.adapters.lora import LoraSpec
     from fleetune.models.base import prepare_base
+    from fleetune.models.gguf_export import export_base_gguf
     from fleetune.models.onnx import export_onnx
 
     base = prepare_base("smollm2-135m")
     arms = args.arms.split(",")
     windows = {int(a.split(":")[3]) for a in arms if a.startswith("onnx:")}
-    bundles = {w: str(export_onnx(base, LoraSpec(window=w))) for w in sorted(windows)}
+    bundles: dict = {w: str(export_onnx(base, LoraSpec(window=w))) for w in sorted(windows)}
+    for quant in {a.split(":")[1] for a in arms if a.startswith("llamacpp:")}:
+        bundles[quant] = str(export_base_gguf(base, quant))  # exported here, not in the child
     check_batch, check_seq = (int(x) for x in args.check.split("x"))
     doc: dict = {
         "benchmark": "memory",
@@ -141,16 +145,19 @@ def main() -> None:
     log(f"runtime: {doc['runtime_mb']}")
     for i, arm in enumerate(arms):
         began = time.monotonic()
+        per_row = arm.startswith("llamacpp:")  # a row per decode: the row's length counts
+        hi_batch, hi_seq = (1, 3 * args.seq) if per_row else (args.batch_hi, args.seq)
         lo = measure(arm, 1, args.seq, bundles)
-        hi = measure(arm, args.batch_hi, args.seq, bundles)
-        per_token = (hi - lo) / ((args.batch_hi - 1) * args.seq)
+        hi = measure(arm, hi_batch, hi_seq, bundles)
+        per_token = (hi - lo) / (hi_batch * hi_seq - args.seq)
         fixed = lo - per_token * args.seq
-        predicted = fixed + per_token * check_batch * check_seq
+        predicted = fixed + per_token * (check_seq if per_row else check_batch * check_seq)
         measured = measure(arm, check_batch, check_seq, bundles)
         doc["arms"][arm] = {
+            "per_row": per_row,
             "peak_mb": {
                 f"1x{args.seq}": lo,
-                f"{args.batch_hi}x{args.seq}": hi,
+                f"{hi_batch}x{hi_seq}": hi,
                 args.check: measured,
             },
             "fixed_mb": fixed,

@@ -2,10 +2,11 @@
 footprints.
 
 ``[device] memory_budget_mb`` bounds a tuning step's peak resident memory. The step's peak is
-modelled as ``runtime + weights + tokens x per_token`` (tokens = batch x sequence length):
-``runtime`` is what importing the engine costs, ``weights`` what it holds of the model,
-``per_token`` the activations of one token (on SmolLM2 mostly its 49,152 logits, and for
-backprop their gradients). The numbers in :data:`FOOTPRINTS` were fitted on SmolLM2-135M from
+modelled as ``runtime + weights + tokens x per_token`` (tokens = batch x sequence length; for
+llama.cpp, which decodes a row at a time, the sequence length alone): ``runtime`` is what
+importing the engine costs, ``weights`` what it holds of the model, ``per_token`` the
+activations of one token (on SmolLM2 mostly its 49,152 logits, and for backprop their
+gradients). The numbers in :data:`FOOTPRINTS` were fitted on SmolLM2-135M from
 the peak RSS of fresh processes (``benchmarks/memory.py``, which also reports the fit's error at
 a point it was not fitted on); for another base the weights scale with its parameter count and
 ``per_token`` with its vocabulary.
@@ -34,11 +35,12 @@ MIN_SEQ = 16  # the shortest windows a budget may pick
 class Footprint:
     weights_mb: float  # what the engine holds of SmolLM2-135M beyond its runtime
     per_token_mb: float  # activations per token in a step's batch
+    per_row: bool = False  # the engine decodes a row at a time: tokens are one row's
 
 
 # Imports alone (fresh interpreter, VmHWM): torch + transformers + PEFT; plain torch (the lean
 # window engine, backends/torch_window.py); onnxruntime + tokenizers.
-RUNTIME_MB = {"torch": 387.0, "torch-window": 220.0, "onnx": 67.0}
+RUNTIME_MB = {"torch": 387.0, "torch-window": 220.0, "onnx": 67.0, "llamacpp": 45.0}
 # engine-precision/tuner/depth, fitted on SmolLM2-135M with LoRA r 8 on q,v, a window of 4 layers
 # and a cache of 64 windows (benchmarks/memory.py, 2026-12-02; torch windows: the lean engine
 # recomputing its layers for backprop, as a device under a budget runs it); the comment: the
@@ -53,8 +55,14 @@ FOOTPRINTS: dict[str, Footprint] = {
     "onnx-int8/zo/full": Footprint(446, 0.837),  # +0.1%
     "onnx-fp32/zo/window": Footprint(522, 0.535),  # +3.8%
     "onnx-int8/zo/window": Footprint(381, 0.839),  # +3.2%
+    # llama.cpp decodes a row at a time: fitted through 1 x 64 and 1 x 192 tokens (2026-12-02)
+    "llamacpp-q8_0/zo/full": Footprint(201, 0.954, per_row=True),  # +0.1%
+    "llamacpp-q8_0/zo/window": Footprint(293, 0.871, per_row=True),  # +5.7%
+    "llamacpp-q4_0/zo/full": Footprint(207, 0.945, per_row=True),  # -0.5%
+    "llamacpp-q4_0/zo/window": Footprint(300, 0.872, per_row=True),  # +1.0%
 }
 MARGIN = 1.06  # on every estimate: the fits' largest underestimate at the check point was 5%
+DEFAULT_PRECISION = {"llamacpp": "q8_0"}  # config.py's "" per engine; fp32 elsewhere
 SMOLLM2 = {"params": 134_515_008, "vocab": 49_152}
 
 
@@ -80,7 +88,12 @@ def mode(engine: str, precision: str, tuner: str, window: int) -> str:
     """The :data:`FOOTPRINTS` key of a device's engine and tuner."""
     kind = {"window": "backprop", "backprop": "backprop", "zo": "zo"}.get(tuner, tuner)
     depth = "window" if window and tuner in ("window", "zo") else "full"
-    return f"{engine}-{precision or 'fp32'}/{kind}/{depth}"
+    return f"{engine}-{precision or DEFAULT_PRECISION.get(engine, 'fp32')}/{kind}/{depth}"
+
+
+def step_tokens(key: str, batch: int, seq: int) -> int:
+    """The tokens whose activations a step of ``batch x seq`` holds at once in mode ``key``."""
+    return seq if FOOTPRINTS[key].per_row else batch * seq
 
 
 def estimate_mb(key: str, base: BaseManifest, tokens: int) -> float:
@@ -121,17 +134,14 @@ def fit_budget(
         (b * s, s, b)
         for s in seqs
         for b in range(batch_size, 0, -1)
-        if estimate_mb(key, base, b * s) <= budget_mb
+        if estimate_mb(key, base, step_tokens(key, b, s)) <= budget_mb
     ]
     if fits:
         _, seq, batch = max(fits)
-        return Plan(key, batch, seq, estimate_mb(key, base, batch * seq))
+        return Plan(key, batch, seq, estimate_mb(key, base, step_tokens(key, batch, seq)))
     least = estimate_mb(key, base, seqs[-1])
-    others = sorted(
-        (estimate_mb(k, base, batch_size * seq_len), k)
-        for k in FOOTPRINTS
-        if k != key and estimate_mb(k, base, batch_size * seq_len) <= budget_mb
-    )
+    need = {k: estimate_mb(k, base, step_tokens(k, batch_size, seq_len)) for k in FOOTPRINTS}
+    others = sorted((mb, k) for k, mb in need.items() if k != key and mb <= budget_mb)
     offer = ", ".join(f"{k} (~{mb:.0f} MB)" for mb, k in others) or "nothing measured"
     raise ConfigError(
         f"[device] memory_budget_mb = {budget_mb:g} is too small for {key} on {base.name}: even "

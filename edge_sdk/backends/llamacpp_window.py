@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,45 +34,155 @@ from fleetune.edge_sdk.manifest import BaseManifest
 Tensors = dict[str, np.ndarray]
 
 
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF types
+_STRING, _ARRAY = 8, 9
+_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+_CHUNK = 4 << 20  # tensor bytes are copied this much at a time
+
+
 def write_window_gguf(source: str | Path, start: int, out: str | Path) -> Path:
     """``source`` (a llama GGUF) with only its layers from ``start`` up, renumbered from 0,
-    and everything that is not a layer (embeddings, final norm, head, tokenizer) as it is."""
-    try:
-        import gguf
-    except ImportError as err:
-        raise BackendUnavailable("a llama.cpp window needs: pip install gguf") from err
-    reader = gguf.GGUFReader(source)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    layers = reader.fields[f"{arch}.block_count"].contents()
-    if not 0 < start < layers:
-        raise ConfigError(f"a window from layer {start} of {source}'s {layers} layers")
-    kept = []
-    for tensor in reader.tensors:
-        parts = tensor.name.split(".", 2)
-        if parts[0] != "blk":
-            kept.append((tensor.name, tensor))
-        elif int(parts[1]) >= start:
-            kept.append((f"blk.{int(parts[1]) - start}.{parts[2]}", tensor))
-    writer = gguf.GGUFWriter(out, arch)
-    try:
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            value = layers - start if field.name == f"{arch}.block_count" else field.contents()
-            writer.add_key_value(field.name, value, vtype, sub_type=sub)
-        for name, tensor in kept:
-            data = tensor.data
-            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, tensor in kept:
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    finally:
-        writer.close()
+    and everything that is not a layer (embeddings, final norm, head, tokenizer) as it is.
+
+    Streams: the header is parsed from a map of its own pages and copied byte for byte (only
+    ``{arch}.block_count`` changes), the tensors' bytes go across in 4 MB reads, so writing
+    costs a few MB of memory rather than the whole model (gguf-py's reader and writer held
+    ~200 MB more at their peak, the window engine's whole excess over the base engine)."""
+    with open(source, "rb") as src, open(out, "wb") as dst:
+        head = _GgufHeader(src, str(source))
+        blocks = f"{head.arch}.block_count"
+        layers = head.value(blocks)
+        if not 0 < start < layers:
+            raise ConfigError(f"a window from layer {start} of {source}'s {layers} layers")
+        kept = []  # (new name, info bytes after the name, source offset, span)
+        for name, info, offset, span in head.tensors:
+            parts = name.split(".", 2)
+            if parts[0] != "blk":
+                kept.append((name, info, offset, span))
+            elif int(parts[1]) >= start:
+                kept.append((f"blk.{int(parts[1]) - start}.{parts[2]}", info, offset, span))
+        dst.write(head.raw[:8] + struct.pack("<QQ", len(kept), len(head.kvs)))
+        for key, vtype, begin, value_at, end in head.kvs:
+            if key == blocks:
+                dst.write(head.raw[begin:value_at] + struct.pack(_INTS[vtype], layers - start))
+            else:
+                dst.write(head.raw[begin:end])
+        at = 0
+        for name, info, _, span in kept:
+            encoded = name.encode()
+            dst.write(struct.pack("<Q", len(encoded)) + encoded + info + struct.pack("<Q", at))
+            at += _aligned(span, head.alignment)
+        dst.write(b"\0" * (_aligned(dst.tell(), head.alignment) - dst.tell()))
+        for _, _, offset, span in kept:
+            for done in range(0, span, _CHUNK):
+                size = min(_CHUNK, span - done)
+                chunk = os.pread(src.fileno(), size, head.data_start + offset + done)
+                if len(chunk) != size:
+                    raise BackendError(f"{source} ends inside its tensor data")
+                dst.write(chunk)
+            dst.write(b"\0" * (_aligned(span, head.alignment) - span))
     return Path(out)
+
+
+def _aligned(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+class _GgufHeader:
+    """A GGUF file's key-value pairs and tensor table, read from its first bytes only: each
+    pair's place in ``raw`` (key, value type, start, value start, end), each tensor's name,
+    its info after the name (dims and type), its offset in the data and the bytes up to the
+    next tensor's (its span, padding included)."""
+
+    def __init__(self, fh: Any, name: str) -> None:
+        self.raw, self.name, self._at = b"", name, 0
+        self._fh = fh
+        magic, version = self._take("<4sI")
+        if magic != b"GGUF" or version not in (2, 3):
+            raise BackendError(f"{name} is not a GGUF v2/v3 file (magic {magic!r}, v{version})")
+        n_tensors, n_kvs = self._take("<QQ")
+        self.kvs: list[tuple[str, int, int, int, int]] = []
+        self._values: dict[str, tuple[int, int]] = {}
+        for _ in range(n_kvs):
+            begin = self._at
+            key = self._string()
+            (vtype,) = self._take("<I")
+            value_at = self._at
+            self._skip(vtype)
+            self.kvs.append((key, vtype, begin, value_at, self._at))
+            self._values[key] = (vtype, value_at)
+        table = []
+        for _ in range(n_tensors):
+            tensor = self._string()
+            info_at = self._at
+            (n_dims,) = self._take("<I")
+            self._take(f"<{n_dims}QI")
+            info = self.raw[info_at : self._at]
+            (offset,) = self._take("<Q")
+            table.append((tensor, info, offset))
+        self.alignment = (
+            int(self.value("general.alignment")) if self.has("general.alignment") else 32
+        )
+        self.data_start = _aligned(self._at, self.alignment)
+        data_size = os.fstat(fh.fileno()).st_size - self.data_start
+        ends = sorted({offset for _, _, offset in table} | {data_size})
+        self.tensors = [
+            (tensor, info, offset, ends[ends.index(offset) + 1] - offset)
+            for tensor, info, offset in table
+        ]
+        vtype, at = self._values.get("general.architecture", (None, 0))
+        if vtype != _STRING:
+            raise BackendError(f"{name} names no general.architecture")
+        (size,) = struct.unpack_from("<Q", self.raw, at)
+        self.arch = self.raw[at + 8 : at + 8 + size].decode()
+
+    def has(self, key: str) -> bool:
+        return key in self._values
+
+    def value(self, key: str) -> int:
+        """An integer value's."""
+        vtype, at = self._values.get(key, (None, 0))
+        if vtype not in _INTS:
+            raise BackendError(f"{self.name}: {key} is missing or not an integer")
+        return int(struct.unpack_from(_INTS[vtype], self.raw, at)[0])
+
+    def _need(self, n: int) -> None:
+        """Read on until ``raw`` holds ``n`` bytes past the cursor (the header only)."""
+        short = self._at + n - len(self.raw)
+        if short > 0:
+            more = self._fh.read(max(short, 1 << 16))
+            if len(more) < short:
+                raise BackendError(f"{self.name} ends inside its GGUF header")
+            self.raw += more
+
+    def _take(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        self._need(size)
+        values = struct.unpack_from(fmt, self.raw, self._at)
+        self._at += size
+        return values
+
+    def _string(self) -> str:
+        (size,) = self._take("<Q")
+        self._need(size)
+        self._at += size
+        return self.raw[self._at - size : self._at].decode("utf-8", "replace")
+
+    def _skip(self, vtype: int, count: int = 1) -> None:
+        if vtype in _SCALAR:
+            self._need(_SCALAR[vtype] * count)
+            self._at += _SCALAR[vtype] * count
+        elif vtype == _STRING:
+            for _ in range(count):
+                (size,) = self._take("<Q")
+                self._need(size)
+                self._at += size
+        elif vtype == _ARRAY:
+            for _ in range(count):
+                etype, n = self._take("<IQ")
+                self._skip(etype, n)
+        else:
+            raise BackendError(f"{self.name}: unknown GGUF value type {vtype}")
 
 
 class LlamaCppWindowBackend(LlamaCppBackend):

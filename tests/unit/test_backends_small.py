@@ -447,3 +447,60 @@ def test_cli_export_adapter_of_another_base_or_for_onnx_is_refused(tmp_path, mon
     assert main(["export", "onnx", "--adapter", str(tmp_path / "adapter")]) == 2
     assert "use `export gguf`" in capsys.readouterr().err
     assert not (tmp_path / "adapter" / "adapter_model.gguf").exists()
+
+
+# the llama.cpp window model: a GGUF of the top layers, written by streaming the base's
+
+
+def test_a_window_gguf_holds_the_top_layers_renumbered_and_everything_else_as_is(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from fleetune.edge_sdk.backends.llamacpp_window import write_window_gguf
+
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": rng.normal(size=(5, 4)).astype(np.float32)}
+    for layer in range(3):  # odd sizes: the writer pads every tensor to the alignment
+        tensors[f"blk.{layer}.attn_q.weight"] = rng.normal(size=(3, 4)).astype(np.float32)
+        tensors[f"blk.{layer}.ffn_norm.weight"] = np.full(7, layer, dtype=np.float16)
+    writer = gguf.GGUFWriter(tmp_path / "base.gguf", "llama")
+    writer.add_block_count(3)
+    writer.add_token_list(["<s>", "a", "bé"])
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    for name, value in tensors.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    out = write_window_gguf(tmp_path / "base.gguf", 1, tmp_path / "window.gguf")
+    reader = gguf.GGUFReader(out)
+    fields = {f.name: f.contents() for f in reader.fields.values()}
+    assert fields["llama.block_count"] == 2
+    assert fields["tokenizer.ggml.tokens"] == ["<s>", "a", "bé"]
+    assert fields["llama.rope.freq_base"] == 10000.0
+    got = {
+        t.name: np.asarray(t.data).reshape(tensors[_source(t.name)].shape) for t in reader.tensors
+    }
+    assert sorted(got) == sorted(_window(name) for name in tensors if _keeps(name))
+    for name, data in got.items():
+        assert np.array_equal(data, tensors[_source(name)]), name
+
+    with pytest.raises(ConfigError, match=r"a window from layer 3 of .* 3 layers"):
+        write_window_gguf(tmp_path / "base.gguf", 3, tmp_path / "none.gguf")
+    (tmp_path / "short.gguf").write_bytes((tmp_path / "base.gguf").read_bytes()[:40])
+    with pytest.raises(BackendError, match="ends inside its GGUF header"):
+        write_window_gguf(tmp_path / "short.gguf", 1, tmp_path / "none.gguf")
+
+
+def _keeps(name: str) -> bool:
+    return not name.startswith("blk.0.")
+
+
+def _window(name: str) -> str:  # a kept base tensor's name in the window model
+    parts = name.split(".", 2)
+    return f"blk.{int(parts[1]) - 1}.{parts[2]}" if parts[0] == "blk" else name
+
+
+def _source(name: str) -> str:  # a window tensor's name in the base
+    parts = name.split(".", 2)
+    return f"blk.{int(parts[1]) + 1}.{parts[2]}" if parts[0] == "blk" else name

@@ -50,8 +50,8 @@ def test_a_budget_nothing_fits_is_refused_naming_the_need_and_what_would_fit():
     text = str(err.value)
     assert f"memory_budget_mb = {zo_ort + 1:g} is too small for torch-fp32/backprop/full" in text
     assert "batch 1 x 16 tokens" in text and "onnx-int8/zo/window" in text
-    with pytest.raises(ConfigError, match="no measured footprint for llamacpp-q8_0/zo/full"):
-        memory.fit_budget(500, SMOLLM2, "llamacpp", "q8_0", "zo", 0, 4, 64)
+    with pytest.raises(ConfigError, match="no measured footprint for llamacpp-f16/zo/full"):
+        memory.fit_budget(500, SMOLLM2, "llamacpp", "f16", "zo", 0, 4, 64)
 
 
 def test_another_base_scales_weights_by_parameters_and_activations_by_vocabulary():
@@ -99,3 +99,18 @@ def test_a_torch_window_is_planned_on_the_lean_engines_runtime():
     assert memory.RUNTIME_MB["torch-window"] < memory.RUNTIME_MB["torch"]
     lean = memory.estimate_mb("torch-bf16/backprop/window", SMOLLM2, 256)
     assert lean < memory.estimate_mb("torch-fp32/backprop/full", SMOLLM2, 256) / 2
+
+
+def test_a_llamacpp_step_is_planned_by_its_row_length_not_batch_times_length():
+    # llama.cpp decodes a row at a time: its peak follows the row's length (benchmarks/memory.py)
+    key = memory.mode("llamacpp", "", "zo", 4)
+    assert key == "llamacpp-q8_0/zo/window" and memory.runtime(key) == "llamacpp"
+    row = memory.estimate_mb(key, SMOLLM2, 64)
+    # Execute: a budget a row of 64 fits, and one just under it
+    kept = memory.fit_budget(row + 1, SMOLLM2, "llamacpp", "", "zo", 4, 8, 64)
+    shorter = memory.fit_budget(row - 1, SMOLLM2, "llamacpp", "", "zo", 4, 8, 64)
+    # Assert: the batch is kept whatever the budget; the rows shorten until one fits
+    assert (kept.batch_size, kept.seq_len, kept.estimate_mb) == (8, 64, row)
+    assert (shorter.batch_size, shorter.seq_len) == (8, 32) and shorter.estimate_mb < row
+    full = memory.estimate_mb("llamacpp-q8_0/zo/full", SMOLLM2, 64)
+    assert full < row  # the window engine holds the window model too: it buys speed, not memory
