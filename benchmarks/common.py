@@ -1,10 +1,12 @@
-"""Helpers shared by the benchmarks: held-out perplexity and a fresh process's peak RSS."""
+"""Helpers shared by the benchmarks: held-out perplexity, a fresh process's peak RSS, intervals
+and a bar plot of perplexity ratios."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -46,3 +48,34 @@ def interval(values: list[float]) -> dict:
         return {"mean": mean, "ci95": None}
     half = T975.get(len(values), 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
     return {"mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def ratio_bars(summary: dict, methods, path: Path, title: str, ylabel: str, **legend) -> None:
+    """Bars of each method's ``ppl_{method}`` over ``ppl_base`` per group of ``summary`` (its
+    keys), with the 95% interval over seeds (``ppl_{method}_ci95``; none with one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        rows = [summary[g] for g in groups]
+        means = [s[f"ppl_{m}"] / s["ppl_base"] for s in rows]
+        ci = [s[f"ppl_{m}_ci95"] or [s[f"ppl_{m}"]] * 2 for s in rows]
+        lows = [c[0] / s["ppl_base"] for c, s in zip(ci, rows, strict=True)]
+        highs = [c[1] / s["ppl_base"] for c, s in zip(ci, rows, strict=True)]
+        xs = np.arange(len(groups)) + (j - len(methods) / 2 + 0.5) * width
+        err = [np.subtract(means, lows), np.subtract(highs, means)]
+        ax.bar(xs, means, width, yerr=err, label=m, color=f"C{j}", capsize=2)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(**(legend or {"fontsize": 8}))
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -50,7 +50,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import interval  # noqa: E402
+from benchmarks.common import interval, ratio_bars  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.canary import Canary  # noqa: E402
 from fleetune.edge_sdk.data import (  # noqa: E402
@@ -288,35 +288,14 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = ["all", *doc["clients"]]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    width = 0.8 / len(METHODS)
-    for j, m in enumerate(METHODS):
-        summary = [doc["summary"][k] for k in kinds]
-        means = [s[f"ppl_{m}"] / s["ppl_base"] for s in summary]
-        ci = [s[f"ppl_{m}_ci95"] or [s[f"ppl_{m}"]] * 2 for s in summary]  # None: one seed
-        lows = [c[0] / s["ppl_base"] for c, s in zip(ci, summary, strict=True)]
-        highs = [c[1] / s["ppl_base"] for c, s in zip(ci, summary, strict=True)]
-        xs = np.arange(len(kinds)) + (j - len(METHODS) / 2 + 0.5) * width
-        err = [np.subtract(means, lows), np.subtract(highs, means)]
-        ax.bar(xs, means, width, yerr=err, label=m, color=f"C{j}", capsize=2)
-    ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_ylabel("held-out perplexity / base (geometric mean)")
-    ax.set_title(
+    summary = {k: doc["summary"][k] for k in ("all", *doc["clients"])}
+    title = (
         f"personalization, SmolLM2-135M: {doc['rounds']} rounds x {doc['steps']} steps, "
         f"{len(doc['seeds'])} seeds, 95% CI"
     )
-    ax.legend(fontsize=7, ncol=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.07))
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ylabel = "held-out perplexity / base (geometric mean)"
+    legend = {"fontsize": 7, "ncol": len(METHODS), "loc": "upper center"}
+    ratio_bars(summary, METHODS, path, title, ylabel, bbox_to_anchor=(0.5, -0.07), **legend)
 
 
 def main() -> None:

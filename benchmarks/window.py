@@ -401,7 +401,10 @@ def main() -> None:
         "--ort", default="fp32", choices=("fp32", "int8", "none"), help="the ORT window arm"
     )
     parser.add_argument(
-        "--lean-precision", default="bf16", choices=("fp32", "bf16"), help="the lean window arm"
+        "--lean-precision",
+        default="bf16",
+        choices=("fp32", "bf16", "int8"),
+        help="the lean window arm",
     )
     parser.add_argument("--gguf", default="q8_0", help="the llama.cpp arms' base quantization")
     parser.add_argument("--llamacpp-eps", type=float, default=1e-2, help="MeZO eps, llama.cpp")

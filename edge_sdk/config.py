@@ -24,7 +24,7 @@ else:  # pragma: no cover
 
 BACKENDS = ("torch", "onnx", "llamacpp")
 PRECISIONS = {
-    "torch": ("", "fp32", "bf16"),  # bf16: layer windows (backends/torch_window.py)
+    "torch": ("", "fp32", "bf16", "int8"),  # bf16, int8: layer windows (backends/torch_window.py)
     "onnx": ("", "fp32", "int8"),
     "llamacpp": ("", "q8_0", "q4_0", "q4_1", "f16"),
 }
@@ -44,7 +44,7 @@ class DeviceConfig:
     bundle: str = ""  # device bundle dir (`fleetune export onnx|gguf|hf --out DIR`);
     # "" = <cache>/bundles/<base>/<format> (fleetune.edge_sdk.bundle.default_bundle_dir)
     precision: str = ""  # onnx: fp32 | int8 (weight-only); llamacpp: q8_0 | q4_0 | q4_1 | f16;
-    # torch: fp32 | bf16 (a layer window's frozen weights, backprop in the window)
+    # torch: fp32 | bf16 | int8 (a layer window's frozen weights, backprop in the window)
     # ("" = the engine's default: onnx fp32, llamacpp q8_0)
     state_dir: str = ""  # outbox and current adapter; "" = <cache>/devices/<id>
     memory_budget_mb: float = 0  # a tuning step's peak RSS bound: batch and window length are
@@ -240,11 +240,17 @@ class FleetuneConfig:
                 '[privacy] local noise goes on a dense update: it needs tuner = "backprop" '
                 f"(a {self.tuning.tuner} device uploads seeds or coefficients)"
             )
-        if self.device.precision == "bf16" and self.tuning.tuner != "window":
+        dev = self.device
+        if (
+            dev.backend == "torch"
+            and dev.precision in ("bf16", "int8")
+            and self.tuning.tuner != "window"
+        ):
             raise ConfigError(
-                '[device] precision = "bf16" (torch) is for backprop in a layer window: it needs '
-                f'tuner = "window" with lora_window = K, not tuner = "{self.tuning.tuner}" (a '
-                "zeroth-order step's loss difference would drown in bf16's rounding)"
+                f'[device] precision = "{dev.precision}" (torch) is for backprop in a layer '
+                f'window: it needs tuner = "window" with lora_window = K, not tuner = '
+                f'"{self.tuning.tuner}" (a zeroth-order step\'s loss difference would drown in '
+                "its rounding)"
             )
 
 

@@ -49,6 +49,7 @@ FOOTPRINTS: dict[str, Footprint] = {
     "torch-fp32/backprop/full": Footprint(574, 2.498),  # -1.3%
     "torch-fp32/backprop/window": Footprint(256, 0.153),  # -4.4%
     "torch-bf16/backprop/window": Footprint(196, 0.114),  # -2.7%
+    "torch-int8/backprop/window": Footprint(181, 0.100),  # -4.6%
     "torch-fp32/zo/full": Footprint(577, 0.488),  # -1.4%
     "torch-fp32/zo/window": Footprint(234, 0.110),  # -5.0%
     "onnx-fp32/zo/full": Footprint(616, 0.824),  # +1.6%

@@ -11,7 +11,10 @@ embedding table the head shares (28M) and the cache. ``precision = "bf16"`` keep
 weights in bfloat16 and runs their matmuls there (the LoRA weights, norms, attention scores and
 the loss stay float32): about 3x faster matmuls on CPUs with native bf16 (AVX512-BF16, AMX)
 and half the memory; for backprop in the window, not for zeroth-order steps, whose loss
-differences bf16's rounding would drown.
+differences bf16's rounding would drown. ``precision = "int8"`` stores the decoder layers'
+frozen weights as int8 with one scale per output row (the prefix's as they stream, and the
+window's) and runs their matmuls in bfloat16, the scale applied to the product; the embedding
+table and head stay bfloat16.
 
 The layer is the Llama decoder layer as transformers runs it (RMSNorm, rotary positions,
 grouped-query causal attention, SwiGLU), with PEFT's LoRA on the target projections
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ from fleetune.edge_sdk.manifest import BaseManifest
 log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 STORED = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # safetensors dtypes read
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # matmuls
 PROJECTIONS = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
@@ -54,6 +57,7 @@ PROJECTIONS = {
 }
 ROWS = 8  # rows per chunk while a prefix layer streams over the cache
 SLAB = 16 * 2**20  # bytes read per slab while a tensor loads
+INT8_SLAB = 2**20  # ... and while one is quantized as it loads (float temporaries this size)
 # tokens per slab of logits in the head's loss: 128 (matmuls ~20% faster than at 64), 64 under
 # a memory budget (recompute: half the slab, ~25 MB less at SmolLM2's vocabulary)
 HEAD_ROWS = {False: 128, True: 64}
@@ -91,39 +95,98 @@ class Checkpoint:
         return name in self._where
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        shape = self._meta(name)["shape"]
+        out = torch.empty(shape, dtype=dtype)
+        flat = out.view(-1)
+        for i, raw in self._slabs(name, SLAB):
+            flat[i : i + len(raw)] = raw
+        return out
+
+    def get_int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2-D tensor ``name`` quantized as it is read (``quantize_int8``, a slab of rows
+        at a time: no float copy of the whole tensor exists, and the temporaries are small)."""
+        rows, cols = self._meta(name)["shape"]
+        q, scale = torch.empty((rows, cols), dtype=torch.int8), torch.empty(rows)
+        for i, raw in self._slabs(name, INT8_SLAB):
+            part = raw.view(-1, cols)
+            q[i // cols : i // cols + len(part)], scale[i // cols : i // cols + len(part)] = (
+                quantize_int8(part.float())
+            )
+        return q, scale
+
+    def _meta(self, name: str) -> dict:
         if name not in self._where:
             raise BackendError(f"the checkpoint has no tensor {name}")
-        path, body, meta = self._where[name]
+        meta = self._where[name][2]
         if meta["dtype"] not in STORED:
             raise BackendError(f"{name} is {meta['dtype']}, not one of {sorted(STORED)}")
+        return meta
+
+    def _slabs(self, name: str, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``name``'s values in slabs of whole rows of about ``size`` bytes: (first value's
+        index, the values as a float tensor)."""
+        path, body, meta = self._where[name]
         begin, _ = meta["data_offsets"]
         kind, shape = np.dtype(STORED[meta["dtype"]]), meta["shape"]
-        out = torch.empty(shape, dtype=dtype)
-        flat, row = out.view(-1), math.prod(shape[1:])
-        step = max(1, SLAB // (row * kind.itemsize)) * row  # whole rows, about SLAB bytes
+        total, row = math.prod(shape), math.prod(shape[1:])
+        step = max(1, size // (row * kind.itemsize)) * row
         with path.open("rb") as f:
             f.seek(body + begin)
-            for i in range(0, flat.numel(), step):  # a slab at a time: no second full copy
-                count = min(step, flat.numel() - i)
+            for i in range(0, total, step):
+                count = min(step, total - i)
                 raw = torch.from_numpy(np.fromfile(f, dtype=kind, count=count))
                 if len(raw) != count:
                     raise BackendError(f"{path} ends inside tensor {name}: truncated")
-                flat[i : i + count] = raw.view(torch.bfloat16) if meta["dtype"] == "BF16" else raw
-        return out
+                yield i, raw.view(torch.bfloat16) if meta["dtype"] == "BF16" else raw
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per output row: ``weight ~ q * scale[:, None]``."""
+    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(torch.autograd.Function):
+    """``x @ (q * scale[:, None]).T`` for int8 weights: the matmul runs on ``q`` cast to
+    ``x``'s dtype and the scale multiplies the product's columns, so no dequantized weight
+    outlives the call, nor is one kept for the backward pass (only ``q`` and ``scale``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> Any:
+        ctx.save_for_backward(q, scale)
+        ctx.dtype = x.dtype
+        return F.linear(x, q.to(x.dtype)).float() * scale
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        q, scale = ctx.saved_tensors
+        return (upstream * scale).to(ctx.dtype) @ q.to(ctx.dtype), None, None
 
 
 class Layer(torch.nn.Module):
-    """One Llama decoder layer: frozen weights in ``dtype``, LoRA A and B on ``targets``."""
+    """One Llama decoder layer: frozen weights in ``dtype`` (or int8 with ``int8``, their
+    matmuls in ``dtype``), LoRA A and B on ``targets``."""
 
     def __init__(
-        self, ckpt: Checkpoint, index: int, dtype: torch.dtype, targets: tuple[str, ...], r: int
+        self,
+        ckpt: Checkpoint,
+        index: int,
+        dtype: torch.dtype,
+        targets: tuple[str, ...],
+        r: int,
+        int8: bool = False,
     ) -> None:
         super().__init__()
         prefix = f"model.layers.{index}"
-        self.weights = {
-            name: ckpt.get(f"{prefix}.{part}.{name}.weight", dtype)
-            for name, part in PROJECTIONS.items()
-        }
+        self.dtype, self.weights, self.scales = dtype, {}, {}
+        for name, part in PROJECTIONS.items():
+            stored = f"{prefix}.{part}.{name}.weight"
+            if int8:
+                self.weights[name], self.scales[name] = ckpt.get_int8(stored)
+            else:
+                self.weights[name] = ckpt.get(stored, dtype)
         self.norms = {
             name: ckpt.get(f"{prefix}.{name}.weight", torch.float32)
             for name in ("input_layernorm", "post_attention_layernorm")
@@ -136,7 +199,10 @@ class Layer(torch.nn.Module):
 
     def project(self, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
         weight = self.weights[name]
-        y = F.linear(x.to(weight.dtype), weight).float()
+        if name in self.scales:
+            y = Int8Linear.apply(x.to(self.dtype), weight, self.scales[name])
+        else:
+            y = F.linear(x.to(weight.dtype), weight).float()
         if f"{name}_A" in self.lora:
             y = y + scale * F.linear(F.linear(x, self.lora[f"{name}_A"]), self.lora[f"{name}_B"])
         return y
@@ -288,8 +354,8 @@ class TorchWindowBackend(LoraWeights):
             raise BackendError(f"base {base.name} has no Hugging Face copy: `fleetune export hf`")
         torch.set_num_threads(threads)
         self.base, self.spec, self.precision, self.recompute = base, spec, precision, recompute
-        self.dtype = PRECISIONS[precision]
-        if precision == "bf16" and not bf16_native():
+        self.dtype, self.int8 = PRECISIONS[precision], precision == "int8"
+        if precision != "fp32" and not bf16_native():
             log.warning("bf16 on a CPU without native bf16 matmuls: expect it slower than fp32")
         self.ckpt = Checkpoint(base.hf_dir)
         self.llama = Llama(self.ckpt.config, spec.alpha / spec.r)
@@ -299,7 +365,8 @@ class TorchWindowBackend(LoraWeights):
         self.head = self.embed if tied else self.ckpt.get("lm_head.weight", self.dtype)
         self.final_norm = self.ckpt.get("model.norm.weight", torch.float32)
         self.layers = {
-            i: Layer(self.ckpt, i, self.dtype, tuple(spec.targets), spec.r) for i in self.window
+            i: Layer(self.ckpt, i, self.dtype, tuple(spec.targets), spec.r, self.int8)
+            for i in self.window
         }
         self.model = torch.nn.ModuleDict({str(i): layer for i, layer in self.layers.items()})
         self.model.requires_grad_(False)
@@ -355,7 +422,7 @@ class TorchWindowBackend(LoraWeights):
     def _prefix_layer(self, index: int) -> Layer:
         """Layer ``index`` below the window, under the fleet's adapter where it has one."""
         targets = tuple(t for t in self.spec.targets if lora_name(index, t, "B") in self._below)
-        layer = Layer(self.ckpt, index, self.dtype, targets, self.spec.r)
+        layer = Layer(self.ckpt, index, self.dtype, targets, self.spec.r, self.int8)
         for t in targets:
             for ab in ("A", "B"):
                 layer.lora[f"{t}_{ab}"].data = torch.from_numpy(

@@ -122,14 +122,49 @@ def test_bf16_is_close_and_tuning_lowers_the_loss(tiny_base4):
     )
 
 
+def test_int8_weights_are_the_dequantized_layers_and_their_backward_is_exact(tiny_base4):
+    """precision = "int8": each layer's frozen weights stored as int8 with a scale per output
+    row; the loss and gradients are those of the same layers with the dequantized weights
+    (bf16 matmuls in both), within bf16's rounding of the fp32 engine, and no weight is kept
+    in a float copy."""
+    from fleetune.edge_sdk.backends.torch_window import Int8Linear, TorchWindowBackend
+
+    spec = LoraSpec(r=2, window=1)
+    fp32 = TorchWindowBackend(tiny_base4, spec)
+    int8 = TorchWindowBackend(tiny_base4, spec, precision="int8")
+    tensors = _adapter(spec, tiny_base4)
+    fp32.set_adapter(tensors)
+    int8.set_adapter(tensors)
+    ids = np.random.default_rng(1).integers(0, 128, size=(4, 16))
+    layer = int8.layers[3]
+    assert {w.dtype for w in layer.weights.values()} == {torch.int8}
+    assert int8.head.dtype == torch.bfloat16
+    # Int8Linear against autograd through the dequantized weight
+    q, scale = layer.weights["q_proj"], layer.scales["q_proj"]
+    x = torch.randn(5, q.shape[1], dtype=torch.bfloat16, requires_grad=True)
+    y = Int8Linear.apply(x, q, scale)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(ref_x, q.to(torch.bfloat16)).float() * scale
+    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+    assert torch.equal(y, ref) and torch.allclose(x.grad.float(), ref_x.grad.float(), rtol=1e-2)
+    # the engine: close to fp32 (weights within half a step of 1/127 of their row's largest)
+    assert int8.loss(ids) == pytest.approx(fp32.loss(ids), rel=2e-2)
+    cache = build_cache(int8, np.tile(np.arange(16), 40)[:512].reshape(-1, 16))
+    before = float(int8.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    window_backprop(int8, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
+    after = float(int8.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    assert after < 0.95 * before
+
+
 def test_refusals_name_the_problem(tiny_base4, tmp_path):
     from fleetune.edge_sdk.backends import load_backend
     from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
 
     with pytest.raises(ConfigError, match="needs lora_window"):
         TorchWindowBackend(tiny_base4, LoraSpec(r=2))
-    with pytest.raises(ConfigError, match="'int8' is not one of"):
-        TorchWindowBackend(tiny_base4, LoraSpec(r=2, window=1), precision="int8")
+    with pytest.raises(ConfigError, match="'int4' is not one of"):
+        TorchWindowBackend(tiny_base4, LoraSpec(r=2, window=1), precision="int4")
     with pytest.raises(ConfigError, match="for layer windows only"):
         load_backend("torch", LoraSpec(r=2), base=tiny_base4, precision="bf16")
     assert isinstance(
@@ -139,10 +174,12 @@ def test_refusals_name_the_problem(tiny_base4, tmp_path):
 
     from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, TuningConfig
 
-    with pytest.raises(ConfigError, match=r'bf16.*not tuner = "zo"'):
-        FleetuneConfig(
-            device=DeviceConfig(precision="bf16"), tuning=TuningConfig(tuner="zo", lora_window=2)
-        )
+    for precision in ("bf16", "int8"):
+        with pytest.raises(ConfigError, match=rf'{precision}.*not tuner = "zo"'):
+            FleetuneConfig(
+                device=DeviceConfig(precision=precision),
+                tuning=TuningConfig(tuner="zo", lora_window=2),
+            )
     with pytest.raises(BackendError, match="no safetensors checkpoint"):
         TorchWindowBackend(replace(tiny_base4, hf_dir=str(tmp_path)), LoraSpec(r=2, window=1))
     # a checkpoint cut short, and one whose layers are not plain llama layers
