@@ -59,8 +59,8 @@ class EdgeClient:
         self.device = config.device.id
         self.topics = Topics(config.sync.fleet)
         t = config.tuning
-        self.spec = LoraSpec(
-            r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets, window=t.lora_window
+        self.spec = LoraSpec(  # lora_window = -1: fitted to the memory budget below
+            r=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets, window=max(t.lora_window, 0)
         )
         self._base = base
         self._bundle = bundle
@@ -94,7 +94,16 @@ class EdgeClient:
             t.batch_size,
             t.seq_len,
         )
-        if (plan.batch_size, plan.seq_len) != (t.batch_size, t.seq_len):
+        if t.lora_window == -1:
+            log.info(
+                "%s: memory_budget_mb = %g fits a window of the top %d layers, ~%.0f MB",
+                self.device,
+                dev.memory_budget_mb,
+                plan.window,
+                plan.estimate_mb,
+            )
+            self.spec = replace(self.spec, window=plan.window)
+        elif (plan.batch_size, plan.seq_len) != (t.batch_size, t.seq_len):
             log.info(
                 "%s: memory_budget_mb = %g fits batch %d x %d (configured %d x %d), ~%.0f MB",
                 self.device,
@@ -105,7 +114,9 @@ class EdgeClient:
                 t.seq_len,
                 plan.estimate_mb,
             )
-        tuning = replace(t, batch_size=plan.batch_size, seq_len=plan.seq_len)
+        tuning = replace(
+            t, batch_size=plan.batch_size, seq_len=plan.seq_len, lora_window=self.spec.window
+        )
         self.config = replace(self.config, tuning=tuning)
         self._cache_ram_mb = dev.memory_budget_mb - plan.estimate_mb  # a window's prefix cache
 

@@ -81,7 +81,8 @@ class TuningConfig:
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # adapted projections
-    lora_window: int = 0  # adapt only the top K decoder layers (0: all; tuners/window.py)
+    lora_window: int = 0  # adapt only the top K decoder layers (0: all; tuners/window.py;
+    # -1 with tuner = "window": the deepest window [device] memory_budget_mb fits)
     seed: int = 0  # batch sampling seed (mixed with device id and round)
     start: str = "served"  # each round tunes from: served (what the canary serves) | global
     share: str = "all"  # what a dense update sends: all | lora_a (shared A, B stays: FedSA-LoRA)
@@ -120,10 +121,12 @@ class TuningConfig:
                 '[tuning] share = "lora_a" (FedSA-LoRA) needs tuner = "backprop" moving A and B '
                 '(backprop_params = "all") and start = "served": B is the device\'s own'
             )
-        if self.lora_window < 0 or (self.tuner == "window" and self.lora_window == 0):
+        auto = self.lora_window == -1 and self.tuner == "window"
+        if (self.lora_window < 0 and not auto) or (self.tuner == "window" and not self.lora_window):
             raise ConfigError(
                 '[tuning] lora_window must be >= 0, and tuner = "window" (backprop through '
-                f"the top layers) needs lora_window = K > 0; got {self.lora_window}"
+                "the top layers) needs lora_window = K > 0, or -1 for the deepest window the "
+                f"memory budget fits; got {self.lora_window}"
             )
         if self.zo_params not in ZO_PARAMS:
             raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")
@@ -241,6 +244,11 @@ class FleetuneConfig:
                 f"(a {self.tuning.tuner} device uploads seeds or coefficients)"
             )
         dev = self.device
+        if self.tuning.lora_window == -1 and not (dev.backend == "torch" and dev.memory_budget_mb):
+            raise ConfigError(
+                "[tuning] lora_window = -1 (the deepest window that fits) needs backend = "
+                '"torch" and [device] memory_budget_mb > 0, the budget it is fitted to'
+            )
         if (
             dev.backend == "torch"
             and dev.precision in ("bf16", "int8")

@@ -13,9 +13,10 @@ a point it was not fitted on); for another base the weights scale with its param
 
 :func:`fit_budget` keeps the configured batch and window length when they fit and otherwise
 picks the largest step (most tokens, then the longest windows) that does; the layer window
-itself is the fleet's adapter layout and stays as configured. When nothing fits it refuses
-with a :class:`ConfigError` that names the smallest step's need and the engines and tuners
-that would fit. A device also reads its own peak after each round (:func:`peak_rss_mb`), so a
+stays as configured, except ``lora_window = -1``, for which it picks the deepest window of the
+lean torch engine whose configured step fits (its footprint grows by a measured amount per
+layer). When nothing fits it refuses with a :class:`ConfigError` that names the smallest
+step's need and the engines and tuners that would fit. A device also reads its own peak after each round (:func:`peak_rss_mb`), so a
 wrong estimate shows in its metrics and its log.
 """
 
@@ -36,6 +37,8 @@ class Footprint:
     weights_mb: float  # what the engine holds of SmolLM2-135M beyond its runtime
     per_token_mb: float  # activations per token in a step's batch
     per_row: bool = False  # the engine decodes a row at a time: tokens are one row's
+    layer_mb: float = 0.0  # a window: what each layer more holds (0: one depth measured)
+    layer_token_mb: float = 0.0  # ... and its activations per token
 
 
 # Imports alone (fresh interpreter, VmHWM): torch + transformers + PEFT; plain torch (the lean
@@ -48,8 +51,9 @@ RUNTIME_MB = {"torch": 387.0, "torch-window": 220.0, "onnx": 67.0, "llamacpp": 4
 FOOTPRINTS: dict[str, Footprint] = {
     "torch-fp32/backprop/full": Footprint(574, 2.498),  # -1.3%
     "torch-fp32/backprop/window": Footprint(256, 0.153),  # -4.4%
-    "torch-bf16/backprop/window": Footprint(196, 0.114),  # -2.7%
-    "torch-int8/backprop/window": Footprint(181, 0.100),  # -4.6%
+    # the lean engine in bf16 / int8 also at a window of all 30 layers (2026-12-02): per layer
+    "torch-bf16/backprop/window": Footprint(196, 0.114, False, 6.29, 0.00985),  # -2.7%, -2.8%
+    "torch-int8/backprop/window": Footprint(181, 0.100, False, 3.19, 0.01029),  # -4.6%, +0.3%
     "torch-fp32/zo/full": Footprint(577, 0.488),  # -1.4%
     "torch-fp32/zo/window": Footprint(234, 0.110),  # -5.0%
     "onnx-fp32/zo/full": Footprint(616, 0.824),  # +1.6%
@@ -62,6 +66,7 @@ FOOTPRINTS: dict[str, Footprint] = {
     "llamacpp-q4_0/zo/full": Footprint(207, 0.945, per_row=True),  # -0.5%
     "llamacpp-q4_0/zo/window": Footprint(300, 0.872, per_row=True),  # +1.0%
 }
+WINDOW = 4  # the window the footprints were fitted at
 MARGIN = 1.06  # on every estimate: the fits' largest underestimate at the check point was 5%
 DEFAULT_PRECISION = {"llamacpp": "q8_0"}  # config.py's "" per engine; fp32 elsewhere
 SMOLLM2 = {"params": 134_515_008, "vocab": 49_152}
@@ -75,6 +80,7 @@ class Plan:
     batch_size: int
     seq_len: int
     estimate_mb: float
+    window: int = 0  # the layer window (picked by the budget for lora_window = -1)
 
 
 def base_params(base: BaseManifest) -> int:
@@ -97,11 +103,14 @@ def step_tokens(key: str, batch: int, seq: int) -> int:
     return seq if FOOTPRINTS[key].per_row else batch * seq
 
 
-def estimate_mb(key: str, base: BaseManifest, tokens: int) -> float:
-    """Modelled peak RSS of a step of ``tokens`` tokens in mode ``key`` (with :data:`MARGIN`)."""
+def estimate_mb(key: str, base: BaseManifest, tokens: int, window: int = WINDOW) -> float:
+    """Modelled peak RSS of a step of ``tokens`` tokens in mode ``key`` (with :data:`MARGIN`),
+    a window mode at ``window`` layers where its footprint has a per-layer part."""
     fp = FOOTPRINTS[key]
-    weights = fp.weights_mb * base_params(base) / SMOLLM2["params"]
+    more = window - WINDOW if fp.layer_mb else 0
+    weights = (fp.weights_mb + more * fp.layer_mb) * base_params(base) / SMOLLM2["params"]
     per_token = fp.per_token_mb * base.vocab_size / SMOLLM2["vocab"]
+    per_token += more * fp.layer_token_mb * base.hidden_size / 576  # SmolLM2's hidden size
     return MARGIN * (RUNTIME_MB[runtime(key)] + weights + tokens * per_token)
 
 
@@ -123,24 +132,40 @@ def fit_budget(
     seq_len: int,
 ) -> Plan:
     """The largest ``batch x seq_len`` step (at most the configured one) whose modelled peak
-    is within ``budget_mb``; a :class:`ConfigError` naming what would fit when none is."""
+    is within ``budget_mb``; a :class:`ConfigError` naming what would fit when none is.
+    ``window = -1``: the deepest top window whose configured step fits (the engine's footprint
+    per layer), else the largest step a window of one layer fits."""
     key = mode(engine, precision, tuner, window)
     if key not in FOOTPRINTS:
         raise ConfigError(
             f"[device] memory_budget_mb: no measured footprint for {key} (measured: "
             f"{', '.join(sorted(FOOTPRINTS))}); set memory_budget_mb = 0 or pick one of those"
         )
+    if window == -1:
+        if not FOOTPRINTS[key].layer_mb:
+            deep = sorted(k for k, fp in FOOTPRINTS.items() if fp.layer_mb)
+            raise ConfigError(
+                f"lora_window = -1: {key} is measured at one window size only; the window "
+                f"that fits is picked for {', '.join(deep)} (set [device] precision)"
+            )
+        tokens = step_tokens(key, batch_size, seq_len)
+        for depth in range(base.num_layers, 0, -1):
+            need = estimate_mb(key, base, tokens, depth)
+            if need <= budget_mb:
+                return Plan(key, batch_size, seq_len, need, depth)
+        window = 1
     seqs = [s for s in (seq_len >> i for i in range(8)) if s >= MIN_SEQ] or [seq_len]
     fits = [
         (b * s, s, b)
         for s in seqs
         for b in range(batch_size, 0, -1)
-        if estimate_mb(key, base, step_tokens(key, b, s)) <= budget_mb
+        if estimate_mb(key, base, step_tokens(key, b, s), window) <= budget_mb
     ]
     if fits:
         _, seq, batch = max(fits)
-        return Plan(key, batch, seq, estimate_mb(key, base, step_tokens(key, batch, seq)))
-    least = estimate_mb(key, base, seqs[-1])
+        need = estimate_mb(key, base, step_tokens(key, batch, seq), window)
+        return Plan(key, batch, seq, need, window)
+    least = estimate_mb(key, base, seqs[-1], window)
     need = {k: estimate_mb(k, base, step_tokens(k, batch_size, seq_len)) for k in FOOTPRINTS}
     others = sorted((mb, k) for k, mb in need.items() if k != key and mb <= budget_mb)
     offer = ", ".join(f"{k} (~{mb:.0f} MB)" for mb, k in others) or "nothing measured"

@@ -705,10 +705,15 @@ def test_window_devices_tune_the_top_layers_in_a_round(tmp_path, tiny_base4, tun
     assert report.ppl_final < report.ppl_base
 
 
-def test_a_round_mixes_full_depth_and_window_devices(tmp_path, tiny_base4):
+@pytest.mark.parametrize("auto", [False, True], ids=["window2", "budget-picks-2"])
+def test_a_round_mixes_full_depth_and_window_devices(tmp_path, tiny_base4, auto):
     """A full-depth backprop device and a device tuning the top 2 of 4 layers in one fleet:
     each tensor is the mean over the devices that tuned it, the window device runs the layers
-    below under the fleet's adapter, and rebuilds its prefix cache when they change."""
+    below under the fleet's adapter, and rebuilds its prefix cache when they change. With
+    ``auto`` the window device's depth is what its memory budget fits (``lora_window = -1``,
+    int8 weights, a budget between the estimates of 2 and 3 layers; its cache then goes to
+    disk, the budget leaving no room for it)."""
+    from fleetune.edge_sdk import memory
     from fleetune.edge_sdk.adapters.lora.io import load_peft
     from fleetune.edge_sdk.client import EdgeClient
     from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
@@ -728,10 +733,15 @@ def test_a_round_mixes_full_depth_and_window_devices(tmp_path, tiny_base4):
     cycle = np.tile(np.arange(16), 40)
     data = ClientData("c", train=cycle[:512].reshape(-1, 16), heldout=cycle[512:].reshape(-1, 16))
     clients, runs = {}, {}
-    for name, tuner, window in (("full", "backprop", 0), ("top2", "window", 2)):
-        tuning = TuningConfig(tuner=tuner, steps=8, lr=5e-2, lora_r=2, lora_window=window)
+    key = "torch-int8/backprop/window"
+    budget = sum(memory.estimate_mb(key, tiny_base4, 4 * 16, k) for k in (2, 3)) / 2
+    for name, tuner, window in (("full", "backprop", 0), ("top2", "window", -1 if auto else 2)):
+        tuning = TuningConfig(
+            tuner=tuner, steps=8, lr=5e-2, lora_r=2, lora_window=window, seq_len=16
+        )
+        bounded = {"precision": "int8", "memory_budget_mb": budget} if window == -1 else {}
         client_cfg = FleetuneConfig(
-            device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
+            device=DeviceConfig(id=name, state_dir=str(tmp_path / name), **bounded),
             tuning=tuning,
             sync=SyncConfig(
                 fleet="t",
@@ -752,6 +762,7 @@ def test_a_round_mixes_full_depth_and_window_devices(tmp_path, tiny_base4):
         t.join(300)
     window = clients["top2"]
     cached, version = window.tuner._prefix[1], window.backend.prefix_version
+    on_disk = window.tuner._prefix[2].metrics()["cache_on_disk"]
     for client in clients.values():
         client.close()
     thread.join(60)
@@ -771,6 +782,7 @@ def test_a_round_mixes_full_depth_and_window_devices(tmp_path, tiny_base4):
     # the window device's round-2 cache was built under v1's lower layers (version 1 of them;
     # the final adapter's are version 2)
     assert (cached, version) == (1, 2)
+    assert window.spec.window == 2 and on_disk == auto
 
 
 def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, caplog):

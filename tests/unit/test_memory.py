@@ -114,3 +114,41 @@ def test_a_llamacpp_step_is_planned_by_its_row_length_not_batch_times_length():
     assert (shorter.batch_size, shorter.seq_len) == (8, 32) and shorter.estimate_mb < row
     full = memory.estimate_mb("llamacpp-q8_0/zo/full", SMOLLM2, 64)
     assert full < row  # the window engine holds the window model too: it buys speed, not memory
+
+
+def test_lora_window_auto_picks_the_deepest_window_the_budget_fits():
+    from fleetune.edge_sdk.client import EdgeClient
+    from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, TuningConfig
+
+    key = "torch-int8/backprop/window"
+    at12 = memory.estimate_mb(key, SMOLLM2, 4 * 64, 12)
+    assert (
+        memory.estimate_mb(key, SMOLLM2, 4 * 64, 4)
+        < at12
+        < memory.estimate_mb(key, SMOLLM2, 256, 13)
+    )
+    # Execute: a budget 12 int8 layers fit; the same in bf16; all the memory wanted; too little
+    plan = memory.fit_budget(at12 + 0.1, SMOLLM2, "torch", "int8", "window", -1, 4, 64)
+    bf16 = memory.fit_budget(at12 + 0.1, SMOLLM2, "torch", "bf16", "window", -1, 4, 64)
+    roomy = memory.fit_budget(5000, SMOLLM2, "torch", "int8", "window", -1, 4, 64)
+    one = memory.estimate_mb(key, SMOLLM2, 2 * 64, 1)
+    tight = memory.fit_budget(one + 0.1, SMOLLM2, "torch", "int8", "window", -1, 4, 64)
+    # Assert: the deepest window at the configured step; bf16 layers weigh about twice int8's
+    assert (plan.window, plan.batch_size, plan.seq_len) == (12, 4, 64) and plan.estimate_mb == at12
+    assert 4 < bf16.window < 12
+    assert roomy.window == SMOLLM2.num_layers
+    assert (tight.window, tight.batch_size, tight.seq_len) == (1, 2, 64)
+    with pytest.raises(ConfigError, match="torch-fp32/backprop/window is measured at one window"):
+        memory.fit_budget(5000, SMOLLM2, "torch", "", "window", -1, 4, 64)
+    # a device: its adapter's window is the plan's
+    config = FleetuneConfig(
+        device=DeviceConfig(memory_budget_mb=at12 + 0.1, precision="int8"),
+        tuning=TuningConfig(tuner="window", lora_window=-1),
+    )
+    device = EdgeClient(config, base=SMOLLM2)
+    assert device.spec.window == device.config.tuning.lora_window == 12
+    for tuner, window in (("backprop", -1), ("window", -2)):
+        with pytest.raises(ConfigError, match="lora_window must be >= 0"):
+            TuningConfig(tuner=tuner, lora_window=window)
+    with pytest.raises(ConfigError, match='needs backend = "torch" and \\[device\\] memory_budget'):
+        FleetuneConfig(tuning=TuningConfig(tuner="window", lora_window=-1))
