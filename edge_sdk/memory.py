@@ -16,8 +16,8 @@ picks the largest step (most tokens, then the longest windows) that does; the la
 stays as configured, except ``lora_window = -1``, for which it picks the deepest window of the
 lean torch engine whose configured step fits (its footprint grows by a measured amount per
 layer). When nothing fits it refuses with a :class:`ConfigError` that names the smallest
-step's need and the engines and tuners that would fit. A device also reads its own peak after each round (:func:`peak_rss_mb`), so a
-wrong estimate shows in its metrics and its log.
+step's need and the engines and tuners that would fit. A device also reads its own peak after
+each round (:func:`peak_rss_mb`), so a wrong estimate shows in its metrics and its log.
 """
 
 from __future__ import annotations
