@@ -150,9 +150,9 @@ def fit_budget(
             )
         tokens = step_tokens(key, batch_size, seq_len)
         for depth in range(base.num_layers, 0, -1):
-            need = estimate_mb(key, base, tokens, depth)
-            if need <= budget_mb:
-                return Plan(key, batch_size, seq_len, need, depth)
+            peak = estimate_mb(key, base, tokens, depth)
+            if peak <= budget_mb:
+                return Plan(key, batch_size, seq_len, peak, depth)
         window = 1
     seqs = [s for s in (seq_len >> i for i in range(8)) if s >= MIN_SEQ] or [seq_len]
     fits = [
@@ -163,8 +163,8 @@ def fit_budget(
     ]
     if fits:
         _, seq, batch = max(fits)
-        need = estimate_mb(key, base, step_tokens(key, batch, seq), window)
-        return Plan(key, batch, seq, need, window)
+        peak = estimate_mb(key, base, step_tokens(key, batch, seq), window)
+        return Plan(key, batch, seq, peak, window)
     least = estimate_mb(key, base, seqs[-1], window)
     need = {k: estimate_mb(k, base, step_tokens(k, batch_size, seq_len)) for k in FOOTPRINTS}
     others = sorted((mb, k) for k, mb in need.items() if k != key and mb <= budget_mb)
