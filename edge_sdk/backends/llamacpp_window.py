@@ -44,10 +44,10 @@ def write_window_gguf(source: str | Path, start: int, out: str | Path) -> Path:
     """``source`` (a llama GGUF) with only its layers from ``start`` up, renumbered from 0,
     and everything that is not a layer (embeddings, final norm, head, tokenizer) as it is.
 
-    Streams: the header is parsed from a map of its own pages and copied byte for byte (only
+    Streams: the header is parsed as it is read and copied byte for byte (only
     ``{arch}.block_count`` changes), the tensors' bytes go across in 4 MB reads, so writing
     costs a few MB of memory rather than the whole model (gguf-py's reader and writer held
-    ~200 MB more at their peak, the window engine's whole excess over the base engine)."""
+    ~200 MB at once: the window engine's peak, README)."""
     with open(source, "rb") as src, open(out, "wb") as dst:
         head = _GgufHeader(src, str(source))
         blocks = f"{head.arch}.block_count"

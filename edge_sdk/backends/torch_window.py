@@ -108,9 +108,9 @@ class Checkpoint:
         rows, cols = self._meta(name)["shape"]
         q, scale = torch.empty((rows, cols), dtype=torch.int8), torch.empty(rows)
         for i, raw in self._slabs(name, INT8_SLAB):
-            part = raw.view(-1, cols)
-            q[i // cols : i // cols + len(part)], scale[i // cols : i // cols + len(part)] = (
-                quantize_int8(part.float())
+            part, first = raw.view(-1, cols), i // cols
+            q[first : first + len(part)], scale[first : first + len(part)] = quantize_int8(
+                part.float()
             )
         return q, scale
 
@@ -124,7 +124,7 @@ class Checkpoint:
 
     def _slabs(self, name: str, size: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``name``'s values in slabs of whole rows of about ``size`` bytes: (first value's
-        index, the values as a float tensor)."""
+        index, the values in the checkpoint's dtype), read with plain file reads."""
         path, body, meta = self._where[name]
         begin, _ = meta["data_offsets"]
         kind, shape = np.dtype(STORED[meta["dtype"]]), meta["shape"]
