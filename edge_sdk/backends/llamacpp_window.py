@@ -1,4 +1,5 @@
 """A layer window in llama.cpp: the prefix from the whole GGUF, the window as a GGUF of its own.
+Long because it also writes that GGUF, streaming the base's header and tensors.
 
 The states entering the window are read out of the base model's graph while it runs: a second
 context on the same model carries an eval callback (``cb_eval``) that asks for the output of
