@@ -69,7 +69,7 @@ FOOTPRINTS: dict[str, Footprint] = {
 WINDOW = 4  # the window the footprints were fitted at
 MARGIN = 1.06  # on every estimate: the fits' largest underestimate at the check point was 5%
 DEFAULT_PRECISION = {"llamacpp": "q8_0"}  # config.py's "" per engine; fp32 elsewhere
-SMOLLM2 = {"params": 134_515_008, "vocab": 49_152}
+SMOLLM2 = {"params": 134_515_008, "vocab": 49_152, "hidden": 576}
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def estimate_mb(key: str, base: BaseManifest, tokens: int, window: int = WINDOW)
     more = window - WINDOW if fp.layer_mb else 0
     weights = (fp.weights_mb + more * fp.layer_mb) * base_params(base) / SMOLLM2["params"]
     per_token = fp.per_token_mb * base.vocab_size / SMOLLM2["vocab"]
-    per_token += more * fp.layer_token_mb * base.hidden_size / 576  # SmolLM2's hidden size
+    per_token += more * fp.layer_token_mb * base.hidden_size / SMOLLM2["hidden"]
     return MARGIN * (RUNTIME_MB[runtime(key)] + weights + tokens * per_token)
 
 
