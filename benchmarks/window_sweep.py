@@ -12,14 +12,20 @@ perplexity by less than 0.2, so the grid starts at 0.03.)
     python -m benchmarks.window_sweep --shapes --json results/bench_window_shapes.json
     python -m benchmarks.window_sweep --llamacpp q8_0 --clients hamlet/HAMLET --json a.json
     python -m benchmarks.window_sweep --merge a.json b.json --json results/sweep.json
+    python -m benchmarks.window_sweep --ort fp32 --seconds 180 --zo-lrs 0.03,0.1,0.3 --json o.json
 
-``--lean PRECISION``: AdamW in the window on the lean torch window engine (bf16 or fp32) over
+``--lean PRECISION``: AdamW in the window on the lean torch window engine (fp32, bf16, int8;
+recomputing its layers as under a memory budget with ``--recompute``) over
 ``LEAN_LRS`` instead: it runs two to three times the steps of the transformers engine in the
 same wall-clock, so its lr is swept on its own (``window.py --lr-lean``).
 
-``--llamacpp QUANT``: MeZO in the llama.cpp window engine on a QUANT GGUF over ``ZO_LRS``
+``--llamacpp QUANT``: MeZO in the llama.cpp window engine on a QUANT GGUF over ``--zo-lrs``
 instead, perturbing by ``--llamacpp-eps`` (its quantized matmuls drown a 1e-3 difference), so
 its lr is its own (``window.py --zo-lr-llamacpp``).
+
+``--ort PRECISION``: MeZO in the ONNX Runtime window (``window.py``'s ``zo_window_ort``) over
+``--zo-lrs`` instead, at ``--seconds`` (its steps are about twice the torch window's, so a
+longer clock may want a smaller lr than the 60 s sweep's).
 
 ``--shapes``: backprop in the window at ``--lr-window`` for each window size and set of target
 projections in ``SHAPES`` instead (what holds the window back against PEFT at full depth:
@@ -92,21 +98,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--shapes", action="store_true", help="sweep window size and targets")
-    parser.add_argument("--lean", choices=("fp32", "bf16"), help="sweep the lean engine's AdamW")
+    parser.add_argument(
+        "--lean", choices=("fp32", "bf16", "int8"), help="sweep the lean engine's AdamW"
+    )
+    parser.add_argument(
+        "--recompute", action="store_true", help="--lean: in its memory-budget mode (window.py's)"
+    )
     parser.add_argument("--llamacpp", help="sweep MeZO in the llama.cpp window on this GGUF")
     parser.add_argument("--llamacpp-eps", type=float, default=1e-2)
+    parser.add_argument("--ort", choices=("fp32", "int8"), help="sweep MeZO in the ORT window")
+    parser.add_argument("--zo-lrs", default=",".join(f"{lr:g}" for lr in ZO_LRS))
     parser.add_argument("--lr-window", type=float, default=3e-3, help="--shapes: AdamW lr")
     parser.add_argument("--shape", action="append", help="--shapes: only K:q,v or K:all")
     parser.add_argument("--merge", nargs="*", help="join these runs (other clients) instead")
     args = parser.parse_args()
+    zo_lrs = tuple(float(lr) for lr in args.zo_lrs.split(","))
     if args.merge:  # runs of the same sweep on other clients, e.g. two processes
         docs = [json.loads(Path(path).read_text()) for path in args.merge]
         runs = [r for doc in docs for r in doc["runs"]]
-        for key in ("window", "lean", "llamacpp", "llamacpp_eps", "seconds", "seed"):
+        for key in ("window", "lean", "llamacpp", "llamacpp_eps", "ort", "seconds", "seed"):
             setattr(args, key, docs[0].get("lean_precision" if key == "lean" else key))
         names = sorted({r["arm"] for r in runs})
-        grids = {"zo_window": ZO_LRS, "zo_window_llamacpp": ZO_LRS, "window_lean": LEAN_LRS}
-        write(args, [(n, grids.get(n, BACKPROP_LRS)) for n in names], runs)
+        zo_lrs = tuple(sorted({r["lr"] for r in runs if r["arm"].startswith("zo_")}))
+        grids = {"window_lean": LEAN_LRS, "window_backprop": BACKPROP_LRS}
+        write(args, [(n, grids.get(n, zo_lrs)) for n in names], runs)
         return
 
     import torch
@@ -137,12 +152,12 @@ def main() -> None:
         print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, indent=2))
         return
     window = TorchBackend(base, LoraSpec(window=args.window))
-    arms = (("zo_window", ZO_LRS), ("window_backprop", BACKPROP_LRS))
+    arms = (("zo_window", zo_lrs), ("window_backprop", BACKPROP_LRS))
     lean = None
     if args.lean:
         from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
 
-        lean = TorchWindowBackend(base, LoraSpec(window=args.window), 1, args.lean)
+        lean = TorchWindowBackend(base, LoraSpec(window=args.window), 1, args.lean, args.recompute)
         arms = (("window_lean", LEAN_LRS),)
     llama = None
     if args.llamacpp:
@@ -151,7 +166,14 @@ def main() -> None:
 
         gguf = export_base_gguf(base, args.llamacpp)
         llama = LlamaCppWindowBackend(gguf, base, LoraSpec(window=args.window), 1)
-        arms = (("zo_window_llamacpp", ZO_LRS),)
+        arms = (("zo_window_llamacpp", zo_lrs),)
+    ort = None
+    if args.ort:
+        from fleetune.edge_sdk.backends.onnx import OnnxBackend
+        from fleetune.models.onnx import export_onnx
+
+        ort = OnnxBackend(export_onnx(base, LoraSpec(window=args.window)), precision=args.ort)
+        arms = (("zo_window_ort", zo_lrs),)
     runs: list[dict] = []
     for name in args.clients.split(","):
         data = prepare_client(texts[name], window.tokenize, max_eval_windows=24)
@@ -164,18 +186,23 @@ def main() -> None:
             log(
                 f"{name}: window_lean {args.lean} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}"
             )
-        for lr in ZO_LRS if llama is not None else ():
+        for lr in zo_lrs if llama is not None else ():
             cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr, eps=args.llamacpp_eps)
             record, ppl = zo_window(llama, data, train, args.seed, args.seconds, cfg, window)
             arm = "zo_window_llamacpp"
             runs.append({"client": name, "arm": arm, "lr": lr, "ppl": ppl, **record})
             log(f"{name}: {arm} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in ZO_LRS if lean is None and llama is None else ():
+        for lr in zo_lrs if ort is not None else ():
+            cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr)
+            record, ppl = zo_window(ort, data, train, args.seed, args.seconds, cfg)
+            runs.append({"client": name, "arm": "zo_window_ort", "lr": lr, "ppl": ppl, **record})
+            log(f"{name}: zo_window_ort lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
+        for lr in zo_lrs if lean is None and llama is None and ort is None else ():
             cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr)
             record, ppl = zo_window(window, data, train, args.seed, args.seconds, cfg)
             runs.append({"client": name, "arm": "zo_window", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: zo_window lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in BACKPROP_LRS if lean is None and llama is None else ():
+        for lr in BACKPROP_LRS if lean is None and llama is None and ort is None else ():
             record, ppl = window_backprop_arm(window, data, train, args.seed, args.seconds, lr)
             runs.append({"client": name, "arm": "window_backprop", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: window_backprop lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
@@ -189,8 +216,10 @@ def write(args, arms, runs: list[dict]) -> None:
         "benchmark": "window_sweep",
         "window": args.window,
         "lean_precision": args.lean,
+        "lean_recompute": args.recompute,
         "llamacpp": args.llamacpp,
         "llamacpp_eps": args.llamacpp_eps,
+        "ort": args.ort,
         "seconds": args.seconds,
         "seed": args.seed,
         "clients": sorted({r["client"] for r in runs}),

@@ -14,7 +14,8 @@ and half the memory; for backprop in the window, not for zeroth-order steps, who
 differences bf16's rounding would drown. ``precision = "int8"`` stores the decoder layers'
 frozen weights as int8 with one scale per output row (the prefix's as they stream, and the
 window's) and runs their matmuls in bfloat16, the scale applied to the product; the embedding
-table and head stay bfloat16.
+table the head shares is int8 too (a scale per token), and the head's loss goes through the
+vocabulary a slab of rows at a time, so no dequantized copy of it exists whole.
 
 The layer is the Llama decoder layer as transformers runs it (RMSNorm, rotary positions,
 grouped-query causal attention, SwiGLU), with PEFT's LoRA on the target projections
@@ -61,6 +62,7 @@ INT8_SLAB = 2**20  # ... and while one is quantized as it loads (float temporari
 # tokens per slab of logits in the head's loss: 128 (matmuls ~20% faster than at 64), 64 under
 # a memory budget (recompute: half the slab, ~25 MB less at SmolLM2's vocabulary)
 HEAD_ROWS = {False: 128, True: 64}
+VOCAB_SLAB = 4096  # vocabulary rows per slab of an int8 head's loss ([tokens, 4096] logits)
 
 
 def lora_name(layer: int, target: str, ab: str) -> str:
@@ -144,6 +146,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one float32 scale per output row: ``weight ~ q * scale[:, None]``."""
     scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
     return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+class Int8Table:
+    """An int8 embedding table (``quantize_int8``: a scale per token's row) that the head may
+    share: rows are looked up and scaled; the head's loss is :class:`Int8HeadLoss`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.q, self.scale = q, scale
+        self.dtype, self.shape = q.dtype, q.shape
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.q).float() * self.scale[ids][..., None]
 
 
 class Int8Linear(torch.autograd.Function):
@@ -298,6 +312,56 @@ class HeadLoss(torch.autograd.Function):
         return (grad * upstream if grad is not None else None), None, None, None
 
 
+class Int8HeadLoss(torch.autograd.Function):
+    """:class:`HeadLoss` for an int8 head: every token at once against a slab of
+    :data:`VOCAB_SLAB` vocabulary rows at a time, each slab cast to ``dtype`` for its matmul
+    (``logits = x @ q.T * scale``), so neither the dequantized head nor the whole logits ever
+    exist. The first pass takes each token's log-sum-exp online over the slabs; the gradient
+    needs the softmax, so a second pass computes each slab's logits again (one more head
+    matmul per step than :class:`HeadLoss`, for ~40 MB less at SmolLM2's vocabulary)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, table: Int8Table, labels: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        xs, tokens = x.to(dtype), len(x)
+        top = torch.full((tokens,), -math.inf)
+        sums, target = torch.zeros(tokens), torch.zeros(tokens)
+        for first, logits in _head_slabs(xs, table):
+            hit = (labels >= first) & (labels < first + logits.shape[1])
+            target[hit] = logits[hit, labels[hit] - first]
+            new_top = torch.maximum(top, logits.max(dim=1).values)
+            # exp below -80 clamped, as in HeadLoss (torch's exp is slow where it underflows)
+            probs = logits.sub_(new_top[:, None]).clamp_(min=-80.0).exp_()
+            sums = sums * torch.exp(top - new_top) + probs.sum(dim=1)
+            top = new_top
+        lse = top + sums.log()
+        grad = None
+        if ctx.needs_input_grad[0]:  # softmax - one-hot, slab by slab
+            grad = torch.zeros_like(x)
+            for first, logits in _head_slabs(xs, table):
+                probs = logits.sub_(lse[:, None]).clamp_(min=-80.0).exp_()
+                hit = (labels >= first) & (labels < first + probs.shape[1])
+                probs[hit, labels[hit] - first] -= 1.0
+                rows = slice(first, first + probs.shape[1])
+                grad += (probs.mul_(table.scale[rows]).to(dtype) @ table.q[rows].to(dtype)).float()
+            grad.div_(tokens)
+        ctx.save_for_backward(grad)
+        return (lse - target).mean()
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * upstream if grad is not None else None), None, None, None
+
+
+def _head_slabs(x: torch.Tensor, table: Int8Table) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first vocabulary row, float32 logits of every token of ``x`` for the slab's rows)."""
+    for first in range(0, table.shape[0], VOCAB_SLAB):
+        rows = slice(first, first + VOCAB_SLAB)
+        yield first, F.linear(x, table.q[rows].to(x.dtype)).float() * table.scale[rows]
+
+
 class Recompute(torch.autograd.Function):
     """Activation checkpointing of one layer (``run``): the forward keeps only its input, the
     backward runs it again with gradients and back-propagates through that. Written here
@@ -360,9 +424,9 @@ class TorchWindowBackend(LoraWeights):
         self.ckpt = Checkpoint(base.hf_dir)
         self.llama = Llama(self.ckpt.config, spec.alpha / spec.r)
         self.window = spec.layers(base)
-        self.embed = self.ckpt.get("model.embed_tokens.weight", self.dtype)
+        self.embed = self._table("model.embed_tokens.weight")
         tied = self.ckpt.config.get("tie_word_embeddings", not self.ckpt.has("lm_head.weight"))
-        self.head = self.embed if tied else self.ckpt.get("lm_head.weight", self.dtype)
+        self.head = self.embed if tied else self._table("lm_head.weight")
         self.final_norm = self.ckpt.get("model.norm.weight", torch.float32)
         self.layers = {
             i: Layer(self.ckpt, i, self.dtype, tuple(spec.targets), spec.r, self.int8)
@@ -382,6 +446,12 @@ class TorchWindowBackend(LoraWeights):
         self.prefix_version = 0  # changes with them (a cache of prefix states is then stale)
         self._states = StatesMemo()
         self._tokenizer: Any = None
+
+    def _table(self, name: str) -> torch.Tensor | Int8Table:
+        """An embedding table or head: int8 with ``precision = "int8"``, else in ``dtype``."""
+        if self.int8:
+            return Int8Table(*self.ckpt.get_int8(name))
+        return self.ckpt.get(name, self.dtype)
 
     def tokenize(self, text: str) -> list[int]:
         if self._tokenizer is None:
@@ -409,7 +479,12 @@ class TorchWindowBackend(LoraWeights):
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
         states = torch.from_numpy(out)
         for i in range(0, len(ids), ROWS):
-            states[i : i + ROWS] = F.embedding(ids[i : i + ROWS], self.embed).float()
+            rows = ids[i : i + ROWS]
+            states[i : i + ROWS] = (
+                self.embed.lookup(rows)
+                if isinstance(self.embed, Int8Table)
+                else F.embedding(rows, self.embed).float()
+            )
         rope = self.llama.rotary(ids.shape[1])
         for index in range(start):
             layer = self._prefix_layer(index)
@@ -461,6 +536,8 @@ class TorchWindowBackend(LoraWeights):
                 x = self.llama.layer(layer, x, rope)
         x = self.llama.norm(x[:, :-1], self.final_norm).reshape(-1, x.shape[-1])
         labels = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[:, 1:].reshape(-1)
+        if isinstance(self.head, Int8Table):
+            return Int8HeadLoss.apply(x, self.head, labels, self.dtype)
         return HeadLoss.apply(x, self.head, labels, HEAD_ROWS[self.recompute])
 
     @torch.no_grad()

@@ -138,7 +138,7 @@ def test_int8_weights_are_the_dequantized_layers_and_their_backward_is_exact(tin
     ids = np.random.default_rng(1).integers(0, 128, size=(4, 16))
     layer = int8.layers[3]
     assert {w.dtype for w in layer.weights.values()} == {torch.int8}
-    assert int8.head.dtype == torch.bfloat16
+    assert int8.head.dtype == int8.embed.dtype == torch.int8  # the embedding table and head too
     # Int8Linear against autograd through the dequantized weight
     q, scale = layer.weights["q_proj"], layer.scales["q_proj"]
     x = torch.randn(5, q.shape[1], dtype=torch.bfloat16, requires_grad=True)
@@ -155,6 +155,31 @@ def test_int8_weights_are_the_dequantized_layers_and_their_backward_is_exact(tin
     window_backprop(int8, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
     after = float(int8.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
     assert after < 0.95 * before
+
+
+def test_the_int8_heads_loss_and_gradient_are_cross_entropy_through_the_dequantized_head(
+    monkeypatch,
+):
+    """Int8HeadLoss goes through the vocabulary in slabs (online log-sum-exp, then the softmax
+    again for the gradient): the same loss and input gradient as autograd through
+    ``cross_entropy(x @ (q * scale).T)``, across several slabs and a last partial one."""
+    from fleetune.edge_sdk.backends import torch_window
+    from fleetune.edge_sdk.backends.torch_window import Int8HeadLoss, Int8Table, quantize_int8
+
+    gen = torch.Generator().manual_seed(0)
+    table = Int8Table(*quantize_int8(torch.randn(1000, 24, generator=gen)))
+    x = torch.randn(12, 24, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 1000, (12,), generator=gen)
+    monkeypatch.setattr(torch_window, "VOCAB_SLAB", 128)  # 8 slabs, the last of 104
+    loss = Int8HeadLoss.apply(x, table, labels, torch.float32)
+    (loss * 3.0).backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    head = table.q.float() * table.scale[:, None]
+    ref = torch.nn.functional.cross_entropy(ref_x @ head.T, labels)
+    (ref * 3.0).backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert torch.allclose(x.grad, ref_x.grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(table.lookup(labels[:3]), head[labels[:3]])
 
 
 def test_refusals_name_the_problem(tiny_base4, tmp_path):
