@@ -174,6 +174,15 @@ def main() -> None:
 
         ort = OnnxBackend(export_onnx(base, LoraSpec(window=args.window)), precision=args.ort)
         arms = (("zo_window_ort", zo_lrs),)
+    # MeZO's arm: the llama.cpp window (judged by the torch window), the ORT window, or by default
+    # the torch window; none with --lean
+    zo_arm, zo_engine, zo_eps, zo_judge = "zo_window", window, ZOConfig().eps, None
+    if llama is not None:
+        zo_arm, zo_engine, zo_eps, zo_judge = "zo_window_llamacpp", llama, args.llamacpp_eps, window
+    elif ort is not None:
+        zo_arm, zo_engine = "zo_window_ort", ort
+    elif lean is not None:
+        zo_engine = None
     runs: list[dict] = []
     for name in args.clients.split(","):
         data = prepare_client(texts[name], window.tokenize, max_eval_windows=24)
@@ -186,23 +195,12 @@ def main() -> None:
             log(
                 f"{name}: window_lean {args.lean} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}"
             )
-        for lr in zo_lrs if llama is not None else ():
-            cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr, eps=args.llamacpp_eps)
-            record, ppl = zo_window(llama, data, train, args.seed, args.seconds, cfg, window)
-            arm = "zo_window_llamacpp"
-            runs.append({"client": name, "arm": arm, "lr": lr, "ppl": ppl, **record})
-            log(f"{name}: {arm} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in zo_lrs if ort is not None else ():
-            cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr)
-            record, ppl = zo_window(ort, data, train, args.seed, args.seconds, cfg)
-            runs.append({"client": name, "arm": "zo_window_ort", "lr": lr, "ppl": ppl, **record})
-            log(f"{name}: zo_window_ort lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in zo_lrs if lean is None and llama is None and ort is None else ():
-            cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr)
-            record, ppl = zo_window(window, data, train, args.seed, args.seconds, cfg)
-            runs.append({"client": name, "arm": "zo_window", "lr": lr, "ppl": ppl, **record})
-            log(f"{name}: zo_window lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
-        for lr in BACKPROP_LRS if lean is None and llama is None and ort is None else ():
+        for lr in zo_lrs if zo_engine is not None else ():
+            cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr, eps=zo_eps)
+            record, ppl = zo_window(zo_engine, data, train, args.seed, args.seconds, cfg, zo_judge)
+            runs.append({"client": name, "arm": zo_arm, "lr": lr, "ppl": ppl, **record})
+            log(f"{name}: {zo_arm} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
+        for lr in BACKPROP_LRS if zo_engine is window else ():  # the default arms
             record, ppl = window_backprop_arm(window, data, train, args.seed, args.seconds, lr)
             runs.append({"client": name, "arm": "window_backprop", "lr": lr, "ppl": ppl, **record})
             log(f"{name}: window_backprop lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")

@@ -278,7 +278,17 @@ class Llama:
         return x + layer.project("down_proj", gated, self.scale)
 
 
-class HeadLoss(torch.autograd.Function):
+class FusedLoss(torch.autograd.Function):
+    """A loss whose forward pass saves the gradient for its input (``None`` when none is
+    needed): the backward pass only scales it."""
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * upstream if grad is not None else None), None, None, None
+
+
+class HeadLoss(FusedLoss):
     """Mean next-token cross-entropy of ``x @ head.T`` computed ``rows`` tokens at a
     time, with the gradient for ``x`` worked out in the same pass when one is needed: the
     [tokens, vocabulary] logits (SmolLM2: 49,152 per token) never exist whole, neither for the
@@ -306,13 +316,8 @@ class HeadLoss(torch.autograd.Function):
         ctx.save_for_backward(grad.div_(len(x)) if grad is not None else None)
         return (total / len(x)).float()
 
-    @staticmethod
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return (grad * upstream if grad is not None else None), None, None, None
 
-
-class Int8HeadLoss(torch.autograd.Function):
+class Int8HeadLoss(FusedLoss):
     """:class:`HeadLoss` for an int8 head: every token at once against a slab of
     :data:`VOCAB_SLAB` vocabulary rows at a time, each slab cast to ``dtype`` for its matmul
     (``logits = x @ q.T * scale``), so neither the dequantized head nor the whole logits ever
@@ -348,11 +353,6 @@ class Int8HeadLoss(torch.autograd.Function):
             grad.div_(tokens)
         ctx.save_for_backward(grad)
         return (lse - target).mean()
-
-    @staticmethod
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return (grad * upstream if grad is not None else None), None, None, None
 
 
 def _head_slabs(x: torch.Tensor, table: Int8Table) -> Iterator[tuple[int, torch.Tensor]]:
