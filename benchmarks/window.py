@@ -29,10 +29,11 @@ Keys: ``step_ms_torch_mezo_full``, ``step_ms_zo_window_torch``, ``step_ms_zo_win
 from one process), ``step_ratio_llamacpp_window`` (llama.cpp full / window),
 ``rss_peft_full_mb``, ``rss_window_backprop_mb``, ``rss_zo_window_ort_mb`` and
 ``rss_window_lean_mb`` (peak RSS of a fresh process that loads the engine, builds the cache where
-it needs one and runs 3 steps), ``ppl_*`` (held-out perplexity, geometric mean over clients, 95%
-interval over seeds; every arm's adapter judged by the same fp32 engine), window size, cache size
-and where it lives. Learning rates in the window come from ``benchmarks/window_sweep.py`` (run
-on clients that are not in this report).
+it needs one and runs :data:`RSS_STEPS` steps: the allocator's heap keeps growing for a few
+dozen steps, ~10 MB past the third), ``ppl_*`` (held-out perplexity, geometric mean over
+clients, 95% interval over seeds; every arm's adapter judged by the same fp32 engine), window
+size, cache size and where it lives. Learning rates in the window come from
+``benchmarks/window_sweep.py`` (run on clients that are not in this report).
 
     python -m benchmarks.window --json results/bench_window.json
     python -m benchmarks.window --seeds 0 --clients "pydocs/howto" --seconds 20 --json /tmp/w.json
@@ -79,6 +80,8 @@ ARMS = (
 )
 BATCH = 4
 
+RSS_STEPS = 30  # steps of each peak-RSS child: about what an arm runs in 60 s
+# (each child's last argument)
 RSS_CHILD = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
@@ -87,14 +90,14 @@ from fleetune.edge_sdk.backends.torch import TorchBackend
 from fleetune.edge_sdk.tuners.backprop import tune_backprop
 from fleetune.edge_sdk.tuners.window import build_cache, window_backprop
 from fleetune.models.base import prepare_base
-window, rows = int(sys.argv[1]), int(sys.argv[2])
+window, rows, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[-1])
 base = prepare_base("smollm2-135m")
 backend = TorchBackend(base, LoraSpec(window=window))
 ids = np.random.default_rng(0).integers(0, 49152, size=(rows, 64))
 if window:
-    window_backprop(backend, build_cache(backend, ids), 3, 1e-3, 4, 0)
+    window_backprop(backend, build_cache(backend, ids), steps, 1e-3, 4, 0)
 else:
-    tune_backprop(backend, ids, 3, 1e-3, 4, 0)
+    tune_backprop(backend, ids, steps, 1e-3, 4, 0)
 """
 
 RSS_LEAN_CHILD = """
@@ -104,11 +107,11 @@ from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
 from fleetune.edge_sdk.tuners.window import build_cache, window_backprop
 from fleetune.models.base import prepare_base
 window, rows, precision = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-recompute = sys.argv[4] == "1"
+recompute, steps = sys.argv[4] == "1", int(sys.argv[-1])
 spec = LoraSpec(window=window)
 engine = TorchWindowBackend(prepare_base("smollm2-135m"), spec, 1, precision, recompute)
 ids = np.random.default_rng(0).integers(0, 49152, size=(rows, 64))
-window_backprop(engine, build_cache(engine, ids), 3, 1e-3, 4, 0)
+window_backprop(engine, build_cache(engine, ids), steps, 1e-3, 4, 0)
 """
 
 RSS_ORT_CHILD = """
@@ -121,7 +124,8 @@ engine = OnnxBackend(sys.argv[1], precision=sys.argv[2])
 ids = np.random.default_rng(0).integers(0, 49152, size=(int(sys.argv[3]), 64))
 theta = engine.layout.flatten(init_lora(engine.spec, engine.base))
 tuned = engine.layout.indices("lora_b")
-window_zo(engine, build_cache(engine, ids), theta, tuned, 3, ZOConfig(), np.random.default_rng(0))
+rng, steps = np.random.default_rng(0), int(sys.argv[-1])
+window_zo(engine, build_cache(engine, ids), theta, tuned, steps, ZOConfig(), rng)
 """
 
 
@@ -181,7 +185,7 @@ def window_backprop_arm(engine, data, train, seed: int, seconds: float, lr: floa
     )
     flat = engine.layout.flatten(engine.get_adapter())
     record = {"steps": metrics["steps"], "cache_s": cache.seconds}
-    record["cache_mb"] = cache.nbytes / 2**20
+    record["cache_mb"], record["cache_where"] = cache.nbytes / 2**20, cache.where
     return record, perplexity((judge or engine).loss_flat, data.heldout, flat)
 
 
@@ -308,7 +312,7 @@ def summarize(rows: list[dict], args) -> dict:
     cached = [r[arm] for r in rows for arm in windows if arm in r]
     if cached:
         doc["cache_mb"] = float(np.mean([c["cache_mb"] for c in cached if "cache_mb" in c]))
-        doc["cache_where"] = "ram"
+        doc["cache_where"] = ", ".join(sorted({c.get("cache_where", "ram") for c in cached}))
         doc["cache_s"] = float(np.mean([c["cache_s"] for c in cached]))
     for key in ["ppl_base"] + [f"ppl_{arm}" for arm in ran]:
         per_seed = [
@@ -403,7 +407,7 @@ def main() -> None:
     parser.add_argument(
         "--lean-precision",
         default="bf16",
-        choices=("fp32", "bf16", "int8"),
+        choices=("fp32", "bf16", "int8", "int4"),
         help="the lean window arm",
     )
     parser.add_argument("--gguf", default="q8_0", help="the llama.cpp arms' base quantization")
@@ -504,14 +508,20 @@ def main() -> None:
         rows.append(run_pair(name, data, seed, args, full, window, ort, lean, zo, llama))
     doc = summarize(rows, args)
     if not args.no_rss:
-        doc["rss_peft_full_mb"] = peak_rss_mb(RSS_CHILD, "0", str(args.train_windows))
+        doc["rss_peft_full_mb"] = peak_rss_mb(
+            RSS_CHILD, "0", str(args.train_windows), str(RSS_STEPS)
+        )
         doc["rss_window_backprop_mb"] = peak_rss_mb(
-            RSS_CHILD, str(args.window), str(args.train_windows)
+            RSS_CHILD, str(args.window), str(args.train_windows), str(RSS_STEPS)
         )
         doc["rss_ratio"] = doc["rss_window_backprop_mb"] / doc["rss_peft_full_mb"]
         if ort is not None:
             doc["rss_zo_window_ort_mb"] = peak_rss_mb(
-                RSS_ORT_CHILD, str(ort.bundle.root), args.ort, str(args.train_windows)
+                RSS_ORT_CHILD,
+                str(ort.bundle.root),
+                args.ort,
+                str(args.train_windows),
+                str(RSS_STEPS),
             )
             doc["rss_ratio_zo_window_ort"] = doc["rss_zo_window_ort_mb"] / doc["rss_peft_full_mb"]
         if lean is not None:
@@ -521,6 +531,7 @@ def main() -> None:
                 str(args.train_windows),
                 args.lean_precision,
                 "0" if args.no_recompute else "1",
+                str(RSS_STEPS),
             )
             doc["rss_ratio_window_lean"] = doc["rss_window_lean_mb"] / doc["rss_peft_full_mb"]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

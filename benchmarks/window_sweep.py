@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--shapes", action="store_true", help="sweep window size and targets")
     parser.add_argument(
-        "--lean", choices=("fp32", "bf16", "int8"), help="sweep the lean engine's AdamW"
+        "--lean", choices=("fp32", "bf16", "int8", "int4"), help="sweep the lean engine's AdamW"
     )
     parser.add_argument(
         "--recompute", action="store_true", help="--lean: in its memory-budget mode (window.py's)"

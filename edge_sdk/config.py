@@ -24,7 +24,7 @@ else:  # pragma: no cover
 
 BACKENDS = ("torch", "onnx", "llamacpp")
 PRECISIONS = {
-    "torch": ("", "fp32", "bf16", "int8"),  # bf16, int8: layer windows (backends/torch_window.py)
+    "torch": ("", "fp32", "bf16", "int8", "int4"),  # all but fp32: layer windows (torch_window.py)
     "onnx": ("", "fp32", "int8"),
     "llamacpp": ("", "q8_0", "q4_0", "q4_1", "f16"),
 }
@@ -251,7 +251,7 @@ class FleetuneConfig:
             )
         if (
             dev.backend == "torch"
-            and dev.precision in ("bf16", "int8")
+            and dev.precision in ("bf16", "int8", "int4")
             and self.tuning.tuner != "window"
         ):
             raise ConfigError(

@@ -55,6 +55,9 @@ FOOTPRINTS: dict[str, Footprint] = {
     "torch-bf16/backprop/window": Footprint(196, 0.114, False, 6.29, 0.00985),  # -2.7%, -2.8%
     # int8 embedding/head too, its loss by vocabulary slabs (2026-12-03)
     "torch-int8/backprop/window": Footprint(147, 0.0983, False, 3.25, 0.00862),  # -0.4%, +0.3%
+    # int4 layers (Q4_1 groups), the int8 head; per layer between windows of 4 and 29 layers
+    # (2026-12-03: a window of all 30 caches nothing, so 29 is the deepest with a cache)
+    "torch-int4/backprop/window": Footprint(134, 0.148, False, 2.25, 0.00924),  # -2.0%, +2.5%
     "torch-fp32/zo/full": Footprint(577, 0.488),  # -1.4%
     "torch-fp32/zo/window": Footprint(234, 0.110),  # -5.0%
     "onnx-fp32/zo/full": Footprint(616, 0.824),  # +1.6%

@@ -21,7 +21,9 @@ window of text); :class:`PrefixCache` keeps it in RAM or in a file on disk and s
 is and where. On disk it is written a chunk of rows at a time and read back a step's rows at a
 time (:class:`DiskStates`), so it never enters the resident set whole; a device under a memory
 budget puts it there when its step's estimate and the cache together would not fit
-(``LocalTuner.prefix_cache``).
+(``LocalTuner.prefix_cache``). A window of every layer has no prefix: its states are embedding
+rows, which the lean torch engine looks up a step's rows at a time instead (:class:`LookedUp`,
+no cache at all).
 """
 
 from __future__ import annotations
@@ -92,13 +94,32 @@ class DiskStates:
             self._fd = None
 
 
+class LookedUp:
+    """The states entering a window that starts at layer 0: the embedding rows of ``ids``,
+    looked up when a step asks for them (the engine holds the table anyway; SmolLM2 states
+    cached would take 147 KB per window of text for nothing)."""
+
+    nbytes = 0
+
+    def __init__(self, backend: WindowBackend, ids: np.ndarray) -> None:
+        self.backend, self.ids = backend, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: int | slice | np.ndarray) -> np.ndarray:
+        ids = self.ids[rows]
+        states = self.backend.prefix(ids.reshape(-1, ids.shape[-1]), 0)
+        return states.reshape(*ids.shape, states.shape[-1])
+
+
 @dataclass
 class PrefixCache:
     """The states entering the window for each row of ``ids`` (``[rows, tokens, hidden]``)."""
 
     ids: np.ndarray
-    hidden: np.ndarray | DiskStates
-    where: str  # "ram" or the file that holds it
+    hidden: np.ndarray | DiskStates | LookedUp
+    where: str  # "ram", the file that holds it, or "lookup" (nothing cached: LookedUp)
     seconds: float  # to compute it
 
     @property
@@ -107,7 +128,8 @@ class PrefixCache:
 
     def metrics(self) -> dict:
         """Its size and where it lives, for the round's report."""
-        return {"cache_mb": self.nbytes / 2**20, "cache_on_disk": self.where != "ram"}
+        on_disk = isinstance(self.hidden, DiskStates)
+        return {"cache_mb": self.nbytes / 2**20, "cache_on_disk": on_disk}
 
     def close(self) -> None:
         """Drop a cache on disk: its file goes."""
@@ -116,9 +138,16 @@ class PrefixCache:
             self.hidden.path.unlink(missing_ok=True)
 
 
+def looks_up(backend: WindowBackend) -> bool:
+    """Whether the engine looks a window's states up per step instead of caching them: the
+    lean torch engine, its window starting at layer 0."""
+    start = backend.spec.layers(backend.base).start
+    return start == 0 and backend.capabilities.streamed_prefix
+
+
 def cache_mb(backend: WindowBackend, rows: int, tokens: int) -> float:
-    """What a cache of ``rows`` windows of ``tokens`` takes (float32 states)."""
-    return rows * tokens * backend.base.hidden_size * 4 / 2**20
+    """What a cache of ``rows`` windows of ``tokens`` takes (float32 states; none looked up)."""
+    return 0.0 if looks_up(backend) else rows * tokens * backend.base.hidden_size * 4 / 2**20
 
 
 def build_cache(
@@ -134,6 +163,8 @@ def build_cache(
     RAM."""
     start = backend.spec.layers(backend.base).start
     began = time.monotonic()
+    if looks_up(backend):
+        return PrefixCache(ids, LookedUp(backend, ids), "lookup", 0.0)
     shape = (len(ids), ids.shape[1], backend.base.hidden_size)
     streamed = backend.capabilities.streamed_prefix  # the lean torch engine: a layer at a time
     if path is None:

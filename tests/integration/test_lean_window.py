@@ -1,6 +1,6 @@
 """The lean torch window engine on the real SmolLM2 (tied head, 30 layers): its loss from the
-streamed prefix is the transformers + PEFT loss, in fp32 to float tolerance and in bf16 and
-int8 weights within 0.02 nats; a device configured with torch and a window opens it."""
+streamed prefix is the transformers + PEFT loss, in fp32 to float tolerance and in bf16, int8
+and int4 weights within 0.02 nats; a device configured with torch and a window opens it."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_the_lean_engine_gives_the_full_models_loss(smollm2, adapter, batch):
     reference.close()
     # Execute: the streamed prefix into a cache, then the window from it, in both precisions
     losses = {}
-    for precision in ("fp32", "bf16", "int8"):
+    for precision in ("fp32", "bf16", "int8", "int4"):
         engine = load_backend("torch", spec, base=smollm2, precision=precision)
         assert isinstance(engine, TorchWindowBackend)
         engine.set_adapter(tensors)
@@ -49,11 +49,13 @@ def test_the_lean_engine_gives_the_full_models_loss(smollm2, adapter, batch):
     # Assert
     assert losses["fp32"] == pytest.approx(expected, abs=1e-4)
     assert losses["fp32_loss"] == pytest.approx(expected, abs=1e-4)
-    for precision in ("bf16", "int8"):
+    for precision in ("bf16", "int8", "int4"):
         assert losses[precision] == pytest.approx(expected, abs=0.02)
         assert losses[precision + "_loss"] == pytest.approx(losses[precision], abs=1e-4)
     assert abs(losses["bf16"] - expected) > 1e-6  # bf16 really ran
     assert abs(losses["int8"] - losses["bf16"]) > 1e-4  # and int8 is not bf16
+    # int4 holds the Q4_1 layers exactly: only its int8 table and bf16 set it apart from fp32
+    assert abs(losses["int4"] - expected) < abs(losses["int8"] - expected)
 
 
 def test_under_the_fleets_adapter_below_the_window_the_lean_engine_is_the_full_model(

@@ -130,13 +130,14 @@ def test_lora_window_auto_picks_the_deepest_window_the_budget_fits():
     # Execute: a budget 12 int8 layers fit; the same in bf16; all the memory wanted; too little
     plan = memory.fit_budget(at12 + 0.1, SMOLLM2, "torch", "int8", "window", -1, 4, 64)
     bf16 = memory.fit_budget(at12 + 0.1, SMOLLM2, "torch", "bf16", "window", -1, 4, 64)
+    int4 = memory.fit_budget(at12 + 0.1, SMOLLM2, "torch", "int4", "window", -1, 4, 64)
     roomy = memory.fit_budget(5000, SMOLLM2, "torch", "int8", "window", -1, 4, 64)
     one = memory.estimate_mb(key, SMOLLM2, 2 * 64, 1)
     tight = memory.fit_budget(one + 0.1, SMOLLM2, "torch", "int8", "window", -1, 4, 64)
     # Assert: the deepest window at the configured step; bf16 fits fewer (its layers and
-    # embedding table weigh twice int8's)
+    # embedding table weigh twice int8's), int4 more (its layers weigh 62.5% of int8's)
     assert (plan.window, plan.batch_size, plan.seq_len) == (12, 4, 64) and plan.estimate_mb == at12
-    assert 1 <= bf16.window < 12
+    assert 1 <= bf16.window < 12 < int4.window
     assert roomy.window == SMOLLM2.num_layers
     assert (tight.window, tight.batch_size, tight.seq_len) == (1, 2, 64)
     with pytest.raises(ConfigError, match="torch-fp32/backprop/window is measured at one window"):

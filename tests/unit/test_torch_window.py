@@ -55,6 +55,33 @@ def test_streamed_prefix_window_loss_and_full_loss_match_transformers(
     assert lean.loss(ids[4:]) == pytest.approx(reference.loss(ids[4:]), rel=1e-5)
 
 
+def test_a_window_of_every_layer_caches_nothing_and_looks_its_states_up(tiny_base4, tmp_path):
+    """A window from layer 0 has no prefix: build_cache keeps no states (not in RAM, no file
+    even when asked for one); a step's rows are the embedding rows, and the loss and training
+    are those of the full model."""
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+    from fleetune.edge_sdk.tuners.window import cache_mb
+
+    spec = LoraSpec(r=2, window=4)
+    tensors = _adapter(spec, tiny_base4)
+    lean, reference = TorchWindowBackend(tiny_base4, spec), TorchBackend(tiny_base4, spec)
+    lean.set_adapter(tensors)
+    reference.set_adapter(tensors)
+    ids = np.random.default_rng(2).integers(0, 128, size=(6, 16))
+    cache = build_cache(lean, ids, path=tmp_path / "states.f32")
+    assert (cache.where, cache.nbytes, len(cache.hidden)) == ("lookup", 0, 6)
+    assert cache.metrics() == {"cache_mb": 0.0, "cache_on_disk": False}
+    assert not (tmp_path / "states.f32").exists() and cache_mb(lean, 6, 16) == 0.0
+    np.testing.assert_allclose(cache.hidden[[1, 4]], reference.prefix(ids[[1, 4]], 0), atol=1e-6)
+    assert cache.hidden[3].shape == (16, 32)
+    got = float(lean.window_loss_tensor(cache.hidden[:4], ids[:4]).detach())
+    assert got == pytest.approx(reference.loss(ids[:4]), rel=1e-5)
+    before = float(lean.window_loss_tensor(cache.hidden[:], ids).detach())
+    window_backprop(lean, cache, steps=10, lr=5e-2, batch_size=4, seed=0)
+    assert float(lean.window_loss_tensor(cache.hidden[:], ids).detach()) < before
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_gradients_match_peft_and_reach_only_the_window(engines, recompute):
     _, tensors, reference, lean = engines
@@ -157,6 +184,56 @@ def test_int8_weights_are_the_dequantized_layers_and_their_backward_is_exact(tin
     assert after < 0.95 * before
 
 
+def test_int4_groups_give_q4_1_values_back_and_the_engine_tunes_on_them(tiny_base4):
+    """precision = "int4": a weight made of GGUF Q4_1 blocks (float16 scale and minimum per
+    32 weights, codes 0..15) comes back exactly; Int4Linear's output and input gradient are
+    those of the dequantized weight; the engine holds its layers in int4 (the table in int8),
+    stays near fp32 on a random model and tunes."""
+    from fleetune.edge_sdk.backends.torch_window import (
+        GROUP,
+        Int4Linear,
+        Int4Weight,
+        TorchWindowBackend,
+        quantize_int4,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    rows, groups = 6, 3
+    codes = torch.randint(0, 16, (rows, groups, GROUP), generator=gen).float()
+    codes[..., 0], codes[..., 1] = 0.0, 15.0  # each block spans its range, as Q4_1 writes it
+    scale = (torch.rand(rows, groups, generator=gen) * 0.01 + 1e-3).half()
+    low = (-torch.rand(rows, groups, generator=gen) * 0.08).half()
+    weight = (codes * scale.float()[..., None] + low.float()[..., None]).view(rows, -1)
+    codes, scale_back, low_back = quantize_int4(weight)
+    assert torch.equal(scale_back, scale) and torch.equal(low_back, low)
+    packed = Int4Weight(codes[: rows // 2] | (codes[rows // 2 :] << 4), scale_back, low_back)
+    assert packed.shape == tuple(weight.shape) and packed.packed.numel() == weight.numel() // 2
+    assert torch.equal(packed.dequantize(torch.float32), weight)
+    x = torch.randn(5, weight.shape[1], dtype=torch.bfloat16, requires_grad=True)
+    y = Int4Linear.apply(x, packed)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(ref_x, weight.to(torch.bfloat16)).float()
+    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+    assert torch.equal(y, ref) and torch.equal(x.grad, ref_x.grad)
+
+    spec = LoraSpec(r=2, window=1)
+    fp32 = TorchWindowBackend(tiny_base4, spec)
+    int4 = TorchWindowBackend(tiny_base4, spec, precision="int4")
+    tensors = _adapter(spec, tiny_base4)
+    fp32.set_adapter(tensors)
+    int4.set_adapter(tensors)
+    assert all(isinstance(w, Int4Weight) for w in int4.layers[3].weights.values())
+    assert int4.head.dtype == torch.int8
+    ids = np.random.default_rng(1).integers(0, 128, size=(4, 16))
+    assert int4.loss(ids) == pytest.approx(fp32.loss(ids), rel=5e-2)
+    cache = build_cache(int4, np.tile(np.arange(16), 40)[:512].reshape(-1, 16))
+    before = float(int4.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    window_backprop(int4, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
+    after = float(int4.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    assert after < 0.95 * before
+
+
 def test_the_int8_heads_loss_and_gradient_are_cross_entropy_through_the_dequantized_head(
     monkeypatch,
 ):
@@ -188,8 +265,8 @@ def test_refusals_name_the_problem(tiny_base4, tmp_path):
 
     with pytest.raises(ConfigError, match="needs lora_window"):
         TorchWindowBackend(tiny_base4, LoraSpec(r=2))
-    with pytest.raises(ConfigError, match="'int4' is not one of"):
-        TorchWindowBackend(tiny_base4, LoraSpec(r=2, window=1), precision="int4")
+    with pytest.raises(ConfigError, match="'int2' is not one of"):
+        TorchWindowBackend(tiny_base4, LoraSpec(r=2, window=1), precision="int2")
     with pytest.raises(ConfigError, match="for layer windows only"):
         load_backend("torch", LoraSpec(r=2), base=tiny_base4, precision="bf16")
     assert isinstance(
@@ -199,7 +276,7 @@ def test_refusals_name_the_problem(tiny_base4, tmp_path):
 
     from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, TuningConfig
 
-    for precision in ("bf16", "int8"):
+    for precision in ("bf16", "int8", "int4"):
         with pytest.raises(ConfigError, match=rf'{precision}.*not tuner = "zo"'):
             FleetuneConfig(
                 device=DeviceConfig(precision=precision),
