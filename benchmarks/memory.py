@@ -35,6 +35,7 @@ ARMS = (
     "torch:fp32:backprop:4",
     "torch:bf16:backprop:4",
     "torch:int8:backprop:4",
+    "torch:int4:backprop:4",
     "torch:fp32:zo:0",
     "torch:fp32:zo:4",
     "onnx:fp32:zo:0",

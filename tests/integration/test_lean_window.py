@@ -37,7 +37,7 @@ def test_the_lean_engine_gives_the_full_models_loss(smollm2, adapter, batch):
     reference.set_adapter({**init_lora(LoraSpec(), smollm2), **tensors})
     expected = reference.loss(batch)
     reference.close()
-    # Execute: the streamed prefix into a cache, then the window from it, in both precisions
+    # Execute: the streamed prefix into a cache, then the window from it, in each precision
     losses = {}
     for precision in ("fp32", "bf16", "int8", "int4"):
         engine = load_backend("torch", spec, base=smollm2, precision=precision)

@@ -149,19 +149,40 @@ def test_bf16_is_close_and_tuning_lowers_the_loss(tiny_base4):
     )
 
 
+def _against_fp32(base, precision):
+    """The lean engine in fp32 and in ``precision``, a window of the top layer, one adapter."""
+    from fleetune.edge_sdk.backends.torch_window import TorchWindowBackend
+
+    spec = LoraSpec(r=2, window=1)
+    tensors = _adapter(spec, base)
+    engines = TorchWindowBackend(base, spec), TorchWindowBackend(base, spec, precision=precision)
+    for engine in engines:
+        engine.set_adapter(tensors)
+    return engines
+
+
+def _weighted_backward(y):
+    """Back-propagate a sum of ``y`` weighted by position (every output's gradient differs)."""
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+
+
+def _assert_tunes(engine):
+    """30 AdamW steps on a repeated sequence take its loss down by more than 5%."""
+    cache = build_cache(engine, np.tile(np.arange(16), 40)[:512].reshape(-1, 16))
+    before = float(engine.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    window_backprop(engine, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
+    after = float(engine.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
+    assert after < 0.95 * before
+
+
 def test_int8_weights_are_the_dequantized_layers_and_their_backward_is_exact(tiny_base4):
     """precision = "int8": each layer's frozen weights stored as int8 with a scale per output
     row; the loss and gradients are those of the same layers with the dequantized weights
     (bf16 matmuls in both), within bf16's rounding of the fp32 engine, and no weight is kept
     in a float copy."""
-    from fleetune.edge_sdk.backends.torch_window import Int8Linear, TorchWindowBackend
+    from fleetune.edge_sdk.backends.torch_window import Int8Linear
 
-    spec = LoraSpec(r=2, window=1)
-    fp32 = TorchWindowBackend(tiny_base4, spec)
-    int8 = TorchWindowBackend(tiny_base4, spec, precision="int8")
-    tensors = _adapter(spec, tiny_base4)
-    fp32.set_adapter(tensors)
-    int8.set_adapter(tensors)
+    fp32, int8 = _against_fp32(tiny_base4, "int8")
     ids = np.random.default_rng(1).integers(0, 128, size=(4, 16))
     layer = int8.layers[3]
     assert {w.dtype for w in layer.weights.values()} == {torch.int8}
@@ -170,18 +191,14 @@ def test_int8_weights_are_the_dequantized_layers_and_their_backward_is_exact(tin
     q, scale = layer.weights["q_proj"], layer.scales["q_proj"]
     x = torch.randn(5, q.shape[1], dtype=torch.bfloat16, requires_grad=True)
     y = Int8Linear.apply(x, q, scale)
-    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    _weighted_backward(y)
     ref_x = x.detach().clone().requires_grad_(True)
     ref = torch.nn.functional.linear(ref_x, q.to(torch.bfloat16)).float() * scale
-    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+    _weighted_backward(ref)
     assert torch.equal(y, ref) and torch.allclose(x.grad.float(), ref_x.grad.float(), rtol=1e-2)
     # the engine: close to fp32 (weights within half a step of 1/127 of their row's largest)
     assert int8.loss(ids) == pytest.approx(fp32.loss(ids), rel=2e-2)
-    cache = build_cache(int8, np.tile(np.arange(16), 40)[:512].reshape(-1, 16))
-    before = float(int8.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
-    window_backprop(int8, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
-    after = float(int8.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
-    assert after < 0.95 * before
+    _assert_tunes(int8)
 
 
 def test_int4_groups_give_q4_1_values_back_and_the_engine_tunes_on_them(tiny_base4):
@@ -189,13 +206,7 @@ def test_int4_groups_give_q4_1_values_back_and_the_engine_tunes_on_them(tiny_bas
     32 weights, codes 0..15) comes back exactly; Int4Linear's output and input gradient are
     those of the dequantized weight; the engine holds its layers in int4 (the table in int8),
     stays near fp32 on a random model and tunes."""
-    from fleetune.edge_sdk.backends.torch_window import (
-        GROUP,
-        Int4Linear,
-        Int4Weight,
-        TorchWindowBackend,
-        quantize_int4,
-    )
+    from fleetune.edge_sdk.backends.torch_window import GROUP, Int4Linear, Int4Weight, quantize_int4
 
     gen = torch.Generator().manual_seed(0)
     rows, groups = 6, 3
@@ -211,27 +222,18 @@ def test_int4_groups_give_q4_1_values_back_and_the_engine_tunes_on_them(tiny_bas
     assert torch.equal(packed.dequantize(torch.float32), weight)
     x = torch.randn(5, weight.shape[1], dtype=torch.bfloat16, requires_grad=True)
     y = Int4Linear.apply(x, packed)
-    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    _weighted_backward(y)
     ref_x = x.detach().clone().requires_grad_(True)
     ref = torch.nn.functional.linear(ref_x, weight.to(torch.bfloat16)).float()
-    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+    _weighted_backward(ref)
     assert torch.equal(y, ref) and torch.equal(x.grad, ref_x.grad)
 
-    spec = LoraSpec(r=2, window=1)
-    fp32 = TorchWindowBackend(tiny_base4, spec)
-    int4 = TorchWindowBackend(tiny_base4, spec, precision="int4")
-    tensors = _adapter(spec, tiny_base4)
-    fp32.set_adapter(tensors)
-    int4.set_adapter(tensors)
+    fp32, int4 = _against_fp32(tiny_base4, "int4")
     assert all(isinstance(w, Int4Weight) for w in int4.layers[3].weights.values())
     assert int4.head.dtype == torch.int8
     ids = np.random.default_rng(1).integers(0, 128, size=(4, 16))
     assert int4.loss(ids) == pytest.approx(fp32.loss(ids), rel=5e-2)
-    cache = build_cache(int4, np.tile(np.arange(16), 40)[:512].reshape(-1, 16))
-    before = float(int4.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
-    window_backprop(int4, cache, steps=30, lr=5e-2, batch_size=4, seed=0)
-    after = float(int4.window_loss_tensor(cache.hidden[:8], cache.ids[:8]).detach())
-    assert after < 0.95 * before
+    _assert_tunes(int4)
 
 
 def test_the_int8_heads_loss_and_gradient_are_cross_entropy_through_the_dequantized_head(
