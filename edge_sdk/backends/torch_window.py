@@ -117,20 +117,14 @@ class Checkpoint:
         return out
 
     def get_int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 2-D tensor ``name`` quantized as it is read (``quantize_int8``, a slab of rows
-        at a time: no float copy of the whole tensor exists, and the temporaries are small)."""
+        """The 2-D tensor ``name`` quantized as it is read (``quantize_int8``)."""
         rows, cols = self._meta(name)["shape"]
         q, scale = torch.empty((rows, cols), dtype=torch.int8), torch.empty(rows)
-        for i, raw in self._slabs(name, INT8_SLAB):
-            part, first = raw.view(-1, cols), i // cols
-            q[first : first + len(part)], scale[first : first + len(part)] = quantize_int8(
-                part.float()
-            )
+        self._quantize_rows(name, quantize_int8, q, scale)
         return q, scale
 
     def get_int4(self, name: str) -> Int4Weight:
-        """The 2-D tensor ``name`` in int4 groups (``quantize_int4``), quantized as it is read
-        like :meth:`get_int8`."""
+        """The 2-D tensor ``name`` in int4 groups (``quantize_int4``), quantized as it is read."""
         rows, cols = self._meta(name)["shape"]
         if cols % GROUP or rows % 2:
             raise BackendError(
@@ -139,11 +133,20 @@ class Checkpoint:
             )
         codes = torch.empty((rows, cols), dtype=torch.uint8)
         scale, low = torch.empty((2, rows, cols // GROUP), dtype=torch.float16)
+        self._quantize_rows(name, quantize_int4, codes, scale, low)
+        return Int4Weight(codes[: rows // 2] | (codes[rows // 2 :] << 4), scale, low)
+
+    def _quantize_rows(
+        self, name: str, quantize: Callable[..., tuple[torch.Tensor, ...]], *outs: torch.Tensor
+    ) -> None:
+        """Fill ``outs`` (one row each per row of ``name``) with ``quantize`` of the 2-D tensor
+        ``name``, a slab of rows at a time: no float copy of the whole tensor exists, and the
+        temporaries are small."""
+        cols = self._meta(name)["shape"][1]
         for i, raw in self._slabs(name, INT8_SLAB):
             part, first = raw.view(-1, cols), i // cols
-            done = slice(first, first + len(part))
-            codes[done], scale[done], low[done] = quantize_int4(part.float())
-        return Int4Weight(codes[: rows // 2] | (codes[rows // 2 :] << 4), scale, low)
+            for out, values in zip(outs, quantize(part.float()), strict=True):
+                out[first : first + len(part)] = values
 
     def _meta(self, name: str) -> dict:
         if name not in self._where:
