@@ -14,9 +14,9 @@ perplexity by less than 0.2, so the grid starts at 0.03.)
     python -m benchmarks.window_sweep --merge a.json b.json --json results/sweep.json
     python -m benchmarks.window_sweep --ort fp32 --seconds 180 --zo-lrs 0.03,0.1,0.3 --json o.json
 
-``--lean PRECISION``: AdamW in the window on the lean torch window engine (fp32, bf16, int8;
-recomputing its layers as under a memory budget with ``--recompute``) over
-``LEAN_LRS`` instead: it runs two to three times the steps of the transformers engine in the
+``--lean PRECISION``: AdamW in the window on the lean torch window engine (fp32, bf16, int8,
+int4; recomputing its layers as under a memory budget with ``--recompute``) over ``LEAN_LRS``
+instead: it runs two to three times the steps of the transformers engine in the
 same wall-clock, so its lr is swept on its own (``window.py --lr-lean``).
 
 ``--llamacpp QUANT``: MeZO in the llama.cpp window engine on a QUANT GGUF over ``--zo-lrs``
@@ -116,8 +116,10 @@ def main() -> None:
     if args.merge:  # runs of the same sweep on other clients, e.g. two processes
         docs = [json.loads(Path(path).read_text()) for path in args.merge]
         runs = [r for doc in docs for r in doc["runs"]]
-        for key in ("window", "lean", "llamacpp", "llamacpp_eps", "ort", "seconds", "seed"):
-            setattr(args, key, docs[0].get("lean_precision" if key == "lean" else key))
+        renamed = {"lean": "lean_precision", "recompute": "lean_recompute"}  # arg: doc key
+        kept = ("window", "lean", "recompute", "llamacpp", "llamacpp_eps", "ort", "seconds", "seed")
+        for key in kept:
+            setattr(args, key, docs[0].get(renamed.get(key, key)))
         names = sorted({r["arm"] for r in runs})
         zo_lrs = tuple(sorted({r["lr"] for r in runs if r["arm"].startswith("zo_")}))
         grids = {"window_lean": LEAN_LRS, "window_backprop": BACKPROP_LRS}
