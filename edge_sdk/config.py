@@ -251,7 +251,7 @@ class FleetuneConfig:
             )
         if (
             dev.backend == "torch"
-            and dev.precision in ("bf16", "int8", "int4")
+            and dev.precision not in ("", "fp32")  # the others: layer windows only
             and self.tuning.tuner != "window"
         ):
             raise ConfigError(
