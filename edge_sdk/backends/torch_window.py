@@ -460,19 +460,22 @@ class Recompute(torch.autograd.Function):
     because ``torch.utils.checkpoint`` imports ``torch._dynamo`` (about 70 MB resident)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], keep: torch.Tensor
+    ) -> Any:
+        """``keep``: where the input is kept (a buffer reused step after step)."""
         ctx.run = run
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(keep.copy_(x))
         return run(x)  # autograd is off inside forward: nothing of the layer is kept
 
     @staticmethod
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         (x,) = ctx.saved_tensors
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             y = ctx.run(x)
         torch.autograd.backward(y, upstream)  # the LoRA weights' gradients accumulate here
-        return x.grad, None
+        return x.grad, None, None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -539,6 +542,7 @@ class TorchWindowBackend(LoraWeights):
         self.prefix_version = 0  # changes with them (a cache of prefix states is then stale)
         self._states = StatesMemo()
         self._tokenizer: Any = None
+        self._inputs: list[torch.Tensor] = []
 
     def _table(self, name: str) -> torch.Tensor | Int8Table:
         """An embedding table or head: int8 with ``precision = "int8"`` or ``"int4"`` (SmolLM2's
@@ -622,10 +626,12 @@ class TorchWindowBackend(LoraWeights):
         recompute = self.recompute and torch.is_grad_enabled()
         if recompute:
             x.requires_grad_(True)  # so that the first layer's Recompute is differentiated
-        for i in self.window:
+            kept = self._kept(x)
+        for n, i in enumerate(self.window):
             layer = self.layers[i]
             if recompute:
-                x = Recompute.apply(x, lambda h, layer=layer: self.llama.layer(layer, h, rope))
+                run = lambda h, layer=layer: self.llama.layer(layer, h, rope)  # noqa: E731
+                x = Recompute.apply(x, run, kept[n])
             else:
                 x = self.llama.layer(layer, x, rope)
         x = self.llama.norm(x[:, :-1], self.final_norm).reshape(-1, x.shape[-1])
@@ -633,6 +639,18 @@ class TorchWindowBackend(LoraWeights):
         if isinstance(self.head, Int8Table):
             return Int8HeadLoss.apply(x, self.head, labels, self.dtype)
         return HeadLoss.apply(x, self.head, labels, HEAD_ROWS[self.recompute])
+
+    def _kept(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """A buffer per window layer for the input it keeps for its recompute, allocated once
+        for a batch shape: fresh ones, alive from the forward pass to the backward, would land
+        between the layers' temporaries and split the allocator's free space (peak RSS of a
+        window of 30 int4 layers: ~10 MB more, ``benchmarks/window.py``). A second forward
+        pass before the first one's backward overwrites them; that backward then fails with
+        torch's "modified by an inplace operation" error instead of using wrong inputs."""
+        if not self._inputs or self._inputs[0].shape != x.shape:
+            self._inputs = []  # the old ones freed first
+            self._inputs = [torch.empty_like(x) for _ in self.window]
+        return self._inputs
 
     @torch.no_grad()
     def window_loss_flat(

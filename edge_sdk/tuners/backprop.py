@@ -39,10 +39,18 @@ class AdamW:
         self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
         self.weight_decay, self.steps = weight_decay, 0
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.zero_grad()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Zero the gradients in place, allocated once next to the moments: gradients set to
+        ``None`` are allocated again in the middle of every backward pass, and those small
+        blocks, alive until the next step, split the allocator's free space (a window of 30
+        int4 layers: ~25 MB more peak RSS, ``benchmarks/window.py``)."""
         for p in self.params:
-            p.grad = None
+            if p.grad is None:
+                p.grad = p.detach().new_zeros(p.shape)
+            else:
+                p.grad.zero_()
 
     def step(self) -> None:
         import torch
@@ -87,7 +95,7 @@ def tune_backprop(
                 break
             rows = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
             loss = loss_of(rows) if loss_of is not None else backend.loss_tensor(train[rows])
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))

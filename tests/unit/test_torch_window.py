@@ -103,6 +103,20 @@ def test_gradients_match_peft_and_reach_only_the_window(engines, recompute):
     assert all(p.grad is None for p in frozen if all(p is not q for q in lean._params.values()))
 
 
+def test_a_second_forward_before_the_backward_fails_loudly(engines):
+    """Recomputed layers keep their inputs in buffers reused step after step: a graph whose
+    buffers a later forward pass overwrote refuses its backward instead of using them."""
+    _, tensors, reference, lean = engines
+    lean.recompute = True
+    lean.set_adapter(tensors)
+    ids = np.random.default_rng(4).integers(0, 128, size=(2, 4, 16))
+    hidden = [reference.prefix(rows, 2) for rows in ids]
+    stale = lean.window_loss_tensor(hidden[0], ids[0])
+    lean.window_loss_tensor(hidden[1], ids[1]).backward()  # the latest graph is fine
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
 def test_a_prefix_under_the_fleets_adapter_gives_the_full_models_loss(tiny_base4):
     """A window device in a full-depth fleet: its window's tensors as the adapter, the layers
     below under the fleet's (``set_prefix_adapter``) = the whole adapter at full depth."""
@@ -324,6 +338,9 @@ def test_adamw_is_torchs_update():
         mine.step()
         reference.step()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+    kept = ours.grad
+    mine.zero_grad()  # zeroed in place, not allocated again
+    assert ours.grad is kept and not kept.any()
 
 
 def test_the_lean_engine_imports_neither_transformers_nor_torch_optim(tiny_base4):
