@@ -50,6 +50,17 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half]}
 
 
+def save_plot(fig, ax, path: Path, legend: dict | None = None) -> None:
+    """Legend (``legend``: its options), grid, tight layout; write ``path`` and close."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(**(legend or {"fontsize": 7}))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def ratio_bars(summary: dict, methods, path: Path, title: str, ylabel: str, **legend) -> None:
     """Bars of each method's ``ppl_{method}`` over ``ppl_base`` per group of ``summary`` (its
     keys), with the 95% interval over seeds (``ppl_{method}_ci95``; none with one seed)."""

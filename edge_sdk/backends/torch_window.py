@@ -643,10 +643,11 @@ class TorchWindowBackend(LoraWeights):
     def _kept(self, x: torch.Tensor) -> list[torch.Tensor]:
         """A buffer per window layer for the input it keeps for its recompute, allocated once
         for a batch shape: fresh ones, alive from the forward pass to the backward, would land
-        between the layers' temporaries and split the allocator's free space (peak RSS of a
-        window of 30 int4 layers: ~10 MB more, ``benchmarks/window.py``). A second forward
-        pass before the first one's backward overwrites them; that backward then fails with
-        torch's "modified by an inplace operation" error instead of using wrong inputs."""
+        between the layers' temporaries and split the allocator's free space (alone ~12 MB
+        of peak RSS for a window of 30 int4 layers, ~40 MB with the optimizer's gradients
+        allocated once, ``tuners/backprop.AdamW``). A second forward pass before the first
+        one's backward overwrites them; that backward then fails with torch's "modified by an
+        inplace operation" error instead of using wrong inputs."""
         if not self._inputs or self._inputs[0].shape != x.shape:
             self._inputs = []  # the old ones freed first
             self._inputs = [torch.empty_like(x) for _ in self.window]

@@ -103,11 +103,11 @@ def test_gradients_match_peft_and_reach_only_the_window(engines, recompute):
     assert all(p.grad is None for p in frozen if all(p is not q for q in lean._params.values()))
 
 
-def test_a_second_forward_before_the_backward_fails_loudly(engines):
+def test_a_second_forward_before_the_backward_fails_loudly(engines, monkeypatch):
     """Recomputed layers keep their inputs in buffers reused step after step: a graph whose
     buffers a later forward pass overwrote refuses its backward instead of using them."""
     _, tensors, reference, lean = engines
-    lean.recompute = True
+    monkeypatch.setattr(lean, "recompute", True)
     lean.set_adapter(tensors)
     ids = np.random.default_rng(4).integers(0, 128, size=(2, 4, 16))
     hidden = [reference.prefix(rows, 2) for rows in ids]
