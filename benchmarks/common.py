@@ -37,6 +37,11 @@ def perplexity(loss, windows: np.ndarray, theta: np.ndarray, batch: int = 4) -> 
     return float(np.exp(sum(losses) / len(windows)))
 
 
+def log(text: str) -> None:
+    """Progress on stderr, flushed (stdout may carry a result)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 # Student's t, 97.5% quantile, by sample size (n - 1 degrees of freedom)
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}
 

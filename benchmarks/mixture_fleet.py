@@ -37,6 +37,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.common import log  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import init_lora  # noqa: E402
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.edge_sdk.protocol import BASIS_PART, Basis  # noqa: E402
@@ -57,10 +58,6 @@ SWEEP_CLIENTS = {
         "fortunes-it/computer",
     ),
 }
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def fleet_basis(tb, spec, base, prepared: dict, seed: int, steps: int, lr: float) -> Basis:

@@ -59,7 +59,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import interval, ratio_bars  # noqa: E402
+from benchmarks.common import interval, log, ratio_bars  # noqa: E402
 from benchmarks.mixture_fleet import MIX_METHODS, mixture_arms  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.canary import Canary  # noqa: E402
@@ -103,10 +103,6 @@ CLIENTS = {
         "fortunes-de/infodrom",
     ),
 }
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def mixed_corpus(path: str | None) -> str:
