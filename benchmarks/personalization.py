@@ -318,20 +318,21 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
     for kind in ("all", *kinds_of(rows)):
         picked = [r for r in rows if kind == "all" or r["kind"] == kind]
         summary: dict = {}
-        for m in methods_in(picked):
+        present = methods_in(picked)
+        for m in present:
             per_seed = [
                 float(np.exp(np.mean([math.log(r[f"ppl_{m}"]) for r in picked if r["seed"] == s])))
                 for s in seeds
             ]
             got = interval(per_seed)
             summary[f"ppl_{m}"], summary[f"ppl_{m}_ci95"] = got["mean"], got["ci95"]
-        if "local" in methods_in(picked):
+        if "local" in present:
             summary["win_vs_local"] = {
                 m: float(np.mean([r[f"ppl_{m}"] < r["ppl_local"] for r in picked]))
-                for m in methods_in(picked)
+                for m in present
                 if m not in ("base", "local")
             }
-        if "served" not in methods_in(picked):
+        if "served" not in present:
             out[kind] = summary
             continue
         served = [r["ppl_served"] for r in picked]
