@@ -41,7 +41,13 @@ from benchmarks.common import log  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import init_lora  # noqa: E402
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.edge_sdk.protocol import BASIS_PART, Basis  # noqa: E402
-from fleetune.edge_sdk.tuners.mix import MixConfig, Mixer, engine_loss, tune_mix  # noqa: E402
+from fleetune.edge_sdk.tuners.mix import (  # noqa: E402
+    MixConfig,
+    Mixer,
+    engine_loss,
+    tune_mix,
+    window_mean,
+)
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 from fleetune.server.basis import kmeans  # noqa: E402
 
@@ -86,7 +92,7 @@ def search(tb, mixer: Mixer, data: dict, config: MixConfig, seconds: float | Non
     fixed = train[rng.choice(len(train), min(4, len(train)), replace=False)]
 
     def validate(coef: np.ndarray) -> float:
-        return float(np.mean([mix_loss(val[i : i + 4], coef) for i in range(0, len(val), 4)]))
+        return window_mean(mix_loss, val, coef, 4)
 
     config = MixConfig(**{**config.__dict__, "patience": 10**6, "seconds": seconds})
     coef, metrics = tune_mix(

@@ -44,6 +44,7 @@ from fleetune.edge_sdk.tuners.mix import (  # noqa: E402
     Mixer,
     engine_loss,
     tune_mix,
+    window_mean,
 )
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
 from fleetune.server.basis import kmeans  # noqa: E402
@@ -91,7 +92,7 @@ def personalize(args, base, spec, basis, engine, tb, item) -> dict:
     fixed = train[rng.choice(len(train), 4, replace=False)]  # the objective, as on a device
 
     def validate(coef: np.ndarray) -> float:
-        return float(np.mean([mix_loss(val[i : i + 4], coef) for i in range(0, len(val), 4)]))
+        return window_mean(mix_loss, val, coef, 4)
 
     config = MixConfig(
         steps=0, lr=args.lr, eps=args.eps, groups=args.groups, patience=10**6, eval_every=10

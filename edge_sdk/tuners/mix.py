@@ -203,6 +203,18 @@ def engine_loss(backend: Backend, mixer: Mixer) -> Callable[[np.ndarray, np.ndar
     return by_vector
 
 
+def window_mean(
+    loss: Callable[[np.ndarray, np.ndarray], float], windows: np.ndarray, coef: np.ndarray, bs: int
+) -> float:
+    """``loss`` over ``windows`` in batches of ``bs``, weighted by each batch's windows: the
+    search's validation loss."""
+    parts = [
+        (loss(windows[i : i + bs], coef), len(windows[i : i + bs]))
+        for i in range(0, len(windows), bs)
+    ]
+    return sum(v * n for v, n in parts) / len(windows)
+
+
 class MixTuner(LocalTuner):
     """Searches mixing coefficients over the fleet's basis inside the engine, stopping early on
     validation windows split off the training text; optionally continues with plain B-only ZO
@@ -231,15 +243,9 @@ class MixTuner(LocalTuner):
         bs = t.batch_size
         fixed = train[rng.choice(len(train), size=min(bs, len(train)), replace=False)]
 
-        def validate(coef: np.ndarray) -> float:
-            parts = [
-                (loss(val[i : i + bs], coef), len(val[i : i + bs])) for i in range(0, len(val), bs)
-            ]
-            return sum(v * n for v, n in parts) / len(val)
-
         coef, metrics = tune_mix(
             lambda c, step: loss(fixed, c),
-            validate,
+            lambda c: window_mean(loss, val, c, bs),
             basis.start(t.mix_groups),
             t.mix(),
             rng,
