@@ -14,6 +14,7 @@ the order a device sees them. Four federations share round 1 (same init, same ba
   fedsa     shared A, personal B (FedSA-LoRA)         -> fedsa
   local     R x S steps alone, from the shared init    -> local
   mixture   B-only round 1 -> basis, then (R-1) x S    -> mix_avg, mix, mix_bp, mix_zo
+  ifca      persistent cluster adapters (--ifca R:S:ETA) -> ifca, ifca_served
 
 Per client, held-out perplexity (24 windows never trained on and never seen by the canary) of:
 
@@ -28,6 +29,9 @@ Per client, held-out perplexity (24 windows never trained on and never seen by t
   mix_avg, mix,  a mixture fleet (``benchmarks/mixture_fleet.py``): round 1 builds the basis,
   mix_bp, mix_zo  then the basis average, the coefficient search, and warm-started backprop
                 and MeZO from that average, the last two at the search's measured wall-clock
+  ifca,         persistent cluster adapters (``benchmarks/cluster_fleet.py``): the one the
+  ifca_served   device picks by validation loss, and what its canary serves (that or its own
+                last tuning from it)
   pooled        a bound, not a method: each kind's text pooled and tuned with all its devices'
                 compute (--federations pooled)
 
@@ -59,6 +63,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
+from benchmarks.cluster_fleet import IFCA_METHODS, ifca_arms  # noqa: E402
 from benchmarks.common import interval, log, ratio_bars  # noqa: E402
 from benchmarks.mixture_fleet import MIX_METHODS, mixture_arms  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
@@ -85,6 +90,7 @@ METHODS = (
     "fedsa",
     "served",
     *MIX_METHODS,
+    *IFCA_METHODS,
     "pooled",
 )
 # a priori, none of them in the demo (the 4 largest Shakespeare characters) or any sweep
@@ -150,14 +156,23 @@ def prepare(tb, items: list[tuple[str, ClientText]]) -> dict[str, dict]:
     return prepared
 
 
-FEDERATIONS = ("fedavg", "personal", "fedsa", "local", "mixture", "pooled")
+FEDERATIONS = ("fedavg", "personal", "fedsa", "local", "mixture", "ifca", "pooled")
 
 
 MIX_LR, MIX_EPS = 1.0, 0.3  # the mixture search's: picked by benchmarks/mixture_fleet.py
+IFCA = "6:5:2"  # the persistent clusters' schedule: picked by benchmarks/cluster_fleet.py
 
 
 def is_a(name: str) -> bool:
     return ".lora_A." in name
+
+
+def schedule(text: str, budget: int) -> tuple[int, int, float]:
+    """``--ifca R:S:ETA`` with R x S the other arms' steps (equal device compute)."""
+    rounds, steps, eta = text.split(":")
+    if int(rounds) * int(steps) != budget:
+        raise SystemExit(f"--ifca {text}: R x S must be {budget}, the other arms' steps")
+    return int(rounds), int(steps), float(eta)
 
 
 def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dict]:
@@ -271,6 +286,12 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
     if "mixture" in federations:
         mixed, spent = mixture_arms(tb, spec, base, prepared, seed, args)
         arms.update(mixed)
+    if "ifca" in federations:
+        rounds, steps, args.eta = schedule(args.ifca, args.rounds * args.steps)
+        got = ifca_arms(tb, init, prepared, seed, rounds, steps, args)
+        arms.update({m: got[m] for m in IFCA_METHODS})
+        for n in names:
+            spent.setdefault(n, {}).update(cluster=got["cluster_of"][n], ifca=got["served_of"][n])
     if "pooled" in federations:
         # a bound, not a method: each kind's training text pooled on one device, tuned with the
         # compute of all its devices (R x S steps each)
@@ -375,6 +396,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument(
+        "--ifca", default=IFCA, help="the persistent clusters' rounds:steps:server step"
+    )
     parser.add_argument("--mix-lr", type=float, default=MIX_LR, help="the mixture search's")
     parser.add_argument("--mix-eps", type=float, default=MIX_EPS)
     parser.add_argument(
@@ -437,6 +461,7 @@ def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> No
         "clusters": args.clusters,
         "mix_lr": args.mix_lr,
         "mix_eps": args.mix_eps,
+        "ifca": args.ifca,
         "rows": rows,
         "seconds": seconds,
         "machine": platform.processor() or platform.machine(),

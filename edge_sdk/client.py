@@ -71,6 +71,7 @@ class EdgeClient:
         self._tuner: LocalTuner | None = None
         self._keyring: Keyring | None = None
         self.tuned_adapter: Tensors | None = None  # the last round's tuned adapter
+        self.cluster_adapter: Tensors | None = None  # the last cluster adapter pushed to it
         self.refusals = 0  # pushes this device refused (bad signature, malformed, other base)
         self._cache_ram_mb = math.inf  # RAM a window's prefix cache may take (memory budget)
         if config.device.memory_budget_mb:

@@ -31,7 +31,7 @@ PRECISIONS = {
 TUNERS = ("backprop", "zo", "mix", "window")
 BACKPROP_PARAMS = ("all", "lora_b")
 ZO_PARAMS = ("lora_b", "all")
-STARTS = ("served", "global")
+STARTS = ("served", "global", "cluster")
 SHARES = ("all", "lora_a")
 
 
@@ -84,7 +84,8 @@ class TuningConfig:
     lora_window: int = 0  # adapt only the top K decoder layers (0: all; tuners/window.py;
     # -1 with tuner = "window": the deepest window [device] memory_budget_mb fits)
     seed: int = 0  # batch sampling seed (mixed with device id and round)
-    start: str = "served"  # each round tunes from: served (what the canary serves) | global
+    start: str = "served"  # each round tunes from: served (what the canary serves) | global |
+    # cluster (its latest cluster adapter from the server, IFCA; the global until one comes)
     share: str = "all"  # what a dense update sends: all | lora_a (shared A, B stays: FedSA-LoRA)
     zo_lr: float = 1e-2  # zeroth-order step size (B-only LoRA: best of a sweep, shared/research)
     zo_eps: float = 1e-3  # zeroth-order perturbation scale

@@ -5,7 +5,9 @@ Each round starts from the adapter the device serves (``[tuning] start = "served
 default): its own line of tuning, or the global or cluster adapter where its canary found that
 better. The upload is the change the round made, which the server adds to the global (FedAvg of
 changes); with every device on its own line the global is the mean of their adapters. With
-``start = "global"`` every round starts from the round's global adapter (plain FedAvg).
+``start = "global"`` every round starts from the round's global adapter (plain FedAvg); with
+``start = "cluster"`` from the latest cluster adapter the server pushed the device (IFCA,
+``server/clusters.py``; the global until one comes).
 With ``share = "lora_a"`` (FedSA-LoRA) the device uploads only the change of the A matrices and
 takes only A from what the server pushes: B never leaves the device.
 
@@ -181,6 +183,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             elif msg.topic == topics.personal(client.device):
                 personal = PersonalAdapter.decode(payload, client.fleet)
                 cluster = own_b(client, personal.tensors, canary.served.tensors)
+                client.cluster_adapter = cluster
                 canary.offer({"cluster": cluster}, personal.version)
         except PayloadError as err:
             client.refuse(msg, err)
@@ -248,8 +251,11 @@ def run_round(
     mine = use(client, current.tensors)
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
     canary.offer({"global": own_b(client, mine, canary.served.tensors)}, current.version)
-    served = client.config.tuning.start == "served"
-    start = canary.served.tensors if served else mine
+    starts = {"served": canary.served.tensors, "cluster": client.cluster_adapter, "global": mine}
+    began = client.config.tuning.start
+    if starts[began] is None:  # no cluster adapter yet
+        began = "global"
+    start = cast("Tensors", starts[began])
     if client.config.tuning.share == "lora_a":  # FedSA: the fleet's A, this device's B
         start = with_a(mine, start)
     job = Job(client.device, round_, pool=announcement.zo)
@@ -279,7 +285,7 @@ def run_round(
         report.ppl_local,
         tuned.metrics["steps"],
         client.tuner.name,
-        canary.served.name if served else "the global",
+        f"the served {canary.served.name}" if began == "served" else f"the {began}",
     )
     choice = canary.offer({"local": tuned.adapter}, current.version)
     private = privatize(client, tuned, round_)
@@ -301,6 +307,7 @@ def run_round(
             else {
                 "ppl_local": report.ppl_local,
                 "ppl_global": ppl_global,
+                "start": began,
                 **tuned.metrics,
                 **choice.metrics(),
             }

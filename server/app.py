@@ -50,7 +50,7 @@ from fleetune.edge_sdk.transport.chunks import ChunkedTransport
 from fleetune.edge_sdk.transport.topics import Topics
 from fleetune.server.blobs import BlobServer
 from fleetune.server.buffered import discount
-from fleetune.server.clusters import cluster_adapters, encode_personal
+from fleetune.server.clusters import Clusters, encode_personal
 from fleetune.server.config import ServerConfig, make_strategy
 from fleetune.server.dashboard import Dashboard
 from fleetune.server.metrics import Metrics, reported_perplexity
@@ -115,6 +115,13 @@ class FleetServer:
         self.blobs: BlobServer | None = None
         self._transport = self._chunked(transport) if transport is not None else None
         self.version, self.first_round, self.current = self.state.resume()
+        self.clusters = Clusters(
+            config.clusters,
+            config.cluster_step,
+            self.strategy,
+            self.layout,
+            self.state.load_clusters(),
+        )
         if self.version:
             log.info("resuming from adapter v%d at round %d", self.version, self.first_round)
         self.bytes_down = 0
@@ -610,16 +617,12 @@ class FleetServer:
         log.info("privacy: the fleet has spent epsilon %.2f (delta %g)", eps, delta)
 
     def push_clusters(self, round_: int, before: Tensors, updates: list[Update]) -> int:
-        """Each device of the round gets its cluster's adapter (server/clusters.py)."""
-        personal = cluster_adapters(
-            before,
-            updates,
-            self.config.clusters,
-            self.strategy,
-            lambda seeds: self.seeds.replay(seeds, round_),
-            self.layout,
-            seed=round_,
+        """Each device of the round gets its cluster's adapter (server/clusters.py), moved by
+        the round's updates; the clusters are saved for a restart."""
+        personal = self.clusters.advance(
+            before, updates, lambda seeds: self.seeds.replay(seeds, round_), seed=round_
         )
+        self.state.save_clusters(self.clusters.state())
         encoded = encode_personal(personal, self.fleet, self.config.downlink_encoding, self.version)
         for device, payload in encoded.items():
             self._publish_retained(self.topics.personal(device), payload)

@@ -1,12 +1,19 @@
-"""Clustered personalization: after each round, the server groups the round's updates by
-direction (k-means over unit-norm deltas, as IFCA groups clients by which model fits them) and
-pushes every device the aggregate of its own group, on its retained ``adapter/device/{id}``.
-The device's canary (``edge_sdk/canary.py``) serves it only where it beats the global adapter
-and the device's own tuning on its validation text.
+"""Clustered personalization (IFCA, Ghosh et al., NeurIPS 2020): the server keeps K cluster
+adapters for the life of the fleet and pushes every device its cluster's, on its retained
+``adapter/device/{id}``. The first round with updates groups them by direction (k-means over
+unit-norm deltas); from then on each round's devices join the cluster whose last change points
+most their way (a device keeps its cluster while it pulls the same way; IFCA assigns by
+validation loss, which would need every device to hold every cluster adapter), and each
+cluster adapter moves by ``step`` times its members' aggregate change (``[server]
+cluster_step``: members of a cluster pull the same way, so a step above 1 goes further). A
+device that starts its rounds from its cluster adapter (``[tuning] start = "cluster"``) tunes
+that adapter further, as IFCA does; its canary (``edge_sdk/canary.py``) serves the cluster
+adapter only where it beats the global and the device's own tuning on its validation text.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -50,6 +57,89 @@ def cluster_adapters(
         for member in members:
             out[member.device] = (int(cluster), merged.tensors)
     return out
+
+
+class Clusters:
+    """The fleet's persistent cluster adapters and who belongs to which."""
+
+    def __init__(
+        self,
+        k: int,
+        step: float,
+        strategy: Strategy,
+        layout: FlatLayout,
+        saved: Tensors | None = None,
+    ) -> None:
+        """``saved``: what :meth:`state` returned before a restart."""
+        self.k, self.step, self.strategy, self.layout = k, step, strategy, layout
+        self.models: dict[int, Tensors] = {}
+        self.heading: dict[int, np.ndarray] = {}  # unit direction of each cluster's last change
+        self.of: dict[str, int] = {}
+        for key, value in (saved or {}).items():
+            if key == "members":
+                self.of = json.loads(bytes(value).decode())
+            elif key.startswith("heading/"):
+                self.heading[int(key.split("/")[1])] = value
+            else:
+                c, name = key.split("/", 1)
+                self.models.setdefault(int(c), {})[name] = value
+
+    def state(self) -> Tensors:
+        """Everything a restarted server needs, as named arrays."""
+        out = {f"{c}/{n}": v for c, model in self.models.items() for n, v in model.items()}
+        out |= {f"heading/{c}": v for c, v in self.heading.items()}
+        out["members"] = np.frombuffer(json.dumps(self.of).encode(), np.uint8)
+        return out
+
+    def advance(
+        self,
+        before: Tensors,
+        updates: list[Update],
+        replay: Callable[[dict[int, float]], Tensors],
+        seed: int = 0,
+    ) -> dict[str, tuple[int, Tensors]]:
+        """Fold the round's updates into the cluster adapters (the first round forms them from
+        ``before``, the round's global); returns each updating device's (cluster, adapter)."""
+        if not self.models:
+            grouped = cluster_adapters(
+                before, updates, self.k, self.strategy, replay, self.layout, seed
+            )
+            for device, (c, merged) in grouped.items():
+                self.of[device] = c
+                if c not in self.models:
+                    self.models[c] = before
+                    self._move(c, merged)
+        else:
+            self._assign(updates, replay)
+            for c in sorted({self.of[u.device] for u in updates if u.device in self.of}):
+                members = [u for u in updates if self.of.get(u.device) == c]
+                try:
+                    self._move(c, self.strategy.aggregate(self.models[c], members, replay).tensors)
+                except AggregationError as err:
+                    log.info("cluster %d (%d devices): not moved (%s)", c, len(members), err)
+        return {
+            u.device: (self.of[u.device], self.models[self.of[u.device]])
+            for u in updates
+            if u.device in self.of
+        }
+
+    def _move(self, c: int, merged: Tensors) -> None:
+        """Cluster ``c`` from where it is by ``step`` x (``merged`` - where it is)."""
+        model = self.models[c]
+        change = {n: merged[n] - model[n] for n in model}
+        self.models[c] = {n: model[n] + self.step * change[n] for n in model}
+        flat = self.layout.flatten(change)
+        self.heading[c] = flat / max(float(np.linalg.norm(flat)), 1e-12)
+
+    def _assign(self, updates: list[Update], replay) -> None:
+        """Each device joins the cluster whose last change points most its way (a device new
+        to the fleet, or one the first round's k-means put with the wrong group)."""
+        for u in updates:
+            flat = self.layout.flatten(u.delta or replay(u.seeds or {}))
+            c = max(self.heading, key=lambda c: float(self.heading[c] @ flat))
+            if self.of.get(u.device) != c:
+                log.info("%s: cluster %s -> %d", u.device, self.of.get(u.device), c)
+            self.of[u.device] = c
 
 
 def encode_personal(

@@ -63,8 +63,9 @@ class ServerConfig:
     downlink_encoding: str = "f16"  # encoding of the pushed global adapter
     zo_pool_size: int = 4096  # seeds per round that zeroth-order devices draw from (FedKSeed)
     zo_params: str = "lora_b"  # what zeroth-order devices move: lora_b | all
-    clusters: int = 0  # push each device the aggregate of the k devices' groups whose updates
-    # point its way (k-means over update directions, server/clusters.py; 0 = off)
+    clusters: int = 0  # keep k cluster adapters and push each device its cluster's (groups
+    # formed by update direction, then kept: server/clusters.py; 0 = off)
+    cluster_step: float = 1.0  # a cluster adapter moves by this x its members' aggregate change
     basis_k: int = 0  # keep a basis of this many adapters for mixture devices (0 = none)
     basis_encoding: str = "q8"  # encoding of the pushed basis (K = 8: ~1.5 MB with q8)
     mix_quorum: int = 0  # after the rounds, serve this many mixture devices before stopping
@@ -134,6 +135,8 @@ class ServerConfig:
             raise ConfigError(f"[server] downlink_encoding must be one of {DOWNLINK}")
         if not 0 <= self.clusters <= 64:
             raise ConfigError(f"[server] clusters must be in 0..64, got {self.clusters}")
+        if not 0 < self.cluster_step <= 4:
+            raise ConfigError(f"[server] cluster_step must be in (0, 4], got {self.cluster_step}")
         if not 0 <= self.basis_k <= 64 or self.mix_quorum < 0:
             raise ConfigError("[server] basis_k must be in 0..64 and mix_quorum >= 0")
         if self.basis_k and self.zo_params != "lora_b":

@@ -20,6 +20,7 @@ from fleetune.server.registry import Registry
 
 Tensors = dict[str, np.ndarray]
 MEMBERS = "members.safetensors"  # each device's latest adapter (B part): what the basis clusters
+CLUSTERS = "clusters.safetensors"  # the cluster adapters and their members (server/clusters.py)
 
 
 class ServerState:
@@ -116,6 +117,13 @@ class ServerState:
 
     def save_members(self, members: dict[str, np.ndarray]) -> None:
         save_file(members, str(self.root / MEMBERS))
+
+    def load_clusters(self) -> dict[str, np.ndarray]:
+        path = self.root / CLUSTERS
+        return load_file(str(path)) if path.exists() else {}
+
+    def save_clusters(self, state: dict[str, np.ndarray]) -> None:
+        save_file(state, str(self.root / CLUSTERS))
 
     def save_basis(self, version: int, vectors: np.ndarray) -> Path:
         path = self.root / "bases" / f"v{version:04d}.npy"

@@ -112,8 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--start",
         default="served",
-        choices=("served", "global"),
-        help="each round tunes from what the device serves (its own line) or from the global",
+        choices=("served", "global", "cluster"),
+        help="each round tunes from what the device serves (its own line), the global, or its "
+        "cluster adapter (with --clusters: IFCA)",
     )
     demo.add_argument(
         "--share",

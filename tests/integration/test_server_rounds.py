@@ -2,6 +2,7 @@
 recovery, mixtures."""
 
 import json
+import logging
 import time
 
 import numpy as np
@@ -824,15 +825,20 @@ def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, c
     assert any("refused a push" in r.getMessage() for r in caplog.records)
 
 
-def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, tiny_base):
+@pytest.mark.parametrize("start", ["served", "cluster"])
+def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
+    tmp_path, tiny_base, start, caplog
+):
     """Two kinds of users (two token languages) on the tiny model: the server pushes cluster
-    adapters, each device's canary serves what fits its own text best."""
+    adapters, each device's canary serves what fits its own text best. With ``start =
+    "cluster"`` (IFCA) both devices of a kind tune round 2 from their cluster's adapter."""
     from fleetune.edge_sdk.client import EdgeClient
     from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
     from fleetune.edge_sdk.data import ClientData, ClientText
     from fleetune.edge_sdk.protocol import PersonalAdapter
 
     # Prepare: kind A cycles tokens 0..15, kind B a shuffled cycle of 64..95
+    caplog.set_level(logging.INFO, logger="fleetune.edge_sdk.rounds")
     broker, topics, fleet = MemoryBroker(), Topics("t"), Fleet(tiny_base, SPEC)
     server = _server(tmp_path, broker, rounds=2, quorum=4, clusters=2, round_timeout_s=120)
     kinds = {"a": np.arange(16), "b": np.random.default_rng(1).permutation(np.arange(64, 96))}
@@ -845,7 +851,7 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, 
             name = f"{kind}{i}"
             config = FleetuneConfig(
                 device=DeviceConfig(id=name, state_dir=str(tmp_path / name)),
-                tuning=TuningConfig(steps=8, lr=5e-2, lora_r=2, batch_size=4, seed=i),
+                tuning=TuningConfig(steps=8, lr=5e-2, lora_r=2, batch_size=4, seed=i, start=start),
                 sync=SyncConfig(fleet="t", round_wait_s=120, fleet_key=server.signer.public_hex),
             )
             tokens = np.tile(kinds[kind], 1024 // len(kinds[kind]))
@@ -854,6 +860,7 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, 
             )
             # engines load one at a time (transformers' model init is not thread-safe)
             clients[name] = EdgeClient(config, base=tiny_base, transport=broker.client(name)).open()
+    rounds = {name: _spy(client) for name, client in clients.items()}
 
     def device(name: str) -> None:
         reports[name] = clients[name].run(ClientText(name, ""), data=datasets[name])
@@ -876,6 +883,15 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(tmp_path, 
             _verified(server, broker.retained(topics.personal(name))), fleet
         )
         assert pushed.version == 2  # the last round's cluster adapter reached the device
+    assert server.clusters.of["a0"] == server.clusters.of["a1"] != server.clusters.of["b0"]
+    began = [r.getMessage() for r in caplog.records if "round 2: perplexity" in r.getMessage()]
+    assert len(began) == 4 and all(
+        m.endswith(f"from the {start}") == (start == "cluster") for m in began
+    )
+    if start == "cluster":  # a kind's devices began round 2 from the same adapter, not b's
+        second = {name: rounds[name][1][0] for name in clients}
+        assert all(np.array_equal(second["a0"][k], second["a1"][k]) for k in second["a0"])
+        assert not all(np.array_equal(second["a0"][k], second["b0"][k]) for k in second["a0"])
 
 
 def _spy(client) -> list[tuple[dict, dict]]:

@@ -6,7 +6,7 @@ import pytest
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
 from fleetune.edge_sdk.canary import Canary
-from fleetune.server.clusters import cluster_adapters
+from fleetune.server.clusters import Clusters, cluster_adapters
 from fleetune.server.strategy import STRATEGIES, Update
 from tests.conftest import tiny_manifest
 
@@ -66,3 +66,46 @@ def test_clusters_recover_planted_groups_and_average_within_them():
             layout.flatten(tensors), layout.flatten(before) + mean, atol=1e-5
         )
     assert cluster_adapters(before, updates[:1], 3, fedavg, lambda s: {}, layout) == {}
+
+
+def test_cluster_adapters_persist_move_by_the_step_and_take_in_newcomers():
+    # Prepare: 6 devices along 2 planted directions; a server step of 2
+    layout = FlatLayout(SPEC, tiny_manifest())
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(2, layout.size)).astype(np.float32)
+    before, fedavg = _adapter(0.0), STRATEGIES["fedavg"]()
+
+    def update(device, group, scale=1.0):
+        flat = directions[group] * scale + rng.normal(0, 0.1, layout.size).astype(np.float32)
+        return Update(device, 10, delta=layout.unflatten(flat))
+
+    clusters = Clusters(2, 2.0, fedavg, layout)
+    first = [update(f"d{i}", i % 2) for i in range(6)]
+    # Execute: round 1 forms the clusters from the global
+    personal = clusters.advance(before, first, lambda s: {}, seed=1)
+    # Assert: planted groups; each adapter is the global + 2 x its group's mean change
+    assert len({personal[f"d{i}"][0] for i in (0, 2, 4)}) == 1
+    assert personal["d0"][0] != personal["d1"][0]
+    for device, (_, tensors) in personal.items():
+        group = [
+            layout.flatten(u.delta) for u in first if personal[u.device][0] == personal[device][0]
+        ]
+        np.testing.assert_allclose(layout.flatten(tensors), 2 * np.mean(group, axis=0), atol=1e-5)
+    # Execute: round 2 (one group only, from its cluster adapter), and a newcomer of group 1
+    c0, model0 = personal["d0"]
+    c1 = personal["d1"][0]
+    later = [update("d0", 0, 0.5), update("d2", 0, 0.5), update("new", 1)]
+    moved = clusters.advance(before, later, lambda s: {}, seed=2)
+    # Assert: the cluster moved from where it was (not from the global) by 2 x the mean change;
+    # the newcomer joined the cluster its change points to, and that cluster moved with it
+    mean = np.mean([layout.flatten(u.delta) for u in later[:2]], axis=0)
+    np.testing.assert_allclose(
+        layout.flatten(moved["d0"][1]), layout.flatten(model0) + 2 * mean, atol=1e-5
+    )
+    assert moved["new"][0] == c1 and clusters.of["new"] == c1 and moved["d0"][0] == c0
+    # a restarted server resumes the same clusters
+    again = Clusters(2, 2.0, fedavg, layout, clusters.state())
+    assert again.of == clusters.of
+    for c, model in clusters.models.items():
+        np.testing.assert_array_equal(layout.flatten(again.models[c]), layout.flatten(model))
+        np.testing.assert_array_equal(again.heading[c], clusters.heading[c])

@@ -46,7 +46,7 @@ def test_toml_maps_onto_the_dataclasses(tmp_path):
         ('[device]\nid = "a/b"\n', "device id"),
         ('[sync]\nprotocol = "4"\n', "protocol"),
         ("[sync\n", "cannot read config"),
-        ('[tuning]\nstart = "cluster"\n', "start 'cluster' is not one of"),
+        ('[tuning]\nstart = "personal"\n', "start 'personal' is not one of"),
         ('[tuning]\nshare = "lora_a"\ntuner = "zo"\n', "FedSA-LoRA.* needs tuner"),
         ('[tuning]\nshare = "lora_a"\nstart = "global"\n', "FedSA-LoRA.* needs"),
     ],
