@@ -24,7 +24,6 @@ on the same clients:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,10 +34,9 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import log  # noqa: E402
+from benchmarks.common import geomean, log, sweep_parser  # noqa: E402
 from fleetune.edge_sdk.canary import Canary  # noqa: E402
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.server.clusters import cluster_adapters  # noqa: E402
@@ -124,21 +122,11 @@ def ifca_arms(tb, init, prepared: dict, seed: int, rounds: int, steps: int, args
     }
 
 
-def geomean(values) -> float:
-    return float(np.exp(np.mean(np.log(values))))
-
-
 def main() -> None:
     from benchmarks.mixture_fleet import SWEEP_CLIENTS
     from benchmarks.personalization import clients, mixed_corpus, prepare
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--mixed", help="mixed corpus JSONL (default: build it)")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser = sweep_parser(__doc__)
     parser.add_argument("--clusters", type=int, default=3)
     parser.add_argument("--configs", default="3:10:1,3:10:2,6:5:2", help="rounds:steps:eta,...")
     parser.add_argument("--local", action="store_true", help="also local-only (30 steps)")

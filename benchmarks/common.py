@@ -3,6 +3,7 @@ and a bar plot of perplexity ratios."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import subprocess
 import sys
@@ -44,6 +45,22 @@ def log(text: str) -> None:
 
 # Student's t, 97.5% quantile, by sample size (n - 1 degrees of freedom)
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}
+
+
+def geomean(values) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def sweep_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every personalization sweep takes (on the 12 clients not in the report)."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--mixed", help="mixed corpus JSONL (default: build it)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the devices' AdamW lr")
+    return parser
 
 
 def interval(values: list[float]) -> dict:

@@ -45,7 +45,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import interval  # noqa: E402
+from benchmarks.common import geomean, interval  # noqa: E402
 from benchmarks.personalization import log, mixed_corpus  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import (  # noqa: E402
@@ -75,10 +75,6 @@ REPORT = (
 )
 MQTT_LIMIT = 128 * 1024
 DELTA = 1e-5
-
-
-def geomean(values: list[float]) -> float:
-    return float(np.exp(np.mean(np.log(values))))
 
 
 class Fleetsim:

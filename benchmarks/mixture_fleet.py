@@ -24,7 +24,6 @@ a fleet of 12 clients that are not in the report (4 of each kind), 1 seed:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import log  # noqa: E402
+from benchmarks.common import geomean, log, sweep_parser  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import init_lora  # noqa: E402
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.edge_sdk.protocol import BASIS_PART, Basis  # noqa: E402
@@ -143,21 +142,11 @@ def mixture_arms(tb, spec, base, prepared: dict, seed: int, args) -> tuple[dict,
     return arms, spent
 
 
-def geomean(values) -> float:
-    return float(np.exp(np.mean(np.log(values))))
-
-
 def main() -> None:
     from benchmarks.personalization import clients, mixed_corpus, prepare
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--mixed", help="mixed corpus JSONL (default: build it)")
-    parser.add_argument("--seed", type=int, default=7)
+    parser = sweep_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10, help="round 1's AdamW steps")
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--search-steps", type=int, default=30, help="SPSA steps per search")
     parser.add_argument("--configs", default="0.1:0.1,0.3:0.1,1.0:0.1,0.3:0.03", help="lr:eps,...")
     parser.add_argument("--tune", type=int, default=6, help="clients searched (all teach)")

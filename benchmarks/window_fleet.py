@@ -46,7 +46,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import interval, perplexity, ratio_bars  # noqa: E402
+from benchmarks.common import geomean, interval, perplexity, ratio_bars  # noqa: E402
 from benchmarks.personalization import CLIENTS, mixed_corpus  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout  # noqa: E402
@@ -185,10 +185,6 @@ def run_kind(fleet: Fleet, kind: str, seed: int) -> list[dict]:
     return rows
 
 
-def gmean(values: list[float]) -> float:
-    return float(np.exp(np.mean(np.log(values))))
-
-
 def summarize(rows: list[dict]) -> dict:
     seeds = sorted({r["seed"] for r in rows})
     out: dict = {}
@@ -198,15 +194,15 @@ def summarize(rows: list[dict]) -> dict:
         summary: dict = {}
         for arm in ("base", *ARMS):
             got = interval(
-                [gmean([r[f"ppl_{arm}"] for r in window if r["seed"] == s]) for s in seeds]
+                [geomean([r[f"ppl_{arm}"] for r in window if r["seed"] == s]) for s in seeds]
             )
             summary[f"ppl_{arm}"], summary[f"ppl_{arm}_ci95"] = got["mean"], got["ci95"]
         for other in ("window_fleet", "local"):
             wins = [r["ppl_mixed_fleet"] < r[f"ppl_{other}"] for r in window]
             summary[f"win_mixed_vs_{other}"] = float(np.mean(wins))
         full = [r for r in picked if r["role"] == "full"]
-        summary["ppl_full_base"] = gmean([r["ppl_base"] for r in full])
-        summary["ppl_full_mixed"] = gmean([r["ppl_mixed_fleet"] for r in full])
+        summary["ppl_full_base"] = geomean([r["ppl_base"] for r in full])
+        summary["ppl_full_mixed"] = geomean([r["ppl_mixed_fleet"] for r in full])
         out[kind] = summary
     return out
 
