@@ -100,9 +100,15 @@ def ifca_arms(tb, init, prepared: dict, seed: int, rounds: int, steps: int, args
             n: min(models, key=lambda c, n=n: val_loss(tb, models[c], prepared[n]["val"]))
             for n in names
         }
-        after = {n: tune(models[labels[n]], n, round_) for n in names}
+        # IFCA tunes from the picked cluster adapter; "served" from what the canary serves (its
+        # own line or a cluster adapter, the product's default loop), its change added alike
+        start = {
+            n: canaries[n].served.tensors if args.follow == "served" else models[labels[n]]
+            for n in names
+        }
+        after = {n: tune(start[n], n, round_) for n in names}
         models = {
-            c: step(model, [update(n, model, after[n]) for n in names if labels[n] == c])
+            c: step(model, [update(n, start[n], after[n]) for n in names if labels[n] == c])
             if c in labels.values()
             else model
             for c, model in models.items()
@@ -130,6 +136,12 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=3)
     parser.add_argument("--configs", default="3:10:1,3:10:2,6:5:2", help="rounds:steps:eta,...")
     parser.add_argument("--local", action="store_true", help="also local-only (30 steps)")
+    parser.add_argument(
+        "--follow",
+        default="cluster",
+        choices=("cluster", "served"),
+        help="each round starts from the picked cluster adapter (IFCA) or what the canary serves",
+    )
     args = parser.parse_args()
     from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
     from fleetune.edge_sdk.backends.torch import TorchBackend
@@ -167,7 +179,7 @@ def main() -> None:
         args.eta = float(eta)
         arms = ifca_arms(tb, init, prepared, args.seed, int(rounds), int(steps), args)
         for m in IFCA_METHODS:
-            report(f"{m}@{config}", arms[m])
+            report(f"{m}@{config}" + ("/served" if args.follow == "served" else ""), arms[m])
     log(Path(args.json).read_text())
 
 

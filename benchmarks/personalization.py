@@ -288,6 +288,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         arms.update(mixed)
     if "ifca" in federations:
         rounds, steps, args.eta = schedule(args.ifca, args.rounds * args.steps)
+        args.follow = "cluster"
         got = ifca_arms(tb, init, prepared, seed, rounds, steps, args)
         arms.update({m: got[m] for m in IFCA_METHODS})
         for n in names:
