@@ -74,21 +74,18 @@ def ifca_arms(tb, init, prepared: dict, seed: int, rounds: int, steps: int, args
         mean = fedavg.aggregate(model, members, lambda s: {}).tensors
         return {k: model[k] + args.eta * (mean[k] - model[k]) for k in model}
 
+    def pick(name, models):
+        """IFCA: the cluster adapter with the lowest loss on the device's validation windows."""
+        return min(models, key=lambda c: val_loss(tb, models[c], prepared[name]["val"]))
+
     canaries = {n: Canary(lambda t, v=prepared[n]["val"]: val_loss(tb, t, v), init) for n in names}
     began = time.monotonic()
     after = {n: tune(init, n, 1) for n in names}
-    grouped = cluster_adapters(
-        init,
-        [update(n, init, after[n]) for n in names],
-        args.clusters,
-        fedavg,
-        lambda s: {},
-        tb.layout,
-        seed=1,
-    )
+    first = [update(n, init, after[n]) for n in names]
+    grouped = cluster_adapters(init, first, args.clusters, fedavg, lambda s: {}, tb.layout, seed=1)
     labels = {n: grouped[n][0] for n in names}
     models = {
-        c: step(init, [update(n, init, after[n]) for n in names if labels[n] == c])
+        c: step(init, [u for u in first if labels[u.device] == c])
         for c in sorted(set(labels.values()))
     }
     log(f"seed {seed} ifca round 1: groups {labels} ({time.monotonic() - began:.0f} s)")
@@ -96,10 +93,7 @@ def ifca_arms(tb, init, prepared: dict, seed: int, rounds: int, steps: int, args
         canaries[n].offer({"local": after[n], "cluster": models[labels[n]]}, 1)
     for round_ in range(2, rounds + 1):
         began = time.monotonic()
-        labels = {
-            n: min(models, key=lambda c, n=n: val_loss(tb, models[c], prepared[n]["val"]))
-            for n in names
-        }
+        labels = {n: pick(n, models) for n in names}
         # IFCA tunes from the picked cluster adapter; "served" from what the canary serves (its
         # own line or a cluster adapter, the product's default loop), its change added alike
         start = {
@@ -116,10 +110,7 @@ def ifca_arms(tb, init, prepared: dict, seed: int, rounds: int, steps: int, args
         for n in names:
             canaries[n].offer({"local": after[n], "cluster": models[labels[n]]}, round_)
         log(f"seed {seed} ifca round {round_}: groups {labels} ({time.monotonic() - began:.0f} s)")
-    picks = {
-        n: min(models, key=lambda c, n=n: val_loss(tb, models[c], prepared[n]["val"]))
-        for n in names
-    }
+    picks = {n: pick(n, models) for n in names}
     return {
         "ifca": {n: models[picks[n]] for n in names},
         "ifca_served": {n: canaries[n].served.tensors for n in names},
