@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks.common import geomean, log, sweep_parser  # noqa: E402
 from fleetune.edge_sdk.canary import Canary  # noqa: E402
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
-from fleetune.server.clusters import cluster_adapters  # noqa: E402
+from fleetune.server.clusters import Clusters  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
 
 IFCA_METHODS = ("ifca", "ifca_served")
@@ -69,52 +69,36 @@ def ifca_arms(tb, init, prepared: dict, seed: int, rounds: int, steps: int, args
         delta = {k: after[k] - start[k] for k in start}
         return Update(name, len(prepared[name]["train"]), delta=delta)
 
-    def step(model, members):
-        """The cluster adapter moved by eta x its members' FedAvg change."""
-        mean = fedavg.aggregate(model, members, lambda s: {}).tensors
-        return {k: model[k] + args.eta * (mean[k] - model[k]) for k in model}
-
     def pick(name, models):
         """IFCA: the cluster adapter with the lowest loss on the device's validation windows."""
         return min(models, key=lambda c: val_loss(tb, models[c], prepared[name]["val"]))
 
+    # the server's persistent clusters, moved by eta x their members' FedAvg change; round 1
+    # groups the changes by direction, later rounds take the devices' validation-loss picks
+    clusters = Clusters(args.clusters, args.eta, fedavg, tb.layout)
     canaries = {n: Canary(lambda t, v=prepared[n]["val"]: val_loss(tb, t, v), init) for n in names}
-    began = time.monotonic()
-    after = {n: tune(init, n, 1) for n in names}
-    first = [update(n, init, after[n]) for n in names]
-    grouped = cluster_adapters(init, first, args.clusters, fedavg, lambda s: {}, tb.layout, seed=1)
-    labels = {n: grouped[n][0] for n in names}
-    models = {
-        c: step(init, [u for u in first if labels[u.device] == c])
-        for c in sorted(set(labels.values()))
-    }
-    log(f"seed {seed} ifca round 1: groups {labels} ({time.monotonic() - began:.0f} s)")
-    for n in names:
-        canaries[n].offer({"local": after[n], "cluster": models[labels[n]]}, 1)
-    for round_ in range(2, rounds + 1):
+    start = dict.fromkeys(names, init)
+    labels: dict[str, int] | None = None
+    for round_ in range(1, rounds + 1):
         began = time.monotonic()
-        labels = {n: pick(n, models) for n in names}
+        after = {n: tune(start[n], n, round_) for n in names}
+        updates = [update(n, start[n], after[n]) for n in names]
+        grouped = clusters.advance(init, updates, lambda s: {}, seed=1, assign=labels)
+        labels = {n: c for n, (c, _) in grouped.items()}
+        for n in names:
+            canaries[n].offer({"local": after[n], "cluster": clusters.models[labels[n]]}, round_)
+        log(f"seed {seed} ifca round {round_}: groups {labels} ({time.monotonic() - began:.0f} s)")
+        labels = {n: pick(n, clusters.models) for n in names}
         # IFCA tunes from the picked cluster adapter; "served" from what the canary serves (its
         # own line or a cluster adapter, the product's default loop), its change added alike
         start = {
-            n: canaries[n].served.tensors if args.follow == "served" else models[labels[n]]
-            for n in names
+            n: canaries[n].served.tensors if args.follow == "served" else clusters.models[c]
+            for n, c in labels.items()
         }
-        after = {n: tune(start[n], n, round_) for n in names}
-        models = {
-            c: step(model, [update(n, start[n], after[n]) for n in names if labels[n] == c])
-            if c in labels.values()
-            else model
-            for c, model in models.items()
-        }
-        for n in names:
-            canaries[n].offer({"local": after[n], "cluster": models[labels[n]]}, round_)
-        log(f"seed {seed} ifca round {round_}: groups {labels} ({time.monotonic() - began:.0f} s)")
-    picks = {n: pick(n, models) for n in names}
     return {
-        "ifca": {n: models[picks[n]] for n in names},
+        "ifca": {n: clusters.models[c] for n, c in labels.items()},
         "ifca_served": {n: canaries[n].served.tensors for n in names},
-        "cluster_of": picks,
+        "cluster_of": labels,
         "served_of": {n: canaries[n].served.name for n in names},
     }
 

@@ -5,8 +5,9 @@ German/Spanish/Italian fortune files; ``benchmarks/make_mixed_corpus.sh`` builds
 One process, torch, 1 thread; every method gets the same device compute: R rounds x S AdamW
 steps of 4 x 64 tokens (LoRA r=8 on q,v, lr 1e-3: the demo's settings, not tuned here).
 The fleet is simulated in-process with the product's parts: ``tune_backprop`` on each device,
-the server's FedAvg (``server/strategy``) and cluster adapters (``server/clusters.py``, k = 3:
-the number of kinds, fixed in advance), and the device canary (``edge_sdk/canary.py``) fed in
+the server's FedAvg (``server/strategy``) and persistent cluster adapters (``server/clusters.py``
+``Clusters``, k = 3: the number of kinds, fixed in advance; moved by ``--cluster-step``, the
+server's ``cluster_step``), and the device canary (``edge_sdk/canary.py``) fed in
 the order a device sees them. Four federations share round 1 (same init, same batches):
 
   fedavg    every round starts from the global        -> global, fedavg_ft, cluster
@@ -14,7 +15,7 @@ the order a device sees them. Four federations share round 1 (same init, same ba
   fedsa     shared A, personal B (FedSA-LoRA)         -> fedsa
   local     R x S steps alone, from the shared init    -> local
   mixture   B-only round 1 -> basis, then (R-1) x S    -> mix_avg, mix, mix_bp, mix_zo
-  ifca      persistent cluster adapters (--ifca R:S:ETA) -> ifca, ifca_served
+  ifca      IFCA: clusters picked by validation loss (--ifca R:S:ETA) -> ifca, ifca_served
 
 Per client, held-out perplexity (24 windows never trained on and never seen by the canary) of:
 
@@ -77,7 +78,7 @@ from fleetune.edge_sdk.data import (  # noqa: E402
     split_validation,
 )
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
-from fleetune.server.clusters import cluster_adapters  # noqa: E402
+from fleetune.server.clusters import Clusters  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
 from fleetune.server.strategy.base import Tensors  # noqa: E402
 
@@ -206,14 +207,17 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             first[name] = tune(init, name, 1)
         return first[name]
 
-    def server(glob, deltas, round_):
-        """FedAvg of the round's changes, and each device's cluster adapter on top of it."""
+    def server(glob, deltas, clusters):
+        """FedAvg of the round's changes, and each device's cluster adapter (the server's
+        persistent ``clusters`` moved by them, as ``[server] clusters`` does)."""
         updates = [Update(n, len(prepared[n]["train"]), delta=d) for n, d in deltas.items()]
         new = fedavg.aggregate(glob, updates, lambda s: {}).tensors
-        clusters = cluster_adapters(
-            glob, updates, args.clusters, fedavg, lambda s: {}, layout, seed=round_
-        )
-        return new, {n: t for n, (_, t) in clusters.items()}
+        if clusters is None:
+            return new, {}
+        return new, {n: t for n, (_, t) in clusters.advance(glob, updates, lambda s: {}).items()}
+
+    def persistent():
+        return Clusters(args.clusters, args.cluster_step, fedavg, layout)
 
     arms: dict[str, dict[str, Tensors]] = {m: {} for m in METHODS}
     served_name: dict[str, str] = {}
@@ -221,12 +225,12 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         arms["base"][name] = init
     if "fedavg" in federations:
         # FedAvg: every round starts from the global; the cluster adapters (IFCA-style) ride on it
-        glob = init
+        glob, kept = init, persistent()
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             after = {n: tuned(glob, n, round_) for n in names}
             deltas = {n: {k: after[n][k] - glob[k] for k in glob} for n in names}
-            glob, clusters = server(glob, deltas, round_)
+            glob, clusters = server(glob, deltas, kept)
             log(f"seed {seed} fedavg round {round_}: {time.monotonic() - began:.0f} s")
         for n in names:
             arms["global"][n], arms["fedavg_ft"][n] = glob, after[n]
@@ -238,7 +242,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             n: Canary(lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init)
             for n in names
         }
-        glob = init
+        glob, kept = init, persistent()
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             deltas = {}
@@ -247,7 +251,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 after = tuned(start, n, round_)
                 deltas[n] = {k: after[k] - start[k] for k in start}
                 canaries[n].offer({"local": after}, round_ - 1)
-            glob, clusters = server(glob, deltas, round_)
+            glob, clusters = server(glob, deltas, kept)
             for n in names:
                 canaries[n].offer({"global": glob, "cluster": clusters.get(n, glob)}, round_)
             log(f"seed {seed} personal round {round_}: {time.monotonic() - began:.0f} s")
@@ -265,7 +269,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 deltas[n] = {
                     k: own[n][k] - start[k] if is_a(k) else np.zeros_like(start[k]) for k in start
                 }
-            glob, _ = server(glob, deltas, round_)
+            glob, _ = server(glob, deltas, None)
             log(f"seed {seed} fedsa round {round_}: {time.monotonic() - began:.0f} s")
         for n in names:
             arms["fedsa"][n] = {k: glob[k] if is_a(k) else own[n][k] for k in init}
@@ -357,16 +361,15 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
         if "served" not in present:
             out[kind] = summary
             continue
-        served = [r["ppl_served"] for r in picked]
-        summary["win_served_vs_global"] = float(
-            np.mean([s < r["ppl_global"] for s, r in zip(served, picked, strict=True)])
-        )
-        summary["win_served_vs_local"] = float(
-            np.mean([s < r["ppl_local"] for s, r in zip(served, picked, strict=True)])
-        )
-        summary["worst_served_over_local"] = float(
-            max(s / r["ppl_local"] for s, r in zip(served, picked, strict=True))
-        )
+        for other in ("global", "local"):
+            if other in present:
+                summary[f"win_served_vs_{other}"] = float(
+                    np.mean([r["ppl_served"] < r[f"ppl_{other}"] for r in picked])
+                )
+        if "local" in present:
+            summary["worst_served_over_local"] = max(
+                r["ppl_served"] / r["ppl_local"] for r in picked
+            )
         summary["served_counts"] = {
             n: sum(r["served"] == n for r in picked) for n in sorted({r["served"] for r in picked})
         }
@@ -397,6 +400,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument(
+        "--cluster-step", type=float, default=1.0, help="the server's [server] cluster_step"
+    )
     parser.add_argument(
         "--ifca", default=IFCA, help="the persistent clusters' rounds:steps:server step"
     )
@@ -460,6 +466,7 @@ def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> No
         "steps": args.steps,
         "lr": args.lr,
         "clusters": args.clusters,
+        "cluster_step": args.cluster_step,
         "mix_lr": args.mix_lr,
         "mix_eps": args.mix_eps,
         "ifca": args.ifca,

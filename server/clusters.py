@@ -97,9 +97,12 @@ class Clusters:
         updates: list[Update],
         replay: Callable[[dict[int, float]], Tensors],
         seed: int = 0,
+        assign: dict[str, int] | None = None,
     ) -> dict[str, tuple[int, Tensors]]:
         """Fold the round's updates into the cluster adapters (the first round forms them from
-        ``before``, the round's global); returns each updating device's (cluster, adapter)."""
+        ``before``, the round's global); returns each updating device's (cluster, adapter).
+        After the first round a device joins the cluster ``assign`` names (a caller that knows,
+        say by validation loss) or else the one its change points most toward."""
         if not self.models:
             grouped = cluster_adapters(
                 before, updates, self.k, self.strategy, replay, self.layout, seed
@@ -110,7 +113,10 @@ class Clusters:
                     self.models[c] = before
                     self._move(c, merged)
         else:
-            self._assign(updates, replay)
+            if assign is None:
+                self._assign(updates, replay)
+            else:
+                self.of.update({u.device: assign[u.device] for u in updates})
             for c in sorted({self.of[u.device] for u in updates if u.device in self.of}):
                 members = [u for u in updates if self.of.get(u.device) == c]
                 try:

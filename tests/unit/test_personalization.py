@@ -109,3 +109,6 @@ def test_cluster_adapters_persist_move_by_the_step_and_take_in_newcomers():
     for c, model in clusters.models.items():
         np.testing.assert_array_equal(layout.flatten(again.models[c]), layout.flatten(model))
         np.testing.assert_array_equal(again.heading[c], clusters.heading[c])
+    # a caller that knows better (IFCA's validation-loss pick) places a device against its change
+    placed = again.advance(before, [update("d0", 1)], lambda s: {}, assign={"d0": c0})
+    assert placed["d0"][0] == c0 and again.of["d0"] == c0
