@@ -16,6 +16,10 @@ the order a device sees them. Four federations share round 1 (same init, same ba
   local     R x S steps alone, from the shared init    -> local
   mixture   B-only round 1 -> basis, then (R-1) x S    -> mix_avg, mix, mix_bp, mix_zo
   ifca      IFCA: clusters picked by validation loss (--ifca R:S:ETA) -> ifca, ifca_served
+            (--ifca-follow served: each round starts from what the canary serves instead)
+
+``--bystanders`` adds the 12 sweep clients to every federation's fleet: they tune and upload
+like the others but are not scored (a fleet has more devices than its report).
 
 Per client, held-out perplexity (24 windows never trained on and never seen by the canary) of:
 
@@ -179,12 +183,14 @@ def schedule(text: str, budget: int) -> tuple[int, int, float]:
 def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dict]:
     """One seed: the chosen federations over the same clients and batch draws. Round 1 starts
     every device from the shared init with the same batches in every federation, so it is run
-    once and shared."""
+    once and shared. Bystanders (``prepared[n]["scored"]`` false) tune and upload in every
+    federation but are neither scored nor run alone (local, pooled)."""
     from fleetune.edge_sdk.tuners.backprop import tune_backprop
 
     layout, init = tb.layout, init_lora(spec, base)
     fedavg = STRATEGIES["fedavg"]()
     names = list(prepared)
+    scored = [n for n in names if prepared[n].get("scored", True)]
 
     def heldout_ppl(tensors, windows) -> float:
         tb.set_adapter(tensors)
@@ -274,7 +280,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         for n in names:
             arms["fedsa"][n] = {k: glob[k] if is_a(k) else own[n][k] for k in init}
     if "local" in federations:
-        for i, n in enumerate(names):
+        for i, n in enumerate(scored):
             tb.set_adapter(init)
             tune_backprop(
                 tb,
@@ -285,14 +291,13 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 seed * 1000 + 999 - i,
             )
             arms["local"][n] = tb.get_adapter()
-            log(f"seed {seed} local: {i + 1}/{len(names)} devices tuned")
+            log(f"seed {seed} local: {i + 1}/{len(scored)} devices tuned")
     spent: dict = {}
     if "mixture" in federations:
         mixed, spent = mixture_arms(tb, spec, base, prepared, seed, args)
         arms.update(mixed)
     if "ifca" in federations:
         rounds, steps, args.eta = schedule(args.ifca, args.rounds * args.steps)
-        args.follow = "cluster"
         got = ifca_arms(tb, init, prepared, seed, rounds, steps, args)
         arms.update({m: got[m] for m in IFCA_METHODS})
         for n in names:
@@ -300,8 +305,8 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
     if "pooled" in federations:
         # a bound, not a method: each kind's training text pooled on one device, tuned with the
         # compute of all its devices (R x S steps each)
-        for kind in dict.fromkeys(d["kind"] for d in prepared.values()):
-            some = [n for n, d in prepared.items() if d["kind"] == kind]
+        for kind in dict.fromkeys(prepared[n]["kind"] for n in scored):
+            some = [n for n in scored if prepared[n]["kind"] == kind]
             tb.set_adapter(init)
             pool = np.concatenate([prepared[n]["train"] for n in some])
             steps = args.rounds * args.steps * len(some)
@@ -309,7 +314,8 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             arms["pooled"].update({n: tb.get_adapter() for n in some})
             log(f"seed {seed} pooled {kind}: {steps} steps")
     rows = []
-    for name, d in prepared.items():
+    for name in scored:
+        d = prepared[name]
         row = {"seed": seed, "client": name, "kind": d["kind"], **spent.get(name, {})}
         if name in served_name:
             row["served"] = served_name[name]
@@ -352,6 +358,15 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
             ]
             got = interval(per_seed)
             summary[f"ppl_{m}"], summary[f"ppl_{m}_ci95"] = got["mean"], got["ci95"]
+        if "local" in present and len(seeds) > 1:
+            # the noise floor of any per-client ratio to local-only: local-only against itself
+            # with another seed's batch draws (the same method, the same compute)
+            summary["worst_local_over_local"] = max(
+                a["ppl_local"] / b["ppl_local"]
+                for a in picked
+                for b in picked
+                if a["client"] == b["client"] and a["seed"] != b["seed"]
+            )
         if "local" in present:
             summary["win_vs_local"] = {
                 m: float(np.mean([r[f"ppl_{m}"] < r["ppl_local"] for r in picked]))
@@ -406,6 +421,18 @@ def main() -> None:
     parser.add_argument(
         "--ifca", default=IFCA, help="the persistent clusters' rounds:steps:server step"
     )
+    parser.add_argument(
+        "--ifca-follow",
+        dest="follow",
+        default="cluster",
+        choices=("cluster", "served"),
+        help="ifca devices start each round from the picked cluster adapter or what they serve",
+    )
+    parser.add_argument(
+        "--bystanders",
+        action="store_true",
+        help="the 12 sweep clients join every federation's fleet (tune, upload), not scored",
+    )
     parser.add_argument("--mix-lr", type=float, default=MIX_LR, help="the mixture search's")
     parser.add_argument("--mix-eps", type=float, default=MIX_EPS)
     parser.add_argument(
@@ -444,6 +471,11 @@ def main() -> None:
     tb = TorchBackend(base, spec)
     extra = [k.split("=", 1) for k in args.kind]
     prepared = prepare(tb, clients(mixed_corpus(args.mixed), args.per_kind, extra))
+    if args.bystanders:
+        from benchmarks.mixture_fleet import SWEEP_CLIENTS
+
+        more = prepare(tb, clients(mixed_corpus(args.mixed), names=SWEEP_CLIENTS))
+        prepared |= {n: d | {"scored": False} for n, d in more.items()}
     seeds = [int(s) for s in args.seeds.split(",")]
     federations = args.federations.split(",")
     if bad := [k for k in args.kind if "=" not in k]:
@@ -470,6 +502,8 @@ def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> No
         "mix_lr": args.mix_lr,
         "mix_eps": args.mix_eps,
         "ifca": args.ifca,
+        "ifca_follow": args.follow,
+        "bystanders": args.bystanders,
         "rows": rows,
         "seconds": seconds,
         "machine": platform.processor() or platform.machine(),
