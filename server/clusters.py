@@ -27,6 +27,7 @@ from fleetune.server.strategy import Strategy, Update
 from fleetune.server.strategy.base import Tensors
 
 log = logging.getLogger(__name__)
+KMEANS_RESTARTS = 10  # a few dozen devices: ten k-means++ starts cost nothing next to a round
 
 
 def cluster_adapters(
@@ -43,9 +44,10 @@ def cluster_adapters(
     devices keep the global adapter."""
     if k < 2 or len(updates) < 2:
         return {}
+    updates = sorted(updates, key=lambda u: u.device)  # the groups do not hang on arrival order
     flats = np.stack([layout.flatten(u.delta or replay(u.seeds or {})) for u in updates])
     norms = np.linalg.norm(flats, axis=1, keepdims=True)
-    _, labels = kmeans(flats / np.maximum(norms, 1e-12), k, seed=seed)
+    _, labels = kmeans(flats / np.maximum(norms, 1e-12), k, seed=seed, restarts=KMEANS_RESTARTS)
     out: dict[str, tuple[int, Tensors]] = {}
     for cluster in sorted(set(labels.tolist())):
         members = [u for u, label in zip(updates, labels, strict=True) if label == cluster]

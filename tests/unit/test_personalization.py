@@ -68,6 +68,23 @@ def test_clusters_recover_planted_groups_and_average_within_them():
     assert cluster_adapters(before, updates[:1], 3, fedavg, lambda s: {}, layout) == {}
 
 
+def test_clusters_do_not_hang_on_arrival_order_or_one_kmeans_start():
+    """Two devices of one kind with the same change, two of another pulling apart (orthogonal):
+    one k-means++ start often groups a lone b with the a's, a local optimum (CI saw it once)."""
+    layout = FlatLayout(SPEC, tiny_manifest())
+    basis = np.eye(3, layout.size, dtype=np.float32)
+    flats = {"a0": basis[0], "a1": basis[0], "b0": basis[1], "b1": basis[2]}
+    updates = [Update(d, 10, delta=layout.unflatten(f)) for d, f in flats.items()]
+    fedavg = STRATEGIES["fedavg"]()
+    for seed in range(4):
+        for order in ([0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]):
+            got = cluster_adapters(
+                _adapter(0.0), [updates[i] for i in order], 2, fedavg, lambda s: {}, layout, seed
+            )
+            groups = {d: c for d, (c, _) in got.items()}
+            assert groups["a0"] == groups["a1"] != groups["b0"] == groups["b1"], (seed, order)
+
+
 def test_cluster_adapters_persist_move_by_the_step_and_take_in_newcomers():
     # Prepare: 6 devices along 2 planted directions; a server step of 2
     layout = FlatLayout(SPEC, tiny_manifest())
