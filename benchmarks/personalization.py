@@ -455,7 +455,8 @@ def main() -> None:
     parser.add_argument(
         "--from-rows",
         nargs="+",
-        help="summarize the rows of earlier runs (one seed per process on a 2-core machine)",
+        help="summarize the rows of earlier runs (one seed per process on a 2-core machine); "
+        "give their settings (--rounds, --clusters, ...) too: the JSON records them as given",
     )
     args = parser.parse_args()
     if args.from_rows:
