@@ -11,7 +11,9 @@ server's ``cluster_step``), and the device canary (``edge_sdk/canary.py``) fed i
 the order a device sees them. Four federations share round 1 (same init, same batches):
 
   fedavg    every round starts from the global        -> global, fedavg_ft, cluster
-  personal  every device starts from what it serves   -> served (the product's round loop)
+  personal  every device starts from what it serves   -> served (the product's round loop;
+            --cluster-assign loss: devices join the cluster whose adapter scores best on
+            their validation windows, the server's [server] cluster_assign = "loss")
   fedsa     shared A, personal B (FedSA-LoRA)         -> fedsa
   local     R x S steps alone, from the shared init    -> local
   mixture   B-only round 1 -> basis, then (R-1) x S    -> mix_avg, mix, mix_bp, mix_zo
@@ -60,6 +62,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -83,6 +86,7 @@ from fleetune.edge_sdk.data import (  # noqa: E402
 )
 from fleetune.edge_sdk.evaluation import perplexity  # noqa: E402
 from fleetune.server.clusters import Clusters  # noqa: E402
+from fleetune.server.config import CLUSTER_ASSIGN  # noqa: E402
 from fleetune.server.strategy import STRATEGIES, Update  # noqa: E402
 from fleetune.server.strategy.base import Tensors  # noqa: E402
 
@@ -213,20 +217,27 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             first[name] = tune(init, name, 1)
         return first[name]
 
-    def server(glob, deltas, clusters):
+    def server(glob, deltas, clusters, metrics=None):
         """FedAvg of the round's changes, and each device's cluster adapter (the server's
-        persistent ``clusters`` moved by them, as ``[server] clusters`` does)."""
-        updates = [Update(n, len(prepared[n]["train"]), delta=d) for n, d in deltas.items()]
+        persistent ``clusters`` moved by them, as ``[server] clusters`` does; ``metrics``: what
+        each update reports, the canary's ``cluster_losses`` among them)."""
+        updates = [
+            Update(n, len(prepared[n]["train"]), delta=d, metrics=(metrics or {}).get(n, {}))
+            for n, d in deltas.items()
+        ]
         new = fedavg.aggregate(glob, updates, lambda s: {}).tensors
         if clusters is None:
             return new, {}
-        return new, {n: t for n, (_, t) in clusters.advance(glob, updates, lambda s: {}).items()}
+        picks = clusters.picks_by_loss(updates) if args.cluster_assign == "loss" else None
+        grouped = clusters.advance(glob, updates, lambda s: {}, assign=picks)
+        return new, {n: t for n, (_, t) in grouped.items()}
 
     def persistent():
         return Clusters(args.clusters, args.cluster_step, fedavg, layout)
 
     arms: dict[str, dict[str, Tensors]] = {m: {} for m in METHODS}
     served_name: dict[str, str] = {}
+    spent: dict = {}  # per client: what else a row reports (clusters, mixture costs)
     for name in names:
         arms["base"][name] = init
     if "fedavg" in federations:
@@ -249,6 +260,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             for n in names
         }
         glob, kept = init, persistent()
+        reported: dict[str, dict] = {}  # each device's cluster_losses, sent with its next update
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             deltas = {}
@@ -257,12 +269,26 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 after = tuned(start, n, round_)
                 deltas[n] = {k: after[k] - start[k] for k in start}
                 canaries[n].offer({"local": after}, round_ - 1)
-            glob, clusters = server(glob, deltas, kept)
+            glob, clusters = server(glob, deltas, kept, reported)
             for n in names:
-                canaries[n].offer({"global": glob, "cluster": clusters.get(n, glob)}, round_)
-            log(f"seed {seed} personal round {round_}: {time.monotonic() - began:.0f} s")
+                offered = {"global": glob, "cluster": clusters.get(n, glob)}
+                if args.cluster_assign == "loss":  # every cluster adapter (adapter/cluster/{c})
+                    offered = {"global": glob} | {f"cluster:{c}": m for c, m in kept.models.items()}
+                losses = canaries[n].offer(offered, round_).losses
+                if args.cluster_assign == "loss":
+                    scores = {str(c): losses[f"cluster:{c}"] for c in kept.models}
+                    reported[n] = {"cluster_losses": scores}
+            groups = {
+                c: dict(Counter(prepared[n]["kind"] for n in names if kept.of.get(n) == c))
+                for c in sorted(kept.models)
+            }
+            log(
+                f"seed {seed} personal round {round_}: clusters {groups} "
+                f"({time.monotonic() - began:.0f} s)"
+            )
         for n in names:
             arms["served"][n], served_name[n] = canaries[n].served.tensors, canaries[n].served.name
+            spent.setdefault(n, {})["personal_cluster"] = kept.of.get(n)
     if "fedsa" in federations:
         # FedSA-LoRA (Guo et al., ICLR 2025): A is aggregated, B stays on the device
         glob, own = init, {n: init for n in names}
@@ -292,10 +318,11 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             )
             arms["local"][n] = tb.get_adapter()
             log(f"seed {seed} local: {i + 1}/{len(scored)} devices tuned")
-    spent: dict = {}
     if "mixture" in federations:
-        mixed, spent = mixture_arms(tb, spec, base, prepared, seed, args)
+        mixed, costs = mixture_arms(tb, spec, base, prepared, seed, args)
         arms.update(mixed)
+        for n, cost in costs.items():
+            spent.setdefault(n, {}).update(cost)
     if "ifca" in federations:
         rounds, steps, args.eta = schedule(args.ifca, args.rounds * args.steps)
         got = ifca_arms(tb, init, prepared, seed, rounds, steps, args)
@@ -419,6 +446,12 @@ def main() -> None:
         "--cluster-step", type=float, default=1.0, help="the server's [server] cluster_step"
     )
     parser.add_argument(
+        "--cluster-assign",
+        default="direction",
+        choices=CLUSTER_ASSIGN,
+        help="the personal federation's [server] cluster_assign",
+    )
+    parser.add_argument(
         "--ifca", default=IFCA, help="the persistent clusters' rounds:steps:server step"
     )
     parser.add_argument(
@@ -456,14 +489,12 @@ def main() -> None:
         "--from-rows",
         nargs="+",
         help="summarize the rows of earlier runs (one seed per process on a 2-core machine); "
-        "give their settings (--rounds, --clusters, ...) too: the JSON records them as given",
+        "the JSON records each file's settings, and a setting at the top only where they agree",
     )
     args = parser.parse_args()
     if args.from_rows:
-        rows = merge(
-            [json.loads(line) for f in args.from_rows for line in Path(f).read_text().splitlines()]
-        )
-        write(args, rows, sorted({r["seed"] for r in rows}), seconds=None)
+        rows, settings, runs = load_runs(args.from_rows, run_settings(args))
+        write(args, merge(rows), sorted({r["seed"] for r in rows}), None, settings, runs)
         return
     from fleetune.edge_sdk.backends.torch import TorchBackend
     from fleetune.models.base import prepare_base
@@ -486,25 +517,77 @@ def main() -> None:
     began, rows = time.monotonic(), []
     for seed in seeds:
         rows += run_seed(seed, args, tb, spec, base, prepared, federations)
-        if args.rows:
-            Path(args.rows).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write(args, rows, seeds, time.monotonic() - began)
+        if args.rows:  # each row carries its run's settings, for --from-rows
+            settings = run_settings(args)
+            Path(args.rows).write_text(
+                "".join(json.dumps(r | {"settings": settings}) + "\n" for r in rows)
+            )
+    write(args, rows, seeds, time.monotonic() - began, run_settings(args))
 
 
-def write(args, rows: list[dict], seeds: list[int], seconds: float | None) -> None:
+SETTINGS = {  # JSON key -> argument: what a run's numbers depend on besides seeds and clients
+    "rounds": "rounds",
+    "steps": "steps",
+    "lr": "lr",
+    "clusters": "clusters",
+    "cluster_step": "cluster_step",
+    "cluster_assign": "cluster_assign",
+    "mix_lr": "mix_lr",
+    "mix_eps": "mix_eps",
+    "ifca": "ifca",
+    "ifca_follow": "follow",
+    "bystanders": "bystanders",
+}
+
+
+def run_settings(args) -> dict:
+    return {key: getattr(args, name) for key, name in SETTINGS.items()}
+
+
+def load_runs(paths: list[str], given: dict) -> tuple[list[dict], dict, list[dict]]:
+    """The rows of earlier runs; the settings they share (``None`` where runs differ); and
+    each file's methods and settings. Rows written before they carried settings take the
+    command line's (``settings_from``). A file whose rows disagree is refused."""
+    rows, runs = [], []
+    for path in paths:
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        found = {json.dumps(r.pop("settings", None), sort_keys=True) for r in lines}
+        if len(found) > 1:
+            raise SystemExit(f"{path}: rows of runs with different settings; give them apart")
+        settings = json.loads(found.pop()) if found else None
+        run = {
+            "rows": path,
+            "methods": methods_in(lines),
+            "seeds": sorted({r["seed"] for r in lines}),
+        }
+        run |= {
+            "settings": settings or given,
+            "settings_from": "rows" if settings else "command line",
+        }
+        runs.append(run)
+        rows += lines
+    shared = {
+        key: runs[0]["settings"].get(key)
+        if all(r["settings"].get(key) == runs[0]["settings"].get(key) for r in runs)
+        else None
+        for key in SETTINGS
+    }
+    return rows, shared, runs
+
+
+def write(
+    args,
+    rows: list[dict],
+    seeds: list[int],
+    seconds: float | None,
+    settings: dict,
+    runs: list[dict] | None = None,
+) -> None:
     doc = {
         "clients": kinds_of(rows),
         "seeds": seeds,
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "lr": args.lr,
-        "clusters": args.clusters,
-        "cluster_step": args.cluster_step,
-        "mix_lr": args.mix_lr,
-        "mix_eps": args.mix_eps,
-        "ifca": args.ifca,
-        "ifca_follow": args.follow,
-        "bystanders": args.bystanders,
+        **settings,
+        **({"runs": runs} if runs else {}),
         "rows": rows,
         "seconds": seconds,
         "machine": platform.processor() or platform.machine(),

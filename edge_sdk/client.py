@@ -24,7 +24,7 @@ from fleetune.edge_sdk.data import ClientData, ClientText, prepare_client
 from fleetune.edge_sdk.errors import ConfigError, FleetuneError, PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport, perplexity
 from fleetune.edge_sdk.manifest import BaseManifest
-from fleetune.edge_sdk.protocol import DeviceStatus, Fleet
+from fleetune.edge_sdk.protocol import DeviceStatus, Fleet, PersonalAdapter
 from fleetune.edge_sdk.secagg import MaskingKey
 from fleetune.edge_sdk.signing import Keyring, parse_key, unwrap
 from fleetune.edge_sdk.store import DeviceStore
@@ -72,6 +72,7 @@ class EdgeClient:
         self._keyring: Keyring | None = None
         self.tuned_adapter: Tensors | None = None  # the last round's tuned adapter
         self.cluster_adapter: Tensors | None = None  # the last cluster adapter pushed to it
+        self.cluster_adapters: dict[int, PersonalAdapter] = {}  # adapter/cluster/{c}, latest
         self.refusals = 0  # pushes this device refused (bad signature, malformed, other base)
         self._cache_ram_mb = math.inf  # RAM a window's prefix cache may take (memory budget)
         if config.device.memory_budget_mb:

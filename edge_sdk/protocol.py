@@ -11,7 +11,8 @@ message                    topic (``transport/topics.py``)  bytes
 :class:`Basis`             ``adapter/basis``                envelope, kind "basis"
 :class:`Prior`             ``adapter/basis/prior``          JSON
 :class:`MixtureUpload`     ``mixture/{device}``             envelope, kind "mixture"
-:class:`PersonalAdapter`   ``adapter/device/{device}``      envelope, kind "adapter"
+:class:`PersonalAdapter`   ``adapter/device/{device}``,     envelope, kind "adapter"
+                           ``adapter/cluster/{c}``
 :class:`DeviceStatus`      ``status/{device}``              JSON
 :class:`Unmask`            ``secagg/unmask``                JSON (a round's dropped devices)
 :class:`Reveal`            ``secagg/reveal/{device}``       JSON (pair seeds with dropped ones)

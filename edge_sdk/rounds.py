@@ -7,7 +7,10 @@ better. The upload is the change the round made, which the server adds to the gl
 changes); with every device on its own line the global is the mean of their adapters. With
 ``start = "global"`` every round starts from the round's global adapter (plain FedAvg); with
 ``start = "cluster"`` from the latest cluster adapter the server pushed the device (IFCA,
-``server/clusters.py``; the global until one comes).
+``server/clusters.py``; the global until one comes). Where the server publishes every cluster
+adapter (``[server] cluster_assign = "loss"``), the canary scores them all at the start of a
+round, the update reports their losses (``cluster_losses``: the server puts the device in the
+cluster that fits it best), and ``start = "cluster"`` starts from the best of them.
 With ``share = "lora_a"`` (FedSA-LoRA) the device uploads only the change of the A matrices and
 takes only A from what the server pushes: B never leaves the device.
 
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
     from fleetune.edge_sdk.data import ClientText
 
 log = logging.getLogger(__name__)
+MAX_CLUSTERS = 64  # cluster adapters a device keeps at most (the server's [server] clusters)
 
 
 @dataclass
@@ -148,6 +152,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
     dense = not zo
     transport.subscribe(topics.global_seeds if zo else topics.global_adapter)
     transport.subscribe(topics.personal(client.device))  # the server's cluster adapter
+    transport.subscribe(topics.all_clusters)  # every cluster's (cluster_assign = "loss")
     transport.subscribe(topics.secagg_unmask)
     masked: dict[int, SecAggRound] = {}  # secure rounds this device uploaded in, for reveals
     announcement: Announcement | None = None
@@ -185,6 +190,8 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 cluster = own_b(client, personal.tensors, canary.served.tensors)
                 client.cluster_adapter = cluster
                 canary.offer({"cluster": cluster}, personal.version)
+            elif topics.is_cluster(msg.topic):
+                take_cluster(client, msg.topic, payload)
         except PayloadError as err:
             client.refuse(msg, err)
             continue
@@ -250,8 +257,19 @@ def run_round(
     round_ = announcement.round
     mine = use(client, current.tensors)
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
-    canary.offer({"global": own_b(client, mine, canary.served.tensors)}, current.version)
-    starts = {"served": canary.served.tensors, "cluster": client.cluster_adapter, "global": mine}
+    served = canary.served.tensors
+    fresh = {  # the cluster adapters of this round's version, when the server publishes them
+        c: own_b(client, adapter.tensors, served)
+        for c, adapter in sorted(client.cluster_adapters.items())
+        if adapter.version == current.version
+    }
+    offered = {"global": own_b(client, mine, served)}
+    offered |= {f"cluster:{c}": t for c, t in fresh.items()}
+    losses = canary.offer(offered, current.version).losses
+    cluster_losses = {str(c): round(losses[f"cluster:{c}"], 6) for c in fresh}
+    best = min(fresh, key=lambda c: losses[f"cluster:{c}"], default=None)
+    cluster = client.cluster_adapter if best is None else fresh[best]
+    starts = {"served": canary.served.tensors, "cluster": cluster, "global": mine}
     began = client.config.tuning.start
     if starts[began] is None:  # no cluster adapter yet
         began = "global"
@@ -310,6 +328,7 @@ def run_round(
                 "start": began,
                 **tuned.metrics,
                 **choice.metrics(),
+                **({"cluster_losses": cluster_losses} if cluster_losses else {}),
             }
         )
         update = Update(
@@ -326,6 +345,20 @@ def run_round(
     if dp:
         client.store.released()
     return sent
+
+
+def take_cluster(client: EdgeClient, topic: str, payload: bytes) -> None:
+    """Keep a cluster adapter the server published on ``adapter/cluster/{c}`` (the latest of
+    each cluster; the round loop scores those of the round's version)."""
+    number = topic.rpartition("/")[2]
+    if not number.isdecimal() or int(number) >= MAX_CLUSTERS:
+        raise PayloadError(f"{topic}: a cluster is numbered 0..{MAX_CLUSTERS - 1}")
+    adapter = PersonalAdapter.decode(payload, client.fleet)
+    if adapter.cluster != int(number):
+        raise PayloadError(f"{topic} carries the adapter of cluster {adapter.cluster}")
+    held = client.cluster_adapters.get(adapter.cluster)
+    if held is None or adapter.version >= held.version:
+        client.cluster_adapters[adapter.cluster] = adapter
 
 
 def own_b(client: EdgeClient, pushed: Tensors, served: Tensors) -> Tensors:

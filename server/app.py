@@ -618,16 +618,35 @@ class FleetServer:
 
     def push_clusters(self, round_: int, before: Tensors, updates: list[Update]) -> int:
         """Each device of the round gets its cluster's adapter (server/clusters.py), moved by
-        the round's updates; the clusters are saved for a restart."""
+        the round's updates; the clusters are saved for a restart. With ``cluster_assign =
+        "loss"`` devices join the cluster their canary scored best, and every cluster adapter
+        goes out on ``adapter/cluster/{c}`` for the next round's scoring."""
+        loss = self.config.cluster_assign == "loss"
+        picks = self.clusters.picks_by_loss(updates) if loss else None
         personal = self.clusters.advance(
-            before, updates, lambda seeds: self.seeds.replay(seeds, round_), seed=round_
+            before,
+            updates,
+            lambda seeds: self.seeds.replay(seeds, round_),
+            seed=round_,
+            assign=picks,
         )
         self.state.save_clusters(self.clusters.state())
-        encoded = encode_personal(personal, self.fleet, self.config.downlink_encoding, self.version)
+        encoding = self.config.downlink_encoding
+        encoded = encode_personal(personal, self.fleet, encoding, self.version)
         for device, payload in encoded.items():
             self._publish_retained(self.topics.personal(device), payload)
+        if loss:
+            models = {c: (c, model) for c, model in self.clusters.models.items()}
+            for c, payload in encode_personal(models, self.fleet, encoding, self.version).items():
+                self._publish_retained(self.topics.cluster(c), payload)
         groups = sorted({c for c, _ in personal.values()})
-        log.info("round %d: %d devices in %d clusters", round_, len(personal), len(groups))
+        log.info(
+            "round %d: %d devices in %d clusters (%d assigned by validation loss)",
+            round_,
+            len(personal),
+            len(groups),
+            len(picks or {}),
+        )
         return len(personal)
 
     def run(self) -> list[RoundResult]:

@@ -1,13 +1,22 @@
 """Clustered personalization (IFCA, Ghosh et al., NeurIPS 2020): the server keeps K cluster
 adapters for the life of the fleet and pushes every device its cluster's, on its retained
 ``adapter/device/{id}``. The first round with updates groups them by direction (k-means over
-unit-norm deltas); from then on each round's devices join the cluster whose last change points
-most their way (a device keeps its cluster while it pulls the same way; IFCA assigns by
-validation loss, which would need every device to hold every cluster adapter), and each
-cluster adapter moves by ``step`` times its members' aggregate change (``[server]
+unit-norm deltas); from then on each round's devices join a cluster by one of two rules
+(``[server] cluster_assign``):
+
+- ``direction``: the cluster whose last change points most the device's way (a device keeps its
+  cluster while it pulls the same way); nothing more goes down or up.
+- ``loss`` (IFCA's own rule): the server also publishes every cluster adapter on its retained
+  ``adapter/cluster/{c}``; each device's canary scores them all on its validation text and the
+  update reports the losses (``cluster_losses``), and the device joins the cluster that fits
+  it best. It costs K adapters downlink and K validation passes a round on each device. A
+  device that reports no usable losses (local DP strips them, a secure round has no metrics)
+  is assigned by direction.
+
+Each cluster adapter then moves by ``step`` times its members' aggregate change (``[server]
 cluster_step``: members of a cluster pull the same way, so a step above 1 goes further). A
 device that starts its rounds from its cluster adapter (``[tuning] start = "cluster"``) tunes
-that adapter further, as IFCA does; its canary (``edge_sdk/canary.py``) serves the cluster
+that adapter further, as IFCA does; its canary (``edge_sdk/canary.py``) serves a cluster
 adapter only where it beats the global and the device's own tuning on its validation text.
 """
 
@@ -16,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,6 +37,7 @@ from fleetune.server.strategy import Strategy, Update
 from fleetune.server.strategy.base import Tensors
 
 log = logging.getLogger(__name__)
+K = TypeVar("K", str, int)  # a device id or a cluster number
 KMEANS_RESTARTS = 10  # a few dozen devices: ten k-means++ starts cost nothing next to a round
 
 
@@ -104,7 +115,8 @@ class Clusters:
         """Fold the round's updates into the cluster adapters (the first round forms them from
         ``before``, the round's global); returns each updating device's (cluster, adapter).
         After the first round a device joins the cluster ``assign`` names (a caller that knows,
-        say by validation loss) or else the one its change points most toward."""
+        say by validation loss: :meth:`picks_by_loss`) or else the one its change points most
+        toward."""
         if not self.models:
             grouped = cluster_adapters(
                 before, updates, self.k, self.strategy, replay, self.layout, seed
@@ -115,10 +127,9 @@ class Clusters:
                     self.models[c] = before
                     self._move(c, merged)
         else:
-            if assign is None:
-                self._assign(updates, replay)
-            else:
-                self.of.update({u.device: assign[u.device] for u in updates})
+            assign = {d: c for d, c in (assign or {}).items() if c in self.models}
+            self._assign([u for u in updates if u.device not in assign], replay)
+            self.of.update({u.device: assign[u.device] for u in updates if u.device in assign})
             for c in sorted({self.of[u.device] for u in updates if u.device in self.of}):
                 members = [u for u in updates if self.of.get(u.device) == c]
                 try:
@@ -139,6 +150,32 @@ class Clusters:
         flat = self.layout.flatten(change)
         self.heading[c] = flat / max(float(np.linalg.norm(flat)), 1e-12)
 
+    def picks_by_loss(self, updates: list[Update]) -> dict[str, int]:
+        """Each device's cluster by the validation losses its update reports
+        (``metrics["cluster_losses"]``, {cluster: loss} over every cluster adapter it scored),
+        the lowest wins; a device whose report is missing, malformed or leaves out a cluster
+        is not in the answer (it is assigned by direction)."""
+        picks = {}
+        for u in updates:
+            reported = u.metrics.get("cluster_losses")
+            if reported is None:
+                continue
+            try:
+                losses = {int(c): float(v) for c, v in reported.items()}
+            except (AttributeError, TypeError, ValueError) as err:
+                log.warning("%s: cluster_losses is not {cluster: loss}: %s", u.device, err)
+                continue
+            if set(losses) != set(self.models) or not all(map(np.isfinite, losses.values())):
+                log.info(
+                    "%s: losses for clusters %s, not for all of %s: assigned by direction",
+                    u.device,
+                    sorted(losses),
+                    sorted(self.models),
+                )
+                continue
+            picks[u.device] = min(losses, key=losses.__getitem__)
+        return picks
+
     def _assign(self, updates: list[Update], replay) -> None:
         """Each device joins the cluster whose last change points most its way (a device new
         to the fleet, or one the first round's k-means put with the wrong group)."""
@@ -151,10 +188,11 @@ class Clusters:
 
 
 def encode_personal(
-    personal: dict[str, tuple[int, Tensors]], fleet: Fleet, encoding: str, version: int
-) -> dict[str, bytes]:
-    """Each device's cluster adapter as its ``adapter/device/{id}`` message; one the downlink
-    encoding cannot carry (beyond f16's range) is left out, and that device keeps the global."""
+    personal: dict[K, tuple[int, Tensors]], fleet: Fleet, encoding: str, version: int
+) -> dict[K, bytes]:
+    """Each device's (or cluster's) cluster adapter as its ``adapter/device/{id}`` (or
+    ``adapter/cluster/{c}``) message; one the downlink encoding cannot carry (beyond f16's
+    range) is left out, and that device keeps the global."""
     out = {}
     for device, (cluster, tensors) in sorted(personal.items()):
         try:

@@ -25,6 +25,7 @@ else:  # pragma: no cover
 
 STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum", "dp_fedavg")
 DOWNLINK = ("f32", "f16", "q8", "q4")  # what whole adapters and bases may be pushed as
+CLUSTER_ASSIGN = ("direction", "loss")  # how a device joins a cluster (server/clusters.py)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class ServerConfig:
     clusters: int = 0  # keep k cluster adapters and push each device its cluster's (groups
     # formed by update direction, then kept: server/clusters.py; 0 = off)
     cluster_step: float = 1.0  # a cluster adapter moves by this x its members' aggregate change
+    cluster_assign: str = "direction"  # after the first round a device joins the cluster its
+    # change points to (direction) or whose adapter its canary scores best (loss: every
+    # cluster adapter is published on adapter/cluster/{c}, K adapters downlink a round)
     basis_k: int = 0  # keep a basis of this many adapters for mixture devices (0 = none)
     basis_encoding: str = "q8"  # encoding of the pushed basis (K = 8: ~1.5 MB with q8)
     mix_quorum: int = 0  # after the rounds, serve this many mixture devices before stopping
@@ -137,6 +141,11 @@ class ServerConfig:
             raise ConfigError(f"[server] clusters must be in 0..64, got {self.clusters}")
         if not 0 < self.cluster_step <= 4:
             raise ConfigError(f"[server] cluster_step must be in (0, 4], got {self.cluster_step}")
+        if self.cluster_assign not in CLUSTER_ASSIGN:
+            raise ConfigError(
+                f"[server] cluster_assign must be one of {CLUSTER_ASSIGN}, "
+                f"got {self.cluster_assign!r}"
+            )
         if not 0 <= self.basis_k <= 64 or self.mix_quorum < 0:
             raise ConfigError("[server] basis_k must be in 0..64 and mix_quorum >= 0")
         if self.basis_k and self.zo_params != "lora_b":

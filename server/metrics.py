@@ -79,7 +79,8 @@ class Metrics:
             self.perplexity.labels(device).set(ppl)
         served = metrics.get("served")
         if served is not None:  # a device's word: known names only, so the labels stay few
-            self.served.labels(served if served in SERVED else "other").inc()
+            kind = served.split(":", 1)[0] if isinstance(served, str) else ""  # cluster:3
+            self.served.labels(kind if kind in SERVED else "other").inc()
 
     def refused(self, nbytes: int, reason: str) -> None:
         self.updates.labels("refused", reason).inc()

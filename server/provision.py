@@ -79,6 +79,7 @@ def acl(fleet: str, server: str = SERVER_NAME) -> str:
         ("read", "adapter/basis"),
         ("read", "adapter/basis/prior"),
         ("read", "adapter/device/%u"),
+        ("read", "adapter/cluster/+"),
         ("read", "secagg/unmask"),
         ("write", "secagg/reveal/%u"),
     ]

@@ -11,6 +11,9 @@ topic                         QoS     retained  payload
                                                  coefficients devices start from (a few bytes,
                                                  updated after each mixture)
 ``adapter/device/{device}``   1       yes       envelope, kind "adapter": one device's mixture
+                                                 or cluster adapter
+``adapter/cluster/{c}``       1       yes       envelope, kind "adapter": cluster c's adapter
+                                                 (``[server] cluster_assign = "loss"``)
 ``update/{device}``           1       no        envelope, kind "update" (device → server)
 ``mixture/{device}``          1       no        envelope, kind "mixture": K x G coefficients
 ``status/{device}``           1       yes       JSON ``{"state": "online"|"offline"}``; the
@@ -89,6 +92,16 @@ class Topics:
 
     def personal(self, device: str) -> str:
         return f"{self.prefix}/adapter/device/{check_id('device', device)}"
+
+    def cluster(self, c: int) -> str:
+        return f"{self.prefix}/adapter/cluster/{int(c)}"
+
+    @property
+    def all_clusters(self) -> str:
+        return f"{self.prefix}/adapter/cluster/+"
+
+    def is_cluster(self, topic: str) -> bool:
+        return topic.rpartition("/")[0] == f"{self.prefix}/adapter/cluster"
 
     def mixture(self, device: str) -> str:
         return f"{self.prefix}/mixture/{check_id('device', device)}"

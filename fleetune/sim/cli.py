@@ -29,6 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
         mix_steps=args.mix_steps,
         basis_k=args.basis_k,
         clusters=args.clusters,
+        cluster_assign=args.cluster_assign,
         tuning=TuningConfig(start=args.start, share=args.share),
         windows=windows,
     )
@@ -108,6 +109,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--basis-k", type=int, default=8, help="mix: adapters in the basis")
     demo.add_argument(
         "--clusters", type=int, default=0, help="server pushes cluster adapters to k groups"
+    )
+    demo.add_argument(
+        "--cluster-assign",
+        default="direction",
+        choices=("direction", "loss"),
+        help="devices join the cluster their update points to, or the one whose adapter their "
+        "canary scores best (every cluster adapter goes to every device)",
     )
     demo.add_argument(
         "--start",

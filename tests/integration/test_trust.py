@@ -77,9 +77,11 @@ def test_the_acl_confines_each_device_to_its_own_topics(fleet):
     try:
         server.publish(TOPICS.round, b"server round", retain=True)
         server.publish(TOPICS.global_adapter, b"server adapter", retain=True)
+        server.publish(TOPICS.cluster(0), b"server cluster 0", retain=True)
         for topic in (
             TOPICS.round,
             TOPICS.global_adapter,
+            TOPICS.all_clusters,  # every cluster's adapter (cluster_assign = "loss")
             TOPICS.personal("pi-a"),
             TOPICS.personal("pi-b"),  # another device's adapter
             TOPICS.all_updates,  # every device's update
@@ -95,6 +97,7 @@ def test_the_acl_confines_each_device_to_its_own_topics(fleet):
             TOPICS.round: b"pi-a round",
             TOPICS.global_adapter: b"pi-a adapter",
             TOPICS.personal("pi-a"): b"pi-a personal",
+            TOPICS.cluster(1): b"pi-a cluster",
             TOPICS.keys: b"pi-a keys",
             TOPICS.status("pi-b"): b"pi-a as pi-b status",
         }
@@ -123,6 +126,7 @@ def test_the_acl_confines_each_device_to_its_own_topics(fleet):
     assert (TOPICS.round, b"server round") in seen
     assert (TOPICS.global_adapter, b"server adapter") in seen
     assert (TOPICS.personal("pi-a"), b"for pi-a") in seen
+    assert (TOPICS.cluster(0), b"server cluster 0") in seen
     assert not {p for _, p in seen} & {b"for pi-b only", b"pi-b update"}
 
 

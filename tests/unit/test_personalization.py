@@ -129,3 +129,69 @@ def test_cluster_adapters_persist_move_by_the_step_and_take_in_newcomers():
     # a caller that knows better (IFCA's validation-loss pick) places a device against its change
     placed = again.advance(before, [update("d0", 1)], lambda s: {}, assign={"d0": c0})
     assert placed["d0"][0] == c0 and again.of["d0"] == c0
+
+
+def test_devices_join_the_cluster_their_reported_losses_pick_and_bad_reports_fall_back():
+    # Prepare: two clusters formed by direction in round 1
+    layout = FlatLayout(SPEC, tiny_manifest())
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(2, layout.size)).astype(np.float32)
+    before, fedavg = _adapter(0.0), STRATEGIES["fedavg"]()
+
+    def update(device, group, metrics=None):
+        delta = layout.unflatten(directions[group])
+        return Update(device, 10, delta=delta, metrics=metrics or {})
+
+    clusters = Clusters(2, 1.0, fedavg, layout)
+    first = clusters.advance(before, [update(f"d{i}", i % 2) for i in range(4)], lambda s: {})
+    a, b = first["d0"][0], first["d1"][0]  # d0, d2 pull toward a; d1, d3 toward b
+
+    def losses(low, high):  # a report of validation losses, cluster a's lower when low is a
+        return {"cluster_losses": {str(low): 1.0, str(high): 2.0}}
+
+    # Execute: every device pulls toward a, but d1 reports that b fits it best; the others'
+    # reports are missing a cluster, not numbers, not finite, or not a mapping
+    later = [
+        update("d0", 0, losses(a, b)),
+        update("d1", 0, losses(b, a)),
+        update("d2", 0, {"cluster_losses": {str(a): 1.0}}),
+        update("d3", 0, {"cluster_losses": {str(a): "x", str(b): 1.0}}),
+        update("d4", 0, {"cluster_losses": {str(a): float("nan"), str(b): 1.0}}),
+        update("d5", 0, {"cluster_losses": [1.0, 2.0]}),
+        update("d6", 0),
+    ]
+    picks = clusters.picks_by_loss(later)
+    moved = clusters.advance(before, later, lambda s: {}, assign=picks | {"d6": 7})
+    # Assert: the reported losses decide for d0 and d1; the others go by their change's
+    # direction, as does d6, whose pick names a cluster the server does not hold
+    assert picks == {"d0": a, "d1": b}
+    assert moved["d1"][0] == b and clusters.of["d1"] == b
+    assert all(moved[d][0] == a for d in ("d0", "d2", "d3", "d4", "d5", "d6"))
+
+
+def test_a_device_keeps_the_latest_adapter_of_each_cluster_and_refuses_mislabelled_ones():
+    from types import SimpleNamespace
+
+    from fleetune.edge_sdk.errors import PayloadError
+    from fleetune.edge_sdk.protocol import Fleet, PersonalAdapter
+    from fleetune.edge_sdk.rounds import take_cluster
+    from fleetune.edge_sdk.transport.topics import Topics
+
+    # Prepare: a device's view of the fleet; cluster adapters as the server encodes them
+    fleet, topics = Fleet(tiny_manifest(), SPEC), Topics("t")
+    device = SimpleNamespace(fleet=fleet, cluster_adapters={})
+
+    def published(cluster, version):
+        return PersonalAdapter(_adapter(0.1), cluster=cluster, version=version).encode(fleet)
+
+    # Execute: v2 of cluster 1, then a retained v1 arriving late
+    take_cluster(device, topics.cluster(1), published(1, 2))
+    take_cluster(device, topics.cluster(1), published(1, 1))
+    # Assert: the newer is kept; an adapter on another cluster's topic, or a cluster number out
+    # of range, is refused by name and changes nothing
+    assert device.cluster_adapters[1].version == 2
+    with pytest.raises(PayloadError, match="carries the adapter of cluster 0"):
+        take_cluster(device, topics.cluster(1), published(0, 3))
+    with pytest.raises(PayloadError, match=r"numbered 0\.\.63"):
+        take_cluster(device, topics.cluster(64), published(64, 3))
+    assert list(device.cluster_adapters) == [1] and device.cluster_adapters[1].version == 2

@@ -91,6 +91,7 @@ def test_the_server_config_builds_each_strategy_and_refuses_bad_knobs():
         ({"mode": "later"}, "mode must be"),
         ({"mode": "async", "secagg": True}, "needs mode"),
         ({"max_staleness": -1}, "max_staleness"),
+        ({"clusters": 2, "cluster_assign": "nearest"}, "cluster_assign must be one of"),
     ):
         with pytest.raises(ConfigError, match=says):
             ServerConfig(**bad)
