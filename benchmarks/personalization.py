@@ -449,7 +449,8 @@ def main() -> None:
         "--cluster-assign",
         default="direction",
         choices=CLUSTER_ASSIGN,
-        help="the personal federation's [server] cluster_assign",
+        help="the personal federation's [server] cluster_assign (the server's default is loss; "
+        "direction here keeps the earlier tables' commands as they were)",
     )
     parser.add_argument(
         "--ifca", default=IFCA, help="the persistent clusters' rounds:steps:server step"

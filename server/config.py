@@ -67,9 +67,9 @@ class ServerConfig:
     clusters: int = 0  # keep k cluster adapters and push each device its cluster's (groups
     # formed by update direction, then kept: server/clusters.py; 0 = off)
     cluster_step: float = 1.0  # a cluster adapter moves by this x its members' aggregate change
-    cluster_assign: str = "direction"  # after the first round a device joins the cluster its
-    # change points to (direction) or whose adapter its canary scores best (loss: every
-    # cluster adapter is published on adapter/cluster/{c}, K adapters downlink a round)
+    cluster_assign: str = "loss"  # after the first round a device joins the cluster whose
+    # adapter its canary scores best (loss, IFCA: every cluster adapter is published on
+    # adapter/cluster/{c}, K adapters downlink a round) or that its change points to (direction)
     basis_k: int = 0  # keep a basis of this many adapters for mixture devices (0 = none)
     basis_encoding: str = "q8"  # encoding of the pushed basis (K = 8: ~1.5 MB with q8)
     mix_quorum: int = 0  # after the rounds, serve this many mixture devices before stopping

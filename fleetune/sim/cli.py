@@ -112,10 +112,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--cluster-assign",
-        default="direction",
-        choices=("direction", "loss"),
-        help="devices join the cluster their update points to, or the one whose adapter their "
-        "canary scores best (every cluster adapter goes to every device)",
+        default="loss",
+        choices=("loss", "direction"),
+        help="devices join the cluster whose adapter their canary scores best (every cluster "
+        "adapter goes to every device), or the one their update points to",
     )
     demo.add_argument(
         "--start",

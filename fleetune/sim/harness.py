@@ -155,7 +155,7 @@ def run_demo(
     basis_k: int = 8,
     clusters: int = 0,
     windows: tuple[int, ...] = (0,),
-    cluster_assign: str = "direction",
+    cluster_assign: str = "loss",
 ) -> dict:
     """Run the fleet and return the result document (also written to ``json_path``).
 
@@ -233,7 +233,7 @@ class Sim:
     clusters: int = 0  # the server's cluster adapters (server/clusters.py), 0 = none
     windows: tuple[int, ...] = (0,)  # each device's layer window, in turn
     tuner: str = ""  # the demo's tuner, when it is not the fleet's (a window demo, full fleet)
-    cluster_assign: str = "direction"  # how devices join clusters ([server] cluster_assign)
+    cluster_assign: str = "loss"  # how devices join clusters ([server] cluster_assign)
 
     def device_tuning(self, i: int, tuning: TuningConfig) -> TuningConfig:
         """Device ``i``'s window, its tuner (backprop in a window is ``window``) and the step
