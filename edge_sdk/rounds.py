@@ -213,6 +213,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
             report.ppl_final = client.evaluate(data.heldout)
             report.history.append({"round": announcement.round, "ppl_global": report.ppl_final})
             offered = {"global": own_b(client, mine, canary.served.tensors)}
+            offered |= published(client, current.version, canary.served.tensors)
             serve(client, canary, offered, current.version, data, report)
             log.info(
                 "%s: final global adapter v%d, perplexity %.1f; serving %s, perplexity %.1f",
@@ -257,17 +258,11 @@ def run_round(
     round_ = announcement.round
     mine = use(client, current.tensors)
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
-    served = canary.served.tensors
-    fresh = {  # the cluster adapters of this round's version, when the server publishes them
-        c: own_b(client, adapter.tensors, served)
-        for c, adapter in sorted(client.cluster_adapters.items())
-        if adapter.version == current.version
-    }
-    offered = {"global": own_b(client, mine, served)}
-    offered |= {f"cluster:{c}": t for c, t in fresh.items()}
+    fresh = published(client, current.version, canary.served.tensors)
+    offered = {"global": own_b(client, mine, canary.served.tensors)} | fresh
     losses = canary.offer(offered, current.version).losses
-    cluster_losses = {str(c): round(losses[f"cluster:{c}"], 6) for c in fresh}
-    best = min(fresh, key=lambda c: losses[f"cluster:{c}"], default=None)
+    cluster_losses = {name.split(":")[1]: round(losses[name], 6) for name in fresh}
+    best = min(fresh, key=losses.__getitem__, default=None)
     cluster = client.cluster_adapter if best is None else fresh[best]
     starts = {"served": canary.served.tensors, "cluster": cluster, "global": mine}
     began = client.config.tuning.start
@@ -345,6 +340,16 @@ def run_round(
     if dp:
         client.store.released()
     return sent
+
+
+def published(client: EdgeClient, version: int, served: Tensors) -> dict[str, Tensors]:
+    """The cluster adapters of ``version`` the server published (``cluster_assign = "loss"``),
+    as the canary's candidates ``cluster:{c}``."""
+    return {
+        f"cluster:{c}": own_b(client, adapter.tensors, served)
+        for c, adapter in sorted(client.cluster_adapters.items())
+        if adapter.version == version
+    }
 
 
 def take_cluster(client: EdgeClient, topic: str, payload: bytes) -> None:
