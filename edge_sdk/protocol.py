@@ -61,6 +61,7 @@ MAX_WARM_PAIRS = 2_000  # ZO pairs a mixture upload may carry (the server replay
 STATES = ("online", "offline")
 MAX_REFUSED_CHARS = 400  # a device's report of a push it refused
 MAX_COHORT = 400  # devices in one secure-aggregation round (the announcement stays < 64 KB)
+MAX_CLUSTERS = 64  # cluster adapters a fleet keeps, numbered 0..63 (adapter/cluster/{c})
 
 
 # -- shared checks --------------------------------------------------------------------------------

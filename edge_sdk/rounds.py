@@ -42,6 +42,7 @@ from fleetune.edge_sdk.errors import ConfigError, PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
 from fleetune.edge_sdk.memory import peak_rss_mb
 from fleetune.edge_sdk.protocol import (
+    MAX_CLUSTERS,
     Announcement,
     GlobalAdapter,
     GlobalSeeds,
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
     from fleetune.edge_sdk.data import ClientText
 
 log = logging.getLogger(__name__)
-MAX_CLUSTERS = 64  # cluster adapters a device keeps at most (the server's [server] clusters)
 
 
 @dataclass

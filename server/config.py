@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from fleetune.edge_sdk.adapters.lora import LoraSpec
 from fleetune.edge_sdk.config import section
 from fleetune.edge_sdk.errors import ConfigError
-from fleetune.edge_sdk.protocol import MAX_COHORT
+from fleetune.edge_sdk.protocol import MAX_CLUSTERS, MAX_COHORT
 from fleetune.edge_sdk.secagg import check_range
 from fleetune.edge_sdk.transport.chunks import MIN_LIMIT as MIN_CHUNK_LIMIT
 from fleetune.edge_sdk.transport.topics import check_id
@@ -137,8 +137,10 @@ class ServerConfig:
             raise ConfigError("[server] zo_pool_size >= 1 and zo_params in (lora_b, all) required")
         if self.downlink_encoding not in DOWNLINK:  # a whole adapter: no sparsity, no seeds
             raise ConfigError(f"[server] downlink_encoding must be one of {DOWNLINK}")
-        if not 0 <= self.clusters <= 64:
-            raise ConfigError(f"[server] clusters must be in 0..64, got {self.clusters}")
+        if not 0 <= self.clusters <= MAX_CLUSTERS:
+            raise ConfigError(
+                f"[server] clusters must be in 0..{MAX_CLUSTERS}, got {self.clusters}"
+            )
         if not 0 < self.cluster_step <= 4:
             raise ConfigError(f"[server] cluster_step must be in (0, 4], got {self.cluster_step}")
         if self.cluster_assign not in CLUSTER_ASSIGN:
