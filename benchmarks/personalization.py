@@ -217,10 +217,11 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             first[name] = tune(init, name, 1)
         return first[name]
 
-    def server(glob, deltas, clusters, metrics=None):
+    def server(glob, deltas, clusters, round_, metrics=None):
         """FedAvg of the round's changes, and each device's cluster adapter (the server's
-        persistent ``clusters`` moved by them, as ``[server] clusters`` does; ``metrics``: what
-        each update reports, the canary's ``cluster_losses`` among them)."""
+        persistent ``clusters`` moved by them, as ``[server] clusters`` does, its k-means seeded
+        by the round as the app's; ``metrics``: what each update reports, the canary's
+        ``cluster_losses`` among them)."""
         updates = [
             Update(n, len(prepared[n]["train"]), delta=d, metrics=(metrics or {}).get(n, {}))
             for n, d in deltas.items()
@@ -229,7 +230,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         if clusters is None:
             return new, {}
         picks = clusters.picks_by_loss(updates) if args.cluster_assign == "loss" else None
-        grouped = clusters.advance(glob, updates, lambda s: {}, assign=picks)
+        grouped = clusters.advance(glob, updates, lambda s: {}, seed=round_, assign=picks)
         return new, {n: t for n, (_, t) in grouped.items()}
 
     def persistent():
@@ -247,7 +248,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             began = time.monotonic()
             after = {n: tuned(glob, n, round_) for n in names}
             deltas = {n: {k: after[n][k] - glob[k] for k in glob} for n in names}
-            glob, clusters = server(glob, deltas, kept)
+            glob, clusters = server(glob, deltas, kept, round_)
             log(f"seed {seed} fedavg round {round_}: {time.monotonic() - began:.0f} s")
         for n in names:
             arms["global"][n], arms["fedavg_ft"][n] = glob, after[n]
@@ -269,7 +270,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 after = tuned(start, n, round_)
                 deltas[n] = {k: after[k] - start[k] for k in start}
                 canaries[n].offer({"local": after}, round_ - 1)
-            glob, clusters = server(glob, deltas, kept, reported)
+            glob, clusters = server(glob, deltas, kept, round_, reported)
             for n in names:
                 offered = {"global": glob, "cluster": clusters.get(n, glob)}
                 if args.cluster_assign == "loss":  # every cluster adapter (adapter/cluster/{c})
@@ -301,7 +302,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 deltas[n] = {
                     k: own[n][k] - start[k] if is_a(k) else np.zeros_like(start[k]) for k in start
                 }
-            glob, _ = server(glob, deltas, None)
+            glob, _ = server(glob, deltas, None, round_)
             log(f"seed {seed} fedsa round {round_}: {time.monotonic() - began:.0f} s")
         for n in names:
             arms["fedsa"][n] = {k: glob[k] if is_a(k) else own[n][k] for k in init}
