@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", str, int)  # a device id or a cluster number
 # k-means++ starts for the first grouping, the least-inertia one kept: on 24 devices' round-1
 # deltas (benchmarks/personalization.py --bystanders, seeds 0-2) 10 starts kept groupings with
-# 1.6-2% more inertia than the best (all fortunes in one cluster, two clusters of one device);
+# 1.6-2% more inertia than the best (from seed 0: all fortunes in one cluster, two of one device);
 # 300 found the best from each of 6 k-means seeds on each fleet, in ~0.1 s on the devices' span
 # coordinates + 0.7 s for the QR (10 starts over the 460,800 raw numbers took 2.4 s)
 KMEANS_RESTARTS = 300

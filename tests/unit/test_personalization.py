@@ -92,7 +92,7 @@ def test_clusters_do_not_hang_on_arrival_order_or_one_kmeans_start():
 def test_the_first_grouping_is_the_least_inertia_one_on_a_real_fleet():
     """24 real devices' round-1 changes (tests/unit/data/round1_deltas.json, in the coordinates
     of their span, where every distance is kept): k-means has several near-equal optima here;
-    ten starts kept one with 1-2% more inertia for every seed (all fortunes in one cluster).
+    ten starts kept one with 1-2% more inertia from every seed tried.
     The server's grouping must be the least-inertia one, and the span must keep distances."""
     fixture = json.loads((Path(__file__).parent / "data" / "round1_deltas.json").read_text())
     coords, best = np.array(fixture["coords"]), np.array(fixture["least_inertia_groups"])
