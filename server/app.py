@@ -631,15 +631,18 @@ class FleetServer:
             assign=picks,
         )
         self.state.save_clusters(self.clusters.state())
-        encoding = self.config.downlink_encoding
-        encoded = encode_personal(personal, self.fleet, encoding, self.version)
-        for device, payload in encoded.items():
-            self._publish_retained(self.topics.personal(device), payload)
-        if loss:
-            models = {c: (c, model) for c, model in self.clusters.models.items()}
-            for c, payload in encode_personal(models, self.fleet, encoding, self.version).items():
-                self._publish_retained(self.topics.cluster(c), payload)
         groups = sorted({c for c, _ in personal.values()})
+        # one message per cluster: a device's push is its cluster's adapter, the same bytes
+        needed = self.clusters.models if loss else groups
+        models = {c: self.clusters.models[c] for c in needed}
+        encoded = encode_personal(models, self.fleet, self.config.downlink_encoding, self.version)
+        for device, (c, _) in personal.items():
+            # a cluster the downlink cannot carry is left out: its devices keep the global
+            if c in encoded:
+                self._publish_retained(self.topics.personal(device), encoded[c])
+        if loss:
+            for c, payload in encoded.items():
+                self._publish_retained(self.topics.cluster(c), payload)
         log.info(
             "round %d: %d devices in %d clusters (%d assigned by validation loss)",
             round_,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import TypeVar
 
 import numpy as np
 
@@ -37,7 +36,6 @@ from fleetune.server.strategy import Strategy, Update
 from fleetune.server.strategy.base import Tensors
 
 log = logging.getLogger(__name__)
-K = TypeVar("K", str, int)  # a device id or a cluster number
 # k-means++ starts for the first grouping, the least-inertia one kept: on 24 devices' round-1
 # deltas (benchmarks/personalization.py --bystanders, seeds 0-2) 10 starts kept groupings with
 # 1.6-2% more inertia than the best (from seed 0: all fortunes in one cluster, two of one device);
@@ -194,17 +192,15 @@ class Clusters:
 
 
 def encode_personal(
-    personal: dict[K, tuple[int, Tensors]], fleet: Fleet, encoding: str, version: int
-) -> dict[K, bytes]:
-    """Each device's (or cluster's) cluster adapter as its ``adapter/device/{id}`` (or
-    ``adapter/cluster/{c}``) message; one the downlink encoding cannot carry (beyond f16's
-    range) is left out, and that device keeps the global."""
+    models: dict[int, Tensors], fleet: Fleet, encoding: str, version: int
+) -> dict[int, bytes]:
+    """Each cluster's adapter as its message (``adapter/cluster/{c}``, and the
+    ``adapter/device/{id}`` of each of its devices); one the downlink encoding cannot carry
+    (beyond f16's range) is left out, and its devices keep the global."""
     out = {}
-    for device, (cluster, tensors) in sorted(personal.items()):
+    for c, tensors in sorted(models.items()):
         try:
-            out[device] = PersonalAdapter(tensors, cluster=cluster, version=version).encode(
-                fleet, encoding
-            )
+            out[c] = PersonalAdapter(tensors, cluster=c, version=version).encode(fleet, encoding)
         except PayloadError as err:
-            log.warning("no cluster adapter for %s: %s", device, err)
+            log.warning("no adapter for cluster %d: %s", c, err)
     return out
