@@ -184,6 +184,12 @@ def schedule(text: str, budget: int) -> tuple[int, int, float]:
     return int(rounds), int(steps), float(eta)
 
 
+def language(name: str, prepared: dict) -> str:
+    """A client's kind, the fortunes by their language (fortunes-de, -es, -it): for the logs."""
+    corpus = name.split("/")[0]
+    return corpus if corpus.startswith("fortunes-") else prepared[name]["kind"]
+
+
 def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dict]:
     """One seed: the chosen federations over the same clients and batch draws. Round 1 starts
     every device from the shared init with the same batches in every federation, so it is run
@@ -280,7 +286,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                     scores = {str(c): losses[f"cluster:{c}"] for c in kept.models}
                     reported[n] = {"cluster_losses": scores}
             groups = {
-                c: dict(Counter(prepared[n]["kind"] for n in names if kept.of.get(n) == c))
+                c: dict(Counter(language(n, prepared) for n in names if kept.of.get(n) == c))
                 for c in sorted(kept.models)
             }
             log(
