@@ -480,6 +480,11 @@ def main() -> None:
         "--per-kind", type=int, default=4, help="clients of each kind (a smoke run: 1)"
     )
     parser.add_argument(
+        "--kinds",
+        default=",".join(CLIENTS),
+        help="which of the three built-in kinds are scored (with --kind, a fleet of other users)",
+    )
+    parser.add_argument(
         "--kind",
         action="append",
         default=[],
@@ -507,10 +512,15 @@ def main() -> None:
     from fleetune.edge_sdk.backends.torch import TorchBackend
     from fleetune.models.base import prepare_base
 
+    if bad := [k for k in args.kind if "=" not in k]:
+        raise SystemExit(f"--kind takes NAME=CORPUS, got {bad}")
+    if unknown := set(args.kinds.split(",")) - set(CLIENTS) - {""}:
+        raise SystemExit(f"unknown --kinds {sorted(unknown)}: pick from {list(CLIENTS)}")
     base, spec = prepare_base("smollm2-135m"), LoraSpec()
     tb = TorchBackend(base, spec)
     extra = [k.split("=", 1) for k in args.kind]
-    prepared = prepare(tb, clients(mixed_corpus(args.mixed), args.per_kind, extra))
+    names = {k: CLIENTS[k] for k in args.kinds.split(",") if k}
+    prepared = prepare(tb, clients(mixed_corpus(args.mixed), args.per_kind, extra, names))
     if args.bystanders:
         from benchmarks.mixture_fleet import SWEEP_CLIENTS
 
@@ -518,8 +528,6 @@ def main() -> None:
         prepared |= {n: d | {"scored": False} for n, d in more.items()}
     seeds = [int(s) for s in args.seeds.split(",")]
     federations = args.federations.split(",")
-    if bad := [k for k in args.kind if "=" not in k]:
-        raise SystemExit(f"--kind takes NAME=CORPUS, got {bad}")
     if unknown := set(federations) - set(FEDERATIONS):
         raise SystemExit(f"unknown federations {sorted(unknown)}: pick from {FEDERATIONS}")
     began, rows = time.monotonic(), []
@@ -545,6 +553,8 @@ SETTINGS = {  # JSON key -> argument: what a run's numbers depend on besides see
     "ifca": "ifca",
     "ifca_follow": "follow",
     "bystanders": "bystanders",
+    "kinds": "kinds",
+    "extra_kinds": "kind",
 }
 
 
