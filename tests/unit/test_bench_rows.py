@@ -1,4 +1,5 @@
-"""``benchmarks/personalization.py --from-rows``: merged runs keep their own settings."""
+"""The benchmarks' run plumbing: ``personalization.py --from-rows`` keeps each merged run's
+settings; ``--part`` counts from 0."""
 
 import json
 import os
@@ -50,3 +51,11 @@ def test_merged_runs_record_their_own_settings_and_a_mixed_file_is_refused(tmp_p
     mixed = _write(tmp_path / "mixed.jsonl", [row | {"settings": ran}, row | {"settings": {}}])
     with pytest.raises(SystemExit, match="different settings"):
         bench.load_runs([mixed], ran)
+
+
+def test_a_part_past_the_last_is_refused(bench):
+    from benchmarks.common import part_of
+
+    assert part_of("0/2") == (0, 2) and part_of("1/2") == (1, 2)
+    with pytest.raises(SystemExit, match="0 to N-1"):
+        part_of("2/2")  # with 1/2, it would leave the first pair unrun
