@@ -514,12 +514,13 @@ def main() -> None:
 
     if bad := [k for k in args.kind if "=" not in k]:
         raise SystemExit(f"--kind takes NAME=CORPUS, got {bad}")
-    if unknown := set(args.kinds.split(",")) - set(CLIENTS) - {""}:
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(CLIENTS):
         raise SystemExit(f"unknown --kinds {sorted(unknown)}: pick from {list(CLIENTS)}")
     base, spec = prepare_base("smollm2-135m"), LoraSpec()
     tb = TorchBackend(base, spec)
     extra = [k.split("=", 1) for k in args.kind]
-    names = {k: CLIENTS[k] for k in args.kinds.split(",") if k}
+    names = {k: CLIENTS[k] for k in kinds}
     prepared = prepare(tb, clients(mixed_corpus(args.mixed), args.per_kind, extra, names))
     if args.bystanders:
         from benchmarks.mixture_fleet import SWEEP_CLIENTS
