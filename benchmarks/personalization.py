@@ -55,6 +55,7 @@ and splitting them would pass that state between modules.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -206,21 +207,31 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         tb.set_adapter(tensors)
         return perplexity(tb, windows, 4)
 
-    def tune(start, name, round_):
+    def tune(start, name, round_, moments=None):
         tb.set_adapter(start)
         i = names.index(name)
         tune_backprop(
-            tb, prepared[name]["train"], args.steps, args.lr, 4, seed * 1000 + round_ * 100 + i
+            tb,
+            prepared[name]["train"],
+            args.steps,
+            args.lr,
+            4,
+            seed * 1000 + round_ * 100 + i,
+            moments=moments,
         )
         return tb.get_adapter()
 
     first = {}  # round 1, shared: every federation tunes the init with the same batches
+    first_moments: dict[str, dict] = {}  # and AdamW's state after it, for --keep-optimizer
 
-    def tuned(start, name, round_):
+    def tuned(start, name, round_, moments=None):
         if round_ > 1:
-            return tune(start, name, round_)
+            return tune(start, name, round_, moments)
         if name not in first:
-            first[name] = tune(init, name, 1)
+            first_moments[name] = {}
+            first[name] = tune(init, name, 1, first_moments[name])
+        if moments is not None:
+            moments |= copy.deepcopy(first_moments[name])
         return first[name]
 
     def server(glob, deltas, clusters, round_, metrics=None):
@@ -268,12 +279,15 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         }
         glob, kept = init, persistent()
         reported: dict[str, dict] = {}  # each device's cluster_losses, sent with its next update
+        # --keep-optimizer: each device's AdamW state goes on from round to round
+        moments = {n: {} for n in names} if args.keep_optimizer else {}
+        own: dict[str, Tensors] = {}  # each device's last tuning, for --blend
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             deltas = {}
             for n in names:
                 start = canaries[n].served.tensors
-                after = tuned(start, n, round_)
+                own[n] = after = tuned(start, n, round_, moments.get(n))
                 deltas[n] = {k: after[k] - start[k] for k in start}
                 canaries[n].offer({"local": after}, round_ - 1)
             glob, clusters = server(glob, deltas, kept, round_, reported)
@@ -285,6 +299,11 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 if args.cluster_assign == "loss":
                     scores = {str(c): losses[f"cluster:{c}"] for c in kept.models}
                     reported[n] = {"cluster_losses": scores}
+                if args.blend:  # the device's last tuning moved toward its best cluster adapter
+                    best = min((k for k in losses if k.startswith("cluster")), key=losses.get)
+                    fit = offered[best]
+                    mixed = {k: own[n][k] + args.blend * (fit[k] - own[n][k]) for k in fit}
+                    canaries[n].offer({"blend": mixed}, round_)
             groups = {
                 c: dict(Counter(language(n, prepared) for n in names if kept.of.get(n) == c))
                 for c in sorted(kept.models)
@@ -474,6 +493,24 @@ def main() -> None:
         action="store_true",
         help="the 12 sweep clients join every federation's fleet (tune, upload), not scored",
     )
+    parser.add_argument(
+        "--keep-optimizer",
+        action="store_true",
+        help="personal federation: each device's AdamW state goes on across rounds",
+    )
+    parser.add_argument(
+        "--blend",
+        type=float,
+        default=0.0,
+        help="personal federation: the canary also weighs the device's last tuning moved this "
+        "far toward the cluster adapter it scored best (0: not offered)",
+    )
+    parser.add_argument(
+        "--scored",
+        default="report",
+        choices=("report", "sweep"),
+        help="which 12 clients are scored (with --bystanders the others join unscored)",
+    )
     parser.add_argument("--mix-lr", type=float, default=MIX_LR, help="the mixture search's")
     parser.add_argument("--mix-eps", type=float, default=MIX_EPS)
     parser.add_argument(
@@ -520,12 +557,15 @@ def main() -> None:
     base, spec = prepare_base("smollm2-135m"), LoraSpec()
     tb = TorchBackend(base, spec)
     extra = [k.split("=", 1) for k in args.kind]
-    names = {k: CLIENTS[k] for k in kinds}
+    from benchmarks.mixture_fleet import SWEEP_CLIENTS
+
+    scored, others = (
+        (CLIENTS, SWEEP_CLIENTS) if args.scored == "report" else (SWEEP_CLIENTS, CLIENTS)
+    )
+    names = {k: scored[k] for k in kinds}
     prepared = prepare(tb, clients(mixed_corpus(args.mixed), args.per_kind, extra, names))
     if args.bystanders:
-        from benchmarks.mixture_fleet import SWEEP_CLIENTS
-
-        more = prepare(tb, clients(mixed_corpus(args.mixed), names=SWEEP_CLIENTS))
+        more = prepare(tb, clients(mixed_corpus(args.mixed), names=others))
         prepared |= {n: d | {"scored": False} for n, d in more.items()}
     seeds = [int(s) for s in args.seeds.split(",")]
     federations = args.federations.split(",")
@@ -556,6 +596,9 @@ SETTINGS = {  # JSON key -> argument: what a run's numbers depend on besides see
     "bystanders": "bystanders",
     "kinds": "kinds",
     "extra_kinds": "kind",
+    "keep_optimizer": "keep_optimizer",
+    "blend": "blend",
+    "scored": "scored",
 }
 
 

@@ -233,3 +233,37 @@ def test_a_device_keeps_the_latest_adapter_of_each_cluster_and_refuses_mislabell
     with pytest.raises(PayloadError, match=r"numbered 0\.\.63"):
         take_cluster(device, topics.cluster(64), published(64, 3))
     assert list(device.cluster_adapters) == [1] and device.cluster_adapters[1].version == 2
+
+
+def test_kept_moments_make_two_rounds_of_adamw_one_run(tiny_base):
+    """``tune_backprop(moments=...)``: 3 steps then 3 more with the kept AdamW state end where
+    6 steps in one call do (the same batch every step); started afresh they do not."""
+    pytest.importorskip("torch")
+    from fleetune.edge_sdk.backends.torch import TorchBackend
+    from fleetune.edge_sdk.tuners.backprop import tune_backprop
+
+    # Prepare: one fixed batch, so the draws do not differ between the calls
+    backend = TorchBackend(tiny_base, SPEC)
+    train = np.tile(np.arange(5, 21), 16).reshape(8, 32)
+
+    def run(*chunks, moments=None):
+        backend.set_adapter(init_lora(SPEC, tiny_base))
+        for steps in chunks:
+            tune_backprop(
+                backend,
+                train,
+                steps,
+                3e-2,
+                4,
+                0,
+                loss_of=lambda _: backend.loss_tensor(train[:4]),
+                moments=moments,
+            )
+        return backend.get_adapter()
+
+    # Execute
+    once, kept, fresh = run(6), run(3, 3, moments={}), run(3, 3)
+    # Assert
+    for k in once:
+        np.testing.assert_allclose(kept[k], once[k], rtol=1e-5, atol=1e-7)
+    assert max(float(np.abs(fresh[k] - once[k]).max()) for k in once) > 1e-3
