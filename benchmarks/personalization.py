@@ -55,7 +55,6 @@ and splitting them would pass that state between modules.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -76,7 +75,7 @@ from benchmarks.cluster_fleet import IFCA_METHODS, ifca_arms  # noqa: E402
 from benchmarks.common import interval, log, ratio_bars  # noqa: E402
 from benchmarks.mixture_fleet import MIX_METHODS, mixture_arms  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
-from fleetune.edge_sdk.canary import Canary  # noqa: E402
+from fleetune.edge_sdk.canary import Canary, blend  # noqa: E402
 from fleetune.edge_sdk.data import (  # noqa: E402
     ClientText,
     load_corpus,
@@ -207,31 +206,21 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         tb.set_adapter(tensors)
         return perplexity(tb, windows, 4)
 
-    def tune(start, name, round_, moments=None):
+    def tune(start, name, round_):
         tb.set_adapter(start)
         i = names.index(name)
         tune_backprop(
-            tb,
-            prepared[name]["train"],
-            args.steps,
-            args.lr,
-            4,
-            seed * 1000 + round_ * 100 + i,
-            moments=moments,
+            tb, prepared[name]["train"], args.steps, args.lr, 4, seed * 1000 + round_ * 100 + i
         )
         return tb.get_adapter()
 
     first = {}  # round 1, shared: every federation tunes the init with the same batches
-    first_moments: dict[str, dict] = {}  # and AdamW's state after it, for --keep-optimizer
 
-    def tuned(start, name, round_, moments=None):
+    def tuned(start, name, round_):
         if round_ > 1:
-            return tune(start, name, round_, moments)
+            return tune(start, name, round_)
         if name not in first:
-            first_moments[name] = {}
-            first[name] = tune(init, name, 1, first_moments[name])
-        if moments is not None:
-            moments |= copy.deepcopy(first_moments[name])
+            first[name] = tune(init, name, 1)
         return first[name]
 
     def server(glob, deltas, clusters, round_, metrics=None):
@@ -279,15 +268,13 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         }
         glob, kept = init, persistent()
         reported: dict[str, dict] = {}  # each device's cluster_losses, sent with its next update
-        # --keep-optimizer: each device's AdamW state goes on from round to round
-        moments = {n: {} for n in names} if args.keep_optimizer else {}
         own: dict[str, Tensors] = {}  # each device's last tuning, for --blend
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             deltas = {}
             for n in names:
                 start = canaries[n].served.tensors
-                own[n] = after = tuned(start, n, round_, moments.get(n))
+                own[n] = after = tuned(start, n, round_)
                 deltas[n] = {k: after[k] - start[k] for k in start}
                 canaries[n].offer({"local": after}, round_ - 1)
             glob, clusters = server(glob, deltas, kept, round_, reported)
@@ -299,10 +286,8 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 if args.cluster_assign == "loss":
                     scores = {str(c): losses[f"cluster:{c}"] for c in kept.models}
                     reported[n] = {"cluster_losses": scores}
-                if args.blend:  # the device's last tuning moved toward its best cluster adapter
-                    best = min((k for k in losses if k.startswith("cluster")), key=losses.get)
-                    fit = offered[best]
-                    mixed = {k: own[n][k] + args.blend * (fit[k] - own[n][k]) for k in fit}
+                mixed = blend(own[n], offered, losses, args.blend)  # [tuning] blend
+                if mixed is not None:
                     canaries[n].offer({"blend": mixed}, round_)
             groups = {
                 c: dict(Counter(language(n, prepared) for n in names if kept.of.get(n) == c))
@@ -494,16 +479,12 @@ def main() -> None:
         help="the 12 sweep clients join every federation's fleet (tune, upload), not scored",
     )
     parser.add_argument(
-        "--keep-optimizer",
-        action="store_true",
-        help="personal federation: each device's AdamW state goes on across rounds",
-    )
-    parser.add_argument(
         "--blend",
         type=float,
         default=0.0,
-        help="personal federation: the canary also weighs the device's last tuning moved this "
-        "far toward the cluster adapter it scored best (0: not offered)",
+        help="the personal federation's [tuning] blend: the canary also weighs each device's "
+        "last tuning moved this far toward the cluster adapter it scored best (the device's "
+        "default is 0.5; 0, not offered, keeps the earlier tables' commands as they were)",
     )
     parser.add_argument(
         "--scored",
@@ -596,7 +577,6 @@ SETTINGS = {  # JSON key -> argument: what a run's numbers depend on besides see
     "bystanders": "bystanders",
     "kinds": "kinds",
     "extra_kinds": "kind",
-    "keep_optimizer": "keep_optimizer",
     "blend": "blend",
     "scored": "scored",
 }

@@ -6,8 +6,9 @@ base on its validation text. The previous adapter is kept for :meth:`Canary.roll
 
 Candidates (``edge_sdk/rounds.py``): ``global`` (the fleet's adapter), ``local`` (this round's
 tuning, which starts from what is served: the device's own line), ``cluster`` (the server's
-adapter for the devices whose updates resemble this one's), ``kept`` (what was served before a
-restart, from disk), and whatever is served already.
+adapter for the devices whose updates resemble this one's), ``blend`` (the device's last tuning
+moved part of the way toward the fleet's adapter that fits it best: :func:`blend`), ``kept``
+(what was served before a restart, from disk), and whatever is served already.
 """
 
 from __future__ import annotations
@@ -91,3 +92,19 @@ class Canary:
             "%s canary: rolled back to %s v%d", self.who, self.served.name, self.served.version
         )
         return self.served
+
+
+def blend(
+    own: Tensors | None, offered: dict[str, Tensors], losses: dict[str, float], share: float
+) -> Tensors | None:
+    """The candidate ``blend``: the device's last tuning ``own`` moved ``share`` of the way
+    toward the fleet's adapter among ``offered`` with the lowest validation loss (its best
+    ``cluster…`` adapter, else the ``global``); ``None`` before the device has tuned, with
+    ``share = 0``, or where the two do not hold the same tensors (a window device's tuning)."""
+    fleet = [name for name in offered if name.startswith("cluster")] or ["global"]
+    if not share or own is None or fleet[0] not in offered:
+        return None
+    toward = offered[min(fleet, key=losses.__getitem__)]
+    if toward.keys() != own.keys():
+        return None
+    return {k: v + share * (toward[k] - v) for k, v in own.items()}

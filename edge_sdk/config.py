@@ -87,6 +87,8 @@ class TuningConfig:
     start: str = "served"  # each round tunes from: served (what the canary serves) | global |
     # cluster (its latest cluster adapter from the server, IFCA; the global until one comes)
     share: str = "all"  # what a dense update sends: all | lora_a (shared A, B stays: FedSA-LoRA)
+    blend: float = 0.5  # the canary also weighs the device's last tuning moved this far toward
+    # the fleet's adapter it scored best (its best cluster's, else the global; 0: not offered)
     zo_lr: float = 1e-2  # zeroth-order step size (B-only LoRA: best of a sweep, shared/research)
     zo_eps: float = 1e-3  # zeroth-order perturbation scale
     zo_perturbations: int = 1  # directions per zeroth-order step (sub-steps of lr / n each)
@@ -131,6 +133,8 @@ class TuningConfig:
             )
         if self.zo_params not in ZO_PARAMS:
             raise ConfigError(f"[tuning] zo_params must be one of {ZO_PARAMS}")
+        if not 0.0 <= self.blend < 1.0:
+            raise ConfigError(f"[tuning] blend must be in [0, 1), got {self.blend}")
         if self.mix_zo_steps < 0:
             raise ConfigError("[tuning] mix_zo_steps must be >= 0")
         if self.backprop_params not in BACKPROP_PARAMS:

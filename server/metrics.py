@@ -11,7 +11,7 @@ import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-SERVED = ("base", "global", "local", "cluster", "kept")  # what a device's canary may serve
+SERVED = ("base", "global", "local", "cluster", "blend", "kept")  # what a device's canary may serve
 
 
 def reported_perplexity(metrics: dict) -> float | None:

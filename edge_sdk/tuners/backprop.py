@@ -80,18 +80,13 @@ def tune_backprop(
     params: str = "all",
     seconds: float | None = None,
     loss_of: Callable[[np.ndarray], Any] | None = None,
-    moments: dict | None = None,
 ) -> dict:
     """``steps`` AdamW steps on batches drawn from ``train`` windows (fewer if ``seconds`` of
     wall-clock run out first); returns metrics. ``params="lora_b"`` keeps A at the fleet's
     shared init, so the adapters of such devices mix exactly (``edge_sdk.tuners.mix``).
-    ``loss_of(rows)`` is a batch's loss tensor (default: the engine's, on ``train[rows]``).
-    ``moments``: AdamW's state goes on from the one kept there and is kept there after (a
-    device's optimizer across rounds; empty at first)."""
+    ``loss_of(rows)`` is a batch's loss tensor (default: the engine's, on ``train[rows]``)."""
     rng = np.random.default_rng(seed)
     optimizer = AdamW(backend.trainable(params), lr=lr)
-    if moments:
-        optimizer.steps, optimizer.moments = moments["adamw"]
     backend.model.train()
     losses: list[float] = []
     start = time.monotonic()
@@ -109,8 +104,6 @@ def tune_backprop(
                 progress(step + 1, losses[-1])
     finally:
         backend.model.eval()
-        if moments is not None:
-            moments["adamw"] = optimizer.steps, optimizer.moments
     return {
         "steps": len(losses),
         "train_loss": float(np.mean(losses[-5:])) if losses else float("nan"),

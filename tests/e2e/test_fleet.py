@@ -45,7 +45,7 @@ def test_two_kinds_of_users_each_serve_better_than_the_global_adapter(
     for device in doc["devices"]:
         assert device["ppl_local"] < device["ppl_base"], device
         assert device["ppl_served"] < device["ppl_final"] < device["ppl_base"], device
-        assert device["served"].split(":")[0] in ("local", "cluster"), device
+        assert device["served"].split(":")[0] in ("local", "cluster", "blend"), device
         assert [h["round"] for h in device["history"]] == [1, 2, 2]
     # round 2 placed both devices by the losses their canaries reported over mosquitto
     logged = [r.getMessage() for r in caplog.records if "by validation loss" in r.getMessage()]

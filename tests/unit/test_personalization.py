@@ -8,7 +8,7 @@ import pytest
 
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import FlatLayout
-from fleetune.edge_sdk.canary import Canary
+from fleetune.edge_sdk.canary import Canary, blend
 from fleetune.server.basis import span
 from fleetune.server.clusters import Clusters, cluster_adapters
 from fleetune.server.strategy import STRATEGIES, Update
@@ -36,6 +36,45 @@ def test_the_canary_serves_the_best_candidate_only_if_it_beats_what_is_served():
     # rollback serves the previous one again, once
     assert canary.rollback().name == "local"
     assert canary.rollback().name == "local"
+
+
+def test_blend_moves_the_own_tuning_toward_the_fleet_adapter_that_fits_best():
+    own = _adapter(0.0)
+    offered = {"global": _adapter(4.0), "cluster:0": _adapter(2.0), "cluster:1": _adapter(8.0)}
+    losses = {"global": 0.1, "cluster:0": 0.5, "cluster:1": 0.7}
+    # the best cluster adapter, even where the global scores better; without clusters the global
+    mixed = blend(own, offered, losses, 0.25)
+    assert mixed is not None and all(np.all(v == 0.5) for v in mixed.values())
+    mixed = blend(own, {"global": offered["global"]}, losses, 0.5)
+    assert mixed is not None and all(np.all(v == 2.0) for v in mixed.values())
+    # nothing before the device has tuned, with share 0, or against other tensors
+    assert blend(None, offered, losses, 0.5) is None
+    assert blend(own, offered, losses, 0.0) is None
+    assert blend(dict(list(own.items())[:1]), offered, losses, 0.5) is None
+
+
+def test_a_round_offers_the_canary_the_blend_after_the_fleet_adapters():
+    """``rounds.weigh``: the fleet's adapters first, then the device's last tuning halfway to
+    the best cluster adapter, served where it validates best; no blend with ``blend = 0``."""
+    from types import SimpleNamespace
+
+    from fleetune.edge_sdk.config import TuningConfig
+    from fleetune.edge_sdk.rounds import weigh
+
+    def score(t):  # validation loss: distance of the adapter's value from 1.0
+        return abs(float(next(iter(t.values())).flat[0]) - 1.0)
+
+    offered = {"global": _adapter(5.0), "cluster:0": _adapter(2.0)}
+    for share, served in ((0.5, "blend"), (0.0, "cluster:0")):
+        canary = Canary(score, _adapter(-3.0))
+        client = SimpleNamespace(
+            tuned_adapter=_adapter(0.0),
+            config=SimpleNamespace(tuning=TuningConfig(blend=share)),
+        )
+        losses = weigh(client, canary, offered, version=2)
+        assert set(losses) == {"global", "cluster:0", "served:base"}
+        assert canary.served.name == served
+        assert canary.served.loss == pytest.approx(0.0 if share else 1.0)
 
 
 def test_the_canary_never_leaves_the_base_for_anything_worse():
@@ -233,37 +272,3 @@ def test_a_device_keeps_the_latest_adapter_of_each_cluster_and_refuses_mislabell
     with pytest.raises(PayloadError, match=r"numbered 0\.\.63"):
         take_cluster(device, topics.cluster(64), published(64, 3))
     assert list(device.cluster_adapters) == [1] and device.cluster_adapters[1].version == 2
-
-
-def test_kept_moments_make_two_rounds_of_adamw_one_run(tiny_base):
-    """``tune_backprop(moments=...)``: 3 steps then 3 more with the kept AdamW state end where
-    6 steps in one call do (the same batch every step); started afresh they do not."""
-    pytest.importorskip("torch")
-    from fleetune.edge_sdk.backends.torch import TorchBackend
-    from fleetune.edge_sdk.tuners.backprop import tune_backprop
-
-    # Prepare: one fixed batch, so the draws do not differ between the calls
-    backend = TorchBackend(tiny_base, SPEC)
-    train = np.tile(np.arange(5, 21), 16).reshape(8, 32)
-
-    def run(*chunks, moments=None):
-        backend.set_adapter(init_lora(SPEC, tiny_base))
-        for steps in chunks:
-            tune_backprop(
-                backend,
-                train,
-                steps,
-                3e-2,
-                4,
-                0,
-                loss_of=lambda _: backend.loss_tensor(train[:4]),
-                moments=moments,
-            )
-        return backend.get_adapter()
-
-    # Execute
-    once, kept, fresh = run(6), run(3, 3, moments={}), run(3, 3)
-    # Assert
-    for k in once:
-        np.testing.assert_allclose(kept[k], once[k], rtol=1e-5, atol=1e-7)
-    assert max(float(np.abs(fresh[k] - once[k]).max()) for k in once) > 1e-3
