@@ -75,7 +75,7 @@ from benchmarks.cluster_fleet import IFCA_METHODS, ifca_arms  # noqa: E402
 from benchmarks.common import interval, log, ratio_bars  # noqa: E402
 from benchmarks.mixture_fleet import MIX_METHODS, mixture_arms  # noqa: E402
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora  # noqa: E402
-from fleetune.edge_sdk.canary import Canary, blend  # noqa: E402
+from fleetune.edge_sdk.canary import Canary  # noqa: E402
 from fleetune.edge_sdk.data import (  # noqa: E402
     ClientText,
     load_corpus,
@@ -263,12 +263,14 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         # what a device does (edge_sdk/rounds.py): tune from the adapter it serves, upload the
         # change; the canary weighs its tuning, the global and its cluster adapter
         canaries = {
-            n: Canary(lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init)
+            n: Canary(
+                lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init, share=args.blend
+            )
             for n in names
         }
         glob, kept = init, persistent()
         reported: dict[str, dict] = {}  # each device's cluster_losses, sent with its next update
-        own: dict[str, Tensors] = {}  # each device's last tuning, for --blend
+        own: dict[str, Tensors] = {}  # each device's last tuning, for its canary's blend
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             deltas = {}
@@ -282,13 +284,10 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
                 offered = {"global": glob, "cluster": clusters.get(n, glob)}
                 if args.cluster_assign == "loss":  # every cluster adapter (adapter/cluster/{c})
                     offered = {"global": glob} | {f"cluster:{c}": m for c, m in kept.models.items()}
-                losses = canaries[n].offer(offered, round_).losses
+                losses = canaries[n].offer(offered, round_, own[n]).losses
                 if args.cluster_assign == "loss":
                     scores = {str(c): losses[f"cluster:{c}"] for c in kept.models}
                     reported[n] = {"cluster_losses": scores}
-                mixed = blend(own[n], offered, losses, args.blend)  # [tuning] blend
-                if mixed is not None:
-                    canaries[n].offer({"blend": mixed}, round_)
             groups = {
                 c: dict(Counter(language(n, prepared) for n in names if kept.of.get(n) == c))
                 for c in sorted(kept.models)

@@ -54,16 +54,25 @@ class Canary:
         base: Tensors,
         who: str = "",
         keep: Callable[[Served], None] | None = None,
+        share: float = 0.0,
     ) -> None:
         """``score(tensors)`` is the validation loss of an adapter (lower is better); ``who``
-        names the device in the log; ``keep(served)`` saves each newly served adapter."""
-        self.score, self.who, self.keep = score, who, keep
+        names the device in the log; ``keep(served)`` saves each newly served adapter;
+        ``share``: how far a :func:`blend` moves the device's tuning (``[tuning] blend``)."""
+        self.score, self.who, self.keep, self.share = score, who, keep, share
         self.served = Served("base", 0, score(base), base)
         self.previous: Served | None = None
 
-    def offer(self, candidates: dict[str, Tensors], version: int) -> Choice:
-        """Score ``candidates`` and serve the best if it beats the served adapter."""
+    def offer(
+        self, candidates: dict[str, Tensors], version: int, own: Tensors | None = None
+    ) -> Choice:
+        """Score ``candidates`` and serve the best if it beats the served adapter; with ``own``,
+        the device's last tuning, the fleet's adapters among them also bring their ``blend``."""
         losses = {name: self.score(tensors) for name, tensors in candidates.items()}
+        mixed = blend(own, candidates, losses, self.share)
+        if mixed is not None:
+            candidates = candidates | {"blend": mixed}
+            losses["blend"] = self.score(mixed)
         losses[f"served:{self.served.name}"] = self.served.loss
         best = min(candidates, key=losses.__getitem__, default=None)
         switched = best is not None and losses[best] < self.served.loss

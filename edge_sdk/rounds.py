@@ -36,7 +36,7 @@ import numpy as np
 
 from fleetune.edge_sdk.adapters.lora import LoraSpec, init_lora
 from fleetune.edge_sdk.adapters.lora.flat import PARTS, FlatLayout
-from fleetune.edge_sdk.canary import Canary, blend
+from fleetune.edge_sdk.canary import Canary
 from fleetune.edge_sdk.data import ClientData, split_validation
 from fleetune.edge_sdk.errors import ConfigError, PayloadError, TransportError
 from fleetune.edge_sdk.evaluation import DeviceReport
@@ -136,6 +136,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 client.fleet, "f32", sender=client.device
             )
         ),
+        share=client.config.tuning.blend,
     )
     restore(client, canary)
     log.info(
@@ -260,7 +261,7 @@ def run_round(
     ppl_global = report.ppl_base if current.version == 0 else client.evaluate(data.heldout)
     fresh = published(client, current.version, canary.served.tensors)
     offered = {"global": own_b(client, mine, canary.served.tensors)} | fresh
-    losses = weigh(client, canary, offered, current.version)
+    losses = canary.offer(offered, current.version, client.tuned_adapter).losses
     cluster_losses = {name.split(":")[1]: round(losses[name], 6) for name in fresh}
     best = min(fresh, key=losses.__getitem__, default=None)
     cluster = client.cluster_adapter if best is None else fresh[best]
@@ -377,18 +378,6 @@ def with_a(a_from: Tensors, rest: Tensors) -> Tensors:
     return {k: a_from[k] if PARTS["lora_a"] in k else v for k, v in rest.items()}
 
 
-def weigh(
-    client: EdgeClient, canary: Canary, offered: dict[str, Tensors], version: int
-) -> dict[str, float]:
-    """Offer the canary the fleet's adapters, then the device's last tuning blended toward the
-    best of them (``[tuning] blend``); returns the fleet's adapters' validation losses."""
-    losses = canary.offer(offered, version).losses
-    mixed = blend(client.tuned_adapter, offered, losses, client.config.tuning.blend)
-    if mixed is not None:
-        canary.offer({"blend": mixed}, version)
-    return losses
-
-
 def validation_loss(client: EdgeClient, tensors: Tensors, windows: np.ndarray) -> float:
     """Mean loss of an adapter on the canary's validation windows."""
     client.backend.set_adapter(tensors)
@@ -405,7 +394,7 @@ def serve(
 ) -> None:
     """The canary's last word: the adapter the device serves from now on, and its held-out
     perplexity (for the report: the canary never sees held-out text)."""
-    weigh(client, canary, candidates, version)
+    canary.offer(candidates, version, client.tuned_adapter)
     client.backend.set_adapter(canary.served.tensors)
     report.served = canary.served.name
     report.ppl_served = client.evaluate(data.heldout)

@@ -53,28 +53,23 @@ def test_blend_moves_the_own_tuning_toward_the_fleet_adapter_that_fits_best():
     assert blend(dict(list(own.items())[:1]), offered, losses, 0.5) is None
 
 
-def test_a_round_offers_the_canary_the_blend_after_the_fleet_adapters():
-    """``rounds.weigh``: the fleet's adapters first, then the device's last tuning halfway to
-    the best cluster adapter, served where it validates best; no blend with ``blend = 0``."""
-    from types import SimpleNamespace
-
-    from fleetune.edge_sdk.config import TuningConfig
-    from fleetune.edge_sdk.rounds import weigh
+def test_the_canary_weighs_the_blend_of_the_own_tuning_with_the_fleet_adapters():
+    """``Canary.offer(..., own)``: the device's last tuning halfway to the best cluster adapter
+    is served where it validates best; not offered with ``share = 0`` or without ``own``."""
 
     def score(t):  # validation loss: distance of the adapter's value from 1.0
         return abs(float(next(iter(t.values())).flat[0]) - 1.0)
 
     offered = {"global": _adapter(5.0), "cluster:0": _adapter(2.0)}
-    for share, served in ((0.5, "blend"), (0.0, "cluster:0")):
-        canary = Canary(score, _adapter(-3.0))
-        client = SimpleNamespace(
-            tuned_adapter=_adapter(0.0),
-            config=SimpleNamespace(tuning=TuningConfig(blend=share)),
-        )
-        losses = weigh(client, canary, offered, version=2)
-        assert set(losses) == {"global", "cluster:0", "served:base"}
-        assert canary.served.name == served
-        assert canary.served.loss == pytest.approx(0.0 if share else 1.0)
+    for share, own, served in (
+        (0.5, 0.0, "blend"),
+        (0.0, 0.0, "cluster:0"),
+        (0.5, None, "cluster:0"),
+    ):
+        canary = Canary(score, _adapter(-3.0), share=share)
+        choice = canary.offer(offered, 2, None if own is None else _adapter(own))
+        assert (choice.served, "blend" in choice.losses) == (served, served == "blend")
+        assert canary.served.loss == pytest.approx(0.0 if served == "blend" else 1.0)
 
 
 def test_the_canary_never_leaves_the_base_for_anything_worse():
