@@ -261,7 +261,8 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             arms["cluster"][n] = clusters.get(n, glob)
     if "personal" in federations:
         # what a device does (edge_sdk/rounds.py): tune from the adapter it serves, upload the
-        # change; the canary weighs its tuning, the global and its cluster adapter
+        # change; the canary weighs its tuning, the global, its cluster adapter and (--blend)
+        # its tuning moved toward the best cluster adapter
         canaries = {
             n: Canary(
                 lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init, share=args.blend
