@@ -190,7 +190,7 @@ def follow_rounds(client: EdgeClient, item: ClientText, data: ClientData) -> Dev
                 personal = PersonalAdapter.decode(payload, client.fleet)
                 cluster = own_b(client, personal.tensors, canary.served.tensors)
                 client.cluster_adapter = cluster
-                canary.offer({"cluster": cluster}, personal.version)
+                canary.offer({"cluster": cluster}, personal.version, client.tuned_adapter)
             elif topics.is_cluster(msg.topic):
                 take_cluster(client, msg.topic, payload)
         except PayloadError as err:

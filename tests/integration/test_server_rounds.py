@@ -831,7 +831,7 @@ def test_a_replayed_older_adapter_is_refused_and_reported(tmp_path, tiny_base, c
     ids=["served", "cluster", "cluster-by-loss"],
 )
 def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
-    tmp_path, tiny_base, start, assign, caplog
+    tmp_path, tiny_base, start, assign, caplog, monkeypatch
 ):
     """Two kinds of users (two token languages) on the tiny model: the server pushes cluster
     adapters, each device's canary serves what fits its own text best. With ``start =
@@ -870,6 +870,7 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
             # engines load one at a time (transformers' model init is not thread-safe)
             clients[name] = EdgeClient(config, base=tiny_base, transport=broker.client(name)).open()
     rounds = {name: _spy(client) for name, client in clients.items()}
+    pushed_offers = _spy_cluster_offers(monkeypatch)
 
     def device(name: str) -> None:
         reports[name] = clients[name].run(ClientText(name, ""), data=datasets[name])
@@ -916,6 +917,24 @@ def test_devices_of_two_kinds_serve_adapters_that_beat_the_global_one(
         second = {name: rounds[name][1][0] for name in clients}
         assert all(np.array_equal(second["a0"][k], second["a1"][k]) for k in second["a0"])
         assert not all(np.array_equal(second["a0"][k], second["b0"][k]) for k in second["a0"])
+    # a pushed cluster adapter is weighed with the blend of the device's tuning toward it
+    assert pushed_offers and all("blend" in losses for losses in pushed_offers)
+
+
+def _spy_cluster_offers(monkeypatch) -> list[dict[str, float]]:
+    """Record the losses of each canary offer of a pushed cluster adapter alone."""
+    from fleetune.edge_sdk.canary import Canary
+
+    losses, offer = [], Canary.offer
+
+    def spy(canary, candidates, version, own=None):
+        choice = offer(canary, candidates, version, own)
+        if list(candidates) == ["cluster"]:
+            losses.append(choice.losses)
+        return choice
+
+    monkeypatch.setattr(Canary, "offer", spy)
+    return losses
 
 
 def _spy(client) -> list[tuple[dict, dict]]:
