@@ -43,8 +43,9 @@ Per client, held-out perplexity (24 windows never trained on and never seen by t
                 compute (--federations pooled)
 
 Per seed the batch draws change (the LoRA init is the fleet's shared one). Writes JSON: per seed
-and client, the geometric mean over clients per method with a 95% t-interval over seeds, and
-the served adapter's win rates against ``global`` and ``local``; and a plot next to it.
+and client, the geometric mean over clients per method with a 95% t-interval over seeds, the
+served adapter's win rates against ``global`` and ``local``, and each client's served over
+local-only across seeds (``served_over_local_by_client``); and a plot next to it.
 
     python -m benchmarks.personalization --json results/bench_personalization.json
 
@@ -423,10 +424,26 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
             summary["worst_served_over_local"] = max(
                 r["ppl_served"] / r["ppl_local"] for r in picked
             )
+            summary["served_over_local_by_client"] = by_client = over_seeds(picked)
+            summary["worst_client_served_over_local"] = max(c["mean"] for c in by_client.values())
         summary["served_counts"] = {
             n: sum(r["served"] == n for r in picked) for n in sorted({r["served"] for r in picked})
         }
         out[kind] = summary
+    return out
+
+
+def over_seeds(rows: list[dict]) -> dict[str, dict]:
+    """Per client, served over local-only across seeds: the geometric mean and its 95%
+    t-interval (one seed's ratio mixes the method with that seed's batch draws)."""
+    out = {}
+    for client in dict.fromkeys(r["client"] for r in rows):
+        logs = [math.log(r["ppl_served"] / r["ppl_local"]) for r in rows if r["client"] == client]
+        got = interval(logs)
+        out[client] = {
+            "mean": math.exp(got["mean"]),
+            "ci95": [math.exp(x) for x in got["ci95"]] if got["ci95"] else None,
+        }
     return out
 
 

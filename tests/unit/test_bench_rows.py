@@ -1,5 +1,5 @@
 """The benchmarks' run plumbing: ``personalization.py --from-rows`` keeps each merged run's
-settings; ``--part`` counts from 0."""
+settings; ``--part`` counts from 0; ``blend_sweep.py`` pairs each value with local-only."""
 
 import json
 import os
@@ -60,3 +60,47 @@ def test_a_part_past_the_last_is_refused(bench):
     assert part_of("0/2") == (0, 2) and part_of("1/2") == (1, 2)
     with pytest.raises(SystemExit, match="0 to N-1"):
         part_of("2/2")  # with 1/2, it would leave the first pair unrun
+
+
+def test_the_blend_sweep_pairs_each_value_with_local_only_and_picks_the_lowest():
+    from benchmarks.blend_sweep import summarize, value_rows
+
+    # Prepare: two clients of two kinds; value 0.5 serves lower on both, 0.25 on one
+    def rows(a, b):
+        return [
+            {"client": "x", "kind": "k1", "ppl_served": a, "served": "local"},
+            {"client": "y", "kind": "k2", "ppl_served": b, "served": "cluster:2"},
+        ]
+
+    local = [{"client": "x", "ppl_local": 10.0}, {"client": "y", "ppl_local": 20.0}]
+    by_value = {0.0: rows(10.0, 20.0), 0.25: rows(9.0, 21.0), 0.5: rows(9.0, 18.0)}
+    # Execute
+    got = summarize(by_value, local)
+    # Assert: ratios to local-only, paired wins over value 0, what was served, the pick
+    quarter, half = got["values"]["0.25"], got["values"]["0.5"]
+    assert quarter["all"]["better_than_first"] == 1 and half["all"]["better_than_first"] == 2
+    assert quarter["all"]["worst_served_over_local"] == pytest.approx(1.05)
+    assert half["k2"]["served_over_local"] == pytest.approx(0.9)
+    assert half["all"]["served_counts"] == {"cluster": 1, "local": 1}
+    assert got["pick"] == "0.5"
+    # a client without a local-only row, and a rows file without its value, are refused
+    with pytest.raises(SystemExit, match=r"no local-only row for \['y'\]"):
+        summarize(by_value, local[:1])
+    with pytest.raises(SystemExit, match="VALUE=ROWS"):
+        value_rows("results/b.jsonl")
+
+
+def test_each_clients_ratio_to_local_only_is_also_given_over_seeds(bench):
+    # Prepare: one client 10% worse on one seed and 10% better on the other, one always 3% worse
+    rows = [
+        {"seed": s, "client": c, "kind": "k", "ppl_base": 9.0, "ppl_local": 5.0, "served": "local"}
+        | {"ppl_served": 5.0 * ratio}
+        for s, c, ratio in ((0, "a", 1.1), (1, "a", 1 / 1.1), (0, "b", 1.03), (1, "b", 1.03))
+    ]
+    # Execute
+    summary = bench.summarize(rows, [0, 1])["all"]
+    # Assert: the worst single row is a's 1.1; over seeds a is even and b is the worst
+    assert summary["worst_served_over_local"] == pytest.approx(1.1)
+    by_client = summary["served_over_local_by_client"]
+    assert by_client["a"]["mean"] == pytest.approx(1.0) and by_client["b"]["ci95"] is not None
+    assert summary["worst_client_served_over_local"] == pytest.approx(1.03)
