@@ -21,10 +21,12 @@ import json
 import shlex
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`
 from benchmarks.common import geomean, log, save_plot, sweep_parser
+from benchmarks.personalization import kinds_of
 
 # the report's command line (README, "Personalization on users who differ") less --blend
 REPORT = shlex.split(
@@ -76,26 +78,24 @@ def run(args) -> tuple[dict[float, list[dict]], list[dict]]:
 def summarize(by_value: dict[float, list[dict]], local: list[dict]) -> dict:
     """Per value and kind (and ``all``): the served geometric mean, its ratio to local-only,
     the worst client's ratio, wins over the first value, and what was served; the pick."""
-    reference = {r["client"]: r["ppl_local"] for r in local if "ppl_local" in r}
-    first = {r["client"]: r["ppl_served"] for r in next(iter(by_value.values()))}
+    reference = {key(r): r["ppl_local"] for r in local if "ppl_local" in r}
+    first = {key(r): r["ppl_served"] for r in next(iter(by_value.values()))}
     out: dict = {"values": {}}
     for value, rows in by_value.items():
-        if missing := {r["client"] for r in rows} - set(reference):
+        if missing := {key(r) for r in rows} - set(reference):
             raise SystemExit(f"blend {value}: no local-only row for {sorted(missing)}")
-        kinds = {"all": rows} | {k: [r for r in rows if r["kind"] == k] for k in kinds_in(rows)}
+        kinds = {"all": rows} | {k: [r for r in rows if r["kind"] == k] for k in kinds_of(rows)}
         out["values"][str(value)] = {
             kind: {
                 "ppl_served": geomean([r["ppl_served"] for r in some]),
-                "ppl_local": geomean([reference[r["client"]] for r in some]),
-                "served_over_local": geomean(
-                    [r["ppl_served"] / reference[r["client"]] for r in some]
-                ),
-                "worst_served_over_local": max(
-                    r["ppl_served"] / reference[r["client"]] for r in some
-                ),
-                "better_than_first": sum(r["ppl_served"] < first[r["client"]] for r in some),
+                "ppl_local": geomean([reference[key(r)] for r in some]),
+                "served_over_local": geomean([r["ppl_served"] / reference[key(r)] for r in some]),
+                "worst_served_over_local": max(r["ppl_served"] / reference[key(r)] for r in some),
+                "better_than_first": sum(r["ppl_served"] < first[key(r)] for r in some),
                 "clients": len(some),
-                "served_counts": count(r["served"].split(":")[0] for r in some),
+                "served_counts": dict(
+                    sorted(Counter(r["served"].split(":")[0] for r in some).items())
+                ),
             }
             for kind, some in kinds.items()
         }
@@ -103,13 +103,8 @@ def summarize(by_value: dict[float, list[dict]], local: list[dict]) -> dict:
     return out
 
 
-def kinds_in(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["kind"] for r in rows))
-
-
-def count(names) -> dict[str, int]:
-    names = list(names)
-    return {n: names.count(n) for n in sorted(set(names))}
+def key(row: dict) -> tuple[int, str]:
+    return row["seed"], row["client"]
 
 
 def plot(summary: dict, seeds: list[int], path: Path) -> None:

@@ -62,17 +62,17 @@ def test_a_part_past_the_last_is_refused(bench):
         part_of("2/2")  # with 1/2, it would leave the first pair unrun
 
 
-def test_the_blend_sweep_pairs_each_value_with_local_only_and_picks_the_lowest():
+def test_the_blend_sweep_pairs_each_value_with_local_only_and_picks_the_lowest(bench):
     from benchmarks.blend_sweep import summarize, value_rows
 
     # Prepare: two clients of two kinds; value 0.5 serves lower on both, 0.25 on one
     def rows(a, b):
         return [
-            {"client": "x", "kind": "k1", "ppl_served": a, "served": "local"},
-            {"client": "y", "kind": "k2", "ppl_served": b, "served": "cluster:2"},
+            {"seed": 7, "client": "x", "kind": "k1", "ppl_served": a, "served": "local"},
+            {"seed": 7, "client": "y", "kind": "k2", "ppl_served": b, "served": "cluster:2"},
         ]
 
-    local = [{"client": "x", "ppl_local": 10.0}, {"client": "y", "ppl_local": 20.0}]
+    local = [{"seed": 7, "client": c, "ppl_local": ppl} for c, ppl in (("x", 10.0), ("y", 20.0))]
     by_value = {0.0: rows(10.0, 20.0), 0.25: rows(9.0, 21.0), 0.5: rows(9.0, 18.0)}
     # Execute
     got = summarize(by_value, local)
@@ -84,7 +84,7 @@ def test_the_blend_sweep_pairs_each_value_with_local_only_and_picks_the_lowest()
     assert half["all"]["served_counts"] == {"cluster": 1, "local": 1}
     assert got["pick"] == "0.5"
     # a client without a local-only row, and a rows file without its value, are refused
-    with pytest.raises(SystemExit, match=r"no local-only row for \['y'\]"):
+    with pytest.raises(SystemExit, match=r"no local-only row for \[\(7, 'y'\)\]"):
         summarize(by_value, local[:1])
     with pytest.raises(SystemExit, match="VALUE=ROWS"):
         value_rows("results/b.jsonl")
