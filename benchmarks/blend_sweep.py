@@ -123,7 +123,8 @@ def plot(summary: dict, seeds: list[int], path: Path) -> None:
     ax.set_xlabel("[tuning] blend")
     ax.set_ylabel("served / local-only (geometric mean)")
     clients = summary["values"][values[0]]["all"]["clients"]
-    title = f"the canary's blend, {clients} sweep clients, seeds {seeds}"
+    seed = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    title = f"the canary's blend, {clients} sweep clients, {seed}"
     ax.set_title(title, fontsize=9)
     save_plot(fig, ax, path)
 
