@@ -4,7 +4,7 @@ seed, otherwise the report's fleet and schedule (``REPORT``: 6 rounds x 5 AdamW 
 cluster adapters moved by 2x, devices assigned by validation loss).
 
 Each value runs ``personalization.py --federations personal --blend V`` in its own process
-(1 thread, ``--jobs`` at a time; about 70 min each when they have a core to themselves), and
+(1 thread, ``--jobs`` at a time; about an hour each with a core to itself: 58 min measured), and
 local-only runs once as the reference. Per value: the served adapter's geometric mean over the
 clients, per kind and over all, its ratio to local-only, its worst client against local-only,
 on how many clients it beats the first value (0: no blend; same batch draws, so paired), and
