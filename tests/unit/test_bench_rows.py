@@ -1,5 +1,5 @@
 """The benchmarks' run plumbing: ``personalization.py --from-rows`` keeps each merged run's
-settings; ``--part`` counts from 0; ``blend_sweep.py`` pairs each value with local-only."""
+settings; ``--part`` counts from 0; ``loop_sweep.py`` pairs each value with local-only."""
 
 import json
 import os
@@ -62,18 +62,20 @@ def test_a_part_past_the_last_is_refused(bench):
         part_of("2/2")  # with 1/2, it would leave the first pair unrun
 
 
-def test_the_blend_sweep_pairs_each_value_with_local_only_and_picks_the_lowest(bench):
-    from benchmarks.blend_sweep import summarize, value_rows
+def test_the_loop_sweep_pairs_each_value_with_local_only_and_picks_the_lowest(bench):
+    from benchmarks.loop_sweep import summarize, value_rows
 
     # Prepare: two clients of two kinds; value 0.5 serves lower on both, 0.25 on one
-    def rows(a, b):
+    def rows(a, b, blend):
+        settings = {"rounds": 6, "clusters": 5, "cluster_assign": "loss", "blend": blend}
         return [
-            {"seed": 7, "client": "x", "kind": "k1", "ppl_served": a, "served": "local"},
-            {"seed": 7, "client": "y", "kind": "k2", "ppl_served": b, "served": "cluster:2"},
+            {"seed": 7, "client": c, "kind": k, "ppl_served": v, "served": n, "settings": settings}
+            for c, k, v, n in (("x", "k1", a, "local"), ("y", "k2", b, "cluster:2"))
         ]
 
     local = [{"seed": 7, "client": c, "ppl_local": ppl} for c, ppl in (("x", 10.0), ("y", 20.0))]
-    by_value = {0.0: rows(10.0, 20.0), 0.25: rows(9.0, 21.0), 0.5: rows(9.0, 18.0)}
+    by_value = {"0.0": rows(10.0, 20.0, 0.0), "0.25": rows(9.0, 21.0, 0.25)}
+    by_value["0.5"] = rows(9.0, 18.0, 0.5)
     # Execute
     got = summarize(by_value, local)
     # Assert: ratios to local-only, paired wins over value 0, what was served, the pick
@@ -83,11 +85,18 @@ def test_the_blend_sweep_pairs_each_value_with_local_only_and_picks_the_lowest(b
     assert half["k2"]["served_over_local"] == pytest.approx(0.9)
     assert half["all"]["served_counts"] == {"cluster": 1, "local": 1}
     assert got["pick"] == "0.5"
+    # 6 rounds of the tuning, the global and 5 cluster adapters, and the blend where it is on
+    assert got["validation_passes"] == {"0.0": 42, "0.25": 48, "0.5": 48}
     # a client without a local-only row, and a rows file without its value, are refused
     with pytest.raises(SystemExit, match=r"no local-only row for \[\(7, 'y'\)\]"):
         summarize(by_value, local[:1])
     with pytest.raises(SystemExit, match="VALUE=ROWS"):
-        value_rows("results/b.jsonl")
+        value_rows("blend", "results/b.jsonl")
+    # a schedule whose rounds x steps is not local-only's 30 steps is refused; 0 and 0.0 are one
+    assert value_rows("schedule", "10:3=r.jsonl") == ("10:3", "r.jsonl")
+    assert value_rows("blend", "0=r.jsonl") == ("0.0", "r.jsonl")
+    with pytest.raises(SystemExit, match="R x S = 30"):
+        value_rows("schedule", "10:5=r.jsonl")
 
 
 def test_each_clients_ratio_to_local_only_is_also_given_over_seeds(bench):
