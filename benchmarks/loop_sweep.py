@@ -12,7 +12,7 @@ Each value runs ``personalization.py --federations personal`` in its own process
 ``--jobs`` at a time; about an hour each at 6 x 5 with a core to itself: 58 min measured), and
 local-only runs once as the reference. Per value: the served adapter's geometric mean over the
 clients, per kind and over all, its ratio to local-only, its worst client against local-only,
-on how many clients it beats the first value (same batch draws in round 1, so paired), and
+on how many clients it beats the first value (the same clients and seed, so paired), and
 what the canaries served. The pick is the value with the lowest geometric mean over all 12.
 
     python -m benchmarks.loop_sweep --json results/sweep_blend.json
