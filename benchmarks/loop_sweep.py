@@ -87,11 +87,12 @@ def run(args) -> tuple[dict[str, list[dict]], list[dict]]:
         v: ["--federations", "personal", *arm_args(args.sweep, v, args.blend)] for v in args.values
     }
     arms["local"] = ["--federations", "local", *arm_args("schedule", SCHEDULE, 0.0)]
+    stems = {a: out / (f"{args.sweep}{a.replace(':', 'x')}" if a != "local" else a) for a in arms}
     pending, running = list(arms), []
     while pending or running:
         while pending and len(running) < args.jobs:
             arm = pending.pop(0)
-            stem = out / (f"{args.sweep}{arm.replace(':', 'x')}" if arm != "local" else "local")
+            stem = stems[arm]
             command = [sys.executable, "-m", "benchmarks.personalization", *common, *arms[arm]]
             command += ["--rows", f"{stem}.jsonl", "--json", f"{stem}.json"]
             with open(f"{stem}.log", "w") as sink:
@@ -101,10 +102,8 @@ def run(args) -> tuple[dict[str, list[dict]], list[dict]]:
         if proc.wait() != 0:
             raise SystemExit(f"{args.sweep} sweep: the {arm} run failed; see {stem}.log")
         log(f"{args.sweep} sweep: {arm} done")
-    rows = {
-        v: read_rows(str(out / f"{args.sweep}{v.replace(':', 'x')}.jsonl")) for v in args.values
-    }
-    return rows, read_rows(str(out / "local.jsonl"))
+    rows = {arm: read_rows(f"{stem}.jsonl") for arm, stem in stems.items()}
+    return {v: rows[v] for v in args.values}, rows["local"]
 
 
 def validation_passes(rows: list[dict]) -> int | None:
