@@ -16,6 +16,8 @@ the order a device sees them. Four federations share round 1 (same init, same ba
             their validation windows, the server's [server] cluster_assign = "loss")
   fedsa     shared A, personal B (FedSA-LoRA)         -> fedsa
   local     R x S steps alone, from the shared init    -> local
+  alone     the personal loop with no fleet            -> alone (R rounds of S steps on the
+            loop's batches, AdamW restarted each round, the canary offered its own tuning only)
   mixture   B-only round 1 -> basis, then (R-1) x S    -> mix_avg, mix, mix_bp, mix_zo
   ifca      IFCA: clusters picked by validation loss (--ifca R:S:ETA) -> ifca, ifca_served
             (--ifca-follow served: each round starts from what the canary serves instead)
@@ -27,6 +29,7 @@ Per client, held-out perplexity (24 windows never trained on and never seen by t
 
   base          the base model
   local         local-only
+  alone         what the personal loop serves with no fleet: its restarts and canary, alone
   global        FedAvg: the fleet's adapter after R rounds
   fedavg_ft     FedAvg + local fine-tuning: the global of round R-1 plus this device's S steps
   cluster       the server's cluster adapter after round R (FedAvg federation)
@@ -94,6 +97,7 @@ from fleetune.server.strategy.base import Tensors  # noqa: E402
 METHODS = (
     "base",
     "local",
+    "alone",
     "global",
     "fedavg_ft",
     "cluster",
@@ -166,7 +170,7 @@ def prepare(tb, items: list[tuple[str, ClientText]]) -> dict[str, dict]:
     return prepared
 
 
-FEDERATIONS = ("fedavg", "personal", "fedsa", "local", "mixture", "ifca", "pooled")
+FEDERATIONS = ("fedavg", "personal", "fedsa", "local", "alone", "mixture", "ifca", "pooled")
 
 
 MIX_LR, MIX_EPS = 1.0, 0.3  # the mixture search's: picked by benchmarks/mixture_fleet.py
@@ -330,6 +334,16 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
             )
             arms["local"][n] = tb.get_adapter()
             log(f"seed {seed} local: {i + 1}/{len(scored)} devices tuned")
+    if "alone" in federations:
+        # the personal loop offline: R rounds of S steps on the loop's batches (round 1 shared),
+        # AdamW restarted each round, each round from what the canary serves, offered the
+        # device's own tuning only; what the loop does without the fleet
+        for i, n in enumerate(scored):
+            alone = Canary(lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init)
+            for round_ in range(1, args.rounds + 1):
+                alone.offer({"local": tuned(alone.served.tensors, n, round_)}, round_)
+            arms["alone"][n] = alone.served.tensors
+            log(f"seed {seed} alone: {i + 1}/{len(scored)} devices tuned")
     if "mixture" in federations:
         mixed, costs = mixture_arms(tb, spec, base, prepared, seed, args)
         arms.update(mixed)
@@ -415,7 +429,7 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
         if "served" not in present:
             out[kind] = summary
             continue
-        for other in ("global", "local"):
+        for other in ("global", "local", "alone"):
             if other in present:
                 summary[f"win_served_vs_{other}"] = float(
                     np.mean([r["ppl_served"] < r[f"ppl_{other}"] for r in picked])
