@@ -113,3 +113,17 @@ def test_each_clients_ratio_to_local_only_is_also_given_over_seeds(bench):
     by_client = summary["served_over_local_by_client"]
     assert by_client["a"]["mean"] == pytest.approx(1.0) and by_client["b"]["ci95"] is not None
     assert summary["worst_client_served_over_local"] == pytest.approx(1.03)
+
+
+def test_the_served_adapter_is_also_weighed_against_the_loop_without_the_fleet(bench):
+    # Prepare: the loop alone beats served on one of two clients, local-only on neither
+    rows = [
+        {"seed": 0, "client": c, "kind": "k", "ppl_base": 9.0, "ppl_local": 6.0, "served": "blend"}
+        | {"ppl_alone": alone, "ppl_served": 5.0}
+        for c, alone in (("a", 5.5), ("b", 4.5))
+    ]
+    # Execute
+    summary = bench.summarize(rows, [0])["all"]
+    # Assert: served wins half its pairs against the loop alone, all against local-only
+    assert summary["win_served_vs_alone"] == 0.5 and summary["win_served_vs_local"] == 1.0
+    assert summary["win_vs_local"]["alone"] == 1.0
