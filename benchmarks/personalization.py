@@ -211,6 +211,12 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         tb.set_adapter(tensors)
         return perplexity(tb, windows, 4)
 
+    def canary(name, share=0.0) -> Canary:
+        """A device's canary, scoring on its validation windows (log perplexity)."""
+        return Canary(
+            lambda t, v=prepared[name]["val"]: math.log(heldout_ppl(t, v)), init, share=share
+        )
+
     def tune(start, name, round_):
         tb.set_adapter(start)
         i = names.index(name)
@@ -268,12 +274,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         # what a device does (edge_sdk/rounds.py): tune from the adapter it serves, upload the
         # change; the canary weighs its tuning, the global, its cluster adapter and (--blend)
         # its tuning moved toward the best cluster adapter
-        canaries = {
-            n: Canary(
-                lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init, share=args.blend
-            )
-            for n in names
-        }
+        canaries = {n: canary(n, args.blend) for n in names}
         glob, kept = init, persistent()
         reported: dict[str, dict] = {}  # each device's cluster_losses, sent with its next update
         own: dict[str, Tensors] = {}  # each device's last tuning, for its canary's blend
@@ -339,7 +340,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         # AdamW restarted each round, each round from what the canary serves, offered the
         # device's own tuning only; what the loop does without the fleet
         for i, n in enumerate(scored):
-            alone = Canary(lambda t, v=prepared[n]["val"]: math.log(heldout_ppl(t, v)), init)
+            alone = canary(n)
             for round_ in range(1, args.rounds + 1):
                 alone.offer({"local": tuned(alone.served.tensors, n, round_)}, round_)
             arms["alone"][n] = alone.served.tensors
