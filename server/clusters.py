@@ -156,8 +156,8 @@ class Clusters:
         }
 
     def _move(self, c: int, merged: Tensors) -> None:
-        """Cluster ``c`` from where it is by ``step`` x (``merged`` - where it is), plus
-        ``momentum`` x its last velocity."""
+        """Cluster ``c`` from where it is by ``step`` x (``merged`` - where it is); with
+        ``momentum``, by ``step`` x its velocity: that change plus momentum x the last one."""
         model = self.models[c]
         change = {n: merged[n] - model[n] for n in model}
         if self.momentum:
