@@ -8,7 +8,8 @@ The fleet is simulated in-process with the product's parts: ``tune_backprop`` on
 the server's FedAvg (``server/strategy``) and persistent cluster adapters (``server/clusters.py``
 ``Clusters``, k = 3: the number of kinds, fixed in advance; moved by ``--cluster-step``, the
 server's ``cluster_step``), and the device canary (``edge_sdk/canary.py``) fed in
-the order a device sees them. Four federations share round 1 (same init, same batches):
+the order a device sees them. fedavg, personal, fedsa and alone share round 1 (same init and
+batches, tuned once):
 
   fedavg    every round starts from the global        -> global, fedavg_ft, cluster
   personal  every device starts from what it serves   -> served (the product's round loop;
