@@ -252,9 +252,7 @@ def run_seed(seed: int, args, tb, spec, base, prepared, federations) -> list[dic
         return new, {n: t for n, (_, t) in grouped.items()}
 
     def persistent():
-        return Clusters(
-            args.clusters, args.cluster_step, fedavg, layout, momentum=args.cluster_momentum
-        )
+        return Clusters(args.clusters, args.cluster_step, fedavg, layout)
 
     arms: dict[str, dict[str, Tensors]] = {m: {} for m in METHODS}
     served_name: dict[str, str] = {}
@@ -492,12 +490,6 @@ def main() -> None:
         "--cluster-step", type=float, default=1.0, help="the server's [server] cluster_step"
     )
     parser.add_argument(
-        "--cluster-momentum",
-        type=float,
-        default=0.0,
-        help="each cluster adapter's server momentum (FedAvgM; 0: none)",
-    )
-    parser.add_argument(
         "--cluster-assign",
         default="direction",
         choices=CLUSTER_ASSIGN,
@@ -610,7 +602,6 @@ SETTINGS = {  # JSON key -> argument: what a run's numbers depend on besides see
     "lr": "lr",
     "clusters": "clusters",
     "cluster_step": "cluster_step",
-    "cluster_momentum": "cluster_momentum",
     "cluster_assign": "cluster_assign",
     "mix_lr": "mix_lr",
     "mix_eps": "mix_eps",

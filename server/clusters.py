@@ -86,25 +86,17 @@ class Clusters:
         strategy: Strategy,
         layout: FlatLayout,
         saved: Tensors | None = None,
-        momentum: float = 0.0,
     ) -> None:
-        """``saved``: what :meth:`state` returned before a restart; ``momentum``: each cluster
-        adapter moves by ``step`` x its velocity, momentum x the last velocity + this change
-        (FedAvgM, Hsu et al. 2019; 0: by the change alone)."""
+        """``saved``: what :meth:`state` returned before a restart."""
         self.k, self.step, self.strategy, self.layout = k, step, strategy, layout
-        self.momentum = momentum
         self.models: dict[int, Tensors] = {}
         self.heading: dict[int, np.ndarray] = {}  # unit direction of each cluster's last change
-        self.velocity: dict[int, Tensors] = {}
         self.of: dict[str, int] = {}
         for key, value in (saved or {}).items():
             if key == "members":
                 self.of = json.loads(bytes(value).decode())
             elif key.startswith("heading/"):
                 self.heading[int(key.split("/")[1])] = value
-            elif key.startswith("velocity/"):
-                _, c, name = key.split("/", 2)
-                self.velocity.setdefault(int(c), {})[name] = value
             else:
                 c, name = key.split("/", 1)
                 self.models.setdefault(int(c), {})[name] = value
@@ -113,7 +105,6 @@ class Clusters:
         """Everything a restarted server needs, as named arrays."""
         out = {f"{c}/{n}": v for c, model in self.models.items() for n, v in model.items()}
         out |= {f"heading/{c}": v for c, v in self.heading.items()}
-        out |= {f"velocity/{c}/{n}": v for c, vel in self.velocity.items() for n, v in vel.items()}
         out["members"] = np.frombuffer(json.dumps(self.of).encode(), np.uint8)
         return out
 
@@ -156,14 +147,9 @@ class Clusters:
         }
 
     def _move(self, c: int, merged: Tensors) -> None:
-        """Cluster ``c`` from where it is by ``step`` x (``merged`` - where it is); with
-        ``momentum``, by ``step`` x its velocity: that change plus momentum x the last one."""
+        """Cluster ``c`` from where it is by ``step`` x (``merged`` - where it is)."""
         model = self.models[c]
         change = {n: merged[n] - model[n] for n in model}
-        if self.momentum:
-            last = self.velocity.get(c, {})
-            change = {n: self.momentum * last.get(n, 0.0) + change[n] for n in model}
-            self.velocity[c] = change
         self.models[c] = {n: model[n] + self.step * change[n] for n in model}
         flat = self.layout.flatten(change)
         self.heading[c] = flat / max(float(np.linalg.norm(flat)), 1e-12)

@@ -22,7 +22,7 @@ def bench(monkeypatch):
 
 
 def _args(**kw):
-    defaults = dict(rounds=3, steps=10, lr=1e-3, clusters=3, cluster_step=1.0, cluster_momentum=0.0)
+    defaults = dict(rounds=3, steps=10, lr=1e-3, clusters=3, cluster_step=1.0)
     defaults |= dict(cluster_assign="direction", mix_lr=1.0, mix_eps=0.3, ifca="6:5:2")
     defaults |= dict(follow="cluster", bystanders=False, kinds="shakespeare", kind=[])
     defaults |= dict(blend=0.0, scored="report")

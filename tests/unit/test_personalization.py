@@ -267,27 +267,3 @@ def test_a_device_keeps_the_latest_adapter_of_each_cluster_and_refuses_mislabell
     with pytest.raises(PayloadError, match=r"numbered 0\.\.63"):
         take_cluster(device, topics.cluster(64), published(64, 3))
     assert list(device.cluster_adapters) == [1] and device.cluster_adapters[1].version == 2
-
-
-def test_cluster_momentum_moves_by_the_velocity_and_survives_a_restart():
-    # Prepare: one cluster of two devices pulling one way; server step 2, momentum 0.5
-    layout = FlatLayout(SPEC, tiny_manifest())
-    direction = np.random.default_rng(3).normal(size=layout.size).astype(np.float32)
-    before, fedavg = _adapter(0.0), STRATEGIES["fedavg"]()
-
-    def round_(scale):
-        return [Update(d, 10, delta=layout.unflatten(direction * scale)) for d in ("a", "b")]
-
-    clusters = Clusters(2, 2.0, fedavg, layout, momentum=0.5)
-    first = [*round_(1.0), Update("c", 10, delta=layout.unflatten(-direction))]
-    clusters.advance(before, first, lambda s: {})
-    c = clusters.of["a"]
-    start = layout.flatten(clusters.models[c])
-    # Execute: the next round's change is 0.5 x the direction; a restarted server does the same
-    again = Clusters(2, 2.0, fedavg, layout, clusters.state(), momentum=0.5)
-    moved = clusters.advance(before, round_(0.5), lambda s: {})
-    resumed = again.advance(before, round_(0.5), lambda s: {})
-    # Assert: velocity = 0.5 x last (1.0) + this change (0.5); the step doubles it
-    want = start + 2.0 * (0.5 * 1.0 + 0.5) * direction
-    np.testing.assert_allclose(layout.flatten(moved["a"][1]), want, atol=1e-4)
-    np.testing.assert_allclose(layout.flatten(resumed["a"][1]), want, atol=1e-4)
