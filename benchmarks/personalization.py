@@ -2,8 +2,10 @@
 SmolLM2, for three kinds of users (Shakespeare characters, parts of the Python documentation,
 German/Spanish/Italian fortune files; ``benchmarks/make_mixed_corpus.sh`` builds the last two).
 
-One process, torch, 1 thread; every method gets the same device compute: R rounds x S AdamW
-steps of 4 x 64 tokens (LoRA r=8 on q,v, lr 1e-3: the demo's settings, not tuned here).
+One process, torch, 1 thread (``--threads N`` speeds a pilot up: the budget is steps, not
+seconds, and N threads change only the float rounding); every method gets the same device
+compute: R rounds x S AdamW steps of 4 x 64 tokens (LoRA r=8 on q,v, lr 1e-3: the demo's
+settings, not tuned here).
 The fleet is simulated in-process with the product's parts: ``tune_backprop`` on each device,
 the server's FedAvg (``server/strategy``) and persistent cluster adapters (``server/clusters.py``
 ``Clusters``, k = 3: the number of kinds, fixed in advance; moved by ``--cluster-step``, the
@@ -482,6 +484,9 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     parser.add_argument("--mixed", help="mixed corpus JSONL (default: build it)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch's threads (reports keep 1 per device)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -569,7 +574,7 @@ def main() -> None:
     if unknown := set(kinds) - set(CLIENTS):
         raise SystemExit(f"unknown --kinds {sorted(unknown)}: pick from {list(CLIENTS)}")
     base, spec = prepare_base("smollm2-135m"), LoraSpec()
-    tb = TorchBackend(base, spec)
+    tb = TorchBackend(base, spec, threads=args.threads)
     extra = [k.split("=", 1) for k in args.kind]
     from benchmarks.mixture_fleet import SWEEP_CLIENTS
 
